@@ -1,0 +1,303 @@
+"""Configuration: TOML in, frozen dataclasses out, every problem reported in one line each.
+
+The dataclasses below are the single source of truth for the configuration format: the loader walks
+their fields and type hints, so a new option needs only a new field (with a default, or it becomes
+required). Secrets never live here: the PKCS#11 PIN is read from a file (see `agent.pin`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/iot-agent/config.toml")
+
+# A field without a usable default gets this marker; the loader reports it as required.
+REQUIRED: Any = dataclasses.MISSING
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Who the device is and where it keeps its state."""
+
+    thing_name: str | None = None  # set by provisioning (state) or here for pre-provisioned devices
+    state_dir: Path = Path("/var/lib/iot-agent")
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """The AWS IoT Core data endpoint (or the local cloud) and how to reach it."""
+
+    endpoint: str = REQUIRED
+    ca_file: Path = REQUIRED  # the only CA trusted for the server (AmazonRootCA1.pem on AWS)
+    port: int = 8883
+    keepalive_s: int = 60
+    connect_timeout_s: float = 30.0
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class Pkcs11Config:
+    """Which PKCS#11 module and token hold the device's keys."""
+
+    library: Path = REQUIRED
+    token_label: str = REQUIRED
+    key_label: str = "device"
+    # Used only when $CREDENTIALS_DIRECTORY/pkcs11-pin (the systemd credential) is absent.
+    pin_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    """The device certificate (public; its key is on the token)."""
+
+    certificate_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class ClockConfig:
+    """When the clock is trustworthy enough to validate certificates."""
+
+    source: str = "ntp"  # "ntp": ask ntp_servers; "system": trust the host's NTP daemon once it is synchronised
+    ntp_servers: list[str] = field(default_factory=lambda: ["time.aws.com"])
+    max_skew_s: float = 5.0
+    query_timeout_s: float = 2.0
+    retry_min_s: float = 1.0
+    retry_max_s: float = 60.0
+    max_wait_s: float = 0.0  # 0 waits for ever (a device without time must not connect)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    broker: BrokerConfig
+    pkcs11: Pkcs11Config
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    clock: ClockConfig = field(default_factory=ClockConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    path: Path | None = None  # where it was read from; not a TOML key
+
+    def resolve(self, p: Path) -> Path:
+        """Relative paths in the file are relative to the file's folder, as a reader would expect."""
+        if p.is_absolute() or self.path is None:
+            return p
+        return self.path.parent / p
+
+
+_NOT_KEYS = {"path"}
+_CHOICES = {
+    ("clock", "source"): ("ntp", "system"),
+    ("log", "level"): ("debug", "info", "warning", "error"),
+}
+
+
+def _type_name(tp: Any) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", Path: "a path string"}
+    if tp in names:
+        return names[tp]
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0]).split(' ', 1)[1]}s"
+    return str(tp)
+
+
+def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Convert a TOML value to the field type, or record one problem and return None."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _convert(value, inner[0], key, problems)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            problems.append(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
+            return None
+        out = [_convert(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+        return out
+    ok = {
+        str: isinstance(value, str),
+        Path: isinstance(value, str) and value != "",
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+    }.get(tp)
+    if not ok:
+        problems.append(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
+        return None
+    if tp is Path:
+        return Path(value)
+    if tp is float:
+        return float(value)
+    return value
+
+
+def _describe(value: Any) -> str:
+    kind = {str: "string", bool: "boolean", int: "integer", float: "number", list: "list", dict: "table"}
+    text = repr(value) if not isinstance(value, (dict, list)) else ""
+    return f"{kind.get(type(value), type(value).__name__)} {text}".strip()
+
+
+def _section(cls: type, table: Any, name: str, problems: list[str]) -> Any:
+    if not isinstance(table, dict):
+        problems.append(f"[{name}]: expected a table, got {_describe(table)}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            problems.append(f"{name}.{key}: unknown key (known keys in [{name}]: {known})")
+    kwargs: dict[str, Any] = {}
+    for fname, f in fields.items():
+        key = f"{name}.{fname}"
+        if fname in table:
+            value = _convert(table[fname], hints[fname], key, problems)
+            choices = _CHOICES.get((name, fname))
+            if value is not None and choices and value not in choices:
+                problems.append(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
+            kwargs[fname] = value
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            problems.append(f"{key}: required but missing; add `{fname} = ...` under [{name}]")
+    if any(v is None and not _optional(hints[k]) for k, v in kwargs.items()):
+        return None
+    try:
+        return cls(**kwargs)
+    except TypeError:  # a required field was missing: already reported
+        return None
+
+
+def _optional(tp: Any) -> bool:
+    return type(None) in typing.get_args(tp)
+
+
+def parse(data: dict[str, Any], path: Path | None = None) -> Config:
+    """Build a Config from parsed TOML; raises ConfigError listing every problem."""
+    problems: list[str] = []
+    hints = typing.get_type_hints(Config)
+    sections = {f.name: f for f in dataclasses.fields(Config) if f.name not in _NOT_KEYS}
+    for key in data:
+        if key not in sections:
+            problems.append(f"[{key}]: unknown section (known: {', '.join(sorted(sections))})")
+    built: dict[str, Any] = {}
+    for name, f in sections.items():
+        if name in data:
+            built[name] = _section(hints[name], data[name], name, problems)
+        elif f.default_factory is dataclasses.MISSING:
+            # A required section still gets its fields checked so each missing key is named.
+            built[name] = _section(hints[name], {}, name, problems)
+        else:
+            built[name] = f.default_factory()
+    if not problems:
+        problems.extend(_semantic_problems(built))
+    if problems:
+        where = f"{path}: " if path else ""
+        raise ConfigError([where + p for p in problems])
+    return Config(**built, path=path)
+
+
+def _semantic_problems(c: dict[str, Any]) -> list[str]:
+    out = []
+    b: BrokerConfig = c["broker"]
+    if not 1 <= b.port <= 65535:
+        out.append(f"broker.port: {b.port} is not a TCP port (1-65535)")
+    if b.reconnect_min_s <= 0 or b.reconnect_max_s < b.reconnect_min_s:
+        out.append("broker.reconnect_min_s/reconnect_max_s: need 0 < reconnect_min_s <= reconnect_max_s")
+    if b.keepalive_s < 5 or b.keepalive_s > 1200:
+        out.append(f"broker.keepalive_s: {b.keepalive_s} is outside AWS IoT's 30-1200 s (5 allowed for tests)")
+    k: ClockConfig = c["clock"]
+    if k.source == "ntp" and not k.ntp_servers:
+        out.append("clock.ntp_servers: empty; list at least one server or set clock.source = \"system\"")
+    for s in k.ntp_servers:
+        try:
+            split_server(s)
+        except ValueError as e:
+            out.append(f"clock.ntp_servers: {e}")
+    if k.max_skew_s <= 0:
+        out.append("clock.max_skew_s: must be > 0")
+    if k.retry_min_s <= 0 or k.retry_max_s < k.retry_min_s:
+        out.append("clock.retry_min_s/retry_max_s: need 0 < retry_min_s <= retry_max_s")
+    if k.max_wait_s < 0 or k.query_timeout_s <= 0:
+        out.append("clock.max_wait_s must be >= 0 and clock.query_timeout_s > 0")
+    p: Pkcs11Config = c["pkcs11"]
+    if not 1 <= len(p.token_label.encode()) <= 32:
+        out.append(f"pkcs11.token_label: {p.token_label!r} must be 1-32 bytes (PKCS#11 token labels are 32 bytes)")
+    if not p.key_label:
+        out.append("pkcs11.key_label: must not be empty")
+    return out
+
+
+def split_server(s: str) -> tuple[str, int]:
+    """'host', 'host:port' or '[v6]:port' -> (host, port)."""
+    host, port = s, 123
+    if s.startswith("["):
+        end = s.find("]")
+        if end < 0:
+            raise ValueError(f"{s!r}: unclosed '['")
+        host, rest = s[1:end], s[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{s!r}: expected ':port' after ']'")
+            port = _port(rest[1:], s)
+    elif s.count(":") == 1:
+        host, p = s.split(":")
+        port = _port(p, s)
+    if not host:
+        raise ValueError(f"{s!r}: empty host")
+    return host, port
+
+
+def _port(p: str, s: str) -> int:
+    if not p.isdigit() or not 1 <= int(p) <= 65535:
+        raise ValueError(f"{s!r}: port must be 1-65535")
+    return int(p)
+
+
+def load(path: Path | str | None = None) -> Config:
+    """Read and parse the config file; every failure is a ConfigError with one line per problem."""
+    p = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError([f"{p}: config file not found; create it (see README, 'Configuration') or pass --config PATH"])
+    except IsADirectoryError:
+        raise ConfigError([f"{p}: is a directory, not a config file; pass --config PATH to the file"])
+    except PermissionError:
+        raise ConfigError([f"{p}: cannot read the config file (permission denied); check its owner and mode"])
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError([f"{p}: not UTF-8 text; save the config as UTF-8 TOML"])
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{p}: TOML syntax error: {e}; fix the line named"])
+    return parse(data, p.resolve())
+
+
+def check_files(cfg: Config) -> list[str]:
+    """Problems with the files the config names (existence, readability); one line each."""
+    out = []
+    ca = cfg.resolve(cfg.broker.ca_file)
+    if not ca.is_file():
+        out.append(f"broker.ca_file: {ca} does not exist; download the root CA (AmazonRootCA1.pem) to that path")
+    lib = cfg.resolve(cfg.pkcs11.library)
+    if not lib.is_file():
+        out.append(f"pkcs11.library: {lib} does not exist; install the PKCS#11 module (softhsm2 or libtpm2-pkcs11-1)")
+    cert = cfg.identity.certificate_file
+    if cert is not None and not cfg.resolve(cert).is_file():
+        out.append(f"identity.certificate_file: {cfg.resolve(cert)} does not exist; provision the device first")
+    sd = cfg.resolve(cfg.device.state_dir)
+    if sd.exists() and not os.access(sd, os.W_OK | os.X_OK):
+        out.append(f"device.state_dir: {sd} is not writable by this user; fix its owner or mode")
+    return out

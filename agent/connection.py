@@ -1,0 +1,231 @@
+"""The MQTT 5 connection to AWS IoT Core over mutual TLS, with the device key on a PKCS#11 token.
+
+Built with awsiotsdk's `mqtt5_client_builder.mtls_with_pkcs11`, so the TLS handshake's signature is
+made on the token. The server is verified against the configured root CA only (the system trust
+store is replaced, not extended), with host name checking, and TLS 1.2 as the minimum. The CRT
+reconnects by itself with exponential backoff and full jitter between the configured bounds.
+
+`stop()` matters on a TPM: swtpm and small TPMs have three object/session slots, and a process
+that exits with its client still open leaks them until the next TPM reset. We stop the client,
+wait for the stopped event, and drop the client and the PKCS#11 library (C_Finalize) in order.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import BrokerConnectionError
+
+log = logging.getLogger("agent.connection")
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    endpoint: str
+    port: int
+    ca_file: Path
+    client_id: str  # the thing name: AWS IoT policies key on it
+    certificate_file: Path
+    pkcs11_library: Path
+    token_label: str
+    key_label: str
+    pin: str = field(repr=False)  # never printed
+    keepalive_s: int = 60
+    connect_timeout_s: float = 30.0
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class LifecycleEvent:
+    kind: str  # attempting, connected, failed, disconnected, stopped
+    at: float  # time.monotonic()
+    detail: str = ""
+
+
+class Connection:
+    """One broker session; thread-safe to publish from any thread once connected."""
+
+    def __init__(
+        self,
+        settings: ConnectionSettings,
+        on_message: Callable[[str, bytes], None] | None = None,
+        on_event: Callable[[LifecycleEvent], None] | None = None,
+    ):
+        self.settings = settings
+        self._on_message = on_message
+        self._on_event = on_event
+        self.connected = threading.Event()
+        self._stopped = threading.Event()
+        self._client = None
+        self._lib = None
+        self.events: list[LifecycleEvent] = []
+        self.connect_count = 0
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        import awscrt.io
+        import awscrt.mqtt5
+        from awsiot import mqtt5_client_builder
+
+        s = self.settings
+        if not awscrt.io.TlsCipherPref.TLSv1_2_2025_07.is_supported():
+            raise BrokerConnectionError("this awscrt build cannot enforce TLS 1.2+; upgrade awscrt")
+        try:
+            self._lib = awscrt.io.Pkcs11Lib(
+                file=str(s.pkcs11_library), behavior=awscrt.io.Pkcs11Lib.InitializeFinalizeBehavior.STRICT
+            )
+        except Exception as e:
+            raise BrokerConnectionError(f"{s.pkcs11_library}: cannot load the PKCS#11 module ({_crt_name(e)})")
+        try:
+            self._client = mqtt5_client_builder.mtls_with_pkcs11(
+                pkcs11_lib=self._lib,
+                user_pin=s.pin,
+                token_label=s.token_label,
+                private_key_label=s.key_label,
+                cert_filepath=str(s.certificate_file),
+                endpoint=s.endpoint,
+                port=s.port,
+                ca_filepath=str(s.ca_file),  # replaces the default trust store: only this CA is trusted
+                cipher_pref=awscrt.io.TlsCipherPref.TLSv1_2_2025_07,  # TLS 1.2 minimum, forward secrecy
+                client_id=s.client_id,
+                keep_alive_interval_sec=s.keepalive_s,
+                socket_options=_socket_options(s.connect_timeout_s),
+                connack_timeout_ms=int(s.connect_timeout_s * 1000),
+                retry_jitter_mode=awscrt.mqtt5.ExponentialBackoffJitterMode.FULL,
+                min_reconnect_delay_ms=int(s.reconnect_min_s * 1000),
+                max_reconnect_delay_ms=int(s.reconnect_max_s * 1000),
+                min_connected_time_to_reset_reconnect_delay_ms=30_000,
+                enable_metrics_collection=False,  # do not announce our SDK version in the MQTT username
+                on_publish_received=self._on_publish,
+                on_lifecycle_attempting_connect=lambda d: self._event("attempting"),
+                on_lifecycle_connection_success=self._on_success,
+                on_lifecycle_connection_failure=self._on_failure,
+                on_lifecycle_disconnection=self._on_disconnect,
+                on_lifecycle_stopped=self._on_stopped,
+            )
+        except Exception as e:
+            self._release()
+            raise BrokerConnectionError(
+                f"cannot set up the TLS client for {s.endpoint}:{s.port} ({_crt_name(e)}); "
+                "check broker.ca_file, identity.certificate_file, the token label, key label and PIN"
+            )
+        self._client.start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.connected.wait(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Disconnect cleanly and release the token; safe to call twice."""
+        if self._client is not None:
+            import awscrt.mqtt5
+
+            try:
+                self._client.stop(awscrt.mqtt5.DisconnectPacket())
+            except Exception as e:  # already stopped
+                log.debug("stop: %s", _crt_name(e))
+            if not self._stopped.wait(timeout):
+                log.warning("MQTT client did not report stopped within %.0f s", timeout)
+        self._release()
+
+    def _release(self) -> None:
+        self._client = None
+        gc.collect()  # the native client and TLS context hold the library; free them first
+        self._lib = None
+        gc.collect()
+
+    # -- operations -------------------------------------------------------------------------
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, timeout: float = 10.0) -> int:
+        """Publish and return the PUBACK reason code (0 = success; 135 = not authorized)."""
+        import awscrt.mqtt5
+
+        if self._client is None:
+            raise BrokerConnectionError("not started")
+        data = payload.encode() if isinstance(payload, str) else payload
+        fut = self._client.publish(
+            awscrt.mqtt5.PublishPacket(topic=topic, payload=data, qos=awscrt.mqtt5.QoS(qos))
+        )
+        result = fut.result(timeout)
+        if qos == 0:
+            return 0
+        return int(result.puback.reason_code)
+
+    def subscribe(self, topic: str, qos: int = 1, timeout: float = 10.0) -> int:
+        """Subscribe and return the SUBACK reason code (0-2 = granted QoS; >= 128 = refused)."""
+        import awscrt.mqtt5
+
+        if self._client is None:
+            raise BrokerConnectionError("not started")
+        fut = self._client.subscribe(
+            awscrt.mqtt5.SubscribePacket(subscriptions=[awscrt.mqtt5.Subscription(topic, awscrt.mqtt5.QoS(qos))])
+        )
+        return int(fut.result(timeout).reason_codes[0])
+
+    @property
+    def client(self):
+        """The underlying awscrt.mqtt5.Client, for awsiotsdk service clients (identity, jobs)."""
+        return self._client
+
+    # -- callbacks (CRT event-loop thread) ---------------------------------------------------
+    def _event(self, kind: str, detail: str = "") -> None:
+        ev = LifecycleEvent(kind, time.monotonic(), detail)
+        self.events.append(ev)
+        if self._on_event:
+            try:
+                self._on_event(ev)
+            except Exception:
+                log.exception("lifecycle listener failed")
+
+    def _on_success(self, data) -> None:
+        self.connect_count += 1
+        s = self.settings
+        log.info("connected to %s:%d as %s", s.endpoint, s.port, s.client_id)
+        self.connected.set()
+        self._event("connected")
+
+    def _on_failure(self, data) -> None:
+        why = _crt_name(data.exception)
+        reason = getattr(getattr(data, "connack_packet", None), "reason_code", None)
+        if reason is not None:
+            why += f" (CONNACK {getattr(reason, 'name', reason)})"
+        log.warning("connection to %s:%d failed: %s; retrying with jittered backoff", self.settings.endpoint, self.settings.port, why)
+        self._event("failed", why)
+
+    def _on_disconnect(self, data) -> None:
+        self.connected.clear()
+        why = _crt_name(data.exception)
+        log.warning("disconnected: %s", why)
+        self._event("disconnected", why)
+
+    def _on_stopped(self, data) -> None:
+        self.connected.clear()
+        self._event("stopped")
+        self._stopped.set()
+
+    def _on_publish(self, data) -> None:
+        p = data.publish_packet
+        if self._on_message:
+            try:
+                self._on_message(p.topic, bytes(p.payload or b""))
+            except Exception:
+                log.exception("message handler failed for %s", p.topic)
+
+
+def _socket_options(connect_timeout_s: float):
+    import awscrt.io
+
+    opts = awscrt.io.SocketOptions()
+    opts.connect_timeout_ms = int(connect_timeout_s * 1000)
+    return opts
+
+
+def _crt_name(e: BaseException | None) -> str:
+    if e is None:
+        return "no error"
+    return getattr(e, "name", None) or e.__class__.__name__

@@ -1,0 +1,89 @@
+"""`iot-agent run`: clock gate, connect, stay connected until SIGTERM, shut down cleanly.
+
+The order is the security argument: no TLS before the clock is trusted, no key material outside
+the token, and a clean stop that releases the token (a TPM leaks handles otherwise).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .clock import ClockGate
+from .config import Config
+from .connection import Connection, ConnectionSettings
+from .errors import AgentError
+from .pin import read_pin
+from .state import StateStore
+
+log = logging.getLogger("agent")
+
+
+@dataclass(frozen=True)
+class Identity:
+    thing_name: str
+    certificate_file: Path
+    key_label: str
+
+
+def current_identity(cfg: Config, state: dict) -> Identity:
+    """The identity to connect with: what provisioning recorded in the state, else the config's."""
+    thing = state.get("thing_name") or cfg.device.thing_name
+    cert = state.get("certificate_file") or (str(cfg.resolve(cfg.identity.certificate_file)) if cfg.identity.certificate_file else None)
+    key_label = state.get("key_label") or cfg.pkcs11.key_label
+    if not thing or not cert:
+        raise AgentError(
+            "no device identity yet: set device.thing_name and identity.certificate_file for a pre-provisioned "
+            "device, or provision it by claim"
+        )
+    if not Path(cert).is_file():
+        raise AgentError(f"{cert}: device certificate not found; restore it or provision the device again")
+    return Identity(thing, Path(cert), key_label)
+
+
+def settings_for(cfg: Config, identity: Identity, pin: str) -> ConnectionSettings:
+    b = cfg.broker
+    return ConnectionSettings(
+        endpoint=b.endpoint,
+        port=b.port,
+        ca_file=cfg.resolve(b.ca_file),
+        client_id=identity.thing_name,
+        certificate_file=identity.certificate_file,
+        pkcs11_library=cfg.resolve(cfg.pkcs11.library),
+        token_label=cfg.pkcs11.token_label,
+        key_label=identity.key_label,
+        pin=pin,
+        keepalive_s=b.keepalive_s,
+        connect_timeout_s=b.connect_timeout_s,
+        reconnect_min_s=b.reconnect_min_s,
+        reconnect_max_s=b.reconnect_max_s,
+    )
+
+
+def install_stop_signals(stop: threading.Event) -> None:
+    def handler(signum, _frame):
+        log.info("received %s; shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def run(cfg: Config, stop: threading.Event) -> int:
+    store = StateStore(cfg.resolve(cfg.device.state_dir))
+    identity = current_identity(cfg, store.load())
+    pin = read_pin(cfg)
+    ClockGate(cfg.clock).wait(stop)
+    conn = Connection(settings_for(cfg, identity, pin))
+    del pin
+    log.info("connecting to %s:%d as %s", cfg.broker.endpoint, cfg.broker.port, identity.thing_name)
+    conn.start()
+    try:
+        stop.wait()
+    finally:
+        conn.stop()
+        log.info("stopped")
+    return 0

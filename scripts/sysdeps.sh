@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Installs the system packages the agent's demo and tests need, only when missing.
+#
+# Why two kinds of install: libraries and tools that start no service are installed with apt-get;
+# daemons whose Debian package would start or replace a system service (mosquitto starts a broker on
+# port 1883, chrony removes systemd-timesyncd) are unpacked into a project-local folder instead, so
+# the developer's machine is left alone. The unpacked binaries are found through BED_SYSROOT.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+sysroot=${BED_SYSROOT:-$here/.deps/sysroot}
+
+apt_pkgs=(
+  openssl
+  softhsm2
+  swtpm libtpm2-pkcs11-1 libtss2-tcti-swtpm0 tpm2-tools opensc
+  # runtime libraries of the unpacked mosquitto and chrony
+  libcjson1 libdlt2 libwrap0 libcap2 libsystemd0 libssl3
+  libedit2 libgnutls30 libnettle8 libseccomp2
+)
+unpacked_pkgs=(mosquitto chrony)
+
+sudo_=()
+if [ "$(id -u)" -ne 0 ]; then sudo_=(sudo); fi
+
+missing=()
+for p in "${apt_pkgs[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+    missing+=("$p")
+  fi
+done
+
+updated=0
+apt_update() {
+  if [ "$updated" -eq 0 ]; then
+    "${sudo_[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+    updated=1
+  fi
+}
+
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "sysdeps: installing ${missing[*]}"
+  apt_update
+  "${sudo_[@]}" env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+mkdir -p "$sysroot"
+for p in "${unpacked_pkgs[@]}"; do
+  stamp="$sysroot/.$p.unpacked"
+  [ -f "$stamp" ] && continue
+  echo "sysdeps: unpacking $p into $sysroot (not installed as a service)"
+  apt_update
+  tmp=$(mktemp -d); chmod 755 "$tmp"
+  (cd "$tmp" && apt-get download -q "$p" >/dev/null)
+  dpkg -x "$tmp"/"$p"_*.deb "$sysroot"
+  rm -rf "$tmp"
+  touch "$stamp"
+done
+
+for b in mosquitto chronyd; do
+  if ! ls "$sysroot"/usr/sbin/$b >/dev/null 2>&1; then
+    echo "sysdeps: $b missing from $sysroot after unpacking" >&2
+    exit 1
+  fi
+done
+echo "sysdeps: ok"
