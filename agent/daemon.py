@@ -73,9 +73,9 @@ def install_stop_signals(stop: threading.Event) -> None:
 
 
 def run(cfg: Config, stop: threading.Event) -> int:
+    pin = read_pin(cfg)
     store = StateStore(cfg.resolve(cfg.device.state_dir))
     identity = current_identity(cfg, store.load())
-    pin = read_pin(cfg)
     ClockGate(cfg.clock).wait(stop)
     conn = Connection(settings_for(cfg, identity, pin))
     del pin

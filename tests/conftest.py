@@ -1,0 +1,127 @@
+"""Fixtures: a real bench per test (mosquitto with TLS + client certs, chrony, SoftHSM, swtpm).
+
+Every process is started by the bench's own helpers and stopped by PID at teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from localcloud.bench import Bench, Device, agent_cmd  # noqa: E402
+from localcloud.tokens import Token, softhsm_token, tpm_token  # noqa: E402
+
+
+@pytest.fixture
+def bench(tmp_path):
+    b = Bench(tmp_path / "bench").start()
+    yield b
+    b.stop()
+
+
+def _make_token(kind: str, directory: Path) -> Token:
+    if kind == "softhsm":
+        return softhsm_token(directory)
+    return tpm_token(directory)
+
+
+@pytest.fixture(params=["softhsm", "tpm"])
+def token(request, tmp_path):
+    tok = _make_token(request.param, tmp_path / request.param)
+    yield tok
+    tok.stop()
+
+
+@pytest.fixture
+def softhsm(tmp_path):
+    tok = softhsm_token(tmp_path / "softhsm")
+    yield tok
+    tok.stop()
+
+
+@pytest.fixture
+def tpm(tmp_path):
+    tok = tpm_token(tmp_path / "tpm")
+    yield tok
+    tok.stop()
+
+
+LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}) (\w+) ([\w.]+): (.*)$")
+
+
+@dataclass
+class AgentProcess:
+    """`iot-agent run` as a real child process; its log lines are collected as they arrive."""
+
+    device: Device
+    args: tuple[str, ...] = ("run",)
+    proc: subprocess.Popen | None = None
+    lines: list[tuple[float, str]] = field(default_factory=list)  # (monotonic time seen, text)
+    _reader: threading.Thread | None = None
+
+    def start(self) -> "AgentProcess":
+        self.proc = subprocess.Popen(
+            agent_cmd(self.device.config_path, *self.args), env=self.device.token.full_env(),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+    def text(self) -> str:
+        return "\n".join(l for _, l in self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 30.0, after: int = 0) -> int:
+        """Index of the first line (from `after`) matching; fails the test after `timeout`."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for i in range(after, len(self.lines)):
+                if rx.search(self.lines[i][1]):
+                    return i
+            if self.proc.poll() is not None and self._reader and not self._reader.is_alive():
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"agent log never matched {pattern!r} within {timeout} s; log:\n{self.text()[-3000:]}")
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self._reader:
+            self._reader.join(5)
+        return self.proc.returncode if self.proc else 0
+
+
+@pytest.fixture
+def agents():
+    started: list[AgentProcess] = []
+
+    def launch(device: Device, *args: str) -> AgentProcess:
+        a = AgentProcess(device, args or ("run",)).start()
+        started.append(a)
+        return a
+
+    yield launch
+    for a in started:
+        a.stop()
