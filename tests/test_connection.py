@@ -1,0 +1,110 @@
+"""mTLS to a real mosquitto with the device key on SoftHSM and on swtpm."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import time
+
+import pytest
+
+from agent.connection import Connection
+from agent.daemon import Identity, settings_for
+from agent.config import load
+from localcloud.broker import Broker
+from localcloud.observer import Observer
+
+
+@pytest.fixture
+def observer(bench):
+    o = Observer(bench.broker).start(["dt/#", "$aws/things/#"])
+    yield o
+    o.stop()
+
+
+def test_agent_connects_with_thing_name_as_client_id(bench, token, agents):
+    dev = bench.enroll(token, "gw-mtls-1")
+    a = agents(dev)
+    a.wait_for(r"clock trusted: 127\.0\.0\.1:\d+ agrees")
+    a.wait_for(r"connected to localhost:\d+ as gw-mtls-1")
+    bench.broker.wait_log(r"New client connected from 127\.0\.0\.1:\d+ as gw-mtls-1 \(p5, c1, k60, u'gw-mtls-1'\)")
+    assert a.stop() == 0
+    assert ("gw-mtls-1", "gw-mtls-1") in bench.broker.connected_clients()
+    bench.broker.wait_log(r"Client gw-mtls-1 disconnected\.")  # a clean DISCONNECT, not a dropped socket
+    assert token.pin not in a.text()
+
+
+def test_publish_own_topic_delivered_other_device_topic_refused(bench, token, observer, monkeypatch):
+    dev = bench.enroll(token, "gw-pub-1")
+    for k, v in token.env.items():
+        monkeypatch.setenv(k, v)
+    cfg = load(dev.config_path)
+    conn = Connection(settings_for(cfg, Identity("gw-pub-1", dev.cert_path, "device"), token.pin))
+    conn.start()
+    try:
+        assert conn.wait_connected(15), conn.events
+        assert conn.publish("dt/gw-pub-1/hello", b'{"n":1}') == 0
+        assert observer.expect("dt/gw-pub-1/hello") == b'{"n":1}'
+        # Another device's topics: the broker answers PUBACK "not authorized" (135) and drops it.
+        assert conn.publish("dt/gw-other/hello", b"spoof") == 135
+        assert conn.publish("$aws/things/gw-other/shadow/update", b"{}") == 135
+        assert conn.publish("dt/gw-pub-1/after", b"x") == 0
+        observer.expect("dt/gw-pub-1/after")
+        assert not [m for m in observer.drain() if "gw-other" in m[0]]
+    finally:
+        conn.stop()
+    assert [e.kind for e in conn.events][-1] == "stopped"
+
+
+def _bad_servers(bench, tmp_path) -> dict:
+    from localcloud.pki import CertificateAuthority
+
+    now = dt.datetime.now(dt.timezone.utc)
+    rogue = CertificateAuthority(tmp_path / "rogue", "rogue CA")
+    return {
+        # mosquitto still verifies our client certificates with the real CA: only the server side changes.
+        "other-ca": rogue.issue_server("rogue-server", ["localhost", "127.0.0.1"]),
+        "wrong-host": bench.ca.issue_server("other-host", ["iot.example.com"]),
+        "expired": bench.ca.issue_server("expired", ["localhost", "127.0.0.1"], days=1,
+                                         not_before=now - dt.timedelta(days=3)),
+        "not-yet-valid": bench.ca.issue_server("future", ["localhost", "127.0.0.1"], days=30,
+                                               not_before=now + dt.timedelta(days=2)),
+    }
+
+
+def test_bad_server_certificates_are_refused_without_fallback(bench, softhsm, agents, tmp_path):
+    """Four brokers with bad server certificates, one agent each, run side by side.
+
+    s2n delays closing a failed handshake by 10-30 s (blinding against timing attacks), so the
+    failures are awaited in parallel rather than one after another.
+    """
+    brokers, runs = {}, {}
+    for case, server in _bad_servers(bench, tmp_path).items():
+        b = Broker(tmp_path / f"broker-{case}", bench.ca, server).start()
+        brokers[case] = b
+        dev = bench.enroll(softhsm, f"gw-{case}", key_label=f"key-{case}")
+        config = dev.config_path.read_text().replace(f"port = {bench.broker.port}", f"port = {b.port}")
+        dev.config_path.write_text(config)
+        runs[case] = agents(dev)
+    try:
+        for case, a in runs.items():
+            a.wait_for(r"connection to localhost:\d+ failed: AWS_IO_TLS_ERROR_NEGOTIATION_FAILURE", timeout=60)
+        for case, a in runs.items():
+            assert "connected to localhost" not in a.text(), case
+            assert not brokers[case].connected_clients(), case
+            assert a.stop() == 0
+    finally:
+        for b in brokers.values():
+            b.stop()
+
+
+def test_the_same_certificate_chain_is_accepted(bench, softhsm, agents, tmp_path):
+    """Control for the test above: a correct server certificate connects (so the refusals are real)."""
+    b = Broker(tmp_path / "broker-good", bench.ca, bench.ca.issue_server("fresh", ["localhost"])).start()
+    try:
+        dev = bench.enroll(softhsm, "gw-control")
+        dev.config_path.write_text(dev.config_path.read_text().replace(f"port = {bench.broker.port}", f"port = {b.port}"))
+        agents(dev).wait_for(r"connected to localhost:\d+ as gw-control")
+        assert ("gw-control", "gw-control") in b.connected_clients()
+    finally:
+        b.stop()
