@@ -43,6 +43,9 @@ class BrokerConfig:
     connect_timeout_s: float = 30.0
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 120.0
+    # A connection must last this long before the reconnect delay starts again from the minimum,
+    # so a device refused right after CONNACK (policy, throttling) keeps backing off.
+    reconnect_reset_after_s: float = 30.0
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ class ConnectionSettings:
     connect_timeout_s: float = 30.0
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 120.0
+    reconnect_reset_after_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class Connection:
                 retry_jitter_mode=awscrt.mqtt5.ExponentialBackoffJitterMode.FULL,
                 min_reconnect_delay_ms=int(s.reconnect_min_s * 1000),
                 max_reconnect_delay_ms=int(s.reconnect_max_s * 1000),
-                min_connected_time_to_reset_reconnect_delay_ms=30_000,
+                min_connected_time_to_reset_reconnect_delay_ms=int(s.reconnect_reset_after_s * 1000),
                 enable_metrics_collection=False,  # do not announce our SDK version in the MQTT username
                 on_publish_received=self._on_publish,
                 on_lifecycle_attempting_connect=lambda d: self._event("attempting"),

@@ -60,6 +60,7 @@ def settings_for(cfg: Config, identity: Identity, pin: str) -> ConnectionSetting
         connect_timeout_s=b.connect_timeout_s,
         reconnect_min_s=b.reconnect_min_s,
         reconnect_max_s=b.reconnect_max_s,
+        reconnect_reset_after_s=b.reconnect_reset_after_s,
     )
 
 
@@ -82,7 +83,14 @@ def run(cfg: Config, stop: threading.Event) -> int:
     log.info("connecting to %s:%d as %s", cfg.broker.endpoint, cfg.broker.port, identity.thing_name)
     conn.start()
     try:
-        stop.wait()
+        waited = 0.0
+        while not stop.wait(cfg.broker.connect_timeout_s):
+            if conn.connected.is_set():
+                waited = 0.0
+                continue
+            waited += cfg.broker.connect_timeout_s
+            last = next((e.detail for e in reversed(conn.events) if e.kind in ("failed", "disconnected")), "none yet")
+            log.warning("not connected for %.0f s (last error: %s); still retrying", waited, last)
     finally:
         conn.stop()
         log.info("stopped")

@@ -46,6 +46,7 @@ def write_config(path: Path, *, thing_name: str, broker: Broker, token: Token, c
         "broker": {
             "endpoint": "localhost", "port": broker.port, "ca_file": str(broker.ca.cert_path),
             "reconnect_min_s": 0.2, "reconnect_max_s": 4.0, "connect_timeout_s": 5.0,
+            "reconnect_reset_after_s": 1.0,
         },
         "pkcs11": {"library": token.library, "token_label": token.label, "key_label": key_label,
                    "pin_file": str(token.pin_file())},
