@@ -24,6 +24,9 @@ from .errors import BrokerConnectionError
 
 log = logging.getLogger("agent.connection")
 
+# PUBACK reason codes that mean the broker took the message: success, no matching subscribers.
+PUBACK_ACCEPTED = (0, 16)
+
 
 @dataclass(frozen=True)
 class ConnectionSettings:
@@ -143,7 +146,7 @@ class Connection:
 
     # -- operations -------------------------------------------------------------------------
     def publish(self, topic: str, payload: bytes | str, qos: int = 1, timeout: float = 10.0) -> int:
-        """Publish and return the PUBACK reason code (0 = success; 135 = not authorized)."""
+        """Publish and return the PUBACK reason code (see PUBACK_ACCEPTED; 135 = not authorized)."""
         import awscrt.mqtt5
 
         if self._client is None:

@@ -1,0 +1,28 @@
+"""The whole agent holds its TLS connection back until NTP vouches for the clock."""
+
+from __future__ import annotations
+
+import time
+
+from localcloud.ntp import NtpResponder
+
+
+def test_no_connection_until_ntp_answers_well(bench, softhsm, agents):
+    ntp = NtpResponder(mode="silent")
+    try:
+        dev = bench.enroll(softhsm, "gw-clock", ntp_servers=[ntp.server])
+        a = agents(dev)
+        a.wait_for(r"waiting for a trustworthy clock: .*no usable answer")
+        time.sleep(1.0)
+        ntp.set(mode="good", skew_s=-7200)
+        a.wait_for(r"waiting for a trustworthy clock: system clock is 7200\.0 s ahead of")
+        time.sleep(1.0)
+        assert "connecting to" not in a.text()
+        assert not bench.broker.connected_clients()  # not even a TLS attempt reached the broker
+        assert "New connection from" not in bench.broker.log_text()
+        ntp.set(skew_s=0.3)
+        a.wait_for(r"clock trusted: .* agrees with the system clock", timeout=10)
+        a.wait_for(r"connected to localhost:\d+ as gw-clock")
+        assert ("gw-clock", "gw-clock") in bench.broker.connected_clients()
+    finally:
+        ntp.close()
