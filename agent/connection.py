@@ -204,7 +204,10 @@ class Connection:
     def _on_disconnect(self, data) -> None:
         self.connected.clear()
         why = _crt_name(data.exception)
-        log.warning("disconnected: %s", why)
+        if why == "AWS_ERROR_MQTT5_USER_REQUESTED_STOP":
+            log.info("disconnected (stop requested)")
+        else:
+            log.warning("disconnected: %s", why)
         self._event("disconnected", why)
 
     def _on_stopped(self, data) -> None:

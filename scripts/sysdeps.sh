@@ -11,7 +11,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 sysroot=${BED_SYSROOT:-$here/.deps/sysroot}
 
 apt_pkgs=(
-  openssl
+  make openssl ca-certificates
   softhsm2
   swtpm libtpm2-pkcs11-1 libtss2-tcti-swtpm0 tpm2-tools opensc
   # runtime libraries of the unpacked mosquitto and chrony
@@ -19,6 +19,11 @@ apt_pkgs=(
   libedit2 libgnutls30 libnettle8 libseccomp2
 )
 unpacked_pkgs=(mosquitto chrony)
+
+# Debian's python3 has no venv module until python3-venv is installed.
+if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  apt_pkgs+=(python3-venv python3-pip)
+fi
 
 sudo_=()
 if [ "$(id -u)" -ne 0 ]; then sudo_=(sudo); fi

@@ -1,0 +1,33 @@
+# Two commands on a fresh Debian 12 / Raspberry Pi OS machine:
+#   make demo   - the agent's lifecycle against the local bench (no AWS account)
+#   make test   - the test suite (what CI runs)
+# Both install the system packages they need (scripts/sysdeps.sh) and the virtualenv.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: demo test bench sysdeps venv clean
+
+demo: sysdeps venv
+	$(PY) -m localcloud.demo
+
+test: sysdeps venv
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+bench: sysdeps venv
+	$(PY) bench/startup.py
+
+sysdeps:
+	@bash scripts/sysdeps.sh
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) .deps .pytest_cache
