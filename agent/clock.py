@@ -13,7 +13,6 @@ The judging functions are pure; `query_ntp` and `kernel_clock_synchronised` are 
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 import time
@@ -75,19 +74,6 @@ def query_ntp(server: str, timeout: float) -> NtpAnswer:
     return NtpAnswer(server=server, offset=stats.offset, stratum=stats.stratum, leap=stats.leap, origin_matches=origin_ok)
 
 
-class _Timex(ctypes.Structure):
-    # Leading fields of struct timex (linux/timex.h); the kernel writes into the padding too.
-    _fields_ = [
-        ("modes", ctypes.c_uint),
-        ("offset", ctypes.c_long),
-        ("freq", ctypes.c_long),
-        ("maxerror", ctypes.c_long),
-        ("esterror", ctypes.c_long),
-        ("status", ctypes.c_int),
-        ("_rest", ctypes.c_byte * 256),
-    ]
-
-
 STA_UNSYNC = 0x0040
 TIME_ERROR = 5
 
@@ -98,7 +84,21 @@ def kernel_clock_synchronised() -> bool:
     systemd-timesyncd and chronyd both clear STA_UNSYNC once they discipline the clock; reading
     it needs no privilege.
     """
-    tx = _Timex()
+    import ctypes  # only the "system" clock source needs it
+
+    class Timex(ctypes.Structure):
+        # Leading fields of struct timex (linux/timex.h); the kernel writes into the padding too.
+        _fields_ = [
+            ("modes", ctypes.c_uint),
+            ("offset", ctypes.c_long),
+            ("freq", ctypes.c_long),
+            ("maxerror", ctypes.c_long),
+            ("esterror", ctypes.c_long),
+            ("status", ctypes.c_int),
+            ("_rest", ctypes.c_byte * 256),
+        ]
+
+    tx = Timex()
     libc = ctypes.CDLL(None, use_errno=True)
     state = libc.adjtimex(ctypes.byref(tx))
     return state not in (-1, TIME_ERROR) and not (tx.status & STA_UNSYNC)

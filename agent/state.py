@@ -9,7 +9,6 @@ the record of a half-finished provisioning or rotation is how devices get bricke
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -24,6 +23,8 @@ FILE_NAME = "state.json"
 
 
 def _digest(data: Any) -> str:
+    import hashlib  # not needed by a daemon whose state never changes after start
+
     canon = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canon.encode()).hexdigest()
 
