@@ -43,6 +43,7 @@ class Broker:
     host: str = "127.0.0.1"
     acl: str = DEVICE_ACL
     child: procs.Child | None = None
+    tls_version: str = "tlsv1.2"  # tests lower it to show the agent refuses old protocols
     extra_conf: list[str] = field(default_factory=list)
 
     @property
@@ -66,7 +67,7 @@ class Broker:
             f"keyfile {self.server.key_path}",
             "require_certificate true",
             "use_identity_as_username true",
-            "tls_version tlsv1.2",
+            f"tls_version {self.tls_version}",
             f"acl_file {self.directory / 'acl'}",
             f"log_dest file {self.log_path}",
             "log_type all",

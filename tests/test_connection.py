@@ -108,3 +108,69 @@ def test_the_same_certificate_chain_is_accepted(bench, softhsm, agents, tmp_path
         assert ("gw-control", "gw-control") in b.connected_clients()
     finally:
         b.stop()
+
+
+class TlsOnlyServer:
+    """A bare TLS server (no MQTT) with a chosen maximum protocol version; records each handshake."""
+
+    def __init__(self, issued, ca_path, max_version):
+        import socket
+        import ssl
+        import threading
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1
+        ctx.maximum_version = max_version
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")  # OpenSSL 3 refuses TLS < 1.2 at its default level
+        ctx.load_cert_chain(issued.cert_path, issued.key_path)
+        ctx.load_verify_locations(ca_path)
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        self.ctx, self.results = ctx, []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._serve, daemon=True)
+        self._t.start()
+
+    def _serve(self):
+        import socket
+        import ssl
+
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            conn.settimeout(5)
+            try:
+                with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                    self.results.append(tls.version())
+            except (ssl.SSLError, OSError) as e:
+                self.results.append(f"failed: {e.__class__.__name__}")
+
+    def close(self):
+        self._stop.set()
+        self._t.join(2)
+        self.sock.close()
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion:DeprecationWarning")
+@pytest.mark.parametrize("max_version, refused", [("TLSv1_1", True), ("TLSv1_2", False)])
+def test_tls_below_1_2_is_refused(bench, softhsm, agents, max_version, refused):
+    """Against a server capped at TLS 1.1 the handshake fails; the same server capped at 1.2 completes it."""
+    import ssl
+
+    srv = TlsOnlyServer(bench.broker.server, bench.ca.cert_path, getattr(ssl.TLSVersion, max_version))
+    try:
+        dev = bench.enroll(softhsm, "gw-tls")
+        dev.config_path.write_text(dev.config_path.read_text().replace(f"port = {bench.broker.port}", f"port = {srv.port}"))
+        a = agents(dev)
+        a.wait_for(r"connection to localhost:\d+ failed", timeout=60)
+        if refused:
+            assert not any(r.startswith("TLSv") for r in srv.results), srv.results
+            assert "AWS_IO_TLS_ERROR_NEGOTIATION_FAILURE" in a.text()
+        else:
+            assert "TLSv1.2" in srv.results, srv.results  # handshake done; no MQTT server behind it
+    finally:
+        srv.close()
