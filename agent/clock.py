@@ -78,12 +78,20 @@ STA_UNSYNC = 0x0040
 TIME_ERROR = 5
 
 
-def kernel_clock_synchronised() -> bool:
-    """True when a host NTP daemon keeps the kernel clock in sync (adjtimex read-only query).
+TIMESYNCD_FLAG = "/run/systemd/timesync/synchronized"
 
-    systemd-timesyncd and chronyd both clear STA_UNSYNC once they discipline the clock; reading
-    it needs no privilege.
+
+def kernel_clock_synchronised() -> bool:
+    """True when a host NTP daemon keeps the clock in sync.
+
+    systemd-timesyncd touches its flag file on first sync (what systemd-time-wait-sync waits
+    for); chronyd and timesyncd both clear the kernel's STA_UNSYNC once they discipline the clock.
+    Neither check needs privilege.
     """
+    import os
+
+    if os.path.exists(TIMESYNCD_FLAG):
+        return True
     import ctypes  # only the "system" clock source needs it
 
     class Timex(ctypes.Structure):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .errors import BrokerConnectionError
+from .errors import BrokerConnectionError, CredentialError
 
 log = logging.getLogger("agent.connection")
 
@@ -116,10 +116,8 @@ class Connection:
             )
         except Exception as e:
             self._release()
-            raise BrokerConnectionError(
-                f"cannot set up the TLS client for {s.endpoint}:{s.port} ({_crt_name(e)}); "
-                "check broker.ca_file, identity.certificate_file, the token label, key label and PIN"
-            )
+            msg, credential = _setup_error(s, e)
+            raise (CredentialError if credential else BrokerConnectionError)(msg) from None
         self._client.start()
 
     def wait_connected(self, timeout: float) -> bool:
@@ -222,6 +220,29 @@ class Connection:
                 self._on_message(p.topic, bytes(p.payload or b""))
             except Exception:
                 log.exception("message handler failed for %s", p.topic)
+
+
+# What awscrt's set-up errors mean for the user, by the AWS_ERROR_* name in their message.
+_SETUP_HINTS = {
+    "AWS_ERROR_PKCS11_CKR_PIN_INCORRECT": "token {token!r} refused the PIN (a TPM locks out after repeated failures); fix the PIN file",
+    "AWS_ERROR_PKCS11_CKR_PIN_LOCKED": "token {token!r}: the user PIN is locked; unlock it with the SO PIN",
+    "AWS_ERROR_PKCS11_KEY_NOT_FOUND": "no single private key labelled {key!r} on token {token!r}; check pkcs11.key_label (iot-agent keys list)",
+    "AWS_ERROR_PKCS11_TOKEN_NOT_FOUND": "no PKCS#11 token labelled {token!r}; check pkcs11.token_label",
+    "AWS_IO_FILE_VALIDATION_FAILURE": "a certificate file is not valid PEM; check broker.ca_file and the device certificate",
+}
+
+
+def _setup_error(s: ConnectionSettings, e: Exception) -> tuple[str, bool]:
+    """(one-line message, whether it is a credential problem that retrying cannot fix)."""
+    import re
+
+    m = re.search(r"\b(AWS_[A-Z0-9_]+)\b", str(e))
+    name = m.group(1) if m else e.__class__.__name__
+    hint = _SETUP_HINTS.get(name)
+    if hint:
+        return f"{hint.format(token=s.token_label, key=s.key_label)} ({name})", "PKCS11" in name
+    return (f"cannot set up the TLS client for {s.endpoint}:{s.port} ({name}); check broker.ca_file, "
+            "the device certificate, pkcs11.token_label, pkcs11.key_label and the PIN"), False
 
 
 def _socket_options(connect_timeout_s: float):

@@ -44,3 +44,12 @@ class ClockError(AgentError):
 
 class BrokerConnectionError(AgentError):
     """The broker connection could not be made or was refused."""
+
+
+class CredentialError(AgentError):
+    """The token refused the PIN or lacks the key: retrying cannot help (and would lock a TPM out).
+
+    Exit status 2 like a config error, so a service manager told not to restart on 2 stops here.
+    """
+
+    exit_code = 2

@@ -174,3 +174,20 @@ def test_tls_below_1_2_is_refused(bench, softhsm, agents, max_version, refused):
             assert "TLSv1.2" in srv.results, srv.results  # handshake done; no MQTT server behind it
     finally:
         srv.close()
+
+
+def test_wrong_pin_or_key_label_is_one_clear_line_and_exit_2(bench, softhsm):
+    dev = bench.enroll(softhsm, "gw-creds")
+    (softhsm.directory / "pkcs11-pin").write_text("987654")
+    r = dev.cli("run", timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        "iot-agent: token 'iot-agent' refused the PIN (a TPM locks out after repeated failures); fix the PIN file "
+        "(AWS_ERROR_PKCS11_CKR_PIN_INCORRECT)")
+    assert "987654" not in r.stderr + r.stdout
+    softhsm.pin_file()  # the right PIN again
+    dev.config_path.write_text(dev.config_path.read_text().replace('key_label = "device"', 'key_label = "nokey"'))
+    r = dev.cli("run", timeout=60)
+    assert r.returncode == 2
+    assert "no single private key labelled 'nokey' on token 'iot-agent'" in r.stderr.strip().splitlines()[-1]
+    assert not bench.broker.connected_clients()
