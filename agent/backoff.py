@@ -8,16 +8,22 @@ this one serves the agent's other retry loops (NTP, later status delivery).
 
 from __future__ import annotations
 
-import random
+import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 
-@dataclass
+def _uniform01() -> float:
+    """A uniform float in [0, 1) from the OS's CSPRNG (avoids importing `random` into the daemon)."""
+    return int.from_bytes(os.urandom(7), "big") / float(1 << 56)
+
+
+@dataclass(eq=False)
 class Backoff:
     base_s: float
     cap_s: float
     floor_s: float = 0.05  # never retry instantly: a zero delay is a retry storm waiting to happen
-    rng: random.Random = field(default_factory=random.SystemRandom)
+    uniform01: Callable[[], float] = _uniform01  # tests pass random.Random(seed).random
     attempt: int = 0
 
     def ceiling(self) -> float:
@@ -25,7 +31,7 @@ class Backoff:
 
     def next_delay(self) -> float:
         """The delay before the next try; each call widens the window until it reaches the cap."""
-        d = self.rng.uniform(0.0, self.ceiling())
+        d = self.uniform01() * self.ceiling()
         self.attempt += 1
         return max(self.floor_s, d)
 

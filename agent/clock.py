@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
+import ntplib
+
 from .backoff import Backoff
 from .config import ClockConfig, split_server
 from .errors import ClockError
@@ -32,7 +34,7 @@ FLOOR = datetime(2026, 11, 1, tzinfo=timezone.utc).timestamp()
 NTP_EPOCH_OFFSET = 2208988800  # seconds from 1900-01-01 to 1970-01-01
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class NtpAnswer:
     server: str
     offset: float  # server time minus local time, seconds
@@ -63,8 +65,6 @@ def judge_floor(now: float, floor: float = FLOOR) -> str | None:
 
 def query_ntp(server: str, timeout: float) -> NtpAnswer:
     """Ask one server; raises OSError/ntplib.NTPException when it is silent or unreachable."""
-    import ntplib  # small, but only the clock gate needs it
-
     host, port = split_server(server)
     before = time.time()
     stats = ntplib.NTPClient().request(host, version=4, port=port, timeout=timeout)
@@ -112,7 +112,7 @@ def kernel_clock_synchronised() -> bool:
     return state not in (-1, TIME_ERROR) and not (tx.status & STA_UNSYNC)
 
 
-@dataclass
+@dataclass(eq=False)
 class ClockGate:
     cfg: ClockConfig
     query: Callable[[str, float], NtpAnswer] = query_ntp

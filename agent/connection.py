@@ -28,7 +28,7 @@ log = logging.getLogger("agent.connection")
 PUBACK_ACCEPTED = (0, 16)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ConnectionSettings:
     endpoint: str
     port: int
@@ -46,7 +46,7 @@ class ConnectionSettings:
     reconnect_reset_after_s: float = 30.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LifecycleEvent:
     kind: str  # attempting, connected, failed, disconnected, stopped
     at: float  # time.monotonic()
@@ -69,11 +69,19 @@ class Connection:
         self._stopped = threading.Event()
         self._client = None
         self._lib = None
+        self._started = False
         self.events: list[LifecycleEvent] = []
         self.connect_count = 0
 
     # -- lifecycle --------------------------------------------------------------------------
-    def start(self) -> None:
+    def prepare(self) -> None:
+        """Load the PKCS#11 module, log in, build the TLS context and client: no network I/O.
+
+        Split from start() so the daemon can do this while the clock gate waits for NTP; a wrong
+        PIN or missing key is reported here, before anything touches the network.
+        """
+        if self._client is not None:
+            return
         import awscrt.io
         import awscrt.mqtt5
         from awsiot import mqtt5_client_builder
@@ -118,14 +126,19 @@ class Connection:
             self._release()
             msg, credential = _setup_error(s, e)
             raise (CredentialError if credential else BrokerConnectionError)(msg) from None
+
+    def start(self) -> None:
+        """Connect (after prepare(), which it calls if needed); the CRT keeps reconnecting from here."""
+        self.prepare()
         self._client.start()
+        self._started = True
 
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Disconnect cleanly and release the token; safe to call twice."""
-        if self._client is not None:
+        if self._client is not None and self._started:
             import awscrt.mqtt5
 
             try:
@@ -137,6 +150,7 @@ class Connection:
         self._release()
 
     def _release(self) -> None:
+        self._started = False
         self._client = None
         gc.collect()  # the native client and TLS context hold the library; free them first
         self._lib = None

@@ -15,14 +15,14 @@ from pathlib import Path
 from .clock import ClockGate
 from .config import Config
 from .connection import Connection, ConnectionSettings
-from .errors import AgentError
+from .errors import AgentError, ClockError
 from .pin import read_pin
 from .state import StateStore
 
 log = logging.getLogger("agent")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Identity:
     thing_name: str
     certificate_file: Path
@@ -77,12 +77,17 @@ def run(cfg: Config, stop: threading.Event) -> int:
     pin = read_pin(cfg)
     store = StateStore(cfg.resolve(cfg.device.state_dir))
     identity = current_identity(cfg, store.load())
-    ClockGate(cfg.clock).wait(stop)
     conn = Connection(settings_for(cfg, identity, pin))
     del pin
-    log.info("connecting to %s:%d as %s", cfg.broker.endpoint, cfg.broker.port, identity.thing_name)
-    conn.start()
     try:
+        try:
+            _prepare_during_clock_gate(cfg, conn, stop)
+        except ClockError:
+            if stop.is_set():  # SIGTERM while waiting for the clock: a normal stop
+                return 0
+            raise
+        log.info("connecting to %s:%d as %s", cfg.broker.endpoint, cfg.broker.port, identity.thing_name)
+        conn.start()
         waited = 0.0
         while not stop.wait(cfg.broker.connect_timeout_s):
             if conn.connected.is_set():
@@ -95,3 +100,33 @@ def run(cfg: Config, stop: threading.Event) -> int:
         conn.stop()
         log.info("stopped")
     return 0
+
+
+def _prepare_during_clock_gate(cfg: Config, conn: Connection, stop: threading.Event) -> None:
+    """Wait for the clock in a thread while this one loads the token and TLS context.
+
+    NTP answers take a network round trip (seconds when servers are unreachable); loading awscrt,
+    initialising PKCS#11 and logging in to the token take about as long on a Pi. Neither touches
+    the broker, so doing them side by side shortens start-up without letting any TLS connection
+    happen before the clock is trusted: start() runs only after the gate has opened.
+    """
+    outcome: dict[str, BaseException | str] = {}
+
+    def gate() -> None:
+        try:
+            outcome["ok"] = ClockGate(cfg.clock).wait(stop)
+        except BaseException as e:  # re-raised in the main thread
+            outcome["error"] = e
+
+    t = threading.Thread(target=gate, name="clock-gate", daemon=True)
+    t.start()
+    try:
+        conn.prepare()
+    except BaseException:
+        stop.set()  # ends the gate's wait
+        raise
+    finally:
+        while t.is_alive():  # short joins keep SIGTERM handling responsive
+            t.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]

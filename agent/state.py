@@ -29,7 +29,7 @@ def _digest(data: Any) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
-@dataclass
+@dataclass(eq=False)
 class StateStore:
     directory: Path
 

@@ -4,7 +4,7 @@ from agent.backoff import Backoff
 
 
 def test_full_jitter_grows_to_the_cap_and_stays_within_it():
-    b = Backoff(base_s=1.0, cap_s=30.0, rng=random.Random(7))
+    b = Backoff(base_s=1.0, cap_s=30.0, uniform01=random.Random(7).random)
     ceilings, delays = [], []
     for _ in range(12):
         ceilings.append(b.ceiling())

@@ -26,3 +26,15 @@ def test_no_connection_until_ntp_answers_well(bench, softhsm, agents):
         assert ("gw-clock", "gw-clock") in bench.broker.connected_clients()
     finally:
         ntp.close()
+
+
+def test_sigterm_while_waiting_for_the_clock_is_a_clean_stop(bench, softhsm, agents):
+    ntp = NtpResponder(mode="silent")
+    try:
+        dev = bench.enroll(softhsm, "gw-clock-stop", ntp_servers=[ntp.server])
+        a = agents(dev)
+        a.wait_for(r"waiting for a trustworthy clock")
+        assert a.stop(timeout=10) == 0
+        assert "stopped" in a.text() and "connecting to" not in a.text()
+    finally:
+        ntp.close()
