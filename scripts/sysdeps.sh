@@ -11,14 +11,15 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 sysroot=${BED_SYSROOT:-$here/.deps/sysroot}
 
 apt_pkgs=(
-  make openssl ca-certificates
+  make openssl ca-certificates gcc libc6-dev
   softhsm2
   swtpm libtpm2-pkcs11-1 libtss2-tcti-swtpm0 tpm2-tools opensc
   # runtime libraries of the unpacked mosquitto and chrony
   libcjson1 libdlt2 libwrap0 libcap2 libsystemd0 libssl3
   libedit2 libgnutls30 libnettle8 libseccomp2
 )
-unpacked_pkgs=(mosquitto chrony)
+# mosquitto-dev and libmosquitto-dev only carry headers, for the local cloud's broker plugin.
+unpacked_pkgs=(mosquitto mosquitto-dev libmosquitto-dev chrony)
 
 # Debian's python3 has no venv module until python3-venv is installed.
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
