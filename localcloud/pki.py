@@ -119,6 +119,21 @@ class CertificateAuthority:
             common_name = attrs[0].value if attrs else "device"
         return self._sign(str(common_name), req.public_key(), days=days)
 
+    def sign_public_key(self, public_key, common_name: str, days: float = 365) -> x509.Certificate:
+        return self._sign(common_name, public_key, days=days)
+
+    def crl(self, revoked: list[tuple[int, str]]) -> bytes:
+        """PEM CRL listing (serial, status); INACTIVE/PENDING certificates are 'on hold' (reversible)."""
+        now = _now()
+        b = (x509.CertificateRevocationListBuilder().issuer_name(self.cert.subject)
+             .last_update(now - dt.timedelta(minutes=5)).next_update(now + dt.timedelta(days=7)))
+        for serial, status in revoked:
+            reason = x509.ReasonFlags.key_compromise if status == "REVOKED" else x509.ReasonFlags.certificate_hold
+            b = b.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now)
+                .add_extension(x509.CRLReason(reason), critical=False).build())
+        return b.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
     def _store(self, name: str, cert: x509.Certificate, key) -> Issued:
         cert_path = self.dir / f"{name}.pem"
         key_path = self.dir / f"{name}.key"

@@ -58,7 +58,7 @@ for p in "${unpacked_pkgs[@]}"; do
   echo "sysdeps: unpacking $p into $sysroot (not installed as a service)"
   apt_update
   tmp=$(mktemp -d); chmod 755 "$tmp"
-  (cd "$tmp" && apt-get download -q "$p" >/dev/null)
+  (cd "$tmp" && apt-get download -q "$p" >/dev/null 2>&1) || (cd "$tmp" && apt-get download "$p")
   dpkg -x "$tmp"/"$p"_*.deb "$sysroot"
   rm -rf "$tmp"
   touch "$stamp"

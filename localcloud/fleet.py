@@ -1,0 +1,188 @@
+"""Fleet provisioning (CreateCertificateFromCsr, CreateKeysAndCertificate, RegisterThing).
+
+Pure request handling: each handler takes the decoded request and the caller's identity and
+returns (accepted?, response document). Transport (MQTT, json/cbor) lives in service.py. Input is
+hostile: every field is type-checked and size-limited, and every failure is an AWS-shaped
+rejection `{"statusCode", "errorCode", "errorMessage"}`, never an exception.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from .pki import CertificateAuthority, pem
+from .registry import Registry
+
+MAX_CSR_BYTES = 8192
+MAX_PARAMS = 50
+MAX_PARAM_KEY, MAX_PARAM_VALUE = 2048, 4096
+
+Result = tuple[bool, dict[str, Any]]
+
+
+def reject(status: int, code: str, message: str) -> Result:
+    return False, {"statusCode": status, "errorCode": code, "errorMessage": message}
+
+
+def _unknown_fields(req: dict, allowed: set[str]) -> str | None:
+    extra = sorted(set(req) - allowed)
+    return f"unknown field(s): {', '.join(extra)}" if extra else None
+
+
+@dataclass(eq=False)
+class FleetProvisioning:
+    registry: Registry
+    ca: CertificateAuthority
+    template_name: str
+    template: dict
+    on_change: Callable[[], None] = lambda: None  # regenerate CRL/ACL and reload the broker
+    now: Callable[[], float] = time.time
+    allow_list_enabled: bool = True
+    _issued: int = field(default=0)
+
+    # -- identity checks ---------------------------------------------------------------------
+    def _caller_is_claim(self, username: str) -> Result | None:
+        cert = self.registry.certificate_by_cn(username)
+        if cert is None or cert.kind != "claim" or cert.status != "ACTIVE":
+            return reject(403, "Forbidden", "only an active claim certificate may call the provisioning APIs")
+        return None
+
+    # -- CreateCertificateFromCsr ---------------------------------------------------------
+    def create_from_csr(self, req: Any, username: str) -> Result:
+        denied = self._caller_is_claim(username)
+        if denied:
+            return denied
+        if not isinstance(req, dict):
+            return reject(400, "InvalidPayload", "request must be an object")
+        bad = _unknown_fields(req, {"certificateSigningRequest"})
+        if bad:
+            return reject(400, "InvalidPayload", bad)
+        csr_pem = req.get("certificateSigningRequest")
+        if not isinstance(csr_pem, str) or not csr_pem:
+            return reject(400, "InvalidPayload", "certificateSigningRequest must be a non-empty string")
+        if len(csr_pem) > MAX_CSR_BYTES:
+            return reject(400, "InvalidCsr", f"CSR larger than {MAX_CSR_BYTES} bytes")
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem.encode())
+            if not csr.is_signature_valid:
+                return reject(400, "InvalidCsr", "CSR signature does not verify")
+            key = csr.public_key()
+            if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in ("secp256r1", "secp384r1"):
+                return reject(400, "InvalidCsr", "CSR key must be EC P-256 or P-384")
+        except (ValueError, TypeError, UnicodeError) as e:
+            return reject(400, "InvalidCsr", f"CSR could not be parsed ({e.__class__.__name__})")
+        cn = "dev-" + secrets.token_hex(12)
+        cert = self.ca.sign_public_key(key, cn)
+        return self._pending(cert, cn)
+
+    # -- CreateKeysAndCertificate ---------------------------------------------------------
+    def create_keys(self, req: Any, username: str) -> Result:
+        denied = self._caller_is_claim(username)
+        if denied:
+            return denied
+        if not isinstance(req, dict):
+            return reject(400, "InvalidPayload", "request must be an object")
+        bad = _unknown_fields(req, set())
+        if bad:
+            return reject(400, "InvalidPayload", bad)
+        key = ec.generate_private_key(ec.SECP256R1())
+        cn = "dev-" + secrets.token_hex(12)
+        cert = self.ca.sign_public_key(key.public_key(), cn)
+        ok, doc = self._pending(cert, cn)
+        doc["privateKey"] = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                              serialization.NoEncryption()).decode()
+        return ok, doc
+
+    def _pending(self, cert: x509.Certificate, cn: str) -> Result:
+        der = cert.public_bytes(serialization.Encoding.DER)
+        rec = self.registry.add_certificate(der, pem(cert).decode(), cn, cert.serial_number, "device",
+                                            "PENDING_ACTIVATION", with_ownership_token=True)
+        self.on_change()  # a pending certificate must not connect: it goes on the CRL
+        return True, {
+            "certificateId": rec.id,
+            "certificatePem": rec.pem,
+            "certificateOwnershipToken": rec.ownership_token,
+        }
+
+    # -- RegisterThing --------------------------------------------------------------------
+    def register_thing(self, template_name: str, req: Any, username: str) -> Result:
+        denied = self._caller_is_claim(username)
+        if denied:
+            return denied
+        if template_name != self.template_name:
+            return reject(404, "ResourceNotFound", f"provisioning template {template_name!r} not found")
+        if not isinstance(req, dict):
+            return reject(400, "InvalidPayload", "request must be an object")
+        bad = _unknown_fields(req, {"certificateOwnershipToken", "parameters"})
+        if bad:
+            return reject(400, "InvalidPayload", bad)
+        token = req.get("certificateOwnershipToken")
+        params = req.get("parameters", {})
+        if not isinstance(token, str) or not token or len(token) > 2048:
+            return reject(400, "InvalidPayload", "certificateOwnershipToken must be a non-empty string")
+        if not isinstance(params, dict) or len(params) > MAX_PARAMS or not all(
+                isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_PARAM_KEY and len(v) <= MAX_PARAM_VALUE
+                for k, v in params.items()):
+            return reject(400, "InvalidPayload", "parameters must map strings to strings")
+        cert = self.registry.certificate_by_token(token)
+        if cert is None:
+            return reject(400, "InvalidPayload", "certificateOwnershipToken is not valid")
+        if cert.token_expires is not None and self.now() > cert.token_expires:
+            return reject(400, "InvalidPayload", "certificateOwnershipToken has expired")
+        try:
+            thing, attributes = self._evaluate(params, cert.id)
+        except ValueError as e:
+            return reject(400, "InvalidParameters", str(e))
+        serial = params.get("SerialNumber")
+        if self.allow_list_enabled and (serial is None or not self.registry.serial_allowed(serial)):
+            return reject(403, "Forbidden", f"pre-provisioning hook refused serial number {serial!r}")
+        self.registry.upsert_thing(thing, attributes)
+        self.registry.activate_and_attach(cert.id, thing)
+        self.on_change()
+        return True, {"thingName": thing, "deviceConfiguration": dict(self.template.get("DeviceConfiguration", {}))}
+
+    # -- the template subset ----------------------------------------------------------------
+    def _evaluate(self, params: dict[str, str], cert_id: str) -> tuple[str, dict[str, str]]:
+        declared = self.template.get("Parameters", {})
+        values = {"AWS::IoT::Certificate::Id": cert_id}
+        for name, spec in declared.items():
+            if name.startswith("AWS::"):
+                continue
+            if name in params:
+                values[name] = params[name]
+            elif "Default" in spec:
+                values[name] = str(spec["Default"])
+            else:
+                raise ValueError(f"missing template parameter {name}")
+        for k in params:
+            if k not in declared:
+                raise ValueError(f"parameter {k} is not declared by the template")
+        thing_res = next((r for r in self.template["Resources"].values() if r.get("Type") == "AWS::IoT::Thing"), None)
+        if thing_res is None:
+            raise ValueError("template has no AWS::IoT::Thing resource")
+        props = thing_res.get("Properties", {})
+        name = _resolve(props.get("ThingName"), values)
+        if not name or len(name) > 128 or not all(c.isalnum() or c in ":_-" for c in name):
+            raise ValueError(f"thing name {name!r} is not a valid AWS IoT thing name")
+        attrs = {k: _resolve(v, values) for k, v in props.get("AttributePayload", {}).items()}
+        return name, attrs
+
+
+def _resolve(expr: Any, values: dict[str, str]) -> str:
+    if isinstance(expr, str):
+        return expr
+    if isinstance(expr, dict) and set(expr) == {"Ref"}:
+        if expr["Ref"] not in values:
+            raise ValueError(f"template refers to unknown parameter {expr['Ref']}")
+        return values[expr["Ref"]]
+    if isinstance(expr, dict) and set(expr) == {"Fn::Join"}:
+        sep, parts = expr["Fn::Join"]
+        return str(sep).join(_resolve(p, values) for p in parts)
+    raise ValueError(f"unsupported template expression {expr!r}")

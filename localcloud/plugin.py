@@ -1,0 +1,31 @@
+"""Build the broker plugin (plugin/localcloud_route.c) against the unpacked mosquitto headers."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from . import procs
+
+SOURCE = Path(__file__).resolve().parent / "plugin" / "localcloud_route.c"
+
+
+def build(out_dir: Path | None = None) -> Path:
+    """Compile the plugin once per source change; returns the .so path."""
+    out_dir = out_dir or (procs.REPO / ".deps" / "plugin")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    so = out_dir / "localcloud_route.so"
+    if so.exists() and so.stat().st_mtime >= SOURCE.stat().st_mtime:
+        return so
+    include = procs.sysroot() / "usr" / "include"
+    if not (include / "mosquitto_broker.h").exists():
+        raise FileNotFoundError(f"{include}/mosquitto_broker.h missing; run scripts/sysdeps.sh")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise FileNotFoundError("no C compiler; run scripts/sysdeps.sh (package gcc)")
+    tmp = so.with_suffix(".so.tmp")
+    subprocess.run([cc, "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-I", str(include), "-o", str(tmp), str(SOURCE)],
+                   check=True, capture_output=True, text=True)
+    tmp.replace(so)
+    return so

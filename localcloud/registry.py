@@ -1,0 +1,158 @@
+"""The local cloud's registry: certificates (with AWS's states), things, the serial allow list.
+
+SQLite in the cloud's folder, so `localcloud down` / `up` keeps everything. Every method is one
+transaction; the service thread and the CLI may both use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+STATES = ("PENDING_ACTIVATION", "ACTIVE", "INACTIVE", "REVOKED")
+OWNERSHIP_TOKEN_TTL_S = 3600.0
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS certificates (
+    id TEXT PRIMARY KEY,            -- SHA-256 of the DER, hex (AWS's certificateId)
+    cn TEXT UNIQUE NOT NULL,        -- the broker identity (mosquitto username)
+    serial TEXT NOT NULL,           -- hex, for the CRL
+    pem TEXT NOT NULL,
+    status TEXT NOT NULL,
+    kind TEXT NOT NULL,             -- 'device' or 'claim'
+    thing TEXT,
+    ownership_token TEXT,
+    token_expires REAL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS things (
+    name TEXT PRIMARY KEY,
+    attributes TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS allowed_serials (serial TEXT PRIMARY KEY);
+"""
+
+
+@dataclass(frozen=True)
+class Certificate:
+    id: str
+    cn: str
+    serial: str
+    pem: str
+    status: str
+    kind: str
+    thing: str | None
+    ownership_token: str | None
+    token_expires: float | None
+    created: float
+
+
+def certificate_id(der: bytes) -> str:
+    return hashlib.sha256(der).hexdigest()
+
+
+class Registry:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- certificates -------------------------------------------------------------------
+    def add_certificate(self, der: bytes, pem: str, cn: str, serial: int, kind: str, status: str,
+                        with_ownership_token: bool = False) -> Certificate:
+        assert status in STATES and kind in ("device", "claim")
+        now = time.time()
+        token = secrets.token_urlsafe(48) if with_ownership_token else None
+        expires = now + OWNERSHIP_TOKEN_TTL_S if token else None
+        cid = certificate_id(der)
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO certificates VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (cid, cn, format(serial, "x"), pem, status, kind, None, token, expires, now, now),
+            )
+        return self.certificate(cid)
+
+    def certificate(self, cid: str) -> Certificate | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, cn, serial, pem, status, kind, thing, ownership_token, token_expires, created "
+                "FROM certificates WHERE id = ?", (cid,)).fetchone()
+        return Certificate(*row) if row else None
+
+    def certificate_by_cn(self, cn: str) -> Certificate | None:
+        with self._lock:
+            row = self._db.execute("SELECT id FROM certificates WHERE cn = ?", (cn,)).fetchone()
+        return self.certificate(row[0]) if row else None
+
+    def certificate_by_token(self, token: str) -> Certificate | None:
+        with self._lock:
+            row = self._db.execute("SELECT id FROM certificates WHERE ownership_token = ?", (token,)).fetchone()
+        return self.certificate(row[0]) if row else None
+
+    def certificates(self) -> list[Certificate]:
+        with self._lock:
+            ids = [r[0] for r in self._db.execute("SELECT id FROM certificates ORDER BY created")]
+        return [self.certificate(i) for i in ids]
+
+    def set_status(self, cid: str, status: str) -> Certificate:
+        if status not in STATES:
+            raise ValueError(f"unknown certificate status {status!r}")
+        with self._lock:
+            cur = self.certificate(cid)
+            if cur is None:
+                raise KeyError(cid)
+            if cur.status == "REVOKED" and status != "REVOKED":
+                raise ValueError("a revoked certificate cannot change state (AWS: revocation is final)")
+            self._db.execute("UPDATE certificates SET status = ?, updated = ? WHERE id = ?", (status, time.time(), cid))
+        return self.certificate(cid)
+
+    def activate_and_attach(self, cid: str, thing: str) -> None:
+        """RegisterThing's effect: ACTIVE, attached to the thing, ownership token spent."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE certificates SET status = 'ACTIVE', thing = ?, ownership_token = NULL, token_expires = NULL, "
+                "updated = ? WHERE id = ?", (thing, time.time(), cid))
+
+    # -- things --------------------------------------------------------------------------
+    def upsert_thing(self, name: str, attributes: dict[str, str]) -> bool:
+        """Create the thing or merge attributes; True when it was created."""
+        with self._lock:
+            row = self._db.execute("SELECT attributes FROM things WHERE name = ?", (name,)).fetchone()
+            if row:
+                merged = {**json.loads(row[0]), **attributes}
+                self._db.execute("UPDATE things SET attributes = ? WHERE name = ?", (json.dumps(merged), name))
+                return False
+            self._db.execute("INSERT INTO things VALUES (?,?,?)", (name, json.dumps(attributes), time.time()))
+            return True
+
+    def things(self) -> list[tuple[str, dict]]:
+        with self._lock:
+            return [(n, json.loads(a)) for n, a in self._db.execute("SELECT name, attributes FROM things ORDER BY name")]
+
+    def thing_certificates(self, thing: str) -> list[Certificate]:
+        return [c for c in self.certificates() if c.thing == thing]
+
+    # -- pre-provisioning allow list -----------------------------------------------------
+    def allow_serials(self, serials: list[str]) -> None:
+        with self._lock:
+            self._db.executemany("INSERT OR IGNORE INTO allowed_serials VALUES (?)", [(s,) for s in serials])
+
+    def serial_allowed(self, serial: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM allowed_serials WHERE serial = ?", (serial,)).fetchone() is not None

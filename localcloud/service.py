@@ -1,0 +1,156 @@
+"""The local cloud's services process: answers device requests that reach it through the broker.
+
+Provisioning requests arrive from the broker plugin on `$localcloud/req/<topic>` with the
+sender's client id and certificate CN as user properties (so identity comes from the broker, not
+from the request). Replies go back through `$localcloud/deliver` to that client alone, as AWS
+does. Every payload is hostile: decoding and validation failures become AWS-shaped rejections
+and the service keeps running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from .cloud import SERVICE_CN, TEMPLATE_NAME, LocalCloud
+from .fleet import FleetProvisioning, reject
+
+log = logging.getLogger("localcloud.service")
+
+MAX_REQUEST_BYTES = 64 * 1024
+REQ_PREFIX = "$localcloud/req/"
+
+
+def decode(payload: bytes, fmt: str) -> Any:
+    if fmt == "json":
+        return json.loads(payload.decode("utf-8"))
+    import cbor2
+
+    return cbor2.loads(payload)
+
+
+def encode(doc: dict, fmt: str) -> bytes:
+    if fmt == "json":
+        return json.dumps(doc, separators=(",", ":")).encode()
+    import cbor2
+
+    return cbor2.dumps(doc)
+
+
+class Service:
+    def __init__(self, cloud: LocalCloud, port: int):
+        self.cloud = cloud
+        self.port = port
+        template = json.loads((Path(__file__).resolve().parent.parent / "provisioning" / "fleet-template.json").read_text())
+        self.fleet = FleetProvisioning(cloud.registry, cloud.ca, TEMPLATE_NAME, template, on_change=cloud.reconcile)
+        self._send_lock = threading.Lock()
+        self._work = threading.Lock()  # one request at a time: the registry and CRL change together
+        self.client = None
+        self.connected = threading.Event()
+        self.stopped = threading.Event()
+
+    def start(self) -> None:
+        from awsiot import mqtt5_client_builder
+
+        pki = self.cloud.directory / "pki"
+        self.client = mqtt5_client_builder.mtls_from_path(
+            endpoint="localhost", port=self.port, cert_filepath=str(pki / "service.pem"),
+            pri_key_filepath=str(pki / "service.key"), ca_filepath=str(self.cloud.ca.cert_path),
+            client_id=SERVICE_CN, enable_metrics_collection=False, min_reconnect_delay_ms=100,
+            max_reconnect_delay_ms=2000, on_publish_received=self._on_publish,
+            on_lifecycle_connection_success=lambda d: self.connected.set(),
+            on_lifecycle_stopped=lambda d: self.stopped.set(),
+        )
+        self.client.start()
+
+    def stop(self) -> None:
+        if self.client:
+            self.client.stop()
+            self.stopped.wait(5)
+
+    # -- dispatch ----------------------------------------------------------------------------
+    def _on_publish(self, data) -> None:
+        p = data.publish_packet
+        props = {u.name: u.value for u in (p.user_properties or [])}
+        try:
+            self.handle(p.topic, bytes(p.payload or b""), props.get("client-id", ""), props.get("username", ""))
+        except Exception:  # a bug must not take the service down; the device times out and retries
+            log.exception("request on %s failed", p.topic)
+
+    def handle(self, topic: str, payload: bytes, client_id: str, username: str) -> None:
+        if not topic.startswith(REQ_PREFIX) or not client_id:
+            return
+        original = topic[len(REQ_PREFIX):]
+        route = route_request(original)
+        if route is None:
+            return  # e.g. a device publishing to a response topic: AWS ignores it, so do we
+        op, fmt, template = route
+        with self._work:
+            if len(payload) > MAX_REQUEST_BYTES:
+                ok, doc = reject(400, "InvalidPayload", f"payload larger than {MAX_REQUEST_BYTES} bytes")
+            else:
+                try:
+                    req = decode(payload, fmt) if payload else {}
+                except Exception as e:
+                    ok, doc = reject(400, "InvalidPayload", f"payload is not valid {fmt.upper()} ({e.__class__.__name__})")
+                else:
+                    if op == "create-from-csr":
+                        ok, doc = self.fleet.create_from_csr(req, username)
+                    elif op == "create":
+                        ok, doc = self.fleet.create_keys(req, username)
+                    else:
+                        ok, doc = self.fleet.register_thing(template, req, username)
+            log.info("%s from %s (%s): %s", op, client_id, username, "accepted" if ok else doc.get("errorCode"))
+            self.deliver(client_id, f"{original}/{'accepted' if ok else 'rejected'}", encode(doc, fmt))
+
+    def deliver(self, client_id: str, topic: str, body: bytes) -> None:
+        import awscrt.mqtt5 as m5
+
+        frame = f"{client_id}\n{topic}\n".encode() + body
+        with self._send_lock:
+            self.client.publish(m5.PublishPacket(topic="$localcloud/deliver", payload=frame, qos=m5.QoS.AT_LEAST_ONCE))
+
+
+def route_request(topic: str) -> tuple[str, str, str | None] | None:
+    """(operation, format, template) for a provisioning request topic, else None."""
+    parts = topic.split("/")
+    if len(parts) == 4 and parts[:2] == ["$aws", "certificates"] and parts[3] in ("json", "cbor"):
+        if parts[2] in ("create", "create-from-csr"):
+            return parts[2], parts[3], None
+    if len(parts) == 5 and parts[:2] == ["$aws", "provisioning-templates"] and parts[3] == "provision" \
+            and parts[4] in ("json", "cbor") and parts[2]:
+        return "provision", parts[4], parts[2]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="localcloud.service")
+    ap.add_argument("--dir", type=Path, required=True)
+    ap.add_argument("--port", type=int, required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cloud = LocalCloud(args.dir)
+    svc = Service(cloud, args.port)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    signal.signal(signal.SIGINT, lambda *a: stop.set())
+    svc.start()
+    if not svc.connected.wait(15):
+        log.error("could not connect to the broker on port %d", args.port)
+        svc.stop()
+        return 1
+    (cloud.directory / "service.ready").write_text("ok\n")
+    log.info("services ready on port %d", args.port)
+    stop.wait()
+    svc.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
