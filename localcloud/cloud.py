@@ -109,7 +109,7 @@ class LocalCloud:
         self.broker_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(self.broker_dir / "acl", self.acl_text().encode())
         held = [(int(c.serial, 16), c.status) for c in self.registry.certificates() if c.status != "ACTIVE"]
-        _atomic_write(self.broker_dir / "crl.pem", self.ca.crl(held))
+        _atomic_write(self.broker_dir / "crl.pem", self.ca.crl(held, self.registry.next_crl_number()))
         pid = self._mosquitto_pid()
         if pid:
             try:

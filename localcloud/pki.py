@@ -122,11 +122,18 @@ class CertificateAuthority:
     def sign_public_key(self, public_key, common_name: str, days: float = 365) -> x509.Certificate:
         return self._sign(common_name, public_key, days=days)
 
-    def crl(self, revoked: list[tuple[int, str]]) -> bytes:
-        """PEM CRL listing (serial, status); INACTIVE/PENDING certificates are 'on hold' (reversible)."""
+    def crl(self, revoked: list[tuple[int, str]], number: int) -> bytes:
+        """PEM CRL listing (serial, status); INACTIVE/PENDING certificates are 'on hold' (reversible).
+
+        mosquitto adds each reloaded CRL to its store and OpenSSL uses the one with the latest
+        lastUpdate, keeping the first on a tie. CRLs made within one second would tie, so
+        lastUpdate is derived from the CRL number: 30 days before the CA, plus one second each.
+        """
         now = _now()
+        last = self.cert.not_valid_before_utc - dt.timedelta(days=30) + dt.timedelta(seconds=number)
         b = (x509.CertificateRevocationListBuilder().issuer_name(self.cert.subject)
-             .last_update(now - dt.timedelta(minutes=5)).next_update(now + dt.timedelta(days=7)))
+             .last_update(min(last, now)).next_update(now + dt.timedelta(days=7))
+             .add_extension(x509.CRLNumber(number), critical=False))
         for serial, status in revoked:
             reason = x509.ReasonFlags.key_compromise if status == "REVOKED" else x509.ReasonFlags.certificate_hold
             b = b.add_revoked_certificate(

@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS things (
     created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS allowed_serials (serial TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 
@@ -147,6 +148,12 @@ class Registry:
 
     def thing_certificates(self, thing: str) -> list[Certificate]:
         return [c for c in self.certificates() if c.thing == thing]
+
+    def next_crl_number(self) -> int:
+        with self._lock:
+            # One statement: atomic across the CLI and the service process.
+            return self._db.execute("INSERT INTO counters VALUES ('crl', 1) ON CONFLICT(name) DO UPDATE "
+                                    "SET value = value + 1 RETURNING value").fetchone()[0]
 
     # -- pre-provisioning allow list -----------------------------------------------------
     def allow_serials(self, serials: list[str]) -> None:

@@ -1,0 +1,75 @@
+"""`localcloud`: run and inspect the local stand-in for AWS IoT Core."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .cloud import LocalCloud
+
+DEFAULT_DIR = Path(".localcloud")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="localcloud", description="A local stand-in for AWS IoT Core's device APIs")
+    ap.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="state folder (default ./.localcloud)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="start the broker and services (creates the CA once)")
+    up.add_argument("--port", type=int, default=0)
+    sub.add_parser("down", help="stop them; state is kept")
+    sub.add_parser("status", help="running or not, and the endpoint")
+    certs = sub.add_parser("certs", help="certificates")
+    cs = certs.add_subparsers(dest="certs_cmd", required=True)
+    cs.add_parser("list")
+    for name in ("revoke", "deactivate", "activate"):
+        p = cs.add_parser(name)
+        p.add_argument("certificate_id")
+    claim = cs.add_parser("claim", help="issue a claim certificate (software key, for the sandbox)")
+    claim.add_argument("name")
+    things = sub.add_parser("things", help="things")
+    things.add_subparsers(dest="things_cmd", required=True).add_parser("list")
+    allow = sub.add_parser("allow", help="add serial numbers to the pre-provisioning allow list")
+    allow.add_argument("serials", nargs="+")
+    args = ap.parse_args(argv)
+
+    cloud = LocalCloud(args.dir)
+    try:
+        if args.cmd == "up":
+            print(json.dumps(cloud.up(args.port), indent=1))
+        elif args.cmd == "down":
+            cloud.down()
+            print("stopped")
+        elif args.cmd == "status":
+            print(json.dumps({"running": cloud.running(), **(cloud.endpoint() if cloud.endpoint_file.exists() else {})}, indent=1))
+        elif args.cmd == "certs":
+            if args.certs_cmd == "list":
+                for c in cloud.registry.certificates():
+                    print(f"{c.id}\t{c.status}\t{c.kind}\t{c.thing or '-'}\t{c.cn}")
+            elif args.certs_cmd == "claim":
+                cert, key = cloud.issue_claim(args.name)
+                print(f"claim certificate {cert}\nkey {key}")
+            else:
+                status = {"revoke": "REVOKED", "deactivate": "INACTIVE", "activate": "ACTIVE"}[args.certs_cmd]
+                match = [c for c in cloud.registry.certificates() if c.id.startswith(args.certificate_id)]
+                if len(match) != 1:
+                    print(f"localcloud: {len(match)} certificates match {args.certificate_id!r}", file=sys.stderr)
+                    return 2
+                cloud.set_certificate_status(match[0].id, status)
+                print(f"{match[0].id} {status}")
+        elif args.cmd == "things":
+            for name, attrs in cloud.registry.things():
+                certs = ",".join(c.id[:12] for c in cloud.registry.thing_certificates(name))
+                print(f"{name}\t{json.dumps(attrs)}\t{certs}")
+        elif args.cmd == "allow":
+            cloud.registry.allow_serials(args.serials)
+            print(f"allowed {len(args.serials)} serial number(s)")
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        print(f"localcloud: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
