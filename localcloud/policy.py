@@ -74,3 +74,30 @@ def acl_lines(user: str, policy_rules: list[TopicRule], thing_name: str | None, 
             seen.add((r.access, topic))
             lines.append(f"topic {r.access} {topic}")
     return lines
+
+
+def topic_matches(filter_: str, topic: str) -> bool:
+    """MQTT filter matching (`+` one level, trailing `#` the rest), as the broker does it."""
+    f, t = filter_.split("/"), topic.split("/")
+    for i, part in enumerate(f):
+        if part == "#":
+            return True
+        if i >= len(t) or (part != "+" and part != t[i]):
+            return False
+    return len(f) == len(t)
+
+
+def permits(policy_rules: list[TopicRule], access: str, topic: str, thing_name: str | None = None) -> bool:
+    """Whether the policy lets this identity `access` ("read"/"write") `topic`: the service's own check,
+    built from the same rules as the broker's ACL so the two cannot disagree."""
+    for r in policy_rules:
+        if r.access != access:
+            continue
+        f = r.topic
+        if THING_VAR in f:
+            if not thing_name:
+                continue
+            f = f.replace(THING_VAR, thing_name)
+        if topic_matches(f, topic):
+            return True
+    return False

@@ -47,6 +47,10 @@ class Service:
     def __init__(self, cloud: LocalCloud, port: int):
         self.cloud = cloud
         self.port = port
+        from . import policy
+
+        self.claim_rules = policy.rules(policy.load_policy("claim-policy.json"))
+        self._permits = policy.permits
         template = json.loads((Path(__file__).resolve().parent.parent / "provisioning" / "fleet-template.json").read_text())
         self.fleet = FleetProvisioning(cloud.registry, cloud.ca, TEMPLATE_NAME, template, on_change=cloud.reconcile)
         self._send_lock = threading.Lock()
@@ -91,6 +95,12 @@ class Service:
         if route is None:
             return  # e.g. a device publishing to a response topic: AWS ignores it, so do we
         op, fmt, template = route
+        caller = self.cloud.registry.certificate_by_cn(username)
+        if caller is None or caller.status != "ACTIVE" or caller.kind != "claim" \
+                or not self._permits(self.claim_rules, "write", original):
+            # The broker refused this publish (PUBACK 135); AWS sends no reply either.
+            log.info("dropped %s from %s (%s): not permitted by the claim policy", original, client_id, username)
+            return
         with self._work:
             if len(payload) > MAX_REQUEST_BYTES:
                 ok, doc = reject(400, "InvalidPayload", f"payload larger than {MAX_REQUEST_BYTES} bytes")

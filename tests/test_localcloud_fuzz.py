@@ -1,0 +1,120 @@
+"""Hostile input to the provisioning APIs: 1,000+ generated requests through the real broker and service.
+
+Every permitted request gets exactly one reply; every rejection is AWS-shaped; requests the claim
+policy does not permit get no reply at all; the service survives and still provisions afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+
+import cbor2
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cloudkit import Client, identity_client, new_csr
+from localcloud.cloud import LocalCloud
+
+TOPICS = [
+    "$aws/certificates/create-from-csr/json", "$aws/certificates/create-from-csr/cbor",
+    "$aws/certificates/create/json", "$aws/certificates/create/cbor",
+    "$aws/provisioning-templates/iot-agent-fleet/provision/json",
+    "$aws/provisioning-templates/iot-agent-fleet/provision/cbor",
+]
+# Not permitted by the claim policy: the broker refuses the publish (PUBACK 135).
+DENIED_TOPICS = ["$aws/provisioning-templates/other-template/provision/json", "$aws/things/x/jobs/get"]
+# Permitted by the policy's wildcard but not an API: accepted by the broker, no reply (as on AWS).
+SILENT_TOPICS = ["$aws/certificates/create/xml", "$aws/certificates/create-from-csr/yaml"]
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**63, max_value=2**63 - 1),
+                    st.floats(allow_nan=False), st.text(max_size=40))
+values = st.recursive(scalars, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
+                      max_leaves=12)
+field_names = st.sampled_from(["certificateSigningRequest", "certificateOwnershipToken", "parameters", "SerialNumber", "x"])
+shaped = st.dictionaries(field_names, values, max_size=3)
+csr_like = st.builds(lambda body: {"certificateSigningRequest": f"-----BEGIN CERTIFICATE REQUEST-----\n{body}\n-----END CERTIFICATE REQUEST-----\n"},
+                     st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\n", max_size=300))
+register_like = st.builds(lambda tok, params: {"certificateOwnershipToken": tok, "parameters": params},
+                          st.one_of(st.text(max_size=60), values), st.one_of(st.dictionaries(st.text(max_size=20), st.text(max_size=20), max_size=5), values))
+
+
+@st.composite
+def request(draw):
+    n = draw(st.integers(0, 39))
+    expect = "denied" if n == 0 else "silent" if n == 1 else "reply"
+    topic = draw(st.sampled_from({"denied": DENIED_TOPICS, "silent": SILENT_TOPICS, "reply": TOPICS}[expect]))
+    kind = draw(st.sampled_from(["bytes", "doc", "shaped", "csr", "register", "huge"]))
+    if kind == "bytes":
+        return topic, draw(st.binary(max_size=200)), expect
+    if kind == "huge":
+        return topic, json.dumps({"certificateSigningRequest": "A" * 70000}).encode(), expect
+    doc = draw({"doc": values, "shaped": shaped, "csr": csr_like, "register": register_like}[kind])
+    payload = cbor2.dumps(doc) if "/cbor" in topic else json.dumps(doc).encode()
+    return topic, payload, expect
+
+
+def decode(topic: str, payload: bytes):
+    return cbor2.loads(payload) if topic.endswith("/cbor/rejected") or topic.endswith("/cbor/accepted") else json.loads(payload)
+
+
+@pytest.fixture(scope="module")
+def fuzz_cloud(tmp_path_factory):
+    c = LocalCloud(tmp_path_factory.mktemp("fuzz") / "cloud")
+    c.registry.allow_serials(["SN-OK"])
+    info = c.up()
+    cert, key = c.issue_claim("fuzzer")
+    cl = Client(info["port"], c.ca.cert_path, cert, key, "fuzzer").start()
+    for t in ("$aws/certificates/+/+/+", "$aws/provisioning-templates/+/provision/+/+"):  # replies, not requests
+        cl.subscribe(t)
+    stats = {"cases": 0, "accepted": 0, "rejected": 0, "denied": 0, "silent": 0}
+    yield c, info, cl, stats
+    cl.stop()
+    c.down()
+
+
+def test_malformed_requests_get_aws_shaped_rejections(fuzz_cloud):
+    c, info, cl, stats = fuzz_cloud
+
+    @settings(max_examples=1100, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(request())
+    def one(case):
+        topic, payload, expect = case
+        rc = cl.publish(topic, payload)
+        stats["cases"] += 1
+        if expect != "reply":
+            assert rc == (135 if expect == "denied" else rc) and (expect == "denied" or rc in (0, 16)), rc
+            assert cl.received(0.05) == []
+            stats[expect] += 1
+            return
+        assert rc in (0, 16), rc
+        reply_topic, body = cl.messages.get(timeout=10)
+        assert reply_topic in (topic + "/accepted", topic + "/rejected"), (reply_topic, topic)
+        doc = decode(reply_topic, body)
+        if reply_topic.endswith("/rejected"):
+            stats["rejected"] += 1
+            assert set(doc) == {"statusCode", "errorCode", "errorMessage"}, doc
+            assert isinstance(doc["statusCode"], int) and 400 <= doc["statusCode"] < 600
+            assert isinstance(doc["errorCode"], str) and isinstance(doc["errorMessage"], str)
+        else:
+            stats["accepted"] += 1
+            assert "certificateOwnershipToken" in doc or "thingName" in doc
+        assert cl.messages.empty()  # exactly one reply
+
+    one()
+    print("fuzz:", stats)
+    assert stats["cases"] >= 1000 and stats["rejected"] > 500 and stats["denied"] > 10 and stats["silent"] > 10
+
+    # The service is still up and still provisions correctly.
+    assert c.running()
+    idc = identity_client(cl)
+    from awsiot import iotidentity
+
+    created = idc.create_certificate_from_csr(iotidentity.CreateCertificateFromCsrRequest(
+        certificate_signing_request=new_csr()[0])).result(20)
+    reg = idc.register_thing(iotidentity.RegisterThingRequest(
+        template_name="iot-agent-fleet", certificate_ownership_token=created.certificate_ownership_token,
+        parameters={"SerialNumber": "SN-OK"})).result(20)
+    assert reg.thing_name == "gw-SN-OK"
+    assert "Traceback" not in (c.directory / "service.log").read_text()
