@@ -17,6 +17,7 @@ test: sysdeps venv
 
 bench: sysdeps venv
 	$(PY) bench/startup.py
+	$(PY) bench/provision_many.py
 
 sysdeps:
 	@bash scripts/sysdeps.sh

@@ -30,6 +30,19 @@ def main(argv: list[str] | None = None) -> int:
     claim.add_argument("name")
     things = sub.add_parser("things", help="things")
     things.add_subparsers(dest="things_cmd", required=True).add_parser("list")
+    jobs = sub.add_parser("jobs", help="jobs")
+    js = jobs.add_subparsers(dest="jobs_cmd", required=True)
+    jc = js.add_parser("create")
+    jc.add_argument("--thing", required=True)
+    jc.add_argument("--document", type=Path, required=True, help="job document (JSON file)")
+    jc.add_argument("--job-id", help="default: job-<timestamp>")
+    jc.add_argument("--step-timeout", type=int, help="minutes; an IN_PROGRESS step that runs longer is TIMED_OUT")
+    js.add_parser("list")
+    jd = js.add_parser("describe")
+    jd.add_argument("job_id")
+    jd.add_argument("--thing", required=True)
+    jx = js.add_parser("cancel")
+    jx.add_argument("job_id")
     allow = sub.add_parser("allow", help="add serial numbers to the pre-provisioning allow list")
     allow.add_argument("serials", nargs="+")
     args = ap.parse_args(argv)
@@ -62,6 +75,30 @@ def main(argv: list[str] | None = None) -> int:
             for name, attrs in cloud.registry.things():
                 certs = ",".join(c.id[:12] for c in cloud.registry.thing_certificates(name))
                 print(f"{name}\t{json.dumps(attrs)}\t{certs}")
+        elif args.cmd == "jobs":
+            from .jobs import Jobs
+
+            jobs = Jobs(cloud.registry.db, cloud.registry.lock)
+            if args.jobs_cmd == "create":
+                import time
+
+                try:
+                    document = json.loads(args.document.read_text())
+                except (OSError, ValueError) as e:
+                    raise ValueError(f"{args.document}: not a readable JSON job document ({e.__class__.__name__})")
+                job_id = args.job_id or f"job-{int(time.time() * 1000)}"
+                jobs.create(job_id, args.thing, document, args.step_timeout)
+                print(job_id)
+            elif args.jobs_cmd == "list":
+                for ex in jobs.list():
+                    print(f"{ex['jobId']}\t{ex['thingName']}\t{ex['status']}\tv{ex['versionNumber']}\t{json.dumps(ex['statusDetails'])}")
+            elif args.jobs_cmd == "describe":
+                ex = jobs.execution(args.job_id, args.thing)
+                if ex is None:
+                    raise ValueError(f"no execution of {args.job_id!r} for {args.thing!r}")
+                print(json.dumps(ex, indent=1))
+            elif args.jobs_cmd == "cancel":
+                print(f"canceled {jobs.cancel(args.job_id)} execution(s)")
         elif args.cmd == "allow":
             cloud.registry.allow_serials(args.serials)
             print(f"allowed {len(args.serials)} serial number(s)")

@@ -70,6 +70,15 @@ class Registry:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
 
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The shared connection, for the jobs store (use with `lock`)."""
+        return self._db
+
+    @property
+    def lock(self) -> threading.RLock:
+        return self._lock
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

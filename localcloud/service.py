@@ -15,11 +15,14 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from .cloud import SERVICE_CN, TEMPLATE_NAME, LocalCloud
 from .fleet import FleetProvisioning, reject
+from .jobs import Jobs
+from .jobs import route as jobs_route
 
 log = logging.getLogger("localcloud.service")
 
@@ -53,6 +56,9 @@ class Service:
         self._permits = policy.permits
         template = json.loads((Path(__file__).resolve().parent.parent / "provisioning" / "fleet-template.json").read_text())
         self.fleet = FleetProvisioning(cloud.registry, cloud.ca, TEMPLATE_NAME, template, on_change=cloud.reconcile)
+        self.jobs = Jobs(cloud.registry.db, cloud.registry.lock)
+        self._last_next: dict[str, str | None] = {}  # thing -> job id last sent on notify-next
+        self._last_list: dict[str, str] = {}
         self._send_lock = threading.Lock()
         self._work = threading.Lock()  # one request at a time: the registry and CRL change together
         self.client = None
@@ -68,10 +74,19 @@ class Service:
             pri_key_filepath=str(pki / "service.key"), ca_filepath=str(self.cloud.ca.cert_path),
             client_id=SERVICE_CN, enable_metrics_collection=False, min_reconnect_delay_ms=100,
             max_reconnect_delay_ms=2000, on_publish_received=self._on_publish,
-            on_lifecycle_connection_success=lambda d: self.connected.set(),
+            on_lifecycle_connection_success=self._on_connected,
             on_lifecycle_stopped=lambda d: self.stopped.set(),
         )
         self.client.start()
+
+    def _on_connected(self, _data) -> None:
+        import awscrt.mqtt5 as m5
+
+        # no_local: the service's own replies on these topics must not come back to it.
+        # Never block the CRT's event-loop thread: readiness is signalled when the SUBACK arrives.
+        fut = self.client.subscribe(m5.SubscribePacket([m5.Subscription("$aws/things/+/jobs/#", m5.QoS.AT_LEAST_ONCE,
+                                                                        no_local=True)]))
+        fut.add_done_callback(lambda f: self.connected.set() if not f.exception() else log.error("subscribe failed"))
 
     def stop(self) -> None:
         if self.client:
@@ -88,6 +103,10 @@ class Service:
             log.exception("request on %s failed", p.topic)
 
     def handle(self, topic: str, payload: bytes, client_id: str, username: str) -> None:
+        if topic.startswith("$aws/things/"):
+            with self._work:
+                self.handle_jobs(topic, payload)
+            return
         if not topic.startswith(REQ_PREFIX) or not client_id:
             return
         original = topic[len(REQ_PREFIX):]
@@ -118,6 +137,47 @@ class Service:
                         ok, doc = self.fleet.register_thing(template, req, username)
             log.info("%s from %s (%s): %s", op, client_id, username, "accepted" if ok else doc.get("errorCode"))
             self.deliver(client_id, f"{original}/{'accepted' if ok else 'rejected'}", encode(doc, fmt))
+
+    def handle_jobs(self, topic: str, payload: bytes) -> None:
+        """Jobs requests: the broker's ACL already bound `$aws/things/T/...` to T's certificate."""
+        r = jobs_route(topic)
+        if r is None:
+            return  # notifications, replies of ours, or not a jobs API topic
+        thing, op, job_id = r
+        if len(payload) > MAX_REQUEST_BYTES:
+            suffix, doc = "rejected", {"code": "InvalidRequest", "message": "payload too large",
+                                       "timestamp": int(time.time())}
+        else:
+            try:
+                req = json.loads(payload.decode("utf-8")) if payload else {}
+            except (ValueError, UnicodeDecodeError):
+                suffix, doc = "rejected", {"code": "InvalidJson", "message": "payload is not valid JSON",
+                                           "timestamp": int(time.time())}
+            else:
+                suffix, doc = self.jobs.handle(thing, op, job_id, req)
+        log.info("jobs %s %s %s: %s", thing, op, job_id or "", suffix if suffix == "accepted" else doc.get("code"))
+        self.publish(f"{topic}/{suffix}", json.dumps(doc, separators=(",", ":")).encode())
+        self.send_job_notifications()
+
+    def send_job_notifications(self) -> None:
+        """notify when a thing's pending list changes; notify-next when its next job changes."""
+        for job_id_thing in self.jobs.expire_steps():
+            log.info("job %s on %s: step timeout, TIMED_OUT", *job_id_thing)
+        for thing, notify, nxt in self.jobs.take_notifications():
+            listing = json.dumps(notify["jobs"], sort_keys=True)
+            if self._last_list.get(thing) != listing:
+                self._last_list[thing] = listing
+                self.publish(f"$aws/things/{thing}/jobs/notify", json.dumps(notify).encode())
+            next_id = nxt.get("execution", {}).get("jobId")
+            if thing not in self._last_next or self._last_next[thing] != next_id:
+                self._last_next[thing] = next_id
+                self.publish(f"$aws/things/{thing}/jobs/notify-next", json.dumps(nxt).encode())
+
+    def publish(self, topic: str, body: bytes) -> None:
+        import awscrt.mqtt5 as m5
+
+        with self._send_lock:
+            self.client.publish(m5.PublishPacket(topic=topic, payload=body, qos=m5.QoS.AT_LEAST_ONCE))
 
     def deliver(self, client_id: str, topic: str, body: bytes) -> None:
         import awscrt.mqtt5 as m5
@@ -157,7 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     (cloud.directory / "service.ready").write_text("ok\n")
     log.info("services ready on port %d", args.port)
-    stop.wait()
+    # Step timers and jobs created by the CLI are picked up here (a quarter-second tick).
+    while not stop.wait(0.25):
+        try:
+            with svc._work:
+                svc.send_job_notifications()
+        except Exception:
+            log.exception("job timers failed")
     svc.stop()
     return 0
 
