@@ -61,6 +61,7 @@ class Broker:
             "per_listener_settings false",
             "allow_anonymous false",
             "persistence false",
+            "set_tcp_nodelay true",  # request/reply round trips would otherwise wait on delayed ACKs
             f"listener {self.port} {self.host}",
             f"cafile {self.ca.cert_path}",
             f"certfile {self.server.cert_path}",

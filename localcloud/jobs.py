@@ -107,6 +107,11 @@ class Jobs:
             if e.execution is not None:
                 out["executionState"] = e.execution
             return "rejected", out
+        except Exception as e:  # a bug here must still answer, as AWS would, and never kill the service
+            import logging
+
+            logging.getLogger("localcloud.jobs").exception("jobs %s failed", op)
+            return "rejected", {"code": "InternalError", "message": e.__class__.__name__, **base}
 
     def _fields(self, req: dict, allowed: set[str]) -> None:
         extra = sorted(set(req) - allowed - {"clientToken"})
@@ -154,7 +159,7 @@ class Jobs:
         self._fields(req, {"status", "statusDetails", "expectedVersion", "executionNumber", "includeJobExecutionState",
                            "includeJobDocument", "stepTimeoutInMinutes"})
         status = req.get("status")
-        if status not in DEVICE_STATUSES:
+        if not isinstance(status, str) or status not in DEVICE_STATUSES:
             raise JobError("InvalidRequest", f"status must be one of {', '.join(sorted(DEVICE_STATUSES))}")
         details = self._details(req.get("statusDetails"))
         timeout = self._timeout(req.get("stepTimeoutInMinutes"))

@@ -118,3 +118,69 @@ def test_malformed_requests_get_aws_shaped_rejections(fuzz_cloud):
         parameters={"SerialNumber": "SN-OK"})).result(20)
     assert reg.thing_name == "gw-SN-OK"
     assert "Traceback" not in (c.directory / "service.log").read_text()
+
+
+JOB_CODES = {"InternalError", "InvalidJson", "InvalidRequest", "InvalidStateTransition", "ResourceNotFound",
+             "VersionMismatch", "InvalidTopic", "RequestThrottled", "TerminalStateReached"}
+
+
+@st.composite
+def jobs_request(draw):
+    suffix = draw(st.sampled_from(["get", "start-next", "$next/get", "j1/get", "j2/get", "nope/get", "j1/update",
+                                   "j2/update", "nope/update"]))
+    kind = draw(st.sampled_from(["bytes", "doc", "shaped"]))
+    if kind == "bytes":
+        return suffix, draw(st.binary(max_size=100))
+    if kind == "doc":
+        return suffix, json.dumps(draw(values)).encode()
+    keys = st.sampled_from(["status", "statusDetails", "expectedVersion", "executionNumber", "clientToken",
+                            "includeJobDocument", "includeJobExecutionState", "stepTimeoutInMinutes", "x"])
+    status = st.sampled_from(["IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED", "QUEUED", "CANCELED", 3])
+    doc = draw(st.dictionaries(keys, st.one_of(values, status, st.integers(-5, 20000)), max_size=4))
+    return suffix, json.dumps(doc).encode()
+
+
+def test_malformed_jobs_requests_get_aws_shaped_rejections(fuzz_cloud, tmp_path):
+    from test_localcloud_authz import provision_device
+
+    c, info, cl, _ = fuzz_cloud
+    c.registry.allow_serials(["SN-JOBS"])
+    dev, _ = provision_device(c, info, tmp_path, "SN-JOBS")
+    base = "$aws/things/gw-SN-JOBS/jobs"
+    from localcloud.jobs import Jobs
+
+    jobs = Jobs(c.registry.db, c.registry.lock)
+    jobs.create("j1", "gw-SN-JOBS", {"a": 1})
+    jobs.create("j2", "gw-SN-JOBS", {"b": 2}, step_timeout_min=5)
+    dev.subscribe(f"{base}/+/accepted")
+    dev.subscribe(f"{base}/+/rejected")
+    dev.subscribe(f"{base}/+/+/accepted")
+    dev.subscribe(f"{base}/+/+/rejected")
+    stats = {"cases": 0, "accepted": 0, "rejected": 0}
+    try:
+        @settings(max_examples=500, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(jobs_request())
+        def one(case):
+            suffix, payload = case
+            topic = f"{base}/{suffix}"
+            assert dev.publish(topic, payload) in (0, 16)
+            reply_topic, body = dev.messages.get(timeout=10)
+            assert reply_topic in (topic + "/accepted", topic + "/rejected"), (reply_topic, topic)
+            doc = json.loads(body)
+            stats["cases"] += 1
+            assert isinstance(doc.get("timestamp"), int)
+            if reply_topic.endswith("/rejected"):
+                stats["rejected"] += 1
+                assert doc["code"] in JOB_CODES and isinstance(doc["message"], str)
+                assert set(doc) <= {"code", "message", "timestamp", "clientToken", "executionState"}
+            else:
+                stats["accepted"] += 1
+            assert dev.messages.empty()
+
+        one()
+    finally:
+        dev.stop()
+    print("jobs fuzz:", stats)
+    assert stats["cases"] >= 500 and stats["rejected"] > 100 and stats["accepted"] > 20
+    assert c.running() and "Traceback" not in (c.directory / "service.log").read_text()
