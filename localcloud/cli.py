@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="start the broker and services (creates the CA once)")
     up.add_argument("--port", type=int, default=0)
+    up.add_argument("--defender-min-interval", type=float, help="seconds between accepted Defender reports "
+                    "(AWS: 300; lower it only for tests)")
     sub.add_parser("down", help="stop them; state is kept")
     sub.add_parser("status", help="running or not, and the endpoint")
     certs = sub.add_parser("certs", help="certificates")
@@ -43,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     jd.add_argument("--thing", required=True)
     jx = js.add_parser("cancel")
     jx.add_argument("job_id")
+    defender = sub.add_parser("defender", help="Device Defender reports")
+    dsub = defender.add_subparsers(dest="defender_cmd", required=True)
+    dr = dsub.add_parser("reports")
+    dr.add_argument("thing")
     allow = sub.add_parser("allow", help="add serial numbers to the pre-provisioning allow list")
     allow.add_argument("serials", nargs="+")
     args = ap.parse_args(argv)
@@ -50,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     cloud = LocalCloud(args.dir)
     try:
         if args.cmd == "up":
+            if args.defender_min_interval is not None:
+                cloud.configure(defender_min_interval_s=args.defender_min_interval)
             print(json.dumps(cloud.up(args.port), indent=1))
         elif args.cmd == "down":
             cloud.down()
@@ -99,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(ex, indent=1))
             elif args.jobs_cmd == "cancel":
                 print(f"canceled {jobs.cancel(args.job_id)} execution(s)")
+        elif args.cmd == "defender":
+            from .defender import DefenderStore
+
+            store = DefenderStore(cloud.registry.db, cloud.registry.lock)
+            for r in store.reports(args.thing):
+                print(json.dumps(r))
         elif args.cmd == "allow":
             cloud.registry.allow_serials(args.serials)
             print(f"allowed {len(args.serials)} serial number(s)")

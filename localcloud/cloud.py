@@ -86,6 +86,24 @@ class LocalCloud:
             ],
         )
 
+    # -- settings -----------------------------------------------------------------------------
+    DEFAULT_SETTINGS = {"defender_min_interval_s": 300.0}
+
+    def settings(self) -> dict:
+        try:
+            saved = json.loads((self.directory / "settings.json").read_text())
+        except FileNotFoundError:
+            saved = {}
+        return {**self.DEFAULT_SETTINGS, **saved}
+
+    def configure(self, **changes) -> dict:
+        unknown = set(changes) - set(self.DEFAULT_SETTINGS)
+        if unknown:
+            raise ValueError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        merged = {**self.settings(), **changes}
+        _atomic_write(self.directory / "settings.json", json.dumps(merged, indent=1).encode())
+        return merged
+
     # -- policy → broker ----------------------------------------------------------------------
     def acl_text(self) -> str:
         claim_rules = policy.rules(policy.load_policy("claim-policy.json"))

@@ -21,6 +21,7 @@ from typing import Any
 
 from .cloud import SERVICE_CN, TEMPLATE_NAME, LocalCloud
 from .fleet import FleetProvisioning, reject
+from .defender import DefenderStore
 from .jobs import Jobs
 from .jobs import route as jobs_route
 
@@ -57,6 +58,8 @@ class Service:
         template = json.loads((Path(__file__).resolve().parent.parent / "provisioning" / "fleet-template.json").read_text())
         self.fleet = FleetProvisioning(cloud.registry, cloud.ca, TEMPLATE_NAME, template, on_change=cloud.reconcile)
         self.jobs = Jobs(cloud.registry.db, cloud.registry.lock)
+        self.defender = DefenderStore(cloud.registry.db, cloud.registry.lock,
+                                      float(cloud.settings()["defender_min_interval_s"]))
         self._last_next: dict[str, str | None] = {}  # thing -> job id last sent on notify-next
         self._last_list: dict[str, str] = {}
         self._send_lock = threading.Lock()
@@ -84,8 +87,9 @@ class Service:
 
         # no_local: the service's own replies on these topics must not come back to it.
         # Never block the CRT's event-loop thread: readiness is signalled when the SUBACK arrives.
-        fut = self.client.subscribe(m5.SubscribePacket([m5.Subscription("$aws/things/+/jobs/#", m5.QoS.AT_LEAST_ONCE,
-                                                                        no_local=True)]))
+        fut = self.client.subscribe(m5.SubscribePacket([
+            m5.Subscription(t, m5.QoS.AT_LEAST_ONCE, no_local=True)
+            for t in ("$aws/things/+/jobs/#", "$aws/things/+/defender/metrics/+")]))
         fut.add_done_callback(lambda f: self.connected.set() if not f.exception() else log.error("subscribe failed"))
 
     def stop(self) -> None:
@@ -105,7 +109,10 @@ class Service:
     def handle(self, topic: str, payload: bytes, client_id: str, username: str) -> None:
         if topic.startswith("$aws/things/"):
             with self._work:
-                self.handle_jobs(topic, payload)
+                if "/defender/metrics/" in topic:
+                    self.handle_defender(topic, payload)
+                else:
+                    self.handle_jobs(topic, payload)
             return
         if not topic.startswith(REQ_PREFIX) or not client_id:
             return
@@ -158,6 +165,26 @@ class Service:
         log.info("jobs %s %s %s: %s", thing, op, job_id or "", suffix if suffix == "accepted" else doc.get("code"))
         self.publish(f"{topic}/{suffix}", json.dumps(doc, separators=(",", ":")).encode())
         self.send_job_notifications()
+
+    def handle_defender(self, topic: str, payload: bytes) -> None:
+        p = topic.split("/")
+        if len(p) != 6 or p[3:5] != ["defender", "metrics"] or p[5] not in ("json", "cbor"):
+            return  # our own replies (…/accepted) never come back (no_local); anything else is not an API
+        thing, fmt = p[2], p[5]
+        if len(payload) > MAX_REQUEST_BYTES:
+            ok, doc = False, {"thingName": thing, "status": "REJECTED",
+                              "statusDetails": {"ErrorCode": "InvalidValue", "ErrorMessage": "report too large"}}
+        else:
+            try:
+                report = decode(payload, fmt)
+            except Exception as e:
+                ok, doc = False, {"thingName": thing, "status": "REJECTED", "statusDetails": {
+                    "ErrorCode": "InvalidJson" if fmt == "json" else "InvalidCbor",
+                    "ErrorMessage": f"payload is not valid {fmt.upper()} ({e.__class__.__name__})"}}
+            else:
+                ok, doc = self.defender.receive(thing, fmt, report)
+        log.info("defender report from %s (%s): %s", thing, fmt, doc["status"])
+        self.publish(f"{topic}/{'accepted' if ok else 'rejected'}", encode(doc, fmt))
 
     def send_job_notifications(self) -> None:
         """notify when a thing's pending list changes; notify-next when its next job changes."""
