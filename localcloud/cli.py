@@ -45,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     jd.add_argument("--thing", required=True)
     jx = js.add_parser("cancel")
     jx.add_argument("job_id")
+    streams = sub.add_parser("streams", help="MQTT file streams")
+    ssub = streams.add_subparsers(dest="streams_cmd", required=True)
+    sc = ssub.add_parser("create")
+    sc.add_argument("--file", type=Path, action="append", required=True, help="repeat for several files (ids 0, 1, ...)")
+    sc.add_argument("--stream-id")
+    sc.add_argument("--description", default="")
     defender = sub.add_parser("defender", help="Device Defender reports")
     dsub = defender.add_subparsers(dest="defender_cmd", required=True)
     dr = dsub.add_parser("reports")
@@ -107,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(ex, indent=1))
             elif args.jobs_cmd == "cancel":
                 print(f"canceled {jobs.cancel(args.job_id)} execution(s)")
+        elif args.cmd == "streams":
+            from .streams import Streams
+
+            st = Streams(cloud.registry.db, cloud.registry.lock, cloud.directory / "streams")
+            print(st.create(args.file, args.stream_id, args.description))
         elif args.cmd == "defender":
             from .defender import DefenderStore
 

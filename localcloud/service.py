@@ -23,6 +23,8 @@ from .cloud import SERVICE_CN, TEMPLATE_NAME, LocalCloud
 from .fleet import FleetProvisioning, reject
 from .defender import DefenderStore
 from .jobs import Jobs
+from .streams import Streams, encode_block_payload
+from .streams import route as streams_route
 from .jobs import route as jobs_route
 
 log = logging.getLogger("localcloud.service")
@@ -60,6 +62,7 @@ class Service:
         self.jobs = Jobs(cloud.registry.db, cloud.registry.lock)
         self.defender = DefenderStore(cloud.registry.db, cloud.registry.lock,
                                       float(cloud.settings()["defender_min_interval_s"]))
+        self.streams = Streams(cloud.registry.db, cloud.registry.lock, cloud.directory / "streams")
         self._last_next: dict[str, str | None] = {}  # thing -> job id last sent on notify-next
         self._last_list: dict[str, str] = {}
         self._send_lock = threading.Lock()
@@ -89,7 +92,8 @@ class Service:
         # Never block the CRT's event-loop thread: readiness is signalled when the SUBACK arrives.
         fut = self.client.subscribe(m5.SubscribePacket([
             m5.Subscription(t, m5.QoS.AT_LEAST_ONCE, no_local=True)
-            for t in ("$aws/things/+/jobs/#", "$aws/things/+/defender/metrics/+")]))
+            for t in ("$aws/things/+/jobs/#", "$aws/things/+/defender/metrics/+",
+                      "$aws/things/+/streams/+/describe/+", "$aws/things/+/streams/+/get/+")]))
         fut.add_done_callback(lambda f: self.connected.set() if not f.exception() else log.error("subscribe failed"))
 
     def stop(self) -> None:
@@ -111,6 +115,8 @@ class Service:
             with self._work:
                 if "/defender/metrics/" in topic:
                     self.handle_defender(topic, payload)
+                elif "/streams/" in topic:
+                    self.handle_stream(topic, payload)
                 else:
                     self.handle_jobs(topic, payload)
             return
@@ -185,6 +191,26 @@ class Service:
                 ok, doc = self.defender.receive(thing, fmt, report)
         log.info("defender report from %s (%s): %s", thing, fmt, doc["status"])
         self.publish(f"{topic}/{'accepted' if ok else 'rejected'}", encode(doc, fmt))
+
+    def handle_stream(self, topic: str, payload: bytes) -> None:
+        r = streams_route(topic)
+        if r is None:
+            return
+        thing, stream_id, op, fmt = r
+        base = f"$aws/things/{thing}/streams/{stream_id}"
+        if len(payload) > MAX_REQUEST_BYTES:
+            replies = [("rejected", {"o": "InvalidRequest", "m": "request too large"})]
+        else:
+            try:
+                req = decode(payload, fmt) if payload else {}
+            except Exception:
+                replies = [("rejected", {"o": "InvalidJson" if fmt == "json" else "InvalidCbor",
+                                         "m": f"payload is not valid {fmt.upper()}"})]
+            else:
+                replies = self.streams.handle(stream_id, op, req)
+        for kind, doc in replies:
+            self.publish(f"{base}/{kind}/{fmt}", encode(encode_block_payload(doc, fmt), fmt))
+        log.info("stream %s %s from %s: %d %s", stream_id, op, thing, len(replies), replies[0][0] if replies else "-")
 
     def send_job_notifications(self) -> None:
         """notify when a thing's pending list changes; notify-next when its next job changes."""
