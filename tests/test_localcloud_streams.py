@@ -49,7 +49,7 @@ def test_stream_describe_and_get_blocks(cloud, tmp_path):
     dev, _ = provision_device(c, info, tmp_path, "SN-0001")
     thing = "gw-SN-0001"
     try:
-        dev.subscribe(f"$aws/things/{thing}/streams/fw-1/+/+")
+        dev.subscribe(f"$aws/things/{thing}/streams/+/+/+")
         [(kind, doc)] = request(dev, thing, "fw-1", "describe", "json", {"c": "t1"})
         assert kind == "description/json" and doc == {"c": "t1", "s": 1, "d": "firmware", "r": [{"f": 0, "z": 5000}]}
         blocks = request(dev, thing, "fw-1", "get", "json", {"c": "t2", "s": 1, "f": 0, "l": 1024, "o": 0, "n": 5}, 5)
