@@ -61,6 +61,7 @@ def decode(topic: str, payload: bytes):
 @pytest.fixture(scope="module")
 def fuzz_cloud(tmp_path_factory):
     c = LocalCloud(tmp_path_factory.mktemp("fuzz") / "cloud")
+    c.configure(defender_min_interval_s=0)  # so that well-formed fuzz reports are accepted, not throttled
     c.registry.allow_serials(["SN-OK"])
     info = c.up()
     cert, key = c.issue_claim("fuzzer")
@@ -183,4 +184,82 @@ def test_malformed_jobs_requests_get_aws_shaped_rejections(fuzz_cloud, tmp_path)
         dev.stop()
     print("jobs fuzz:", stats)
     assert stats["cases"] >= 500 and stats["rejected"] > 100 and stats["accepted"] > 20
+    assert c.running() and "Traceback" not in (c.directory / "service.log").read_text()
+
+
+@st.composite
+def defender_or_stream_request(draw):
+    api = draw(st.sampled_from(["defender", "describe", "get"]))
+    fmt = draw(st.sampled_from(["json", "cbor"]))
+    if api == "defender":
+        topic = f"defender/metrics/{fmt}"
+        keys = st.sampled_from(["header", "hed", "metrics", "met", "custom_metrics", "cmet", "report_id", "version"])
+        metric_names = st.sampled_from(["network_stats", "listening_tcp_ports", "tcp_connections", "x"])
+        plausible = st.builds(lambda rid, m: {"header": {"report_id": rid, "version": "1.0"}, "metrics": m},
+                              st.integers(0, 2**40), st.dictionaries(metric_names, values, max_size=2))
+        doc = draw(st.one_of(values, st.dictionaries(keys, values, max_size=3), plausible))
+    else:
+        stream = draw(st.sampled_from(["fz", "missing"]))
+        topic = f"streams/{stream}/{api}/{fmt}"
+        keys = st.sampled_from(["c", "s", "f", "l", "o", "n", "b", "q"])
+        doc = draw(st.one_of(values, st.dictionaries(keys, st.one_of(values, st.integers(-3, 300000), st.binary(max_size=8)),
+                                                     max_size=5)))
+    raw = draw(st.booleans()) and draw(st.booleans())
+    if raw:
+        return api, topic, fmt, draw(st.binary(max_size=64))
+    try:
+        body = cbor2.dumps(doc) if fmt == "cbor" else json.dumps(doc).encode()
+    except (TypeError, ValueError):
+        body = b"\x00"
+    return api, topic, fmt, body
+
+
+def test_malformed_defender_and_stream_requests(fuzz_cloud, tmp_path):
+    from localcloud.streams import Streams
+    from test_localcloud_authz import provision_device
+
+    c, info, _, _ = fuzz_cloud
+    (tmp_path / "blob").write_bytes(bytes(range(256)) * 20)
+    Streams(c.registry.db, c.registry.lock, c.directory / "streams").create([tmp_path / "blob"], "fz")
+    c.registry.allow_serials(["SN-DS"])
+    dev, _ = provision_device(c, info, tmp_path, "SN-DS")
+    base = "$aws/things/gw-SN-DS"
+    for t in (f"{base}/defender/metrics/+/+", f"{base}/streams/+/description/+", f"{base}/streams/+/data/+",
+              f"{base}/streams/+/rejected/+"):
+        dev.subscribe(t)
+    stats = {"cases": 0, "defender": 0, "stream_replies": 0, "rejected": 0}
+    try:
+        @settings(max_examples=400, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(defender_or_stream_request())
+        def one(case):
+            api, topic, fmt, body = case
+            assert dev.publish(f"{base}/{topic}", body) in (0, 16)
+            t, p = dev.messages.get(timeout=10)
+            replies = [(t, p)] + dev.received(0.05 if api == "get" else 0.0)
+            stats["cases"] += 1
+            for t, p in replies:
+                doc = cbor2.loads(p) if t.endswith("/cbor") or t.endswith("cbor/accepted") or t.endswith("cbor/rejected") else json.loads(p)
+                if api == "defender":
+                    stats["defender"] += 1
+                    assert t in (f"{base}/{topic}/accepted", f"{base}/{topic}/rejected"), t
+                    assert doc["thingName"] == "gw-SN-DS" and doc["status"] in ("ACCEPTED", "REJECTED")
+                    if doc["status"] == "REJECTED":
+                        stats["rejected"] += 1
+                        assert set(doc["statusDetails"]) == {"ErrorCode", "ErrorMessage"}
+                    assert len(replies) == 1
+                else:
+                    stats["stream_replies"] += 1
+                    kind = t.split("/")[-2]
+                    assert kind in ("description", "data", "rejected") and t.endswith("/" + fmt)
+                    if kind == "rejected":
+                        stats["rejected"] += 1
+                        assert isinstance(doc["o"], str) and isinstance(doc["m"], str)
+                        assert len(replies) == 1
+
+        one()
+    finally:
+        dev.stop()
+    print("defender/streams fuzz:", stats)
+    assert stats["cases"] >= 400 and stats["rejected"] > 100
     assert c.running() and "Traceback" not in (c.directory / "service.log").read_text()
