@@ -51,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--file", type=Path, action="append", required=True, help="repeat for several files (ids 0, 1, ...)")
     sc.add_argument("--stream-id")
     sc.add_argument("--description", default="")
+    art = sub.add_parser("artifacts", help="files for jobs, served over HTTPS with presigned URLs")
+    asub = art.add_subparsers(dest="artifacts_cmd", required=True)
+    ap_put = asub.add_parser("put")
+    ap_put.add_argument("file", type=Path)
+    ap_put.add_argument("--key")
     defender = sub.add_parser("defender", help="Device Defender reports")
     dsub = defender.add_subparsers(dest="defender_cmd", required=True)
     dr = dsub.add_parser("reports")
@@ -118,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
 
             st = Streams(cloud.registry.db, cloud.registry.lock, cloud.directory / "streams")
             print(st.create(args.file, args.stream_id, args.description))
+        elif args.cmd == "artifacts":
+            from .artifacts import Artifacts
+
+            print(Artifacts.open(cloud.directory).put(args.file, args.key))
         elif args.cmd == "defender":
             from .defender import DefenderStore
 

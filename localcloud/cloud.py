@@ -198,7 +198,8 @@ class LocalCloud:
                 raise RuntimeError(f"localcloud service did not start:\n{log}")
             time.sleep(0.05)
         info = {"endpoint": "localhost", "host": "127.0.0.1", "port": b.port, "ca_file": str(self.ca.cert_path),
-                "template": TEMPLATE_NAME}
+                "template": TEMPLATE_NAME,
+                "artifacts_port": int((self.directory / "artifacts.port").read_text())}
         _atomic_write(self.endpoint_file, json.dumps(info, indent=1).encode())
         return info
 
@@ -223,7 +224,7 @@ class LocalCloud:
                     time.sleep(0.05)
                 if _alive(pid):
                     os.kill(pid, signal.SIGKILL)
-        for f in ("pids.json", "service.ready"):
+        for f in ("pids.json", "service.ready", "artifacts.port"):
             (self.directory / f).unlink(missing_ok=True)
 
 

@@ -47,6 +47,8 @@ class Jobs:
     db: sqlite3.Connection
     lock: threading.RLock
     now: Callable[[], float] = time.time
+    # Applied to documents as they are delivered (presigned-URL placeholders -> short-lived URLs).
+    resolve_document: Callable[[Any], Any] = lambda d: d  # noqa: E731 - an instance attribute, never bound
 
     def __post_init__(self) -> None:
         with self.lock:
@@ -228,7 +230,7 @@ class Jobs:
         if row[3] is not None:
             out["startedAt"] = row[3]
         if with_document:
-            out["jobDocument"] = json.loads(row[7])
+            out["jobDocument"] = self.resolve_document(json.loads(row[7]))
         return out
 
     def _summary(self, ex: dict) -> dict:

@@ -21,6 +21,7 @@ from typing import Any
 
 from .cloud import SERVICE_CN, TEMPLATE_NAME, LocalCloud
 from .fleet import FleetProvisioning, reject
+from .artifacts import Artifacts
 from .defender import DefenderStore
 from .jobs import Jobs
 from .streams import Streams, encode_block_payload
@@ -59,7 +60,8 @@ class Service:
         self._permits = policy.permits
         template = json.loads((Path(__file__).resolve().parent.parent / "provisioning" / "fleet-template.json").read_text())
         self.fleet = FleetProvisioning(cloud.registry, cloud.ca, TEMPLATE_NAME, template, on_change=cloud.reconcile)
-        self.jobs = Jobs(cloud.registry.db, cloud.registry.lock)
+        self.artifacts = Artifacts.open(cloud.directory)
+        self.jobs = Jobs(cloud.registry.db, cloud.registry.lock, resolve_document=self.artifacts.resolve)
         self.defender = DefenderStore(cloud.registry.db, cloud.registry.lock,
                                       float(cloud.settings()["defender_min_interval_s"]))
         self.streams = Streams(cloud.registry.db, cloud.registry.lock, cloud.directory / "streams")
@@ -263,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     signal.signal(signal.SIGINT, lambda *a: stop.set())
+    pki = cloud.directory / "pki"
+    https = svc.artifacts.serve(pki / "server.pem", pki / "server.key")
+    (cloud.directory / "artifacts.port").write_text(str(svc.artifacts.port))
     svc.start()
     if not svc.connected.wait(15):
         log.error("could not connect to the broker on port %d", args.port)
@@ -278,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:
             log.exception("job timers failed")
     svc.stop()
+    https.shutdown()
     return 0
 
 
