@@ -68,7 +68,7 @@ class Artifacts:
         return hmac.new(self.secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
     def url(self, key: str, now: float | None = None) -> str:
-        expires = int((now or time.time()) + self.ttl_s)
+        expires = int((time.time() if now is None else now) + self.ttl_s)
         q = urllib.parse.urlencode({"X-Expires": expires, "X-Signature": self.sign(key, expires)})
         return f"https://localhost:{self.port}/{urllib.parse.quote(key)}?{q}"
 
@@ -92,7 +92,7 @@ class Artifacts:
             return None
         if not KEY_RE.match(key) or ".." in key.split("/"):
             return None
-        if (now or time.time()) > expires or not hmac.compare_digest(sig, self.sign(key, expires)):
+        if (time.time() if now is None else now) > expires or not hmac.compare_digest(sig, self.sign(key, expires)):
             return None
         p = (self.directory / key).resolve()
         if self.directory.resolve() not in p.parents or not p.is_file():
