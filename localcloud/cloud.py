@@ -83,6 +83,7 @@ class LocalCloud:
                 f"plugin {so}",
                 f"plugin_opt_service_user {SERVICE_CN}",
                 f"plugin_opt_service_client {SERVICE_CN}",
+                f"plugin_opt_connect_rules {self.broker_dir / 'connect-rules'}",
             ],
         )
 
@@ -122,10 +123,21 @@ class LocalCloud:
                 lines += policy.acl_lines(c.cn, device_rules, c.thing)
         return "\n".join(lines) + "\n"
 
+    def connect_rules(self) -> str:
+        """'<CN> <allowed client id>' per identity: the device policy's client/${ThingName}; claims any."""
+        lines = []
+        for c in self.registry.certificates():
+            if c.status == "ACTIVE" and c.kind == "claim":
+                lines.append(f"{c.cn} *")
+            elif c.status == "ACTIVE" and c.thing:
+                lines.append(f"{c.cn} {c.thing}")
+        return "\n".join(lines) + "\n"
+
     def reconcile(self) -> None:
         """Write the ACL and CRL from the registry and have a running mosquitto reload them."""
         self.broker_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(self.broker_dir / "acl", self.acl_text().encode())
+        _atomic_write(self.broker_dir / "connect-rules", self.connect_rules().encode())
         held = [(int(c.serial, 16), c.status) for c in self.registry.certificates() if c.status != "ACTIVE"]
         _atomic_write(self.broker_dir / "crl.pem", self.ca.crl(held, self.registry.next_crl_number()))
         pid = self._mosquitto_pid()

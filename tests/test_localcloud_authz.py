@@ -144,3 +144,21 @@ def test_up_down_up_keeps_things_and_certificates(tmp_path):
         Client(info2["port"], c2.ca.cert_path, tmp_path / "SN-0005.pem", tmp_path / "SN-0005.key", "gw-SN-0005").start().stop()
     finally:
         c2.down()
+
+
+def test_device_must_use_its_thing_name_as_client_id(cloud, tmp_path):
+    """AWS's device policy allows iot:Connect only as client/${ThingName}; another client id gets nothing."""
+    c, info = cloud
+    dev, _ = provision_device(c, info, tmp_path, "SN-0004")
+    dev.stop()
+    imposter = Client(info["port"], c.ca.cert_path, tmp_path / "SN-0004.pem", tmp_path / "SN-0004.key", "not-the-thing").start()
+    try:
+        assert imposter.publish("dt/gw-SN-0004/x", "hi") == 135
+        imposter.subscribe("cmd/gw-SN-0004/#")
+    finally:
+        imposter.stop()
+    good = Client(info["port"], c.ca.cert_path, tmp_path / "SN-0004.pem", tmp_path / "SN-0004.key", "gw-SN-0004").start()
+    try:
+        assert good.publish("dt/gw-SN-0004/x", "hi") in (0, 16)
+    finally:
+        good.stop()

@@ -12,6 +12,12 @@
  *    "$localcloud/deliver"; this plugin delivers <payload> on <topic> to that client only, and
  *    drops the control message.
  *
+ * 3. Client IDs bound to identities (AWS's iot:Connect policy). The file named by the
+ *    `connect_rules` option holds "<certificate CN> <client id or *>" lines, regenerated with the
+ *    ACL file and re-read on reload. A connection whose client id breaks its rule is denied every
+ *    publish and every delivery. (AWS refuses such a connection outright; mosquitto 2.0 offers no
+ *    connect-time hook for certificate identities, so this is the closest faithful behaviour.)
+ *
  * Everything else is left to the ACL file (MOSQ_ERR_PLUGIN_DEFER).
  */
 #include <stdio.h>
@@ -30,6 +36,71 @@
 static mosquitto_plugin_id_t *plugin_id = NULL;
 static char service_user[256] = "localcloud-service";
 static char service_client[256] = "localcloud-service";
+
+#define MAX_RULES 100000
+static char connect_rules_path[1024] = "";
+static char **rule_user = NULL;
+static char **rule_client = NULL;
+static int rule_count = 0;
+
+static void free_rules(void)
+{
+	for(int i = 0; i < rule_count; i++){
+		free(rule_user[i]);
+		free(rule_client[i]);
+	}
+	free(rule_user);
+	free(rule_client);
+	rule_user = rule_client = NULL;
+	rule_count = 0;
+}
+
+static void load_rules(void)
+{
+	FILE *f;
+	char line[1024], user[512], client[512];
+	int cap = 0;
+
+	free_rules();
+	if(!connect_rules_path[0]) return;
+	f = fopen(connect_rules_path, "r");
+	if(!f) return;
+	while(fgets(line, sizeof(line), f) && rule_count < MAX_RULES){
+		if(sscanf(line, "%511s %511s", user, client) != 2) continue;
+		if(rule_count == cap){
+			cap = cap ? cap * 2 : 64;
+			rule_user = realloc(rule_user, sizeof(char *) * (size_t)cap);
+			rule_client = realloc(rule_client, sizeof(char *) * (size_t)cap);
+		}
+		rule_user[rule_count] = strdup(user);
+		rule_client[rule_count] = strdup(client);
+		rule_count++;
+	}
+	fclose(f);
+}
+
+/* 1: the client id is allowed for this identity (or no rule applies); 0: it breaks its rule. */
+static int client_id_allowed(struct mosquitto *client)
+{
+	const char *user = mosquitto_client_username(client);
+	const char *id = mosquitto_client_id(client);
+	if(!user || !id) return 1;
+	for(int i = 0; i < rule_count; i++){
+		if(strcmp(rule_user[i], user) == 0){
+			return strcmp(rule_client[i], "*") == 0 || strcmp(rule_client[i], id) == 0;
+		}
+	}
+	return 1;
+}
+
+static int on_reload(int event, void *event_data, void *userdata)
+{
+	(void)event;
+	(void)event_data;
+	(void)userdata;
+	load_rules();
+	return MOSQ_ERR_SUCCESS;
+}
 
 static int starts_with(const char *s, const char *prefix)
 {
@@ -98,7 +169,9 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 	(void)event;
 	(void)userdata;
 
-	if(ed->access != MOSQ_ACL_WRITE || !ed->topic) return MOSQ_ERR_PLUGIN_DEFER;
+	if(!ed->topic) return MOSQ_ERR_PLUGIN_DEFER;
+	if(!from_service(ed->client) && !client_id_allowed(ed->client)) return MOSQ_ERR_ACL_DENIED;
+	if(ed->access != MOSQ_ACL_WRITE) return MOSQ_ERR_PLUGIN_DEFER;
 	if(from_service(ed->client)){
 		if(strcmp(ed->topic, DELIVER_TOPIC) == 0) return deliver(ed);
 		return MOSQ_ERR_PLUGIN_DEFER;
@@ -123,7 +196,10 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **user_data, s
 	for(int i = 0; i < opt_count; i++){
 		if(!strcmp(opts[i].key, "service_user")) snprintf(service_user, sizeof(service_user), "%s", opts[i].value);
 		if(!strcmp(opts[i].key, "service_client")) snprintf(service_client, sizeof(service_client), "%s", opts[i].value);
+		if(!strcmp(opts[i].key, "connect_rules")) snprintf(connect_rules_path, sizeof(connect_rules_path), "%s", opts[i].value);
 	}
+	load_rules();
+	if(mosquitto_callback_register(plugin_id, MOSQ_EVT_RELOAD, on_reload, NULL, NULL)) return MOSQ_ERR_UNKNOWN;
 	return mosquitto_callback_register(plugin_id, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL, NULL);
 }
 
@@ -132,5 +208,7 @@ int mosquitto_plugin_cleanup(void *user_data, struct mosquitto_opt *opts, int op
 	(void)user_data;
 	(void)opts;
 	(void)opt_count;
+	free_rules();
+	mosquitto_callback_unregister(plugin_id, MOSQ_EVT_RELOAD, on_reload, NULL);
 	return mosquitto_callback_unregister(plugin_id, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL);
 }
