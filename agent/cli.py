@@ -35,12 +35,22 @@ def _parser() -> argparse.ArgumentParser:
     ks.add_parser("list", help="list private keys on the token")
     g = ks.add_parser("generate", help="generate an EC P-256 key pair on the token")
     g.add_argument("label")
+    g.add_argument("--if-missing", action="store_true", help="keep an existing key with this label (for resuming)")
     d = ks.add_parser("delete", help="delete the key pair with this label")
     d.add_argument("label")
     c = ks.add_parser("csr", help="write a CSR for a token key, signed on the token")
     c.add_argument("label")
     c.add_argument("--cn", required=True, help="subject common name (the thing name)")
     c.add_argument("--out", type=Path, help="file to write (default: stdout)")
+    f = sub.add_parser("factory", help="production-line steps: claim key on the token, claim certificate")
+    fs = f.add_subparsers(dest="factory_command", required=True)
+    fi = fs.add_parser("init", help="record the serial number, generate the claim key on the token, write its CSR")
+    fi.add_argument("--serial", required=True)
+    fi.add_argument("--csr-out", type=Path, required=True)
+    fc = fs.add_parser("claim-cert", help="install the claim certificate the manufacturer's CA issued for that CSR")
+    fc.add_argument("certificate", type=Path)
+    st = sub.add_parser("status", help="the device's identity and provisioning state")
+    st.add_argument("--json", action="store_true")
     return p
 
 
@@ -54,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             return _check_config(args.config)
         cfg = load(args.config)
         _setup_logging(args.log_level or cfg.log.level)
-        problems = check_files(cfg)
+        problems = check_files(cfg) if args.command != "status" else []
         if problems:
             raise ConfigError(problems)
         if args.command == "run":
@@ -65,6 +75,18 @@ def main(argv: list[str] | None = None) -> int:
             return run(cfg, stop)
         if args.command == "keys":
             return _keys(cfg, args)
+        if args.command == "factory":
+            from .factory import claim_cert, init
+
+            if args.factory_command == "init":
+                print(init(cfg, args.serial, args.csr_out))
+            else:
+                print(claim_cert(cfg, args.certificate))
+            return 0
+        if args.command == "status":
+            from .status import show
+
+            return show(cfg, as_json=args.json)
     except AgentError as e:
         for line in str(e).splitlines():
             print(f"iot-agent: {line}", file=sys.stderr)
@@ -103,6 +125,10 @@ def _keys(cfg: Config, args) -> int:
             for k in ks.list_keys():
                 print(f"{k.label}\t{k.key_type}\tid={k.key_id}")
         elif args.keys_command == "generate":
+            existing = ks.find(args.label) if args.if_missing else None
+            if existing:
+                print(f"kept existing {existing.key_type} key {existing.label!r} (id {existing.key_id})")
+                return 0
             k = ks.generate_ec_key(args.label)
             print(f"generated {k.key_type} P-256 key {k.label!r} (id {k.key_id}) on token {cfg.pkcs11.token_label!r}")
         elif args.keys_command == "delete":

@@ -80,6 +80,21 @@ class ClockConfig:
 
 
 @dataclass(frozen=True)
+class ProvisioningConfig:
+    """Fleet provisioning by claim: used only while the device has no identity of its own."""
+
+    enabled: bool = False  # true on a factory-fresh device that provisions itself
+    template_name: str = "iot-agent-fleet"
+    claim_certificate: Path = Path("claim.pem")  # public; its key is on the token (relative: in state_dir)
+    claim_key_label: str = "claim"
+    serial_number: str = ""  # as recorded by the factory step when empty
+    parameters: dict[str, str] = field(default_factory=dict)  # extra template parameters
+    delete_claim_key: bool = False  # remove the claim key from the token once provisioned
+    retry_min_s: float = 30.0  # after a rejection: bounded, jittered backoff
+    retry_max_s: float = 3600.0
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
 
@@ -91,6 +106,7 @@ class Config:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     clock: ClockConfig = field(default_factory=ClockConfig)
+    provisioning: ProvisioningConfig = field(default_factory=ProvisioningConfig)
     log: LogConfig = field(default_factory=LogConfig)
     path: Path | None = None  # where it was read from; not a TOML key
 
@@ -123,6 +139,12 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     if origin in (types.UnionType, typing.Union):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return _convert(value, inner[0], key, problems)
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a table of {_type_name(val_tp).split(' ', 1)[1]}s, got {_describe(value)}")
+            return None
+        return {k: _convert(v, val_tp, f"{key}.{k}", problems) for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -234,6 +256,11 @@ def _semantic_problems(c: dict[str, Any]) -> list[str]:
         out.append("clock.retry_min_s/retry_max_s: need 0 < retry_min_s <= retry_max_s")
     if k.max_wait_s < 0 or k.query_timeout_s <= 0:
         out.append("clock.max_wait_s must be >= 0 and clock.query_timeout_s > 0")
+    pv: ProvisioningConfig = c["provisioning"]
+    if pv.retry_min_s <= 0 or pv.retry_max_s < pv.retry_min_s:
+        out.append("provisioning.retry_min_s/retry_max_s: need 0 < retry_min_s <= retry_max_s")
+    if pv.enabled and pv.claim_key_label == c["pkcs11"].key_label:
+        out.append("provisioning.claim_key_label: must differ from pkcs11.key_label (the device key)")
     p: Pkcs11Config = c["pkcs11"]
     if not 1 <= len(p.token_label.encode()) <= 32:
         out.append(f"pkcs11.token_label: {p.token_label!r} must be 1-32 bytes (PKCS#11 token labels are 32 bytes)")

@@ -89,12 +89,7 @@ class Connection:
         s = self.settings
         if not awscrt.io.TlsCipherPref.TLSv1_2_2025_07.is_supported():
             raise BrokerConnectionError("this awscrt build cannot enforce TLS 1.2+; upgrade awscrt")
-        try:
-            self._lib = awscrt.io.Pkcs11Lib(
-                file=str(s.pkcs11_library), behavior=awscrt.io.Pkcs11Lib.InitializeFinalizeBehavior.STRICT
-            )
-        except Exception as e:
-            raise BrokerConnectionError(f"{s.pkcs11_library}: cannot load the PKCS#11 module ({_crt_name(e)})")
+        self._lib = _load_pkcs11(s.pkcs11_library)
         try:
             self._client = mqtt5_client_builder.mtls_with_pkcs11(
                 pkcs11_lib=self._lib,
@@ -257,6 +252,27 @@ def _setup_error(s: ConnectionSettings, e: Exception) -> tuple[str, bool]:
         return f"{hint.format(token=s.token_label, key=s.key_label)} ({name})", "PKCS11" in name
     return (f"cannot set up the TLS client for {s.endpoint}:{s.port} ({name}); check broker.ca_file, "
             "the device certificate, pkcs11.token_label, pkcs11.key_label and the PIN"), False
+
+
+def _load_pkcs11(path: Path, wait_s: float = 10.0):
+    """Load the module with STRICT initialise/finalise, so that stop() really finalises it.
+
+    A previous connection in this process (the claim connection before the device's own) is torn
+    down asynchronously by the CRT: its C_Finalize may come a moment after stop() returns. Until
+    then C_Initialize answers CKR_CRYPTOKI_ALREADY_INITIALIZED, so wait for it, boundedly.
+    """
+    import awscrt.io
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return awscrt.io.Pkcs11Lib(file=str(path), behavior=awscrt.io.Pkcs11Lib.InitializeFinalizeBehavior.STRICT)
+        except Exception as e:
+            if "ALREADY_INITIALIZED" in str(e) and time.monotonic() < deadline:
+                gc.collect()
+                time.sleep(0.05)
+                continue
+            raise BrokerConnectionError(f"{path}: cannot load the PKCS#11 module ({_crt_name(e)}: {str(e)[:120]})")
 
 
 def _socket_options(connect_timeout_s: float):

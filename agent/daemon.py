@@ -73,15 +73,37 @@ def install_stop_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def has_identity(cfg: Config, state: dict) -> bool:
+    return bool((state.get("thing_name") or cfg.device.thing_name)
+                and (state.get("certificate_file") or cfg.identity.certificate_file))
+
+
 def run(cfg: Config, stop: threading.Event) -> int:
     pin = read_pin(cfg)
     store = StateStore(cfg.resolve(cfg.device.state_dir))
+    clock_trusted = False
+    if not has_identity(cfg, store.load()) and cfg.provisioning.enabled:
+        from .provisioning import Provisioner
+
+        try:
+            ClockGate(cfg.clock).wait(stop)
+        except ClockError:
+            if stop.is_set():
+                return 0
+            raise
+        clock_trusted = True
+        log.info("no identity yet: provisioning by claim")
+        if not Provisioner(cfg, store, pin).run(stop):
+            return 0  # stopped while waiting to retry
     identity = current_identity(cfg, store.load())
     conn = Connection(settings_for(cfg, identity, pin))
     del pin
     try:
         try:
-            _prepare_during_clock_gate(cfg, conn, stop)
+            if clock_trusted:
+                conn.prepare()
+            else:
+                _prepare_during_clock_gate(cfg, conn, stop)
         except ClockError:
             if stop.is_set():  # SIGTERM while waiting for the clock: a normal stop
                 return 0

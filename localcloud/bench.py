@@ -38,13 +38,19 @@ class Device:
         return run_agent_cli(self.config_path, self.token, *args, timeout=timeout)
 
 
-def write_config(path: Path, *, thing_name: str, broker: Broker, token: Token, cert_path: Path | None,
-                 ntp_servers: list[str], state_dir: Path, key_label: str = "device",
-                 extra: dict[str, dict] | None = None) -> Path:
+def write_config(path: Path, *, thing_name: str | None, broker: Broker | None = None, token: Token,
+                 cert_path: Path | None, ntp_servers: list[str], state_dir: Path, key_label: str = "device",
+                 extra: dict[str, dict] | None = None, port: int | None = None, ca_file: Path | None = None) -> Path:
+    """An agent config for the bench or the local cloud (pass `broker`, or `port` and `ca_file`)."""
+    port = broker.port if broker else port
+    ca_file = broker.ca.cert_path if broker else ca_file
+    device = {"state_dir": str(state_dir)}
+    if thing_name:
+        device["thing_name"] = thing_name
     sections: dict[str, dict] = {
-        "device": {"thing_name": thing_name, "state_dir": str(state_dir)},
+        "device": device,
         "broker": {
-            "endpoint": "localhost", "port": broker.port, "ca_file": str(broker.ca.cert_path),
+            "endpoint": "localhost", "port": port, "ca_file": str(ca_file),
             "reconnect_min_s": 0.2, "reconnect_max_s": 4.0, "connect_timeout_s": 5.0,
             "reconnect_reset_after_s": 1.0,
         },
@@ -69,6 +75,8 @@ def to_toml(sections: dict[str, dict]) -> str:
             return repr(v)
         if isinstance(v, list):
             return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + "}"
         s = str(v).replace("\\", "\\\\").replace('"', '\\"')
         return f'"{s}"'
 
@@ -126,3 +134,26 @@ class Bench:
         write_config(cfg, thing_name=thing_name, broker=self.broker, token=token, cert_path=cert_path,
                      ntp_servers=servers or ["127.0.0.1:1"], state_dir=d / "state", key_label=key_label, extra=extra)
         return Device(thing_name, token, cfg, cert_path, d)
+
+
+def fresh_device(cloud, token: Token, serial: str, directory: Path, ntp_servers: list[str],
+                 extra: dict[str, dict] | None = None) -> Device:
+    """A factory-fresh device for the local cloud: claim key on the token, claim certificate
+    signed by the cloud's CA for the CSR made there, serial recorded; no identity yet."""
+    directory.mkdir(parents=True, exist_ok=True)
+    info = cloud.endpoint()
+    prov = {"enabled": True, "retry_min_s": 0.5, "retry_max_s": 2.0}
+    merged = {"provisioning": prov, **(extra or {})}
+    if extra and "provisioning" in extra:
+        merged["provisioning"] = {**prov, **extra["provisioning"]}
+    cfg = write_config(directory / "config.toml", thing_name=None, token=token, cert_path=None,
+                       ntp_servers=ntp_servers, state_dir=directory / "state", port=info["port"],
+                       ca_file=Path(info["ca_file"]), extra=merged)
+    r = run_agent_cli(cfg, token, "factory", "init", "--serial", serial, "--csr-out", str(directory / "claim.csr"))
+    if r.returncode != 0:
+        raise RuntimeError(f"factory init failed: {r.stderr.strip()}")
+    cloud.sign_claim_csr((directory / "claim.csr").read_bytes(), directory / "claim-signed.pem")
+    r = run_agent_cli(cfg, token, "factory", "claim-cert", str(directory / "claim-signed.pem"))
+    if r.returncode != 0:
+        raise RuntimeError(f"factory claim-cert failed: {r.stderr.strip()}")
+    return Device(serial, token, cfg, directory / "state" / "claim.pem", directory)

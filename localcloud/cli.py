@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("certificate_id")
     claim = cs.add_parser("claim", help="issue a claim certificate (software key, for the sandbox)")
     claim.add_argument("name")
+    sc = cs.add_parser("sign-claim", help="the manufacturer's CA: sign a claim CSR made on a device's token")
+    sc.add_argument("--csr", type=Path, required=True)
+    sc.add_argument("--out", type=Path, required=True)
     things = sub.add_parser("things", help="things")
     things.add_subparsers(dest="things_cmd", required=True).add_parser("list")
     jobs = sub.add_parser("jobs", help="jobs")
@@ -79,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.certs_cmd == "list":
                 for c in cloud.registry.certificates():
                     print(f"{c.id}\t{c.status}\t{c.kind}\t{c.thing or '-'}\t{c.cn}")
+            elif args.certs_cmd == "sign-claim":
+                cert_id = cloud.sign_claim_csr(args.csr.read_bytes(), args.out)
+                print(f"claim certificate {cert_id} written to {args.out}")
             elif args.certs_cmd == "claim":
                 cert, key = cloud.issue_claim(args.name)
                 print(f"claim certificate {cert}\nkey {key}")

@@ -167,6 +167,23 @@ class LocalCloud:
         self.reconcile()
         return issued.cert_path, issued.key_path
 
+    def sign_claim_csr(self, csr_pem: bytes, out: Path) -> str:
+        """Sign a claim CSR (key on the device's token) and register the result as an ACTIVE claim."""
+        import secrets
+
+        from cryptography import x509
+
+        req = x509.load_pem_x509_csr(csr_pem)
+        if not req.is_signature_valid:
+            raise ValueError("claim CSR signature does not verify")
+        cn = "claim-" + secrets.token_hex(8)
+        cert = self.ca.sign_public_key(req.public_key(), cn)
+        der = cert.public_bytes(serialization.Encoding.DER)
+        rec = self.registry.add_certificate(der, pem(cert).decode(), cn, cert.serial_number, "claim", "ACTIVE")
+        Path(out).write_bytes(pem(cert))
+        self.reconcile()
+        return rec.id
+
     def register_claim_certificate(self, cert_pem: bytes) -> str:
         """Register a claim certificate whose key lives elsewhere (on a token); returns its CN."""
         from cryptography import x509

@@ -136,6 +136,10 @@ class FleetProvisioning:
             return reject(400, "InvalidPayload", "certificateOwnershipToken is not valid")
         if cert.token_expires is not None and self.now() > cert.token_expires:
             return reject(400, "InvalidPayload", "certificateOwnershipToken has expired")
+        if cert.status == "ACTIVE" and cert.thing:
+            # A repeat of a RegisterThing that already succeeded (the device lost the answer): same
+            # result, nothing new created.
+            return True, {"thingName": cert.thing, "deviceConfiguration": dict(self.template.get("DeviceConfiguration", {}))}
         try:
             thing, attributes = self._evaluate(params, cert.id)
         except ValueError as e:

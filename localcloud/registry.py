@@ -133,11 +133,13 @@ class Registry:
         return self.certificate(cid)
 
     def activate_and_attach(self, cid: str, thing: str) -> None:
-        """RegisterThing's effect: ACTIVE, attached to the thing, ownership token spent."""
+        """RegisterThing's effect: ACTIVE and attached to the thing.
+
+        The ownership token stays valid until it expires, so a device whose answer was lost can ask
+        again and be told the same thing name (see FleetProvisioning.register_thing)."""
         with self._lock:
-            self._db.execute(
-                "UPDATE certificates SET status = 'ACTIVE', thing = ?, ownership_token = NULL, token_expires = NULL, "
-                "updated = ? WHERE id = ?", (thing, time.time(), cid))
+            self._db.execute("UPDATE certificates SET status = 'ACTIVE', thing = ?, updated = ? WHERE id = ?",
+                             (thing, time.time(), cid))
 
     # -- things --------------------------------------------------------------------------
     def upsert_thing(self, name: str, attributes: dict[str, str]) -> bool:

@@ -1,0 +1,68 @@
+"""The production-line step: a claim key on the token and the claim certificate for it.
+
+The claim (bootstrap) key is generated on the token like the device key, so claim credentials
+never sit in a file; only the certificate, which is public, is stored. The manufacturer's CA
+(or AWS IoT's CreateCertificateFromCsr, see provisioning/aws_setup.py) signs the CSR.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import Config
+from .errors import AgentError
+from .provisioning import write_public
+from .state import StateStore
+
+
+def _store(cfg: Config) -> StateStore:
+    return StateStore(cfg.resolve(cfg.device.state_dir))
+
+
+def init(cfg: Config, serial: str, csr_out: Path) -> str:
+    from .keystore import open_token
+    from .pin import read_pin
+
+    if not serial or len(serial) > 64 or not all(c.isalnum() or c in "-_:" for c in serial):
+        raise AgentError(f"serial number {serial!r}: 1-64 characters of [A-Za-z0-9_:-]")
+    store = _store(cfg)
+    state = store.load()
+    if state.get("thing_name"):
+        raise AgentError(f"this device is already provisioned as {state['thing_name']}; factory init is for fresh devices")
+    label = cfg.provisioning.claim_key_label
+    with open_token(cfg.resolve(cfg.pkcs11.library), cfg.pkcs11.token_label, read_pin(cfg)) as ks:
+        if ks.find(label) is None:
+            ks.generate_ec_key(label)
+        csr = ks.make_csr(label, f"claim-{serial}")
+    write_public(csr_out, csr)
+    store.update(factory={**state.get("factory", {}), "serial": serial})
+    return f"claim key {label!r} on token {cfg.pkcs11.token_label!r}; CSR written to {csr_out}; serial {serial} recorded"
+
+
+def claim_cert(cfg: Config, cert_path: Path) -> str:
+    """Install the claim certificate after checking it belongs to the claim key on the token."""
+    from asn1crypto import pem as apem
+    from asn1crypto import x509 as ax509
+
+    from .keystore import open_token
+    from .pin import read_pin
+
+    try:
+        raw = cert_path.read_bytes()
+        der = apem.unarmor(raw)[2] if apem.detect(raw) else raw
+        cert = ax509.Certificate.load(der)
+        spki = cert.public_key.dump()
+    except (OSError, ValueError) as e:
+        raise AgentError(f"{cert_path}: not a readable X.509 certificate ({e.__class__.__name__})")
+    label = cfg.provisioning.claim_key_label
+    with open_token(cfg.resolve(cfg.pkcs11.library), cfg.pkcs11.token_label, read_pin(cfg), rw=False) as ks:
+        key = ks.find(label)
+    if key is None or key.public_key_der != spki:
+        raise AgentError(f"{cert_path}: this certificate is not for the claim key {label!r} on the token")
+    store = _store(cfg)
+    store.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    dst = store.directory / "claim.pem"
+    write_public(dst, apem.armor("CERTIFICATE", der))
+    state = store.load()
+    store.update(factory={**state.get("factory", {}), "claim_certificate": str(dst)})
+    return f"claim certificate installed at {dst}"

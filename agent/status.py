@@ -1,0 +1,53 @@
+"""`iot-agent status`: what the device is and what it is doing, at a glance or as JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import Config
+from .state import StateStore
+
+
+def certificate_expiry(path: str | None) -> str | None:
+    if not path or not Path(path).is_file():
+        return None
+    from asn1crypto import pem as apem
+    from asn1crypto import x509 as ax509
+
+    raw = Path(path).read_bytes()
+    der = apem.unarmor(raw)[2] if apem.detect(raw) else raw
+    return ax509.Certificate.load(der)["tbs_certificate"]["validity"]["not_after"].native.isoformat()
+
+
+def collect(cfg: Config) -> dict:
+    state = StateStore(cfg.resolve(cfg.device.state_dir)).load()
+    flow = state.get("provisioning", {})
+    thing = state.get("thing_name") or cfg.device.thing_name
+    cert = state.get("certificate_file") or (str(cfg.resolve(cfg.identity.certificate_file))
+                                             if cfg.identity.certificate_file else None)
+    return {
+        "thing_name": thing,
+        "certificate_file": cert,
+        "certificate_expires": certificate_expiry(cert),
+        "serial_number": cfg.provisioning.serial_number or state.get("factory", {}).get("serial"),
+        "provisioning": {"step": flow.get("step", "not started" if not thing else "done"),
+                         "attempts": flow.get("attempts", 0), "last_error": flow.get("last_error")},
+    }
+
+
+def show(cfg: Config, as_json: bool = False) -> int:
+    s = collect(cfg)
+    if as_json:
+        print(json.dumps(s, indent=1))
+        return 0
+    p = s["provisioning"]
+    print(f"thing:        {s['thing_name'] or '(not provisioned)'}")
+    print(f"certificate:  {s['certificate_file'] or '-'} (expires {s['certificate_expires'] or '-'})")
+    print(f"serial:       {s['serial_number'] or '-'}")
+    line = f"provisioning: {p['step']}"
+    if p["last_error"]:
+        e = p["last_error"]
+        line += f"; last refusal {e['code']}: {e['message']} (attempt {p['attempts']})"
+    print(line)
+    return 0
