@@ -1,9 +1,10 @@
-"""The main job (`make demo`): a simulated device's life against the local bench, narrated.
+"""The main job (`make demo`): a factory-fresh simulated device's life against the local cloud, narrated.
 
-Today it covers the foundation: a trustworthy clock, a key generated on a SoftHSM token, a
-certificate from a throwaway CA for a CSR signed on the token, a mutual-TLS MQTT 5 connection with
-the thing name as client ID, a publish the broker delivers and one it refuses. Later stages
-(provisioning by claim, Defender, OTA, rotation) extend this same timeline.
+Today: the factory puts a claim key on the device's SoftHSM token and the manufacturer's CA signs
+its CSR; the agent waits for a trustworthy clock, provisions itself by claim (its own key generated
+on the token, CreateCertificateFromCsr, RegisterThing), reconnects as its thing over mutual TLS,
+publishes where its policy allows and is refused where it does not. Later stages (Defender, OTA,
+rotation) extend this same timeline.
 """
 
 from __future__ import annotations
@@ -11,19 +12,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-from agent.clock import ClockGate
 from agent.config import load
 from agent.connection import PUBACK_ACCEPTED, Connection
 from agent.daemon import current_identity, settings_for
 from agent.pin import read_pin
+from agent.state import StateStore
 
-from .bench import Bench
+from .bench import agent_cmd, fresh_device, run_agent_cli
+from .cloud import LocalCloud
+from .ntp import Chrony
 from .observer import Observer
 from .tokens import softhsm_token
 
@@ -36,70 +42,95 @@ def say(what: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="localcloud.demo", description=__doc__.splitlines()[0])
-    p.add_argument("--dir", type=Path, help="keep the bench here (default: a temporary folder, removed after)")
-    p.add_argument("--thing", default="demo-gateway-001")
+    p.add_argument("--dir", type=Path, help="keep everything here (default: a temporary folder, removed after)")
+    p.add_argument("--serial", default="SN-000123")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="         agent %(levelname)s %(name)s: %(message)s")
     work = args.dir or Path(tempfile.mkdtemp(prefix="iot-agent-demo-"))
+    thing = f"gw-{args.serial}"
     verified: list[str] = []
-    bench = token = conn = observer = None
+    cloud = ntp = token = observer = conn = agent = None
     try:
-        say(f"bench folder: {work}")
-        bench = Bench(work).start()
-        say(f"mosquitto {bench.broker.port}/tcp on 127.0.0.1: TLS 1.2+, client certificates required, per-device ACLs")
-        say(f"chronyd serving NTP on {bench.chrony.server} (-x: it never touches this machine's clock)")
+        say(f"working folder: {work}")
+        cloud = LocalCloud(work / "cloud")
+        info = cloud.up()
+        say(f"local cloud up: mosquitto on 127.0.0.1:{info['port']} (TLS 1.2+, client certificates, policy ACLs, CRL) "
+            "and its provisioning/jobs/defender services")
+        ntp = Chrony(work / "chrony").start()
+        say(f"chronyd serving NTP on {ntp.server} (-x: it never touches this machine's clock)")
         token = softhsm_token(work / "softhsm", label="iot-agent")
-        say(f"SoftHSM token {token.label!r} initialised in {token.directory}")
         token.apply_env()
+        say(f"factory-fresh device: empty SoftHSM token {token.label!r}")
 
-        dev = bench.enroll(token, args.thing)
-        say(f"EC P-256 key 'device' generated ON the token (sensitive, not extractable); CSR signed on the token")
-        say(f"throwaway CA issued {dev.cert_path.name} for CN={args.thing}")
-        verified.append("device key generated on the token; CSR signed there; certificate issued for it")
+        dev = fresh_device(cloud, token, args.serial, work / "device", [ntp.server])
+        say(f"factory: claim key generated ON the token, CSR signed there, manufacturer CA issued the claim "
+            f"certificate; serial {args.serial} recorded")
+        verified.append("claim key generated on the token; only the public claim certificate is on disk")
+        cloud.registry.allow_serials([args.serial])
+        say(f"cloud: serial {args.serial} added to the provisioning allow list")
 
-        observer = Observer(bench.broker).start([f"dt/{args.thing}/#"])
-        cfg = load(dev.config_path)
-        say(f"agent config: {dev.config_path}")
-        why = ClockGate(cfg.clock).wait()
-        say(f"clock gate open: {why}")
+        observer = Observer(cloud.broker(port=info["port"])).start([f"dt/{thing}/#"])
+        agent = subprocess.Popen(agent_cmd(dev.config_path, "run"), env=token.full_env(), stderr=subprocess.PIPE,
+                                 stdout=subprocess.DEVNULL, text=True, bufsize=1)
+        connected = threading.Event()
+
+        def relay() -> None:
+            for line in agent.stderr:
+                m = re.match(r"\S+ (\w+) ([\w.]+): (.*)", line.rstrip())
+                if m:
+                    say(f"agent: {m.group(3)}")
+                if f"as {thing}" in line and "connected to" in line:
+                    connected.set()
+
+        threading.Thread(target=relay, daemon=True).start()
+        if not connected.wait(90):
+            raise SystemExit("demo: the agent did not provision and connect within 90 s")
+        agent.terminate()
+        agent.wait(15)
         verified.append("clock trusted by NTP before any TLS connection")
+        verified.append("provisioned by claim: device key generated on the token, CSR signed there, "
+                        "CreateCertificateFromCsr + RegisterThing through AWS's IotIdentityClientV2")
+        things = [n for n, _ in cloud.registry.things()]
+        active = [c for c in cloud.registry.certificates() if c.kind == "device" and c.status == "ACTIVE"]
+        say(f"cloud: things {things}; active device certificates {[(c.id[:12], c.thing) for c in active]}")
+        verified.append("exactly one thing and one ACTIVE device certificate, bound to it")
 
-        identity = current_identity(cfg, {})
+        cfg = load(dev.config_path)
+        identity = current_identity(cfg, StateStore(cfg.resolve(cfg.device.state_dir)).load())
         conn = Connection(settings_for(cfg, identity, read_pin(cfg)))
         conn.start()
         if not conn.wait_connected(20):
             raise SystemExit(f"demo: the agent did not connect: {[e.detail for e in conn.events]}")
-        bench.broker.wait_log(rf"New client connected .* as {args.thing} ")
-        seen = [c for c in bench.broker.connected_clients() if c[0] == args.thing]
-        say(f"connected over mutual TLS; broker saw client ID {seen[-1][0]!r} with certificate CN {seen[-1][1]!r}")
-        verified.append("mutual TLS with the key on the token; client ID = thing name")
-
-        topic = f"dt/{args.thing}/telemetry"
+        say(f"reconnected over mutual TLS as {identity.thing_name} with its own certificate (key on the token)")
+        topic = f"dt/{thing}/telemetry"
         payload = json.dumps({"hello": "world", "ts": int(time.time())}).encode()
         rc = conn.publish(topic, payload)
         got = observer.expect(topic)
         say(f"published to {topic} (PUBACK {rc}); the observer received {got.decode()}")
         assert rc in PUBACK_ACCEPTED and got == payload
         verified.append("publish to the device's own topic delivered")
-
-        rc = conn.publish("dt/another-device/telemetry", b"spoofed")
-        say(f"published to another device's topic: broker answered PUBACK {rc} (135 = not authorized)")
+        rc = conn.publish("dt/gw-another-device/telemetry", b"spoofed")
+        say(f"published to another device's topic: PUBACK {rc} (135 = not authorized by the device policy)")
         if rc != 135:
             raise SystemExit("demo: the broker accepted a publish to another device's topic")
         verified.append("publish to another device's topic refused by the broker")
-
         conn.stop()
         conn = None
-        say("disconnected cleanly; PKCS#11 library released")
+        status = run_agent_cli(dev.config_path, token, "status").stdout
+        say("iot-agent status:\n" + "\n".join("           " + l for l in status.splitlines()))
     finally:
+        if agent and agent.poll() is None:
+            agent.kill()
         if conn:
             conn.stop()
         if observer:
             observer.stop()
         if token:
             token.stop()
-        if bench:
-            bench.stop()
+        if ntp:
+            ntp.stop()
+        if cloud:
+            cloud.down()
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)
     print("\nVerified:")
