@@ -73,3 +73,12 @@ def test_not_allowed_serial_is_refused_clearly_with_bounded_retries(cloud, softh
     cloud.registry.allow_serials(["SN-9999"])
     a.wait_for(r"provisioned as gw-SN-9999", after=first, timeout=30)
     a.wait_for(r"connected to localhost:\d+ as gw-SN-9999", timeout=30)
+
+
+def test_claim_key_removed_from_the_token_when_configured(cloud, softhsm, ntp, agents, tmp_path):
+    dev = fresh_device(cloud, softhsm, "SN-1002", tmp_path / "device", [ntp.server],
+                       extra={"provisioning": {"delete_claim_key": True}})
+    a = agents(dev)
+    a.wait_for(r"claim key deleted from the token", timeout=60)
+    a.wait_for(r"connected to localhost:\d+ as gw-SN-1002", timeout=60)
+    assert [l.split("\t")[0] for l in dev.cli("keys", "list").stdout.splitlines()] == ["device"]
