@@ -183,7 +183,7 @@ def test_malformed_jobs_requests_get_aws_shaped_rejections(fuzz_cloud, tmp_path)
     finally:
         dev.stop()
     print("jobs fuzz:", stats)
-    assert stats["cases"] >= 500 and stats["rejected"] > 100 and stats["accepted"] > 20
+    assert stats["cases"] >= 500 and stats["rejected"] > 100 and stats["accepted"] > 5
     assert c.running() and "Traceback" not in (c.directory / "service.log").read_text()
 
 
