@@ -82,3 +82,14 @@ def test_claim_key_removed_from_the_token_when_configured(cloud, softhsm, ntp, a
     a.wait_for(r"claim key deleted from the token", timeout=60)
     a.wait_for(r"connected to localhost:\d+ as gw-SN-1002", timeout=60)
     assert [l.split("\t")[0] for l in dev.cli("keys", "list").stdout.splitlines()] == ["device"]
+
+
+def test_broker_refusing_the_claim_certificate_is_reported(cloud, softhsm, ntp, agents, tmp_path):
+    dev = fresh_device(cloud, softhsm, "SN-1001", tmp_path / "device", [ntp.server])
+    claim = [c for c in cloud.registry.certificates() if c.kind == "claim"][-1]
+    cloud.set_certificate_status(claim.id, "REVOKED")
+    a = agents(dev)
+    a.wait_for(r"provisioning refused: ClaimConnectionRefused: the broker did not accept the claim certificate", timeout=60)
+    status = json.loads(dev.cli("status", "--json").stdout)
+    assert status["provisioning"]["last_error"]["code"] == "ClaimConnectionRefused"
+    assert cloud.registry.things() == []
