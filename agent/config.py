@@ -95,6 +95,22 @@ class ProvisioningConfig:
 
 
 @dataclass(frozen=True)
+class DefenderConfig:
+    """Device Defender device-side metrics."""
+
+    enabled: bool = True
+    interval_s: float = 300.0  # AWS throttles more than one report per 300 s
+    testing_allow_short_interval: bool = False  # lets tests go below 300 s; never on a real device
+    format: str = "json"  # or "cbor"
+    names: str = "long"  # or "short"
+    max_list: int = 50  # list entries per metric; `total` keeps the full count
+    custom_number: dict[str, float] = field(default_factory=dict)
+    custom_number_list: dict[str, list[float]] = field(default_factory=dict)
+    custom_string_list: dict[str, list[str]] = field(default_factory=dict)
+    custom_ip_list: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
 
@@ -107,6 +123,7 @@ class Config:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     clock: ClockConfig = field(default_factory=ClockConfig)
     provisioning: ProvisioningConfig = field(default_factory=ProvisioningConfig)
+    defender: DefenderConfig = field(default_factory=DefenderConfig)
     log: LogConfig = field(default_factory=LogConfig)
     path: Path | None = None  # where it was read from; not a TOML key
 
@@ -121,6 +138,8 @@ _NOT_KEYS = {"path"}
 _CHOICES = {
     ("clock", "source"): ("ntp", "system"),
     ("log", "level"): ("debug", "info", "warning", "error"),
+    ("defender", "format"): ("json", "cbor"),
+    ("defender", "names"): ("long", "short"),
 }
 
 
@@ -261,6 +280,19 @@ def _semantic_problems(c: dict[str, Any]) -> list[str]:
         out.append("provisioning.retry_min_s/retry_max_s: need 0 < retry_min_s <= retry_max_s")
     if pv.enabled and pv.claim_key_label == c["pkcs11"].key_label:
         out.append("provisioning.claim_key_label: must differ from pkcs11.key_label (the device key)")
+    d: DefenderConfig = c["defender"]
+    if d.interval_s < 300 and not d.testing_allow_short_interval:
+        out.append(f"defender.interval_s: {d.interval_s:g} is below AWS's 300 s minimum (reports would be throttled)")
+    if d.interval_s <= 0 or not 1 <= d.max_list <= 1000:
+        out.append("defender.interval_s must be > 0 and defender.max_list 1-1000")
+    import ipaddress
+
+    for name, ips in d.custom_ip_list.items():
+        for ip in ips:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                out.append(f"defender.custom_ip_list.{name}: {ip!r} is not an IP address")
     p: Pkcs11Config = c["pkcs11"]
     if not 1 <= len(p.token_label.encode()) <= 32:
         out.append(f"pkcs11.token_label: {p.token_label!r} must be 1-32 bytes (PKCS#11 token labels are 32 bytes)")

@@ -96,8 +96,10 @@ def run(cfg: Config, stop: threading.Event) -> int:
         if not Provisioner(cfg, store, pin).run(stop):
             return 0  # stopped while waiting to retry
     identity = current_identity(cfg, store.load())
-    conn = Connection(settings_for(cfg, identity, pin))
+    router = MessageRouter()
+    conn = Connection(settings_for(cfg, identity, pin), on_message=router)
     del pin
+    reporter = None
     try:
         try:
             if clock_trusted:
@@ -110,6 +112,8 @@ def run(cfg: Config, stop: threading.Event) -> int:
             raise
         log.info("connecting to %s:%d as %s", cfg.broker.endpoint, cfg.broker.port, identity.thing_name)
         conn.start()
+        if cfg.defender.enabled:
+            reporter = start_defender(cfg, store, identity, conn, router)
         waited = 0.0
         while not stop.wait(cfg.broker.connect_timeout_s):
             if conn.connected.is_set():
@@ -119,9 +123,43 @@ def run(cfg: Config, stop: threading.Event) -> int:
             last = next((e.detail for e in reversed(conn.events) if e.kind in ("failed", "disconnected")), "none yet")
             log.warning("not connected for %.0f s (last error: %s); still retrying", waited, last)
     finally:
+        if reporter:
+            reporter.stop()
         conn.stop()
         log.info("stopped")
     return 0
+
+
+class MessageRouter:
+    """Incoming publishes to the feature that subscribed, by topic prefix."""
+
+    def __init__(self) -> None:
+        self.routes: list[tuple[str, object]] = []
+
+    def add(self, prefix: str, handler) -> None:
+        self.routes.append((prefix, handler))
+
+    def __call__(self, topic: str, payload: bytes) -> None:
+        for prefix, handler in self.routes:
+            if topic.startswith(prefix):
+                handler(topic, payload)
+                return
+
+
+def start_defender(cfg: Config, store: StateStore, identity: Identity, conn: Connection, router: MessageRouter):
+    from .defender import Collector, Reporter
+
+    reporter = Reporter(
+        cfg=cfg.defender, thing=identity.thing_name,
+        collector=Collector(cfg.defender, store.directory, identity.certificate_file),
+        publish=lambda t, p: conn.publish(t, p, qos=1), subscribe=lambda t: conn.subscribe(t, qos=1),
+        connected=conn.connected.is_set, connection_count=lambda: conn.connect_count,
+        load_state=lambda: store.load().get("defender", {}), save_state=lambda d: store.update(defender=d))
+    router.add(reporter.topic + "/", reporter.on_response)
+    reporter.start()
+    log.info("Device Defender reports every %g s (%s, %s names)", cfg.defender.interval_s, cfg.defender.format,
+             cfg.defender.names)
+    return reporter
 
 
 def _prepare_during_clock_gate(cfg: Config, conn: Connection, stop: threading.Event) -> None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import stat
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ def _digest(data: Any) -> str:
 @dataclass(eq=False)
 class StateStore:
     directory: Path
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
     def path(self) -> Path:
@@ -69,7 +71,7 @@ class StateStore:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         doc = {"schema": SCHEMA_VERSION, "sha256": _digest(data), "data": data}
         body = (json.dumps(doc, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode()
-        tmp = self.directory / f".{FILE_NAME}.{os.getpid()}.tmp"
+        tmp = self.directory / f".{FILE_NAME}.{os.getpid()}.{threading.get_ident()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             os.fchmod(fd, 0o600)  # in case a stale temp file existed with another mode
@@ -92,14 +94,15 @@ class StateStore:
 
     def update(self, **changes: Any) -> dict[str, Any]:
         """Load, apply top-level changes (None deletes a key), save; returns the new state."""
-        data = self.load()
-        for k, v in changes.items():
-            if v is None:
-                data.pop(k, None)
-            else:
-                data[k] = v
-        self.save(data)
-        return data
+        with self._lock:  # the reporter thread and the main loop both update it
+            data = self.load()
+            for k, v in changes.items():
+                if v is None:
+                    data.pop(k, None)
+                else:
+                    data[k] = v
+            self.save(data)
+            return data
 
     def check_mode(self) -> str | None:
         """A problem line when the state file is readable by others, else None."""
