@@ -168,3 +168,29 @@ def test_collection_sees_real_sockets(tmp_path):
     finally:
         for s in clients + servers + [tcp, udp]:
             s.close()
+
+
+def test_proc_net_reader_agrees_with_psutil():
+    """The fast path (kernel socket tables) finds what psutil finds, IPv6 included."""
+    import psutil
+
+    from agent.defender import read_proc_net
+
+    s6 = socket.socket(socket.AF_INET6)
+    s6.bind(("::1", 0))
+    s6.listen(4)
+    c6 = socket.create_connection(("::1", s6.getsockname()[1]))
+    a6, _ = s6.accept()
+    try:
+        tcp_listen, udp_bound, est = read_proc_net()
+        assert ("::1", s6.getsockname()[1]) in tcp_listen
+        assert ("::1", c6.getsockname()[1], "::1", s6.getsockname()[1]) in est
+        ps = psutil.net_connections(kind="inet")
+        ps_listen = {(c.laddr.ip, c.laddr.port) for c in ps if c.type == socket.SOCK_STREAM and c.status == "LISTEN"}
+        assert set(tcp_listen) == ps_listen
+        ps_est = {(c.laddr.ip, c.laddr.port, c.raddr.ip, c.raddr.port) for c in ps
+                  if c.type == socket.SOCK_STREAM and c.status == "ESTABLISHED" and c.raddr}
+        assert set(est) == ps_est
+    finally:
+        for s in (c6, a6, s6):
+            s.close()
