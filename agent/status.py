@@ -33,6 +33,8 @@ def collect(cfg: Config) -> dict:
         "serial_number": cfg.provisioning.serial_number or state.get("factory", {}).get("serial"),
         "provisioning": {"step": flow.get("step", "not started" if not thing else "done"),
                          "attempts": flow.get("attempts", 0), "last_error": flow.get("last_error")},
+        "defender": {"last_report_id": state.get("defender", {}).get("last_report_id"),
+                     "last_report_at": state.get("defender", {}).get("last_report_at")},
     }
 
 
@@ -50,4 +52,10 @@ def show(cfg: Config, as_json: bool = False) -> int:
         e = p["last_error"]
         line += f"; last refusal {e['code']}: {e['message']} (attempt {p['attempts']})"
     print(line)
+    d = s["defender"]
+    if d["last_report_id"]:
+        import time as _time
+
+        ago = _time.time() - (d["last_report_at"] or 0)
+        print(f"defender:     last report {d['last_report_id']}, {ago:.0f} s ago")
     return 0
