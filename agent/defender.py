@@ -87,44 +87,9 @@ def next_report_id(now: float, last: int | None) -> int:
 
 
 def cert_not_after(pem_or_der: bytes) -> float | None:
-    """notAfter of an X.509 certificate, epoch seconds, from a minimal DER walk (no heavy imports)."""
-    import base64
-    import calendar
+    from .x509lite import not_after
 
-    data = pem_or_der
-    if b"-----BEGIN" in data:
-        body = b"".join(l for l in data.splitlines() if l and not l.startswith(b"-----"))
-        data = base64.b64decode(body)
-
-    def tlv(buf: bytes, i: int) -> tuple[int, int, int]:
-        tag, ln = buf[i], buf[i + 1]
-        i += 2
-        if ln & 0x80:
-            k = ln & 0x7F
-            ln = int.from_bytes(buf[i:i + k], "big")
-            i += k
-        return tag, i, i + ln
-
-    try:
-        _, s, _ = tlv(data, 0)  # Certificate
-        _, s, _ = tlv(data, s)  # TBSCertificate
-        i = s
-        tag, _, end = tlv(data, i)
-        if tag == 0xA0:  # [0] version
-            i = end
-        for _ in range(3):  # serial, signature algorithm, issuer
-            _, _, i = tlv(data, i)
-        _, vs, _ = tlv(data, i)  # Validity
-        _, _, i = tlv(data, vs)  # notBefore
-        tag, a, b = tlv(data, i)  # notAfter
-        text = data[a:b].decode()
-        if tag == 0x17:  # UTCTime YYMMDDHHMMSSZ
-            year = int(text[:2])
-            text = ("19" if year >= 50 else "20") + text
-        t = time.strptime(text[:14], "%Y%m%d%H%M%S")
-        return float(calendar.timegm(t))
-    except (IndexError, ValueError, UnicodeDecodeError):
-        return None
+    return not_after(pem_or_der)
 
 
 PROC_NET = Path("/proc/net/tcp")
