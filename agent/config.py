@@ -111,6 +111,13 @@ class DefenderConfig:
 
 
 @dataclass(frozen=True)
+class JobsConfig:
+    """AWS IoT Jobs: the agent takes the next pending job on connect and on notify-next."""
+
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
 
@@ -124,6 +131,7 @@ class Config:
     clock: ClockConfig = field(default_factory=ClockConfig)
     provisioning: ProvisioningConfig = field(default_factory=ProvisioningConfig)
     defender: DefenderConfig = field(default_factory=DefenderConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     path: Path | None = None  # where it was read from; not a TOML key
 

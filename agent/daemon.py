@@ -97,7 +97,9 @@ def run(cfg: Config, stop: threading.Event) -> int:
             return 0  # stopped while waiting to retry
     identity = current_identity(cfg, store.load())
     router = MessageRouter()
-    conn = Connection(settings_for(cfg, identity, pin), on_message=router)
+    engine_box: list = []
+    conn = Connection(settings_for(cfg, identity, pin), on_message=router,
+                      on_event=lambda ev: ev.kind == "connected" and engine_box and engine_box[0].on_connected())
     del pin
     reporter = None
     try:
@@ -114,6 +116,15 @@ def run(cfg: Config, stop: threading.Event) -> int:
         conn.start()
         if cfg.defender.enabled:
             reporter = start_defender(cfg, store, identity, conn, router)
+        if cfg.jobs.enabled:
+            from .jobs import JobsEngine
+
+            engine = JobsEngine(identity.thing_name, conn, load_state=lambda: store.load().get("jobs", {}),
+                                save_state=lambda d: store.update(jobs=d), handlers=builtin_job_handlers(cfg))
+            engine_box.append(engine)
+            engine.start()
+            if conn.connected.is_set():
+                engine.on_connected()
         waited = 0.0
         while not stop.wait(cfg.broker.connect_timeout_s):
             if conn.connected.is_set():
@@ -123,11 +134,19 @@ def run(cfg: Config, stop: threading.Event) -> int:
             last = next((e.detail for e in reversed(conn.events) if e.kind in ("failed", "disconnected")), "none yet")
             log.warning("not connected for %.0f s (last error: %s); still retrying", waited, last)
     finally:
+        if engine_box:
+            engine_box[0].stop()
         if reporter:
             reporter.stop()
         conn.stop()
         log.info("stopped")
     return 0
+
+
+def builtin_job_handlers(cfg: Config) -> dict:
+    """Operations this release performs. OTA updates and certificate rotation register here as they land;
+    anything else is REJECTED with the reason."""
+    return {}
 
 
 class MessageRouter:

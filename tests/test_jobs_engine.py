@@ -119,3 +119,23 @@ def test_status_survives_a_broker_restart_and_an_agent_restart(world):
         assert state["outbox"] == []
     finally:
         eng2.stop()
+
+
+def test_the_daemon_rejects_operations_it_does_not_perform(world, softhsm, agents, tmp_path):
+    from localcloud.bench import fresh_device
+    from localcloud.ntp import Chrony
+
+    c, info, dev = world
+    c.registry.allow_serials(["SN-J2"])
+    ntp = Chrony(tmp_path / "chrony").start()
+    try:
+        d = fresh_device(c, softhsm, "SN-J2", tmp_path / "agentdev", [ntp.server])
+        jobs = Jobs(c.registry.db, c.registry.lock)
+        jobs.create("ota-1", "gw-SN-J2", {"afr_ota": {"protocols": ["MQTT"], "files": []}})
+        a = agents(d)
+        a.wait_for(r"connected to localhost:\d+ as gw-SN-J2", timeout=60)
+        ex = wait_status(jobs, "ota-1", "gw-SN-J2", "REJECTED")
+        assert ex["statusDetails"]["reason"] == "unsupported operation 'ota-update'"
+        a.wait_for(r"job ota-1: REJECTED", timeout=10)
+    finally:
+        ntp.stop()
