@@ -1,0 +1,120 @@
+"""Release slots for an update target, in the style of Greengrass's alts directories.
+
+    <target>/releases/<version>/   staged contents (a file, or an extracted tar)
+    <target>/current  -> releases/<version>   what runs
+    <target>/previous -> releases/<version>   what to return to
+    <target>/broken   -> releases/<version>   what failed its health check (never retried)
+
+Every switch is a symlink written beside the old one and renamed over it (atomic on POSIX), then
+the folder is fsync'd, so a power cut leaves either the old or the new link, never neither.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+from .errors import AgentError
+
+
+class InstallError(AgentError):
+    pass
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link(target_dir: Path, name: str, release: str | None) -> None:
+    link = target_dir / name
+    if release is None:
+        link.unlink(missing_ok=True)
+    else:
+        tmp = target_dir / f".{name}.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(Path("releases") / release)
+        os.replace(tmp, link)
+    _fsync_dir(target_dir)
+
+
+def slot(target_dir: Path, name: str) -> str | None:
+    """The release a slot points at (its version), or None."""
+    try:
+        return os.readlink(target_dir / name).rsplit("/", 1)[-1]
+    except OSError:
+        return None
+
+
+def stage(target_dir: Path, version: str, artifact: Path, name: str, unpack: bool) -> Path:
+    """Put a verified artifact into releases/<version>, atomically (staging folder, then rename)."""
+    releases = target_dir / "releases"
+    releases.mkdir(parents=True, exist_ok=True)
+    final = releases / version
+    if final.exists():
+        if slot(target_dir, "current") == version:
+            raise InstallError(f"version {version} is already installed")
+        shutil.rmtree(final)  # a leftover from an interrupted install: stage it again
+    staging = releases / f".{version}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        if unpack:
+            try:
+                with tarfile.open(artifact) as tar:
+                    for m in tar.getmembers():  # refuse a suspicious archive outright rather than repair it
+                        parts = m.name.replace("\\", "/").split("/")
+                        if m.name.startswith(("/", "\\")) or ".." in parts or not (m.isfile() or m.isdir()):
+                            raise InstallError(f"artifact is not a safe tar archive: member {m.name!r}")
+                    # Second guard: the "data" filter refuses absolute paths, '..', links and devices.
+                    tar.extractall(staging, filter="data")
+            except (tarfile.TarError, OSError) as e:
+                raise InstallError(f"artifact is not a safe tar archive: {e}")
+        else:
+            shutil.copyfile(artifact, staging / name)
+        os.replace(staging, final)
+        _fsync_dir(releases)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def activate(target_dir: Path, version: str) -> None:
+    """current -> version, previous -> what was current."""
+    cur = slot(target_dir, "current")
+    if cur and cur != version:
+        _link(target_dir, "previous", cur)
+    _link(target_dir, "current", version)
+
+
+def roll_back(target_dir: Path) -> str | None:
+    """broken -> current; current -> previous. Returns the version now current (None if there was none)."""
+    bad, prev = slot(target_dir, "current"), slot(target_dir, "previous")
+    if bad:
+        _link(target_dir, "broken", bad)
+    _link(target_dir, "current", prev)
+    return prev
+
+
+def health_check(command: list[str], release_dir: Path, timeout_s: float) -> tuple[bool, str]:
+    """Run the target's check against the new release; (healthy, reason)."""
+    if not command:
+        return True, "no health check configured"
+    try:
+        r = subprocess.run(command, cwd=release_dir, capture_output=True, text=True, timeout=timeout_s,
+                           env={**os.environ, "IOT_AGENT_RELEASE": str(release_dir)})
+    except subprocess.TimeoutExpired:
+        return False, f"health check timed out after {timeout_s:g} s"
+    except OSError as e:
+        return False, f"health check could not run: {e.strerror}"
+    if r.returncode != 0:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or [""]
+        return False, f"health check exited {r.returncode}: {tail[0][:200]}"
+    return True, "healthy"
