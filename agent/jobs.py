@@ -71,10 +71,12 @@ class JobsEngine:
         self._thread.start()
 
     def stop(self) -> None:
+        # A request in flight (up to REQUEST_TIMEOUT_S) must not hold up SIGTERM: the thread is a
+        # daemon, its outbox is persisted, and the connection's stop fails its futures.
         self._stop.set()
         self._wake.set()
         if self._thread:
-            self._thread.join(15)
+            self._thread.join(2)
         self._stream = None
         self._client = None
 
