@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -34,7 +35,7 @@ FAIL_POINTS = [
 
 
 def test_every_fail_point_is_declared_in_the_code():
-    src = open("agent/provisioning.py").read()
+    src = (Path(__file__).resolve().parent.parent / "agent" / "provisioning.py").read_text()
     assert sorted(set(re.findall(r'failpoints\.hit\("([^"]+)"\)', src))) == sorted(FAIL_POINTS)
 
 
