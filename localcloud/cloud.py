@@ -68,9 +68,9 @@ class LocalCloud:
         return json.loads(self.endpoint_file.read_text())
 
     def broker(self, port: int = 0) -> Broker:
-        server = self.ca.issue_server  # noqa: F841 - kept for readability of the fields below
-        from .pki import Issued
         from cryptography import x509
+
+        from .pki import Issued
 
         pki = self.directory / "pki"
         issued = Issued(pki / "server.pem", pki / "server.key", x509.load_pem_x509_certificate((pki / "server.pem").read_bytes()))

@@ -10,7 +10,7 @@ import time
 
 import awscrt.mqtt_request_response as rr
 import pytest
-from awsiot import ServiceStreamOptions, iotjobs
+from awsiot import ServiceStreamOptions, V2ServiceException, iotjobs
 
 from cloudkit import Client
 from localcloud.cloud import LocalCloud
@@ -66,7 +66,7 @@ def test_sdk_jobs_client_receives_starts_and_completes_a_job(cloud, tmp_path):
         # Nothing left: notify-next arrives without an execution.
         ev = events.get(timeout=10)
         assert ev.execution is None
-        with pytest.raises(Exception) as e:
+        with pytest.raises(V2ServiceException) as e:
             jc.update_job_execution(iotjobs.UpdateJobExecutionRequest(
                 thing_name=thing, job_id="job-1", status="FAILED")).result(15)
         assert e.value.modeled_error.code == "TerminalStateReached"

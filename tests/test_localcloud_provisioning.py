@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from awsiot import iotidentity
+from awsiot import V2ServiceException, iotidentity
 from cryptography import x509
 
 from cloudkit import Client, identity_client, new_csr
@@ -76,12 +76,12 @@ def test_rejections_use_aws_error_payload(cloud, tmp_path):
     claim = claim_client(c, info, tmp_path)
     try:
         idc = identity_client(claim)
-        with pytest.raises(Exception) as e:
+        with pytest.raises(V2ServiceException) as e:
             provision(idc, new_csr()[0], serial="SN-9999")
         err = e.value.modeled_error
         assert (err.status_code, err.error_code) == (403, "Forbidden")
         assert "SN-9999" in err.error_message
-        with pytest.raises(Exception) as e:
+        with pytest.raises(V2ServiceException) as e:
             idc.create_certificate_from_csr(iotidentity.CreateCertificateFromCsrRequest(
                 certificate_signing_request="-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n")).result(20)
         assert e.value.modeled_error.error_code == "InvalidCsr"
