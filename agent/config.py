@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 DEFAULT_CONFIG_PATH = Path("/etc/iot-agent/config.toml")
 
@@ -118,6 +121,31 @@ class JobsConfig:
 
 
 @dataclass(frozen=True)
+class OtaTargetConfig:
+    """Something the agent may update: its releases live in `directory` (releases/, current, previous, broken)."""
+
+    directory: Path = REQUIRED
+    unpack: bool = True  # the artifact is a tar archive extracted into the release; false: one file, kept as is
+    health_command: list[str] = field(default_factory=list)  # run in the new release; exit 0 means healthy
+    health_timeout_s: float = 60.0
+    self_update: bool = False  # this target is the agent itself: restart into it, confirm after reconnecting
+    afr_ota_filepath: str = ""  # afr_ota documents whose file has this filepath install here
+
+
+@dataclass(frozen=True)
+class OtaConfig:
+    """Signed updates. Nothing is installed unless it verifies against the pinned code-signing certificate."""
+
+    code_signing_certificate: Path | None = None  # required when any target is declared
+    ca_file: Path | None = None  # CA for HTTPS downloads; the system's trust store when unset
+    max_artifact_bytes: int = 512 * 1024 * 1024
+    insecure_allow_downgrade: bool = False  # lets an older version replace a newer one (re-opens fixed holes)
+    download_attempts: int = 5  # per job, per agent run; a partial download resumes where it stopped
+    self_update_deadline_s: float = 300.0  # the new agent must reconnect and confirm within this, or rolls back
+    targets: dict[str, OtaTargetConfig] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
 
@@ -132,6 +160,7 @@ class Config:
     provisioning: ProvisioningConfig = field(default_factory=ProvisioningConfig)
     defender: DefenderConfig = field(default_factory=DefenderConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    ota: OtaConfig = field(default_factory=OtaConfig)
     log: LogConfig = field(default_factory=LogConfig)
     path: Path | None = None  # where it was read from; not a TOML key
 
@@ -168,6 +197,11 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         return _convert(value, inner[0], key, problems)
     if origin is dict:
         key_tp, val_tp = typing.get_args(tp)
+        if dataclasses.is_dataclass(val_tp):
+            if not isinstance(value, dict):
+                problems.append(f"{key}: expected a table of tables, got {_describe(value)}")
+                return None
+            return {k: _section(val_tp, v, f"{key}.{k}", problems) for k, v in value.items()}
         if not isinstance(value, dict):
             problems.append(f"{key}: expected a table of {_type_name(val_tp).split(' ', 1)[1]}s, got {_describe(value)}")
             return None
@@ -301,6 +335,23 @@ def _semantic_problems(c: dict[str, Any]) -> list[str]:
                 ipaddress.ip_address(ip)
             except ValueError:
                 out.append(f"defender.custom_ip_list.{name}: {ip!r} is not an IP address")
+    o: OtaConfig = c["ota"]
+    if o.targets and o.code_signing_certificate is None:
+        out.append("ota.code_signing_certificate: required when update targets are declared (updates are "
+                   "verified against it; nothing else is trusted)")
+    if not 1 <= o.download_attempts <= 100 or o.max_artifact_bytes < 1 or o.self_update_deadline_s <= 0:
+        out.append("ota: need 1 <= download_attempts <= 100, max_artifact_bytes >= 1 and self_update_deadline_s > 0")
+    for name, t in o.targets.items():
+        if t is None:
+            continue
+        if not NAME_RE.match(name):
+            out.append(f"ota.targets.{name}: target names are letters, digits, '.', '_' and '-'")
+        if t.health_timeout_s <= 0:
+            out.append(f"ota.targets.{name}.health_timeout_s: must be > 0")
+        if t.self_update and not t.unpack:
+            out.append(f"ota.targets.{name}: a self-update target must be unpacked (a tar of the agent package)")
+    if sum(1 for t in o.targets.values() if t and t.self_update) > 1:
+        out.append("ota.targets: at most one target can be the agent itself (self_update = true)")
     p: Pkcs11Config = c["pkcs11"]
     if not 1 <= len(p.token_label.encode()) <= 32:
         out.append(f"pkcs11.token_label: {p.token_label!r} must be 1-32 bytes (PKCS#11 token labels are 32 bytes)")
@@ -367,6 +418,11 @@ def check_files(cfg: Config) -> list[str]:
     cert = cfg.identity.certificate_file
     if cert is not None and not cfg.resolve(cert).is_file():
         out.append(f"identity.certificate_file: {cfg.resolve(cert)} does not exist; provision the device first")
+    if cfg.ota.code_signing_certificate is not None:
+        cs = cfg.resolve(cfg.ota.code_signing_certificate)
+        if not cs.is_file():
+            out.append(f"ota.code_signing_certificate: {cs} does not exist; install the code-signing certificate "
+                       "that signs your updates")
     sd = cfg.resolve(cfg.device.state_dir)
     if sd.exists() and not os.access(sd, os.W_OK | os.X_OK):
         out.append(f"device.state_dir: {sd} is not writable by this user; fix its owner or mode")

@@ -16,6 +16,7 @@ from .clock import ClockGate
 from .config import Config
 from .connection import Connection, ConnectionSettings
 from .errors import AgentError, ClockError
+from .release import RESTART_EXIT
 from .pin import read_pin
 from .state import StateStore
 
@@ -79,6 +80,7 @@ def has_identity(cfg: Config, state: dict) -> bool:
 
 
 def run(cfg: Config, stop: threading.Event) -> int:
+    """Returns the exit status: 0 after SIGTERM, RESTART_EXIT when an update asks to be restarted into."""
     pin = read_pin(cfg)
     store = StateStore(cfg.resolve(cfg.device.state_dir))
     clock_trusted = False
@@ -97,6 +99,7 @@ def run(cfg: Config, stop: threading.Event) -> int:
             return 0  # stopped while waiting to retry
     identity = current_identity(cfg, store.load())
     router = MessageRouter()
+    exit_code = [0]
     engine_box: list = []
     conn = Connection(settings_for(cfg, identity, pin), on_message=router,
                       on_event=lambda ev: ev.kind == "connected" and engine_box and engine_box[0].on_connected())
@@ -119,8 +122,13 @@ def run(cfg: Config, stop: threading.Event) -> int:
         if cfg.jobs.enabled:
             from .jobs import JobsEngine
 
+            def restart() -> None:
+                exit_code[0] = RESTART_EXIT
+                stop.set()
+
             engine = JobsEngine(identity.thing_name, conn, load_state=lambda: store.load().get("jobs", {}),
-                                save_state=lambda d: store.update(jobs=d), handlers=builtin_job_handlers(cfg))
+                                save_state=lambda d: store.update(jobs=d),
+                                handlers=builtin_job_handlers(cfg, store, identity, conn, router, restart))
             engine_box.append(engine)
             engine.start()
             if conn.connected.is_set():
@@ -139,14 +147,28 @@ def run(cfg: Config, stop: threading.Event) -> int:
         if reporter:
             reporter.stop()
         conn.stop()
-        log.info("stopped")
-    return 0
+        log.info("stopped" if exit_code[0] == 0 else "stopped; restarting into the new release")
+    return exit_code[0]
 
 
-def builtin_job_handlers(cfg: Config) -> dict:
-    """Operations this release performs. OTA updates and certificate rotation register here as they land;
-    anything else is REJECTED with the reason."""
-    return {}
+def builtin_job_handlers(cfg: Config, store: StateStore, identity: Identity, conn: Connection,
+                         router: "MessageRouter", restart) -> dict:
+    """Operations this release performs; anything else is REJECTED with the reason."""
+    handlers: dict = {}
+    if cfg.ota.targets:
+        import os
+
+        from .ota import OtaHandler
+        from .release import RELEASE_ENV
+
+        ota = OtaHandler(cfg, load=lambda: store.load().get("ota", {}), save=lambda d: store.update(ota=d),
+                         thing=identity.thing_name, publish=lambda t, p: conn.publish(t, p, qos=1),
+                         subscribe=lambda t: conn.subscribe(t, qos=1), request_restart=restart,
+                         running_release=os.environ.get(RELEASE_ENV))
+        ota.recover()
+        router.add(f"$aws/things/{identity.thing_name}/streams/", ota.on_stream_message)
+        handlers["ota-update"] = ota
+    return handlers
 
 
 class MessageRouter:

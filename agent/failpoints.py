@@ -11,11 +11,17 @@ import os
 import signal
 
 ENV = "IOT_AGENT_TEST_FAILPOINT"
+ONCE_ENV = "IOT_AGENT_TEST_FAILPOINT_ONCE"  # a file path: fire only if it does not exist yet (then create it)
 log = logging.getLogger("agent.failpoints")
 
 
 def hit(name: str) -> None:
     if os.environ.get(ENV) == name:
+        once = os.environ.get(ONCE_ENV)
+        if once:
+            if os.path.exists(once):
+                return
+            open(once, "w").close()
         log.warning("test fail point %s reached: SIGKILL", name)
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)

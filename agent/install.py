@@ -103,6 +103,32 @@ def roll_back(target_dir: Path) -> str | None:
     return prev
 
 
+def restore(target_dir: Path, current: str | None, previous: str | None, broken: str | None = None) -> None:
+    """Put the links back as recorded before an install (write-ahead), optionally marking one release broken.
+
+    Used after an interrupted or failed install: unlike roll_back() it needs no guess about which
+    link was already switched when the power went.
+    """
+    if broken:
+        _link(target_dir, "broken", broken)
+    _link(target_dir, "previous", previous)
+    _link(target_dir, "current", current)
+
+
+def prune(target_dir: Path) -> None:
+    """Remove releases no slot points at, and staging leftovers: only current, previous and broken stay."""
+    keep = {slot(target_dir, n) for n in ("current", "previous", "broken")}
+    releases = target_dir / "releases"
+    if not releases.is_dir():
+        return
+    for d in releases.iterdir():
+        if d.name not in keep:
+            shutil.rmtree(d, ignore_errors=True) if d.is_dir() and not d.is_symlink() else d.unlink(missing_ok=True)
+    for n in ("current", "previous", "broken"):
+        (target_dir / f".{n}.tmp").unlink(missing_ok=True)
+    _fsync_dir(releases)
+
+
 def health_check(command: list[str], release_dir: Path, timeout_s: float) -> tuple[bool, str]:
     """Run the target's check against the new release; (healthy, reason)."""
     if not command:

@@ -25,11 +25,13 @@ REQUEST_TIMEOUT_S = 20
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str  # SUCCEEDED, FAILED or REJECTED
+    # SUCCEEDED, FAILED or REJECTED; or IN_PROGRESS when the job goes on after a restart of the agent
+    # (a self-update): the engine then reports the details and takes no further job in this run.
+    status: str
     details: dict[str, str]
 
 
-Handler = Callable[[dict, Callable[[dict[str, str]], None]], Outcome]
+Handler = Callable[[str, dict, Callable[[dict[str, str]], None]], Outcome]
 
 
 def operation_of(document: Any) -> str | None:
@@ -64,6 +66,7 @@ class JobsEngine:
     _stream: Any = None
     _thread: threading.Thread | None = None
     _seen_connects: int = -1
+    _parked: bool = False  # a handler asked to finish its job after a restart
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -107,7 +110,7 @@ class JobsEngine:
             try:
                 self._ensure_client()
                 self.flush_outbox()
-                while not self._stop.is_set() and self.run_next():
+                while not self._stop.is_set() and not self._parked and self.run_next():
                     pass
                 delay = 1.0
             except Exception as e:
@@ -178,6 +181,12 @@ class JobsEngine:
             st = self.load_state()
             self.save_state({**st, "current": {"job_id": job_id, "started_at": int(time.time())}})
         outcome = self.dispatch(job_id, doc)
+        if outcome.status == "IN_PROGRESS":
+            self._parked = True
+            self._enqueue(job_id, "IN_PROGRESS", _clean(outcome.details))
+            log.info("job %s continues after a restart: %s", job_id, outcome.details)
+            self.flush_outbox()
+            return False
         self._enqueue(job_id, outcome.status, _clean(outcome.details))
         with self._lock:
             st = self.load_state()
@@ -203,7 +212,7 @@ class JobsEngine:
                     log.debug("progress update deferred: %s", e)
 
         try:
-            return handler(doc, progress)
+            return handler(job_id, doc, progress)
         except Exception as e:
             log.exception("job %s: handler for %s failed", job_id, op)
             return Outcome("FAILED", {"reason": f"{e.__class__.__name__}: {str(e)[:200]}"})

@@ -43,6 +43,7 @@ class UpdateSpec:
     stream_id: str | None
     file_id: int | None
     signature: bytes  # DER
+    filepath: str | None = None  # afr_ota: the file's path as the OTA job names it (maps to a target)
 
 
 def version_key(v: str) -> tuple[int, ...]:
@@ -97,6 +98,12 @@ def parse(document: Any) -> UpdateSpec:
             raise DocumentError("document is not valid JSON")
     if not isinstance(document, dict):
         raise DocumentError("document must be a JSON object")
+    try:
+        encoded = len(json.dumps(document, separators=(",", ":")).encode())
+    except (TypeError, ValueError):
+        raise DocumentError("document is not plain JSON")
+    if encoded > MAX_DOCUMENT_BYTES:
+        raise DocumentError(f"document larger than {MAX_DOCUMENT_BYTES} bytes")
     if "afr_ota" in document:
         return _afr(document)
     if document.get("operation") == "ota-update":
@@ -176,4 +183,4 @@ def _afr(d: dict) -> UpdateSpec:
         file_id = _int(f.get("fileid", 0), "afr_ota.files[0].fileid", 0, 255)
     else:
         raise DocumentError("afr_ota: HTTP without update_data_url")
-    return UpdateSpec("afr_ota", None, None, name, size, None, url, stream_id, file_id, sig)
+    return UpdateSpec("afr_ota", None, None, name, size, None, url, stream_id, file_id, sig, path)

@@ -36,6 +36,7 @@ class StreamDownload:
     block_size: int = BLOCK
     timeout_s: float = 10.0
     max_rounds: int = 10_000
+    progress: Callable[[int, int], None] | None = None
 
     def __post_init__(self) -> None:
         self.inbox: "queue.Queue[tuple[str, bytes]]" = queue.Queue()
@@ -138,6 +139,9 @@ class StreamDownload:
                 f.flush()
                 os.fsync(f.fileno())
                 self._save_bitmap(bm)  # after the data is durable: a resume never skips a lost block
+                if self.progress:
+                    have = sum(bin(b).count("1") for b in bm)
+                    self.progress(min(self.expected_size, have * self.block_size), self.expected_size)
             else:
                 raise DownloadError("stream download made no progress")
         self.bitmap_path.unlink(missing_ok=True)

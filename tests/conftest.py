@@ -68,13 +68,14 @@ class AgentProcess:
     device: Device
     args: tuple[str, ...] = ("run",)
     env_extra: dict[str, str] = field(default_factory=dict)
+    cmd: list[str] | None = None  # instead of `iot-agent <args>` (e.g. the launcher)
     proc: subprocess.Popen | None = None
     lines: list[tuple[float, str]] = field(default_factory=list)  # (monotonic time seen, text)
     _reader: threading.Thread | None = None
 
     def start(self) -> "AgentProcess":
         self.proc = subprocess.Popen(
-            agent_cmd(self.device.config_path, *self.args), env={**self.device.token.full_env(), **self.env_extra},
+            self.cmd or agent_cmd(self.device.config_path, *self.args), env={**self.device.token.full_env(), **self.env_extra},
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -118,8 +119,9 @@ class AgentProcess:
 def agents():
     started: list[AgentProcess] = []
 
-    def launch(device: Device, *args: str, env: dict[str, str] | None = None) -> AgentProcess:
-        a = AgentProcess(device, args or ("run",), dict(env or {})).start()
+    def launch(device: Device, *args: str, env: dict[str, str] | None = None,
+               cmd: list[str] | None = None) -> AgentProcess:
+        a = AgentProcess(device, args or ("run",), dict(env or {}), cmd).start()
         started.append(a)
         return a
 

@@ -46,12 +46,12 @@ def test_jobs_run_one_at_a_time_with_progress_and_reasons(world):
     jobs = Jobs(c.registry.db, c.registry.lock)
     order = []
 
-    def ok(doc, progress):
+    def ok(job_id, doc, progress):
         order.append(doc["n"])
         progress({"progress": "50%"})
         return Outcome("SUCCEEDED", {"result": f"did {doc['n']}"})
 
-    def boom(doc, progress):
+    def boom(job_id, doc, progress):
         raise RuntimeError("disk on fire")
 
     jobs.create("a", "gw-SN-J1", {"operation": "ok", "n": 1})
@@ -84,7 +84,7 @@ def test_status_survives_a_broker_restart_and_an_agent_restart(world):
     jobs = Jobs(c.registry.db, c.registry.lock)
     release = threading.Event()
 
-    def slow(doc, progress):
+    def slow(job_id, doc, progress):
         release.wait(60)
         return Outcome("SUCCEEDED", {"result": "installed"})
 

@@ -1,0 +1,404 @@
+"""Signed OTA updates as a write-ahead state machine over the release slots of `agent.install`.
+
+Every step is recorded in the state file before its effect, so a power cut at any point resumes or
+undoes cleanly when the job comes back (AWS hands an IN_PROGRESS execution out again):
+
+    accepted    checks that need no bytes passed (size limit, version, not broken); download next
+    downloaded  the whole artifact is on disk; verify next (sha256, signature, version inside)
+    verified    a verified artifact waits to be staged
+    activating  releases/<version> staged, links about to switch; `from_*` records the old links
+    trial       (self-update) links switched and the agent restarted into the new release, which
+                must reconnect and confirm before the deadline (iot-agent-launch enforces it)
+    committed   the new release is good; the job's result is recorded in `done`
+
+An install interrupted in `activating` is undone at start-up (links restored, the release dropped),
+so no half-installed version is ever left running. A job whose result is in `done` gets the same
+answer again without doing anything: a repeated execution is never installed twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tarfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import failpoints, install
+from .release import clear_trial, read_trial, write_trial
+from .config import Config, OtaTargetConfig
+from .download import DownloadError, https_download
+from .jobs import Outcome
+from .otadoc import VERSION_RE, DocumentError, UpdateSpec, parse, version_key
+from .signing import load_pinned_key, sha256_file, verify_digest
+from .streamdl import StreamDownload
+
+log = logging.getLogger("agent.ota")
+
+MAX_DONE = 200
+
+
+class Refused(Exception):
+    """The update is not acceptable: REJECTED, nothing installed."""
+
+
+class Failed(Exception):
+    """The update could not be done now: FAILED, nothing installed."""
+
+
+def version_in_tar(path: Path) -> str | None:
+    """The VERSION file at the top of a tar artifact (signed with it), or None."""
+    try:
+        with tarfile.open(path) as tar:
+            for name in ("VERSION", "./VERSION"):
+                try:
+                    m = tar.getmember(name)
+                except KeyError:
+                    continue
+                if not m.isfile() or m.size > 64:
+                    raise Refused("VERSION in the artifact is not a small regular file")
+                text = tar.extractfile(m).read().decode("ascii", "replace").strip()
+                if not VERSION_RE.match(text):
+                    raise Refused(f"VERSION in the artifact ({text[:20]!r}) is not dotted numbers")
+                return text
+    except tarfile.TarError as e:
+        raise Refused(f"artifact is not a tar archive: {e}")
+    return None
+
+
+@dataclass(eq=False)
+class OtaHandler:
+    """The `ota-update` job handler (our schema and afr_ota documents)."""
+
+    cfg: Config
+    load: Callable[[], dict]  # the "ota" part of the state
+    save: Callable[[dict], None]
+    thing: str
+    publish: Callable[[str, bytes], int]
+    subscribe: Callable[[str], int]
+    request_restart: Callable[[], None] = lambda: None
+    running_release: str | None = None
+    _stream: StreamDownload | None = None
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def __post_init__(self) -> None:
+        o = self.cfg.ota
+        self.pinned = load_pinned_key(self.cfg.resolve(o.code_signing_certificate))
+        self.work = self.cfg.resolve(self.cfg.device.state_dir) / "ota"
+        self.work.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.targets = {n: t for n, t in o.targets.items()}
+
+    # -- state ------------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        st = dict(self.load())
+        st.setdefault("installed", {})
+        st.setdefault("broken", {})
+        st.setdefault("done", {})
+        return st
+
+    def _put(self, **changes: Any) -> dict:
+        with self._lock:
+            st = self._state()
+            for k, v in changes.items():
+                if v is None:
+                    st.pop(k, None)
+                else:
+                    st[k] = v
+            self.save(st)
+            return st
+
+    def _set_phase(self, active: dict, phase: str, **extra: Any) -> dict:
+        active = {**active, "phase": phase, **extra}
+        self._put(active=active)
+        return active
+
+    def target_dir(self, name: str) -> Path:
+        return self.cfg.resolve(self.targets[name].directory)
+
+    def installed_version(self, name: str) -> str | None:
+        return self._state()["installed"].get(name) or install.slot(self.target_dir(name), "current")
+
+    # -- start-up ---------------------------------------------------------------------------------
+    def recover(self) -> None:
+        """Undo an install that a power cut interrupted between staging and a proven release."""
+        st = self._state()
+        a = st.get("active")
+        if not a or a.get("target") not in self.targets:
+            return
+        tdir = self.target_dir(a["target"])
+        if a["phase"] == "activating":
+            install.restore(tdir, a.get("from_current"), a.get("from_previous"))
+            install.prune(tdir)
+            self._set_phase(a, "verified")
+            log.warning("update to %s %s was interrupted while switching; the previous release is restored and "
+                        "the install resumes with the job", a["target"], a["version"])
+
+    def on_stream_message(self, topic: str, payload: bytes) -> None:
+        dl = self._stream
+        if dl is not None and topic.startswith(dl.base + "/"):
+            dl.on_message(topic, payload)
+
+    # -- the job ----------------------------------------------------------------------------------
+    def __call__(self, job_id: str, doc: Any, progress: Callable[[dict[str, str]], None]) -> Outcome:
+        st = self._state()
+        if job_id in st["done"]:
+            status, details = st["done"][job_id]
+            return Outcome(status, details)  # a repeat of a finished job: the same answer, nothing done again
+        active = st.get("active")
+        if active and active.get("job_id") != job_id:
+            self._abandon(active)
+            active = None
+        try:
+            spec = parse(doc)
+            target = self._target_for(spec)
+            if active is None:
+                active = self._accept(job_id, spec, target)
+            return self._run(active, spec, progress)
+        except DocumentError as e:
+            return self._finish(job_id, "REJECTED", {"reason": str(e)}, None)
+        except Refused as e:
+            return self._finish(job_id, "REJECTED", {"reason": str(e)}, self._state().get("active"))
+        except Failed as e:
+            return self._finish(job_id, "FAILED", {"reason": str(e)}, self._state().get("active"))
+
+    def _target_for(self, spec: UpdateSpec) -> str:
+        if spec.source == "our":
+            if spec.target not in self.targets:
+                raise Refused(f"unknown update target {spec.target!r} (targets on this device: "
+                              f"{', '.join(sorted(self.targets)) or 'none'})")
+            return spec.target
+        for name, t in self.targets.items():
+            if t.afr_ota_filepath and t.afr_ota_filepath == spec.filepath:
+                return name
+        raise Refused(f"no update target takes afr_ota file {spec.filepath!r} (set afr_ota_filepath on a target)")
+
+    def _check_version(self, target: str, version: str) -> None:
+        st = self._state()
+        if version in st["broken"].get(target, []) or install.slot(self.target_dir(target), "broken") == version:
+            raise Refused(f"version {version} of {target} failed on this device before; it is not retried")
+        cur = self.installed_version(target)
+        if cur is None:
+            return
+        if version_key(version) == version_key(cur):
+            raise Refused(f"version {version} of {target} is already installed (a replayed or repeated update)")
+        if version_key(version) < version_key(cur) and not self.cfg.ota.insecure_allow_downgrade:
+            raise Refused(f"downgrade of {target} from {cur} to {version} refused (ota.insecure_allow_downgrade is off)")
+
+    def _accept(self, job_id: str, spec: UpdateSpec, target: str) -> dict:
+        o = self.cfg.ota
+        if spec.size > o.max_artifact_bytes:
+            raise Refused(f"artifact of {spec.size} bytes exceeds ota.max_artifact_bytes ({o.max_artifact_bytes})")
+        if spec.version:
+            self._check_version(target, spec.version)
+        free = shutil.disk_usage(self.work).free
+        if free < spec.size * 2 + (16 << 20):
+            raise Failed(f"not enough disk space: {free} bytes free, the update needs {spec.size * 2} plus a margin")
+        key = hashlib.sha256(job_id.encode()).hexdigest()[:24]
+        active = {"job_id": job_id, "target": target, "version": spec.version, "phase": "accepted",
+                  "partial": str(self.work / f"{key}.part")}
+        self._put(active=active)
+        log.info("job %s: update of %s to %s accepted", job_id, target, spec.version or "(version in artifact)")
+        failpoints.hit("ota.after_accept")
+        return active
+
+    def _run(self, a: dict, spec: UpdateSpec, progress) -> Outcome:
+        t = self.targets[a["target"]]
+        for _ in range(8):  # each phase moves forward; bounded in case of a corrupt record
+            phase = a["phase"]
+            if phase == "accepted":
+                self._download(a, spec, progress)
+                a = self._set_phase(a, "downloaded")
+                failpoints.hit("ota.after_download")
+            elif phase == "downloaded":
+                progress({"step": "verifying", "version": str(a.get("version"))})
+                a = self._set_phase(a, "verified", version=self._verify(a, spec, t))
+                failpoints.hit("ota.after_verify")
+            elif phase == "verified":
+                out = self._install(a, spec, t, progress)
+                if out is not None:
+                    return out
+                a = self._state()["active"]
+            elif phase == "activating":  # only without recover() (tests); undo and install again
+                self.recover()
+                a = self._state()["active"]
+            elif phase == "trial":
+                return self._confirm(a, t)
+            elif phase == "committed":
+                return self._finish(a["job_id"], "SUCCEEDED", {"result": "installed", "target": a["target"],
+                                                                "version": a["version"]}, a)
+            else:
+                raise Failed(f"unknown install phase {phase!r} in the state file")
+        raise Failed("the install made no progress")
+
+    # -- steps -----------------------------------------------------------------------------------
+    def _download(self, a: dict, spec: UpdateSpec, progress) -> None:
+        partial = Path(a["partial"])
+        last = [-1]
+        midway = [False]
+
+        def report(done: int, total: int) -> None:
+            pct = done * 100 // max(total, 1)
+            if pct // 10 != last[0] // 10:
+                last[0] = pct
+                progress({"step": "downloading", "progress": f"{pct}%", "version": str(a.get("version"))})
+            if not midway[0] and done * 2 >= total:
+                midway[0] = True
+                failpoints.hit("ota.download_midway")
+
+        delay, why = 0.5, ""
+        for attempt in range(1, self.cfg.ota.download_attempts + 1):
+            try:
+                if spec.url:
+                    https_download(spec.url, partial, spec.size, ca_file=self.cfg.resolve(self.cfg.ota.ca_file)
+                                   if self.cfg.ota.ca_file else None, progress=report)
+                else:
+                    self._stream = StreamDownload(self.thing, spec.stream_id, spec.file_id, partial, spec.size,
+                                                  publish=self.publish, subscribe=self.subscribe, progress=report)
+                    try:
+                        self._stream.run()
+                    finally:
+                        self._stream = None
+                return
+            except DownloadError as e:
+                why = str(e)
+                if why.startswith("size mismatch"):
+                    raise Refused(why)  # the artifact is not the one the signed document describes
+                if "refused" in why or why.startswith("only https"):
+                    raise Failed(why)  # expired URL, missing stream: trying again cannot help
+                log.warning("job %s: download attempt %d: %s", a["job_id"], attempt, why)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        raise Failed(f"download failed after {self.cfg.ota.download_attempts} attempts: {why}")
+
+    def _verify(self, a: dict, spec: UpdateSpec, t: OtaTargetConfig) -> str:
+        path = Path(a["partial"])
+        if not path.is_file() or path.stat().st_size != spec.size:
+            raise Refused("downloaded artifact has the wrong size")
+        digest = sha256_file(path)
+        if spec.sha256 is not None and digest.hex() != spec.sha256:
+            raise Refused("artifact sha256 does not match the job document (tampered or corrupted)")
+        if not verify_digest(self.pinned, digest, spec.signature):
+            raise Refused("signature does not verify with the pinned code-signing certificate")
+        log.info("job %s: signature verified (sha256 %s)", a["job_id"], digest.hex()[:16])
+        inside = version_in_tar(path) if t.unpack else None
+        if spec.version is None:
+            if inside is None:
+                raise Refused("afr_ota updates need a VERSION file inside the (tar) artifact for the version check")
+            self._check_version(a["target"], inside)
+            return inside
+        if inside is not None and inside != spec.version:
+            raise Refused(f"VERSION inside the artifact ({inside}) differs from the job's version ({spec.version})")
+        return spec.version
+
+    def _install(self, a: dict, spec: UpdateSpec, t: OtaTargetConfig, progress) -> Outcome | None:
+        tdir = self.target_dir(a["target"])
+        tdir.mkdir(parents=True, exist_ok=True)
+        version = a["version"]
+        progress({"step": "installing", "version": version})
+        try:
+            release = install.stage(tdir, version, Path(a["partial"]), spec.name, t.unpack)
+        except install.InstallError as e:
+            raise Refused(str(e))
+        failpoints.hit("ota.after_stage")
+        a = self._set_phase(a, "activating", from_current=install.slot(tdir, "current"),
+                            from_previous=install.slot(tdir, "previous"))
+        install.activate(tdir, version)
+        failpoints.hit("ota.after_activate")
+        if t.self_update:
+            deadline = time.time() + self.cfg.ota.self_update_deadline_s
+            write_trial(tdir, {"state": "trial", "version": version, "from_current": a["from_current"],
+                               "from_previous": a["from_previous"], "deadline": deadline, "attempts": 0})
+            self._set_phase(a, "trial", deadline=deadline)
+            failpoints.hit("ota.before_restart")
+            log.info("job %s: restarting into %s %s; it must confirm within %g s", a["job_id"], a["target"],
+                     version, self.cfg.ota.self_update_deadline_s)
+            self.request_restart()
+            return Outcome("IN_PROGRESS", {"step": "restarting", "version": version})
+        progress({"step": "health check", "version": version})
+        healthy, reason = install.health_check(t.health_command, release, t.health_timeout_s)
+        if not healthy:
+            return self._roll_back(a, tdir, reason)
+        failpoints.hit("ota.after_health")
+        self._commit(a, tdir)
+        return None
+
+    def _confirm(self, a: dict, t: OtaTargetConfig) -> Outcome:
+        """Run by the agent after a self-update restart, once connected and taking jobs."""
+        tdir = self.target_dir(a["target"])
+        trial = read_trial(tdir) or {}
+        if self.running_release == a["version"] and trial.get("state") != "rolled_back":
+            failpoints.hit("ota.before_confirm")
+            healthy, reason = install.health_check(t.health_command, tdir / "releases" / a["version"], t.health_timeout_s)
+            if not healthy:
+                return self._roll_back(a, tdir, reason, restart=True)
+            self._commit(a, tdir)
+            clear_trial(tdir)
+            return self._finish(a["job_id"], "SUCCEEDED", {"result": "installed", "target": a["target"],
+                                                            "version": a["version"]}, self._state()["active"])
+        reason = trial.get("reason") if trial.get("state") == "rolled_back" else (
+            f"the agent did not restart into {a['version']} (running {self.running_release or 'the base install'}); "
+            "is it started by iot-agent-launch?")
+        if trial.get("state") != "rolled_back":
+            install.restore(tdir, a.get("from_current"), a.get("from_previous"), broken=a["version"])
+        clear_trial(tdir)
+        return self._roll_back(a, tdir, reason, already=True)
+
+    def _commit(self, a: dict, tdir: Path) -> None:
+        st = self._state()
+        installed = {**st["installed"], a["target"]: a["version"]}
+        self._put(installed=installed, active={**a, "phase": "committed"})
+        install.prune(tdir)
+        Path(a["partial"]).unlink(missing_ok=True)
+        log.info("job %s: %s %s installed", a["job_id"], a["target"], a["version"])
+
+    def _roll_back(self, a: dict, tdir: Path, reason: str, restart: bool = False, already: bool = False) -> Outcome:
+        if not already:
+            install.restore(tdir, a.get("from_current"), a.get("from_previous"), broken=a["version"])
+        install.prune(tdir)
+        st = self._state()
+        broken = {**st["broken"], a["target"]: sorted(set(st["broken"].get(a["target"], [])) | {a["version"]})}
+        self._put(broken=broken)
+        log.warning("job %s: %s %s rolled back to %s: %s", a["job_id"], a["target"], a["version"],
+                    a.get("from_current"), reason)
+        out = self._finish(a["job_id"], "FAILED", {"reason": f"rolled back to {a.get('from_current')}: {reason}"[:1000],
+                                                    "version": a["version"]}, a)
+        if restart:
+            self.request_restart()  # the old release must run again
+        return out
+
+    def _finish(self, job_id: str, status: str, details: dict[str, str], active: dict | None) -> Outcome:
+        if active and active.get("job_id") == job_id:
+            Path(active["partial"]).unlink(missing_ok=True)
+            Path(active["partial"] + ".blocks").unlink(missing_ok=True)
+            if active.get("phase") in ("verified", "downloaded", "accepted") and active.get("target") in self.targets:
+                install.prune(self.target_dir(active["target"]))
+        st = self._state()
+        done = dict(st["done"])
+        done[job_id] = [status, details]
+        while len(done) > MAX_DONE:
+            done.pop(next(iter(done)))
+        self._put(done=done, active=None)
+        return Outcome(status, details)
+
+    def _abandon(self, a: dict) -> None:
+        """The cloud moved on (job canceled or timed out): drop what that job left behind."""
+        log.warning("job %s is no longer ours to finish (canceled?); dropping its update of %s", a.get("job_id"),
+                    a.get("target"))
+        if a.get("target") in self.targets:
+            tdir = self.target_dir(a["target"])
+            if a.get("phase") in ("activating", "trial"):
+                if a.get("phase") == "trial" and self.running_release == a.get("version"):
+                    self._commit(a, tdir)
+                else:
+                    install.restore(tdir, a.get("from_current"), a.get("from_previous"))
+                clear_trial(tdir)
+            install.prune(tdir)
+        Path(a["partial"]).unlink(missing_ok=True)
+        Path(a["partial"] + ".blocks").unlink(missing_ok=True)
+        self._put(active=None)

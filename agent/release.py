@@ -1,0 +1,54 @@
+"""What the agent, its self-updates and iot-agent-launch share: the trial record and exit codes.
+
+A self-update switches the agent target's `current` link and writes `trial.json` beside it:
+
+    {"state": "trial", "version": "2.0.0", "from_current": "1.0.0", "from_previous": null,
+     "deadline": <unix time>, "attempts": 0}
+
+The new release removes the record once it has reconnected and confirmed. Until then the launcher
+counts starts and watches the deadline; when either runs out it restores the old links, marks the
+new release broken and rewrites the record as {"state": "rolled_back", "reason": ...} for the old
+release to report. Kept free of heavy imports: the launcher loads it on every start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+RELEASE_ENV = "IOT_AGENT_RELEASE"  # set by iot-agent-launch: the release the running agent came from
+RESTART_EXIT = 75  # the agent exits with this to be started again at once (EX_TEMPFAIL)
+TRIAL_FILE = "trial.json"
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_trial(target_dir: Path) -> dict | None:
+    try:
+        doc = json.loads((target_dir / TRIAL_FILE).read_text())
+        return doc if isinstance(doc, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def write_trial(target_dir: Path, doc: dict) -> None:
+    tmp = target_dir / f".{TRIAL_FILE}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target_dir / TRIAL_FILE)
+    _fsync_dir(target_dir)
+
+
+def clear_trial(target_dir: Path) -> None:
+    (target_dir / TRIAL_FILE).unlink(missing_ok=True)
+    _fsync_dir(target_dir)

@@ -1,0 +1,81 @@
+"""Test helpers for OTA updates: a code-signing key with its certificate, release tarballs, job documents."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from localcloud.pki import CertificateAuthority, pem
+
+
+@dataclass
+class CodeSigner:
+    directory: Path
+    key: ec.EllipticCurvePrivateKey = field(default_factory=lambda: ec.generate_private_key(ec.SECP256R1()))
+
+    def __post_init__(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        ca = CertificateAuthority(self.directory / "ca")
+        self.cert_path = self.directory / "codesign.pem"
+        self.cert_path.write_bytes(pem(ca.sign_public_key(self.key.public_key(), "code-signer")))
+
+    def sign(self, data: bytes) -> str:
+        return base64.b64encode(self.key.sign(data, ec.ECDSA(hashes.SHA256()))).decode()
+
+
+def make_tar(files: dict[str, bytes], version: str | None = None) -> bytes:
+    """A release tarball; VERSION at the top when a version is given."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        items = dict(files)
+        if version is not None:
+            items = {"VERSION": version.encode() + b"\n", **items}
+        for name, data in items.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def tar_dir(src: Path, prefix: str, version: str, patch: dict[str, tuple[str, str]] | None = None) -> bytes:
+    """A tarball of a source folder (e.g. the agent package) under `prefix/`, with text replacements."""
+    files: dict[str, bytes] = {}
+    for p in sorted(src.rglob("*")):
+        if p.is_file() and "__pycache__" not in p.parts and not p.name.endswith(".pyc"):
+            rel = p.relative_to(src).as_posix()
+            data = p.read_bytes()
+            if patch and rel in patch:
+                old, new = patch[rel]
+                assert old.encode() in data, f"{rel}: {old!r} not found"
+                data = data.replace(old.encode(), new.encode())
+            files[f"{prefix}/{rel}"] = data
+    return make_tar(files, version)
+
+
+def our_doc(target: str, version: str, name: str, data: bytes, signature: str, *, url: str | None = None,
+            stream: tuple[str, int] | None = None, size: int | None = None, sha256: str | None = None) -> dict:
+    art: dict = {"name": name, "size": len(data) if size is None else size,
+                 "sha256": sha256 or hashlib.sha256(data).hexdigest()}
+    if url:
+        art["url"] = url
+    else:
+        art["stream"] = {"id": stream[0], "file_id": stream[1]}
+    return {"operation": "ota-update", "schema": 1, "target": target, "version": version, "artifact": art,
+            "signature": {"algorithm": "ECDSA-P256-SHA256", "value": signature}}
+
+
+def afr_doc(filepath: str, data: bytes, signature: str, *, url: str | None = None, stream: str | None = None) -> dict:
+    f = {"filepath": filepath, "filesize": len(data), "fileid": 0, "certfile": "codesign.crt",
+         "fileType": 0, "sig-sha256-ecdsa": signature}
+    if url:
+        f["update_data_url"] = url
+        return {"afr_ota": {"protocols": ["HTTP"], "files": [f]}}
+    return {"afr_ota": {"protocols": ["MQTT"], "streamname": stream, "files": [f]}}

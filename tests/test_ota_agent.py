@@ -1,0 +1,217 @@
+"""Signed OTA updates end to end: the real agent (SoftHSM key, provisioned by claim) against the local
+cloud's jobs, HTTPS artifact server and MQTT streams.
+
+One agent runs for the whole module and takes the jobs as they are queued: the happy paths over
+HTTPS and streams for both document kinds, then every refusal, each followed by a check that
+nothing was installed and nothing was left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import os
+import ssl
+import threading
+from pathlib import Path
+
+import pytest
+
+from agent.install import slot
+from localcloud.artifacts import Artifacts
+from localcloud.bench import fresh_device
+from localcloud.cloud import LocalCloud
+from localcloud.jobs import Jobs
+from localcloud.ntp import Chrony
+from localcloud.streams import Streams
+from localcloud.tokens import softhsm_token
+from otakit import CodeSigner, afr_doc, make_tar, our_doc
+from test_jobs_engine import wait_status
+
+HEALTH = ["sh", "-c", "test -f app.txt && ! grep -q unhealthy app.txt"]
+AFR_PATH = "/opt/app/app.tar"
+
+
+class World:
+    def __init__(self, root: Path):
+        self.root = root
+        self.cloud = LocalCloud(root / "cloud")
+        self.cloud.registry.allow_serials(["OTA1"])
+        self.info = self.cloud.up()
+        self.ntp = Chrony(root / "chrony").start()
+        self.token = softhsm_token(root / "softhsm")
+        self.signer = CodeSigner(root / "signer")
+        self.jobs = Jobs(self.cloud.registry.db, self.cloud.registry.lock)
+        self.artifacts = Artifacts.open(self.cloud.directory)
+        self.streams = Streams(self.cloud.registry.db, self.cloud.registry.lock, self.cloud.directory / "streams")
+        self.app = root / "device" / "app"
+        self.blob = root / "device" / "blob"
+        self.dev = fresh_device(self.cloud, self.token, "OTA1", root / "device", [self.ntp.server], extra={
+            "defender": {"enabled": False},
+            "ota": {"code_signing_certificate": str(self.signer.cert_path), "ca_file": self.info["ca_file"],
+                    "max_artifact_bytes": 4 * 1024 * 1024, "download_attempts": 2,
+                    "targets": {"app": {"directory": str(self.app), "health_command": HEALTH, "health_timeout_s": 10.0,
+                                        "afr_ota_filepath": AFR_PATH},
+                                "blob": {"directory": str(self.blob), "unpack": False}}}})
+        self.thing = "gw-OTA1"
+        self.n = 0
+
+    def file(self, data: bytes) -> Path:
+        self.n += 1
+        p = self.root / f"artifact-{self.n}"
+        p.write_bytes(data)
+        return p
+
+    def https(self, data: bytes) -> str:
+        p = self.file(data)
+        return self.artifacts.put(p, f"ota/{p.name}")
+
+    def stream(self, data: bytes) -> str:
+        p = self.file(data)
+        return self.streams.create([p], f"ota-{p.name}")
+
+    def run(self, job_id: str, doc: dict, status: str) -> dict:
+        self.jobs.create(job_id, self.thing, doc)
+        return wait_status(self.jobs, job_id, self.thing, status, timeout=60)
+
+    def assert_clean(self, current: str | None, target: Path | None = None) -> None:
+        """One good version and nothing half-installed: only linked releases, no partial downloads."""
+        target = target or self.app
+        assert slot(target, "current") == current
+        linked = {slot(target, n) for n in ("current", "previous", "broken")} - {None}
+        assert {p.name for p in (target / "releases").iterdir()} == linked
+        assert list((self.dev.directory / "state" / "ota").iterdir()) == []
+
+    def close(self) -> None:
+        self.token.stop()
+        self.ntp.stop()
+        self.cloud.down()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    w = World(tmp_path_factory.mktemp("ota"))
+    yield w
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def agent(world):
+    from conftest import AgentProcess
+
+    a = AgentProcess(world.dev).start()
+    a.wait_for(r"connected to localhost:\d+ as gw-OTA1", timeout=90)
+    yield a
+    assert a.stop() == 0
+
+
+def release(version: str, text: str | None = None) -> bytes:
+    return make_tar({"app.txt": (text or f"app {version}\n").encode(), "bin/run": b"#!/bin/sh\necho hi\n"}, version)
+
+
+def test_happy_paths_https_and_streams_for_both_document_kinds(world, agent):
+    s = world.signer
+    cases = [
+        ("our-https", "1.1.0", lambda d: our_doc("app", "1.1.0", "app.tar", d, s.sign(d), url=world.https(d))),
+        ("our-stream", "1.2.0", lambda d: our_doc("app", "1.2.0", "app.tar", d, s.sign(d), stream=(world.stream(d), 0))),
+        ("afr-https", "1.3.0", lambda d: afr_doc(AFR_PATH, d, s.sign(d), url=world.https(d))),
+        ("afr-stream", "1.4.0", lambda d: afr_doc(AFR_PATH, d, s.sign(d), stream=world.stream(d))),
+    ]
+    previous = None
+    for job_id, version, make in cases:
+        data = release(version) + os.urandom(300_000)  # trailing bytes after the tar's end: several blocks/chunks
+        ex = world.run(job_id, make(data), "SUCCEEDED")
+        d = ex["statusDetails"]
+        assert d["result"] == "installed" and d["version"] == version and d["progress"] == "100%", d
+        assert (world.app / "current" / "app.txt").read_text() == f"app {version}\n"
+        assert slot(world.app, "previous") == previous
+        world.assert_clean(version)
+        previous = version
+    # Progress went out as IN_PROGRESS updates while downloading (several per job).
+    delivered = [l for _, l in agent.lines if "job our-https: IN_PROGRESS delivered" in l]
+    assert len(delivered) >= 3, agent.text()[-2000:]
+    # A single-file target keeps the artifact as it is.
+    blob = os.urandom(200_000)
+    world.run("blob-1", our_doc("blob", "7", "firmware.bin", blob, s.sign(blob), url=world.https(blob)), "SUCCEEDED")
+    assert (world.blob / "current" / "firmware.bin").read_bytes() == blob
+    world.assert_clean("7", world.blob)
+
+
+class Truncating(http.server.BaseHTTPRequestHandler):
+    data = b""
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.data)))
+        self.end_headers()
+        self.wfile.write(self.data[: len(self.data) // 2])  # then the connection drops
+
+
+@pytest.fixture
+def truncating_server(world):
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Truncating)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    pki = world.cloud.directory / "pki"
+    ctx.load_cert_chain(pki / "server.pem", pki / "server.key")
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_refusals_install_nothing(world, agent, truncating_server):
+    s = world.signer
+    other = CodeSigner(world.root / "other-signer")
+    base = slot(world.app, "current")
+    assert base == "1.4.0"  # from the happy-path test
+    good = release("2.0.0")
+
+    def doc(data=good, version="2.0.0", sig=None, **kw):
+        return our_doc("app", version, "app.tar", data, sig or s.sign(data), url=kw.pop("url", None) or world.https(data), **kw)
+
+    tampered = good[:-10] + b"X" * 10
+    Truncating.data = good
+    traversal = make_tar({"../evil.txt": b"owned", "app.txt": b"app 2.0.0\n"}, "2.0.0")
+    cases = [
+        ("bad-signature", doc(sig=s.sign(b"something else")), "REJECTED", "signature does not verify"),
+        ("other-key", doc(sig=other.sign(good)), "REJECTED", "signature does not verify"),
+        ("tampered", our_doc("app", "2.0.0", "app.tar", good, s.sign(good), url=world.https(tampered)),
+         "REJECTED", "sha256 does not match"),
+        ("tampered-hash-too", our_doc("app", "2.0.0", "app.tar", tampered, s.sign(good), url=world.https(tampered)),
+         "REJECTED", "signature does not verify"),
+        ("size-mismatch", doc(size=len(good) + 10), "REJECTED", "size mismatch"),
+        ("truncated", doc(url=f"https://localhost:{truncating_server.server_address[1]}/app.tar"),
+         "FAILED", "download failed after 2 attempts"),
+        ("downgrade", doc(data=release("1.0.0"), version="1.0.0"), "REJECTED", "downgrade of app from 1.4.0 to 1.0.0"),
+        ("replay", doc(data=release("1.4.0"), version="1.4.0"), "REJECTED", "already installed"),
+        ("version-lie", doc(data=release("1.0.0"), version="2.0.0"), "REJECTED",
+         "VERSION inside the artifact (1.0.0) differs"),
+        ("traversal", doc(data=traversal), "REJECTED", "not a safe tar archive"),
+        ("afr-traversal", afr_doc("/opt/app/../../etc/passwd", good, s.sign(good), url=world.https(good)),
+         "REJECTED", "filepath must name a plain file"),
+        ("oversized-doc", {**doc(), "padding": "x" * 40_000}, "REJECTED", "document larger than"),
+        ("oversized-artifact", doc(size=5 * 1024 * 1024), "REJECTED", "exceeds ota.max_artifact_bytes"),
+        ("malformed", {"operation": "ota-update", "schema": 1, "target": "app"}, "REJECTED", "version must be"),
+        ("unknown-target", {**doc(), "target": "kernel"}, "REJECTED", "unknown update target 'kernel'"),
+        ("unhealthy", doc(data=release("2.1.0", "unhealthy\n"), version="2.1.0"), "FAILED",
+         "rolled back to 1.4.0: health check exited 1"),
+        ("broken-again", doc(data=release("2.1.0", "unhealthy\n"), version="2.1.0"), "REJECTED",
+         "failed on this device before"),
+    ]
+    for job_id, document, status, why in cases:
+        ex = world.run(job_id, document, status)
+        assert why in ex["statusDetails"]["reason"], (job_id, ex["statusDetails"])
+        assert slot(world.app, "current") == base, job_id
+        assert (world.app / "current" / "app.txt").read_text() == "app 1.4.0\n"
+        world.assert_clean(base)
+        assert not (world.root / "device" / "evil.txt").exists() and not (world.app / "evil.txt").exists()
+    assert slot(world.app, "broken") == "2.1.0"
+    # The replay of a finished job (the same execution handed out again) gets the recorded answer.
+    assert "job our-https" in agent.text()
+    # After all that, a good update still goes through.
+    world.run("good-after-refusals", doc(), "SUCCEEDED")
+    world.assert_clean("2.0.0")
