@@ -12,7 +12,19 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.install import slot
+from localcloud.artifacts import Artifacts
+from localcloud.bench import fresh_device
+from localcloud.cloud import LocalCloud
+from localcloud.jobs import Jobs
+from localcloud.ntp import Chrony
 from localcloud.pki import CertificateAuthority, pem
+from localcloud.streams import Streams
+from localcloud.tokens import softhsm_token
+from test_jobs_engine import wait_status
+
+HEALTH = ["sh", "-c", "test -f app.txt && ! grep -q unhealthy app.txt"]
+AFR_PATH = "/opt/app/app.tar"
 
 
 @dataclass
@@ -79,3 +91,66 @@ def afr_doc(filepath: str, data: bytes, signature: str, *, url: str | None = Non
         f["update_data_url"] = url
         return {"afr_ota": {"protocols": ["HTTP"], "files": [f]}}
     return {"afr_ota": {"protocols": ["MQTT"], "streamname": stream, "files": [f]}}
+
+
+def release(version: str, text: str | None = None) -> bytes:
+    return make_tar({"app.txt": (text or f"app {version}\n").encode(), "bin/run": b"#!/bin/sh\necho hi\n"}, version)
+
+
+class World:
+    """A local cloud, NTP, a SoftHSM token, a code signer and one factory-fresh device with OTA targets
+    (target directories are relative to the device folder)."""
+
+    def __init__(self, root: Path, serial: str, targets: dict[str, dict], ota: dict | None = None):
+        self.root = root
+        self.cloud = LocalCloud(root / "cloud")
+        self.cloud.registry.allow_serials([serial])
+        self.info = self.cloud.up()
+        self.ntp = Chrony(root / "chrony").start()
+        self.token = softhsm_token(root / "softhsm")
+        self.signer = CodeSigner(root / "signer")
+        self.jobs = Jobs(self.cloud.registry.db, self.cloud.registry.lock)
+        self.artifacts = Artifacts.open(self.cloud.directory)
+        self.streams = Streams(self.cloud.registry.db, self.cloud.registry.lock, self.cloud.directory / "streams")
+        self.app = root / "device" / "app"
+        self.blob = root / "device" / "blob"
+        targets = {n: {**t, "directory": str(root / "device" / t["directory"])} for n, t in targets.items()}
+        self.dev = fresh_device(self.cloud, self.token, serial, root / "device", [self.ntp.server], extra={
+            "defender": {"enabled": False},
+            "ota": {"code_signing_certificate": str(self.signer.cert_path), "ca_file": self.info["ca_file"],
+                    "max_artifact_bytes": 4 * 1024 * 1024, "download_attempts": 2, "targets": targets, **(ota or {})}})
+        self.thing = f"gw-{serial}"
+        self.n = 0
+
+    def file(self, data: bytes) -> Path:
+        self.n += 1
+        p = self.root / f"artifact-{self.n}"
+        p.write_bytes(data)
+        return p
+
+    def https(self, data: bytes) -> str:
+        p = self.file(data)
+        return self.artifacts.put(p, f"ota/{p.name}")
+
+    def stream(self, data: bytes) -> str:
+        p = self.file(data)
+        return self.streams.create([p], f"ota-{p.name}")
+
+    def run(self, job_id: str, doc: dict, status: str) -> dict:
+        self.jobs.create(job_id, self.thing, doc)
+        return wait_status(self.jobs, job_id, self.thing, status, timeout=60)
+
+    def assert_clean(self, current: str | None, target: Path | None = None) -> None:
+        """One good version and nothing half-installed: only linked releases, no partial downloads."""
+        target = target or self.app
+        assert slot(target, "current") == current
+        linked = {slot(target, n) for n in ("current", "previous", "broken")} - {None}
+        assert {p.name for p in (target / "releases").iterdir()} == linked
+        assert list((self.dev.directory / "state" / "ota").iterdir()) == []
+
+    def close(self) -> None:
+        self.token.stop()
+        self.ntp.stop()
+        self.cloud.down()
+
+

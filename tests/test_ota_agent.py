@@ -8,89 +8,22 @@ nothing was installed and nothing was left behind.
 
 from __future__ import annotations
 
-import hashlib
 import http.server
 import os
 import ssl
 import threading
-from pathlib import Path
 
 import pytest
 
 from agent.install import slot
-from localcloud.artifacts import Artifacts
-from localcloud.bench import fresh_device
-from localcloud.cloud import LocalCloud
-from localcloud.jobs import Jobs
-from localcloud.ntp import Chrony
-from localcloud.streams import Streams
-from localcloud.tokens import softhsm_token
-from otakit import CodeSigner, afr_doc, make_tar, our_doc
-from test_jobs_engine import wait_status
-
-HEALTH = ["sh", "-c", "test -f app.txt && ! grep -q unhealthy app.txt"]
-AFR_PATH = "/opt/app/app.tar"
-
-
-class World:
-    def __init__(self, root: Path):
-        self.root = root
-        self.cloud = LocalCloud(root / "cloud")
-        self.cloud.registry.allow_serials(["OTA1"])
-        self.info = self.cloud.up()
-        self.ntp = Chrony(root / "chrony").start()
-        self.token = softhsm_token(root / "softhsm")
-        self.signer = CodeSigner(root / "signer")
-        self.jobs = Jobs(self.cloud.registry.db, self.cloud.registry.lock)
-        self.artifacts = Artifacts.open(self.cloud.directory)
-        self.streams = Streams(self.cloud.registry.db, self.cloud.registry.lock, self.cloud.directory / "streams")
-        self.app = root / "device" / "app"
-        self.blob = root / "device" / "blob"
-        self.dev = fresh_device(self.cloud, self.token, "OTA1", root / "device", [self.ntp.server], extra={
-            "defender": {"enabled": False},
-            "ota": {"code_signing_certificate": str(self.signer.cert_path), "ca_file": self.info["ca_file"],
-                    "max_artifact_bytes": 4 * 1024 * 1024, "download_attempts": 2,
-                    "targets": {"app": {"directory": str(self.app), "health_command": HEALTH, "health_timeout_s": 10.0,
-                                        "afr_ota_filepath": AFR_PATH},
-                                "blob": {"directory": str(self.blob), "unpack": False}}}})
-        self.thing = "gw-OTA1"
-        self.n = 0
-
-    def file(self, data: bytes) -> Path:
-        self.n += 1
-        p = self.root / f"artifact-{self.n}"
-        p.write_bytes(data)
-        return p
-
-    def https(self, data: bytes) -> str:
-        p = self.file(data)
-        return self.artifacts.put(p, f"ota/{p.name}")
-
-    def stream(self, data: bytes) -> str:
-        p = self.file(data)
-        return self.streams.create([p], f"ota-{p.name}")
-
-    def run(self, job_id: str, doc: dict, status: str) -> dict:
-        self.jobs.create(job_id, self.thing, doc)
-        return wait_status(self.jobs, job_id, self.thing, status, timeout=60)
-
-    def assert_clean(self, current: str | None, target: Path | None = None) -> None:
-        """One good version and nothing half-installed: only linked releases, no partial downloads."""
-        target = target or self.app
-        assert slot(target, "current") == current
-        linked = {slot(target, n) for n in ("current", "previous", "broken")} - {None}
-        assert {p.name for p in (target / "releases").iterdir()} == linked
-        assert list((self.dev.directory / "state" / "ota").iterdir()) == []
-
-    def close(self) -> None:
-        self.token.stop()
-        self.ntp.stop()
-        self.cloud.down()
+from otakit import AFR_PATH, HEALTH, CodeSigner, World, afr_doc, make_tar, our_doc, release
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    w = World(tmp_path_factory.mktemp("ota"))
+    w = World(tmp_path_factory.mktemp("ota"), "OTA1", {
+        "app": {"directory": "app", "health_command": HEALTH, "health_timeout_s": 10.0, "afr_ota_filepath": AFR_PATH},
+        "blob": {"directory": "blob", "unpack": False}})
     yield w
     w.close()
 
@@ -100,13 +33,9 @@ def agent(world):
     from conftest import AgentProcess
 
     a = AgentProcess(world.dev).start()
-    a.wait_for(r"connected to localhost:\d+ as gw-OTA1", timeout=90)
+    a.wait_for(rf"connected to localhost:\d+ as {world.thing}", timeout=90)
     yield a
     assert a.stop() == 0
-
-
-def release(version: str, text: str | None = None) -> bytes:
-    return make_tar({"app.txt": (text or f"app {version}\n").encode(), "bin/run": b"#!/bin/sh\necho hi\n"}, version)
 
 
 def test_happy_paths_https_and_streams_for_both_document_kinds(world, agent):

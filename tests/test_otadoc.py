@@ -48,7 +48,10 @@ def mutate(doc, path, value):
     for k in path[:-1]:
         cur = cur[k]
     if value is KeyError:
-        cur.pop(path[-1], None)
+        if isinstance(cur, list):
+            del cur[path[-1]]
+        else:
+            cur.pop(path[-1], None)
     else:
         cur[path[-1]] = value
     return d
@@ -94,7 +97,7 @@ paths = st.sampled_from([("artifact", "name"), ("artifact", "size"), ("artifact"
                          ("target",), ("schema",), ("operation",), ("artifact",), ("signature",)])
 
 
-@settings(max_examples=600, deadline=None, derandomize=True, database=None)
+@settings(max_examples=1000, deadline=None, derandomize=True, database=None)
 @given(paths, st.one_of(json_values, st.just(KeyError)))
 def test_mutated_documents_never_crash_the_parser(path, value):
     try:
@@ -104,7 +107,7 @@ def test_mutated_documents_never_crash_the_parser(path, value):
     assert spec.name and spec.size > 0 and spec.signature[0] == 0x30
 
 
-@settings(max_examples=500, deadline=None, derandomize=True, database=None)
+@settings(max_examples=1000, deadline=None, derandomize=True, database=None)
 @given(st.one_of(json_values, st.binary(max_size=200), st.dictionaries(st.sampled_from(["afr_ota", "operation", "x"]),
                                                                          json_values, max_size=3)))
 def test_arbitrary_input_never_crashes_the_parser(doc):
@@ -130,3 +133,19 @@ def test_signatures_are_checked_against_the_pinned_key_only(tmp_path):
     assert not verify_digest(pinned, digest, other)  # signed by a different key
     assert not verify_digest(pinned, digest, b"\x30\x00garbage")
     assert not verify_digest(pinned, digest[:16], sig)
+
+
+afr_paths = st.sampled_from([("afr_ota",), ("afr_ota", "protocols"), ("afr_ota", "streamname"), ("afr_ota", "files"),
+                             ("afr_ota", "files", 0), ("afr_ota", "files", 0, "filepath"),
+                             ("afr_ota", "files", 0, "filesize"), ("afr_ota", "files", 0, "fileid"),
+                             ("afr_ota", "files", 0, "sig-sha256-ecdsa"), ("afr_ota", "files", 0, "update_data_url")])
+
+
+@settings(max_examples=1000, deadline=None, derandomize=True, database=None)
+@given(afr_paths, st.one_of(json_values, st.just(KeyError)))
+def test_mutated_afr_documents_never_crash_the_parser(path, value):
+    try:
+        spec = parse(mutate(AFR, path, value))
+    except DocumentError:
+        return
+    assert spec.name and ".." not in spec.name and spec.size > 0 and spec.signature[0] == 0x30

@@ -1,0 +1,85 @@
+"""The agent updates itself: iot-agent-launch starts the release in `current`, a new release must
+reconnect and confirm before its deadline, and one that cannot connect is rolled back by the
+launcher without its own help. Kills at the self-test fail points end on one good version too."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.failpoints import ENV, ONCE_ENV
+from agent.install import slot
+from agent.release import read_trial
+from otakit import World, our_doc, tar_dir
+from test_jobs_engine import wait_status
+
+REPO = Path(__file__).resolve().parent.parent
+DEADLINE_S = 25.0
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    w = World(tmp_path_factory.mktemp("otaself"), "OTAS", {"agent": {"directory": "agent-release", "self_update": True}},
+              ota={"self_update_deadline_s": DEADLINE_S})
+    w.target = w.root / "device" / "agent-release"
+    yield w
+    w.close()
+
+
+def launcher(world, agents, env=None):
+    return agents(world.dev, env=env, cmd=[sys.executable, "-m", "agent.launcher", "--config", str(world.dev.config_path)])
+
+
+def agent_release(world, job_id: str, version: str, patch=None) -> None:
+    data = tar_dir(REPO / "agent", "agent", version, patch)
+    world.jobs.create(job_id, world.thing, our_doc("agent", version, "agent.tar", data, world.signer.sign(data),
+                                                   url=world.https(data)))
+
+
+def test_self_update_confirms_and_a_release_that_cannot_connect_rolls_back(world, agents):
+    a = launcher(world, agents)
+    a.wait_for(r"starting the agent from the base installation")
+    a.wait_for(rf"connected to localhost:\d+ as {world.thing}", timeout=90)
+
+    agent_release(world, "self-2", "2.0.0")
+    ex = wait_status(world.jobs, "self-2", world.thing, "SUCCEEDED", timeout=90)
+    assert ex["statusDetails"]["version"] == "2.0.0"
+    i = a.wait_for(r"starting the agent from release 2\.0\.0")
+    a.wait_for(rf"connected to localhost:\d+ as {world.thing}", after=i)
+    assert slot(world.target, "current") == "2.0.0" and read_trial(world.target) is None
+
+    # 3.0.0 uses the wrong MQTT client ID: the broker refuses it, so it can never confirm.
+    agent_release(world, "self-3", "3.0.0", {"daemon.py": ("client_id=identity.thing_name,",
+                                                           "client_id=identity.thing_name + '-x',")})
+    ex = wait_status(world.jobs, "self-3", world.thing, "FAILED", timeout=DEADLINE_S + 90)
+    reason = ex["statusDetails"]["reason"]
+    assert "rolled back to 2.0.0" in reason and "did not confirm within the deadline" in reason, reason
+    j = a.wait_for(r"starting the agent from release 3\.0\.0")
+    k = a.wait_for(r"release 3\.0\.0 rolled back to 2\.0\.0", after=j, timeout=5)
+    a.wait_for(r"starting the agent from release 2\.0\.0", after=k, timeout=5)
+    assert slot(world.target, "current") == "2.0.0" and slot(world.target, "broken") == "3.0.0"
+    assert read_trial(world.target) is None
+    # The broken release is never tried again.
+    agent_release(world, "self-3-again", "3.0.0")
+    ex = wait_status(world.jobs, "self-3-again", world.thing, "REJECTED", timeout=60)
+    assert "failed on this device before" in ex["statusDetails"]["reason"]
+    assert a.stop() == 0
+
+
+@pytest.mark.parametrize("point", ["ota.before_restart", "ota.before_confirm"])
+def test_kill_at_self_test_fail_points(world, agents, tmp_path, point):
+    version = {"ota.before_restart": "4.0.0", "ota.before_confirm": "5.0.0"}[point]
+    before = slot(world.target, "current")
+    a = launcher(world, agents, env={ENV: point, ONCE_ENV: str(tmp_path / "fired")})
+    a.wait_for(rf"connected to localhost:\d+ as {world.thing}", timeout=90)
+    agent_release(world, f"self-kill-{version[0]}", version)
+    ex = wait_status(world.jobs, f"self-kill-{version[0]}", world.thing, "SUCCEEDED", timeout=120)
+    assert f"test fail point {point} reached" in a.text()
+    assert ex["statusDetails"]["version"] == version
+    assert slot(world.target, "current") == version and slot(world.target, "previous") == before
+    assert read_trial(world.target) is None
+    linked = {slot(world.target, n) for n in ("current", "previous", "broken")} - {None}
+    assert {p.name for p in (world.target / "releases").iterdir()} == linked
+    assert a.stop() == 0
