@@ -130,6 +130,9 @@ class OtaTargetConfig:
     health_timeout_s: float = 60.0
     self_update: bool = False  # this target is the agent itself: restart into it, confirm after reconnecting
     afr_ota_filepath: str = ""  # afr_ota documents whose file has this filepath install here
+    # Installed by the root helper iot-agent-install (which re-verifies everything) instead of the agent:
+    # for directories the unprivileged agent must not write. Its health check is the helper's.
+    privileged: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ class OtaConfig:
     insecure_allow_downgrade: bool = False  # lets an older version replace a newer one (re-opens fixed holes)
     download_attempts: int = 5  # per job, per agent run; a partial download resumes where it stopped
     self_update_deadline_s: float = 300.0  # the new agent must reconnect and confirm within this, or rolls back
+    privileged_timeout_s: float = 600.0  # how long to wait for iot-agent-install to answer a request
     targets: dict[str, OtaTargetConfig] = field(default_factory=dict)
 
 
@@ -348,6 +352,8 @@ def _semantic_problems(c: dict[str, Any]) -> list[str]:
             out.append(f"ota.targets.{name}: target names are letters, digits, '.', '_' and '-'")
         if t.health_timeout_s <= 0:
             out.append(f"ota.targets.{name}.health_timeout_s: must be > 0")
+        if t.self_update and t.privileged:
+            out.append(f"ota.targets.{name}: the agent itself is not a privileged target (it updates its own release)")
         if t.self_update and not t.unpack:
             out.append(f"ota.targets.{name}: a self-update target must be unpacked (a tar of the agent package)")
     if sum(1 for t in o.targets.values() if t and t.self_update) > 1:

@@ -18,6 +18,7 @@ answer again without doing anything: a repeated execution is never installed twi
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -229,6 +230,8 @@ class OtaHandler:
                 a = self._state()["active"]
             elif phase == "trial":
                 return self._confirm(a, t)
+            elif phase == "handed_over":
+                return self._await_helper(a)
             elif phase == "committed":
                 return self._finish(a["job_id"], "SUCCEEDED", {"result": "installed", "target": a["target"],
                                                                 "version": a["version"]}, a)
@@ -298,9 +301,11 @@ class OtaHandler:
 
     def _install(self, a: dict, spec: UpdateSpec, t: OtaTargetConfig, progress) -> Outcome | None:
         tdir = self.target_dir(a["target"])
-        tdir.mkdir(parents=True, exist_ok=True)
         version = a["version"]
         progress({"step": "installing", "version": version})
+        if t.privileged:
+            return self._hand_over(a, spec)
+        tdir.mkdir(parents=True, exist_ok=True)
         try:
             release = install.stage(tdir, version, Path(a["partial"]), spec.name, t.unpack)
         except install.InstallError as e:
@@ -327,6 +332,55 @@ class OtaHandler:
         failpoints.hit("ota.after_health")
         self._commit(a, tdir)
         return None
+
+    # -- privileged targets (agent.privileged does the install) --------------------------------------
+    def _spool(self) -> Path:
+        d = self.work / "spool"
+        d.mkdir(mode=0o700, exist_ok=True)
+        return d
+
+    def _hand_over(self, a: dict, spec: UpdateSpec) -> Outcome:
+        key = Path(a["partial"]).stem
+        spool = self._spool()
+        (spool / f"{key}.result.json").unlink(missing_ok=True)
+        os.replace(a["partial"], spool / f"{key}.artifact")
+        request = {"job_id": a["job_id"], "target": a["target"], "version": a["version"], "name": spec.name,
+                   "signature": base64.b64encode(spec.signature).decode()}
+        tmp = spool / f".{key}.request.tmp"
+        tmp.write_text(json.dumps(request))
+        os.replace(tmp, spool / f"{key}.request.json")  # the helper's path unit fires on this name
+        a = self._set_phase(a, "handed_over", handed_at=time.time())
+        log.info("job %s: %s %s handed to iot-agent-install", a["job_id"], a["target"], a["version"])
+        return self._await_helper(a)
+
+    def _await_helper(self, a: dict) -> Outcome:
+        key = Path(a["partial"]).stem
+        spool = self._spool()
+        result_path = spool / f"{key}.result.json"
+        deadline = float(a.get("handed_at", time.time())) + self.cfg.ota.privileged_timeout_s
+        while time.time() < deadline:
+            try:
+                result = json.loads(result_path.read_text())
+                break
+            except (OSError, ValueError):
+                time.sleep(0.25)
+        else:
+            for suffix in (".request.json", ".artifact"):
+                (spool / f"{key}{suffix}").unlink(missing_ok=True)
+            raise Failed(f"iot-agent-install did not answer within {self.cfg.ota.privileged_timeout_s:g} s "
+                         "(is its systemd path unit enabled?)")
+        result_path.unlink(missing_ok=True)
+        status = result.get("status") if result.get("status") in ("SUCCEEDED", "FAILED", "REJECTED") else "FAILED"
+        reason = str(result.get("reason", ""))[:500]
+        if status == "SUCCEEDED":
+            st = self._state()
+            self._put(installed={**st["installed"], a["target"]: a["version"]})
+            return self._finish(a["job_id"], status, {"result": "installed", "target": a["target"],
+                                                      "version": a["version"], "by": "iot-agent-install"}, a)
+        if reason.startswith("rolled back"):
+            st = self._state()
+            self._put(broken={**st["broken"], a["target"]: sorted(set(st["broken"].get(a["target"], [])) | {a["version"]})})
+        return self._finish(a["job_id"], status, {"reason": f"iot-agent-install: {reason}"}, a)
 
     def _confirm(self, a: dict, t: OtaTargetConfig) -> Outcome:
         """Run by the agent after a self-update restart, once connected and taking jobs."""
@@ -376,7 +430,8 @@ class OtaHandler:
         if active and active.get("job_id") == job_id:
             Path(active["partial"]).unlink(missing_ok=True)
             Path(active["partial"] + ".blocks").unlink(missing_ok=True)
-            if active.get("phase") in ("verified", "downloaded", "accepted") and active.get("target") in self.targets:
+            t = self.targets.get(active.get("target"))
+            if active.get("phase") in ("verified", "downloaded", "accepted") and t and not t.privileged:
                 install.prune(self.target_dir(active["target"]))
         st = self._state()
         done = dict(st["done"])

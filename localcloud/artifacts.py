@@ -150,7 +150,7 @@ class Artifacts:
                         f.seek(start)
                         left = end - start + 1
                         while left > 0:
-                            chunk = f.read(min(65536, left))
+                            chunk = f.read(min(1 << 20, left))
                             if not chunk:
                                 break
                             self.wfile.write(chunk)
