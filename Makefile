@@ -18,6 +18,8 @@ test: sysdeps venv
 bench: sysdeps venv
 	$(PY) bench/startup.py
 	$(PY) bench/provision_many.py
+	$(PY) bench/defender_cost.py
+	$(PY) bench/download_throughput.py
 
 sysdeps:
 	@bash scripts/sysdeps.sh
