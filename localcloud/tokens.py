@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import threading
 import re
 import shutil
 import subprocess
@@ -27,9 +28,12 @@ def tpm2_pkcs11_lib() -> str:
 
 
 def write_private(path: Path, text: str) -> Path:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Mode 0600 from the start, and replaced atomically: an agent reading it meanwhile never sees it empty."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.replace(tmp, path)
     return path
 
 
