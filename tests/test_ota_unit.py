@@ -1,0 +1,56 @@
+"""The OTA handler's bookkeeping without a cloud: a finished job handed out again gets its recorded
+answer (nothing fetched, nothing installed), and an install cut between staging and the switch is
+undone at start-up."""
+
+from __future__ import annotations
+
+import json
+
+from agent import install
+from agent.config import parse
+from agent.ota import OtaHandler
+from otakit import CodeSigner, make_tar, our_doc
+
+
+def handler(tmp_path, state: dict) -> OtaHandler:
+    signer = CodeSigner(tmp_path / "signer")
+    cfg = parse({"broker": {"endpoint": "localhost", "ca_file": "ca.pem"},
+                 "pkcs11": {"library": "lib.so", "token_label": "t"},
+                 "device": {"state_dir": str(tmp_path / "state")},
+                 "ota": {"code_signing_certificate": str(signer.cert_path), "download_attempts": 1,
+                         "targets": {"app": {"directory": str(tmp_path / "app")}}}})
+    h = OtaHandler(cfg, load=lambda: json.loads(json.dumps(state)), save=lambda d: (state.clear(), state.update(d)),
+                   thing="t", publish=lambda t, p: 0, subscribe=lambda t: 0)
+    h.signer = signer
+    return h
+
+
+def test_a_finished_job_handed_out_again_gets_the_recorded_answer(tmp_path):
+    state = {"done": {"job-1": ["SUCCEEDED", {"result": "installed", "version": "1.0.0"}]}}
+    h = handler(tmp_path, state)
+    data = make_tar({"a": b"1"}, "1.0.0")
+    doc = our_doc("app", "1.0.0", "app.tar", data, h.signer.sign(data), url="https://127.0.0.1:1/never-fetched")
+    out = h("job-1", doc, lambda d: None)
+    assert (out.status, out.details["version"]) == ("SUCCEEDED", "1.0.0")
+    assert not (tmp_path / "app").exists() and state.get("active") is None
+    # The same document as a new job does try (and here fails to download): proof the above was the record.
+    out = h("job-2", doc, lambda d: None)
+    assert out.status == "FAILED" and "download failed" in out.details["reason"]
+    assert list((tmp_path / "state" / "ota").iterdir()) == []
+
+
+def test_an_interrupted_switch_is_undone_at_start_up(tmp_path):
+    app = tmp_path / "app"
+    src = tmp_path / "a.tar"
+    for v in ("1.0.0", "2.0.0"):
+        src.write_bytes(make_tar({"app.txt": v.encode()}, v))
+        install.stage(app, v, src, "a.tar", True)
+    install.activate(app, "1.0.0")
+    install.activate(app, "2.0.0")  # the power went right after this switch
+    state = {"active": {"job_id": "j", "target": "app", "version": "2.0.0", "phase": "activating",
+                        "from_current": "1.0.0", "from_previous": None, "partial": str(tmp_path / "p")}}
+    h = handler(tmp_path, state)
+    h.recover()
+    assert install.slot(app, "current") == "1.0.0" and install.slot(app, "previous") is None
+    assert sorted(p.name for p in (app / "releases").iterdir()) == ["1.0.0"]
+    assert state["active"]["phase"] == "verified"  # the job re-stages from the verified artifact
