@@ -21,6 +21,8 @@ log = logging.getLogger("agent.jobs")
 
 TERMINAL = ("SUCCEEDED", "FAILED", "REJECTED")
 REQUEST_TIMEOUT_S = 20
+IDLE_POLL_MIN_S = 2.0
+IDLE_POLL_MAX_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -94,14 +96,35 @@ class JobsEngine:
             operation_timeout_in_seconds=REQUEST_TIMEOUT_S))
         self._stream = self._client.create_next_job_execution_changed_stream(
             iotjobs.NextJobExecutionChangedSubscriptionRequest(thing_name=self.thing),
-            ServiceStreamOptions(incoming_event_listener=lambda ev: self._wake.set()))
+            ServiceStreamOptions(incoming_event_listener=lambda ev: self._wake.set(),
+                                 subscription_status_listener=self._on_stream_status,
+                                 deserialization_failure_listener=self._on_bad_notification))
         self._stream.open()
+
+    def _on_stream_status(self, ev) -> None:
+        """A job queued before the notify-next subscription was in place sends no notification: check
+        the queue whenever the subscription is (re-)established."""
+        import awscrt.mqtt_request_response as rr
+
+        if ev.type == rr.SubscriptionStatusEventType.SUBSCRIPTION_ESTABLISHED:
+            log.debug("notify-next subscription established")
+            self._wake.set()
+        else:
+            log.info("notify-next subscription %s; the queue is checked again when it is back",
+                     ev.type.name.lower().replace("_", " "))
+
+    def _on_bad_notification(self, failure) -> None:
+        log.warning("notify-next message could not be read; checking the queue instead")
+        self._wake.set()
 
     # -- the loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
-        delay = 1.0
+        delay, poll = 1.0, IDLE_POLL_MIN_S
         while not self._stop.is_set():
-            self._wake.wait(60.0)  # notify-next, a connect, or a periodic check for missed notifications
+            # Woken by notify-next or a connect. The queue is also polled: soon after activity, then
+            # less and less often (up to IDLE_POLL_MAX_S), because a notification can be missed (one
+            # sent while the last update was in flight or before the subscription was in place).
+            poll = IDLE_POLL_MIN_S if self._wake.wait(poll) else min(poll * 2, IDLE_POLL_MAX_S)
             self._wake.clear()
             if self._stop.is_set():
                 return
@@ -111,7 +134,7 @@ class JobsEngine:
                 self._ensure_client()
                 self.flush_outbox()
                 while not self._stop.is_set() and not self._parked and self.run_next():
-                    pass
+                    poll = IDLE_POLL_MIN_S
                 delay = 1.0
             except Exception as e:
                 log.warning("jobs: %s; retrying in %.0f s", e, delay)
@@ -174,6 +197,7 @@ class JobsEngine:
             thing_name=self.thing, status_details={"agent": "started"})).result(REQUEST_TIMEOUT_S + 5)
         ex = resp.execution
         if ex is None:
+            log.debug("no pending job")
             return False
         job_id, doc = ex.job_id, ex.job_document
         log.info("job %s started (%s)", job_id, operation_of(doc) or "unknown document")

@@ -116,7 +116,7 @@ class World:
         self.blob = root / "device" / "blob"
         targets = {n: {**t, "directory": str(root / "device" / t["directory"])} for n, t in targets.items()}
         self.dev = fresh_device(self.cloud, self.token, serial, root / "device", [self.ntp.server], extra={
-            "defender": {"enabled": False},
+            "defender": {"enabled": False}, "log": {"level": "debug"},
             "ota": {"code_signing_certificate": str(self.signer.cert_path), "ca_file": self.info["ca_file"],
                     "max_artifact_bytes": 4 * 1024 * 1024, "download_attempts": 2, "targets": targets, **(ota or {})}})
         self.thing = f"gw-{serial}"
@@ -138,7 +138,14 @@ class World:
 
     def run(self, job_id: str, doc: dict, status: str) -> dict:
         self.jobs.create(job_id, self.thing, doc)
-        return wait_status(self.jobs, job_id, self.thing, status, timeout=60)
+        import time as _t
+        print(f"{_t.strftime('%H:%M:%S')} created {job_id}")
+        try:
+            return wait_status(self.jobs, job_id, self.thing, status, timeout=60)
+        except AssertionError:
+            if getattr(self, "agent", None) is not None:
+                print(self.agent.text()[-8000:])  # shown by pytest on failure
+            raise
 
     def assert_clean(self, current: str | None, target: Path | None = None) -> None:
         """One good version and nothing half-installed: only linked releases, no partial downloads."""

@@ -105,7 +105,7 @@ def test_malformed_requests_get_aws_shaped_rejections(fuzz_cloud):
 
     one()
     print("fuzz:", stats)
-    assert stats["cases"] >= 1000 and stats["rejected"] > 500 and stats["denied"] > 10 and stats["silent"] > 10
+    assert stats["cases"] >= 1000 and stats["rejected"] > 500 and stats["denied"] >= 5 and stats["silent"] >= 5
 
     # The service is still up and still provisions correctly.
     assert c.running()

@@ -34,6 +34,7 @@ def agent(world):
 
     a = AgentProcess(world.dev).start()
     a.wait_for(rf"connected to localhost:\d+ as {world.thing}", timeout=90)
+    world.agent = a
     yield a
     assert a.stop() == 0
 
