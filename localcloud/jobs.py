@@ -275,8 +275,16 @@ class Jobs:
     def take_notifications(self) -> list[tuple[str, dict, dict]]:
         """(thing, notify document, notify-next document) for every thing whose queue changed."""
         with self.lock:
-            things = [t for (t,) in self.db.execute("SELECT thing FROM job_notify")]
-            self.db.execute("DELETE FROM job_notify")
+            # Read and clear the flags in one transaction: another process (the CLI, a test) may flag a
+            # thing between a separate SELECT and DELETE, and that notification would be lost.
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                things = [t for (t,) in self.db.execute("SELECT thing FROM job_notify")]
+                self.db.execute("DELETE FROM job_notify")
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
             out = []
             for thing in things:
                 rows = self._pending(thing)
