@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     fi.add_argument("--csr-out", type=Path, required=True)
     fc = fs.add_parser("claim-cert", help="install the claim certificate the manufacturer's CA issued for that CSR")
     fc.add_argument("certificate", type=Path)
+    sub.add_parser("rotate", help="ask the running agent to rotate the device certificate now (new key on the token)")
     st = sub.add_parser("status", help="the device's identity and provisioning state")
     st.add_argument("--json", action="store_true")
     return p
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(claim_cert(cfg, args.certificate))
             return 0
+        if args.command == "rotate":
+            return _rotate(cfg)
         if args.command == "status":
             from .status import show
 
@@ -92,6 +95,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"iot-agent: {line}", file=sys.stderr)
         return e.exit_code
     return 2
+
+
+def _rotate(cfg) -> int:
+    """Record the request in the state (so it survives a stopped agent) and wake the running agent."""
+    import os
+    import signal
+
+    from .daemon import current_identity
+    from .rotation import Rotator
+    from .state import StateStore
+
+    store = StateStore(cfg.resolve(cfg.device.state_dir))
+    identity = current_identity(cfg, store.load())
+    Rotator(cfg, store, identity.thing_name).request(reason="requested by iot-agent rotate")
+    try:
+        pid = int((store.directory / "agent.pid").read_text().strip())
+        os.kill(pid, signal.SIGUSR1)
+        print(f"rotation requested; the running agent (pid {pid}) starts it now")
+    except (OSError, ValueError):
+        print("rotation requested; the agent is not running and starts it when it does")
+    return 0
 
 
 def _check_config(path: Path | None) -> int:

@@ -114,6 +114,20 @@ class DefenderConfig:
 
 
 @dataclass(frozen=True)
+class RotationConfig:
+    """Certificate rotation: a new key on the token and a new certificate, proven before the old is dropped."""
+
+    enabled: bool = True  # automatic rotation by expiry window and age (jobs and `iot-agent rotate` always work)
+    expiry_window_days: float = 30.0
+    max_age_days: float = 90.0  # AWS's guidance: rotate device credentials regularly
+    check_interval_s: float = 86400.0  # also checked at every start
+    template_name: str = "iot-agent-rotation"  # provisioning template that attaches the new certificate
+    prove_timeout_s: float = 60.0  # the new certificate must connect within this, or the old one is kept
+    retry_min_s: float = 300.0
+    retry_max_s: float = 86400.0
+
+
+@dataclass(frozen=True)
 class JobsConfig:
     """AWS IoT Jobs: the agent takes the next pending job on connect and on notify-next."""
 
@@ -164,6 +178,7 @@ class Config:
     provisioning: ProvisioningConfig = field(default_factory=ProvisioningConfig)
     defender: DefenderConfig = field(default_factory=DefenderConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    rotation: RotationConfig = field(default_factory=RotationConfig)
     ota: OtaConfig = field(default_factory=OtaConfig)
     log: LogConfig = field(default_factory=LogConfig)
     path: Path | None = None  # where it was read from; not a TOML key
@@ -339,6 +354,11 @@ def _semantic_problems(c: dict[str, Any]) -> list[str]:
                 ipaddress.ip_address(ip)
             except ValueError:
                 out.append(f"defender.custom_ip_list.{name}: {ip!r} is not an IP address")
+    r: RotationConfig = c["rotation"]
+    if r.expiry_window_days < 0 or r.max_age_days <= 0 or r.check_interval_s <= 0 or r.prove_timeout_s <= 0 \
+            or r.retry_min_s <= 0 or r.retry_max_s < r.retry_min_s:
+        out.append("rotation: need expiry_window_days >= 0, max_age_days, check_interval_s and prove_timeout_s > 0, "
+                   "0 < retry_min_s <= retry_max_s")
     o: OtaConfig = c["ota"]
     if o.targets and o.code_signing_certificate is None:
         out.append("ota.code_signing_certificate: required when update targets are declared (updates are "

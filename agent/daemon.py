@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,14 +98,53 @@ def run(cfg: Config, stop: threading.Event) -> int:
         log.info("no identity yet: provisioning by claim")
         if not Provisioner(cfg, store, pin).run(stop):
             return 0  # stopped while waiting to retry
+    rotate_now = threading.Event()
+    _install_rotate_signal(rotate_now)
+    pid_file = store.directory / "agent.pid"
+    _write_pid(pid_file)
+    try:
+        for _ in range(1000):  # sessions: a rotation restarts one with other credentials; bounded
+            rc = _session(cfg, store, pin, stop, clock_trusted, rotate_now)
+            clock_trusted = True
+            if rc != SESSION_RESTART or stop.is_set():
+                return 0 if rc == SESSION_RESTART else rc
+        return 0
+    finally:
+        pid_file.unlink(missing_ok=True)
+
+
+SESSION_RESTART = -1
+
+
+def _session(cfg: Config, store: StateStore, pin: str, stop: threading.Event, clock_trusted: bool,
+             rotate_now: threading.Event) -> int:
+    """Connect with the current identity (or the one a rotation must prove) and serve until stopped."""
+    from .rotation import Rotator, check_not_expired
+
     identity = current_identity(cfg, store.load())
+    rotator = Rotator(cfg, store, identity.thing_name)
+    if rotator.step in ("keygen", "csr", "cleanup", "abandon_cleanup"):
+        try:
+            rotator.token_work()
+        except AgentError as e:
+            log.warning("certificate rotation: %s; trying again later", e)
+            if rotator.step in ("keygen", "csr"):
+                rotator.fail_prepare(str(e))
+        identity = current_identity(cfg, store.load())
+    pending = rotator.pending_identity()
+    if pending:
+        identity = Identity(identity.thing_name, Path(pending[0]), pending[1])
+        log.info("proving the new certificate %s", identity.certificate_file.name)
+    else:
+        check_not_expired(identity.certificate_file)
     router = MessageRouter()
+    router.add(f"cmd/{identity.thing_name}/certificate-rotation/", rotator.on_message)
     exit_code = [0]
+    session_restart = threading.Event()
     engine_box: list = []
     conn = Connection(settings_for(cfg, identity, pin), on_message=router,
                       on_event=lambda ev: ev.kind == "connected" and engine_box and engine_box[0].on_connected())
-    del pin
-    reporter = None
+    reporter = worker = None
     try:
         try:
             if clock_trusted:
@@ -117,6 +157,18 @@ def run(cfg: Config, stop: threading.Event) -> int:
             raise
         log.info("connecting to %s:%d as %s", cfg.broker.endpoint, cfg.broker.port, identity.thing_name)
         conn.start()
+        if pending:
+            deadline = time.monotonic() + cfg.rotation.prove_timeout_s
+            while not conn.connected.is_set() and time.monotonic() < deadline and not stop.is_set():
+                conn.connected.wait(0.5)
+            if stop.is_set():
+                return 0
+            if not conn.connected.is_set():
+                last = next((e.detail for e in reversed(conn.events) if e.kind == "failed"), "no answer")
+                rotator.not_proven(f"no connection within {cfg.rotation.prove_timeout_s:g} s ({last})")
+                session_restart.set()
+                return SESSION_RESTART
+            rotator.proven()
         if cfg.defender.enabled:
             reporter = start_defender(cfg, store, identity, conn, router)
         if cfg.jobs.enabled:
@@ -126,29 +178,115 @@ def run(cfg: Config, stop: threading.Event) -> int:
                 exit_code[0] = RESTART_EXIT
                 stop.set()
 
+            handlers = builtin_job_handlers(cfg, store, identity, conn, router, restart)
+            handlers["rotate-certificate"] = _rotation_job_handler(rotator, rotate_now)
             engine = JobsEngine(identity.thing_name, conn, load_state=lambda: store.load().get("jobs", {}),
-                                save_state=lambda d: store.update(jobs=d),
-                                handlers=builtin_job_handlers(cfg, store, identity, conn, router, restart))
+                                save_state=lambda d: store.update(jobs=d), handlers=handlers)
             engine_box.append(engine)
             engine.start()
             if conn.connected.is_set():
                 engine.on_connected()
-        waited = 0.0
-        while not stop.wait(cfg.broker.connect_timeout_s):
+        worker = threading.Thread(target=_rotation_worker, name="rotation", daemon=True, args=(
+            cfg, rotator, conn, identity, rotate_now, session_restart, stop, engine_box))
+        worker.start()
+        waited, tick = 0.0, 0.5
+        while not stop.wait(tick) and not session_restart.is_set():
             if conn.connected.is_set():
                 waited = 0.0
                 continue
-            waited += cfg.broker.connect_timeout_s
-            last = next((e.detail for e in reversed(conn.events) if e.kind in ("failed", "disconnected")), "none yet")
-            log.warning("not connected for %.0f s (last error: %s); still retrying", waited, last)
+            waited += tick
+            if waited % cfg.broker.connect_timeout_s < tick:
+                last = next((e.detail for e in reversed(conn.events) if e.kind in ("failed", "disconnected")),
+                            "none yet")
+                log.warning("not connected for %.0f s (last error: %s); still retrying", waited, last)
     finally:
+        rotate_now.set()  # ends the worker's wait
+        if worker:
+            worker.join(5)
+        rotate_now.clear()
         if engine_box:
             engine_box[0].stop()
         if reporter:
             reporter.stop()
         conn.stop()
-        log.info("stopped" if exit_code[0] == 0 else "stopped; restarting into the new release")
+        if session_restart.is_set() and not stop.is_set():
+            log.info("reconnecting with %s credentials", "the new" if rotator.pending_identity() else "the current")
+        else:
+            log.info("stopped" if exit_code[0] == 0 else "stopped; restarting into the new release")
+    if session_restart.is_set() and not stop.is_set():
+        return SESSION_RESTART
     return exit_code[0]
+
+
+def _rotation_worker(cfg: Config, rotator, conn: Connection, identity: Identity, rotate_now: threading.Event,
+                     session_restart: threading.Event, stop: threading.Event, engine_box: list) -> None:
+    """Finishes a rotation after a switch, and starts one when due (checked at start, then every
+    check_interval_s) or asked for (SIGUSR1 from `iot-agent rotate`, a job)."""
+    from .errors import AgentError
+
+    while not stop.is_set() and not session_restart.is_set():
+        if conn.connected.is_set():
+            try:
+                step = rotator.step
+                if step in ("commit", "abandon"):
+                    rotator.finish(conn)
+                    session_restart.set()  # the key work is done between sessions
+                    return
+                if step in ("requesting", "certificate", "registering"):
+                    try:
+                        rotator.prepare(conn)
+                    except AgentError as e:
+                        rotator.fail_prepare(str(e))
+                        log.error("certificate rotation refused: %s", e)
+                    session_restart.set()
+                    return
+                reason = rotator.wanted(identity.certificate_file) if step == "idle" else None
+                if reason:
+                    rotator.start(identity.certificate_file, identity.key_label, reason)
+                    session_restart.set()
+                    return
+            except AgentError as e:
+                log.warning("certificate rotation: %s; trying again later", e)
+            except Exception:
+                log.exception("certificate rotation failed unexpectedly; trying again later")
+        wait = cfg.rotation.check_interval_s if conn.connected.is_set() else 1.0
+        if rotator.step != "idle":
+            wait = min(wait, 30.0)
+        rotate_now.wait(wait)
+        rotate_now.clear()
+
+
+def _rotation_job_handler(rotator, rotate_now: threading.Event):
+    from .jobs import Outcome
+    from .rotation import job_outcome
+
+    def handle(job_id: str, doc, progress) -> Outcome:
+        res = job_outcome(rotator, job_id)
+        if res:
+            return Outcome(res[0], {"reason" if res[0] != "SUCCEEDED" else "result": res[1]})
+        if rotator.step == "idle":
+            rotator.request(job_id, f"job {job_id}")
+        elif not rotator.flow().get("job_id"):
+            rotator._save(job_id=job_id)
+        rotate_now.set()
+        return Outcome("IN_PROGRESS", {"step": "rotating certificate"})
+
+    return handle
+
+
+def _install_rotate_signal(event: threading.Event) -> None:
+    try:
+        signal.signal(signal.SIGUSR1, lambda *_: event.set())
+    except ValueError:  # not the main thread (embedded use): `iot-agent rotate` then waits for the next check
+        pass
+
+
+def _write_pid(path: Path) -> None:
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(f"{os.getpid()}\n")
+    os.replace(tmp, path)
 
 
 def builtin_job_handlers(cfg: Config, store: StateStore, identity: Identity, conn: Connection,

@@ -143,6 +143,11 @@ class JobsEngine:
                 delay = min(delay * 2, 60.0)
                 self._wake.set()
 
+    def unpark(self) -> None:
+        """A handler's job can be finished in this run after all (e.g. a rotation refused early)."""
+        self._parked = False
+        self._wake.set()
+
     def on_connected(self) -> None:
         """Call on every connection success: pending updates are flushed and the queue is checked."""
         self._wake.set()

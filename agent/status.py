@@ -33,9 +33,24 @@ def collect(cfg: Config) -> dict:
         "serial_number": cfg.provisioning.serial_number or state.get("factory", {}).get("serial"),
         "provisioning": {"step": flow.get("step", "not started" if not thing else "done"),
                          "attempts": flow.get("attempts", 0), "last_error": flow.get("last_error")},
+        "certificate_expired": _expired(cert),
+        "key_label": state.get("key_label") or cfg.pkcs11.key_label,
+        "rotation": {k: state.get("rotation", {}).get(k) for k in ("step", "last", "next_attempt_at")},
         "defender": {"last_report_id": state.get("defender", {}).get("last_report_id"),
                      "last_report_at": state.get("defender", {}).get("last_report_at")},
     }
+
+
+def _expired(cert: str | None) -> bool:
+    import time as _time
+
+    from .x509lite import validity
+
+    try:
+        v = validity(open(cert, "rb").read()) if cert else None
+    except OSError:
+        return False
+    return bool(v and _time.time() > v[1])
 
 
 def show(cfg: Config, as_json: bool = False) -> int:
@@ -46,7 +61,13 @@ def show(cfg: Config, as_json: bool = False) -> int:
     p = s["provisioning"]
     print(f"thing:        {s['thing_name'] or '(not provisioned)'}")
     print(f"certificate:  {s['certificate_file'] or '-'} (expires {s['certificate_expires'] or '-'})")
+    if s["certificate_expired"]:
+        print("              EXPIRED: the device cannot connect; re-provision it (see README, 'Certificate rotation')")
     print(f"serial:       {s['serial_number'] or '-'}")
+    r = s["rotation"]
+    if r.get("step") or r.get("last"):
+        last = r.get("last") or {}
+        print(f"rotation:     {r.get('step') or 'idle'}" + (f"; last {last.get('status')}: {last.get('reason')}" if last else ""))
     line = f"provisioning: {p['step']}"
     if p["last_error"]:
         e = p["last_error"]

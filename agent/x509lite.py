@@ -50,18 +50,29 @@ def _tbs_fields(data: bytes) -> list[tuple[int, int, int]]:
     return out
 
 
-def not_after(pem_or_der: bytes) -> float | None:
+def _time(data: bytes, i: int) -> tuple[float, int]:
+    tag, a, b = _tlv(data, i)
+    text = data[a:b].decode()
+    if tag == 0x17:  # UTCTime YYMMDDHHMMSSZ
+        text = ("19" if int(text[:2]) >= 50 else "20") + text
+    return float(calendar.timegm(time.strptime(text[:14], "%Y%m%d%H%M%S"))), b
+
+
+def validity(pem_or_der: bytes) -> tuple[float, float] | None:
+    """(notBefore, notAfter) as Unix times, or None for something that is not a certificate."""
     try:
         data = der(pem_or_der)
         _, vs, _ = _tlv(data, _tbs_fields(data)[3][1])  # Validity
-        _, _, i = _tlv(data, vs)  # notBefore
-        tag, a, b = _tlv(data, i)  # notAfter
-        text = data[a:b].decode()
-        if tag == 0x17:  # UTCTime YYMMDDHHMMSSZ
-            text = ("19" if int(text[:2]) >= 50 else "20") + text
-        return float(calendar.timegm(time.strptime(text[:14], "%Y%m%d%H%M%S")))
+        before, i = _time(data, vs)
+        after, _ = _time(data, i)
+        return before, after
     except (IndexError, ValueError, UnicodeDecodeError):
         return None
+
+
+def not_after(pem_or_der: bytes) -> float | None:
+    v = validity(pem_or_der)
+    return v[1] if v else None
 
 
 def subject_public_key_info(pem_or_der: bytes) -> bytes | None:

@@ -30,6 +30,7 @@ from .registry import Registry
 SERVICE_CN = "localcloud-service"
 OBSERVER_CN = "observer"
 TEMPLATE_NAME = "iot-agent-fleet"
+ROTATION_TEMPLATE = "iot-agent-rotation"  # a device renews its own certificate (provisioning/rotation-template.json)
 
 
 def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -88,7 +89,9 @@ class LocalCloud:
         )
 
     # -- settings -----------------------------------------------------------------------------
-    DEFAULT_SETTINGS = {"defender_min_interval_s": 300.0}
+    # device_cert_days: validity of certificates from CreateCertificateFromCsr (fleet and rotation);
+    # rotation_refused: the rotation template answers 403, as a pre-provisioning hook that says no would.
+    DEFAULT_SETTINGS = {"defender_min_interval_s": 300.0, "device_cert_days": 365.0, "rotation_refused": False}
 
     def settings(self) -> dict:
         try:

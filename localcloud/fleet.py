@@ -45,13 +45,20 @@ class FleetProvisioning:
     on_change: Callable[[], None] = lambda: None  # regenerate CRL/ACL and reload the broker
     now: Callable[[], float] = time.time
     allow_list_enabled: bool = True
+    # "claim" for fleet provisioning; "device" for certificate rotation, where the template may only
+    # name the caller's own thing (what a pre-provisioning hook checks on AWS).
+    caller_kind: str = "claim"
+    cert_days: float = 365.0
+    refused: bool = False  # the pre-provisioning hook refuses every request (tests of a refusing cloud)
     _issued: int = field(default=0)
 
     # -- identity checks ---------------------------------------------------------------------
     def _caller_is_claim(self, username: str) -> Result | None:
         cert = self.registry.certificate_by_cn(username)
-        if cert is None or cert.kind != "claim" or cert.status != "ACTIVE":
-            return reject(403, "Forbidden", "only an active claim certificate may call the provisioning APIs")
+        if cert is None or cert.kind != self.caller_kind or cert.status != "ACTIVE":
+            return reject(403, "Forbidden", f"only an active {self.caller_kind} certificate may call this template")
+        if self.caller_kind == "device" and not cert.thing:
+            return reject(403, "Forbidden", "the calling certificate is not attached to a thing")
         return None
 
     # -- CreateCertificateFromCsr ---------------------------------------------------------
@@ -79,7 +86,9 @@ class FleetProvisioning:
         except (ValueError, TypeError, UnicodeError) as e:
             return reject(400, "InvalidCsr", f"CSR could not be parsed ({e.__class__.__name__})")
         cn = "dev-" + secrets.token_hex(12)
-        cert = self.ca.sign_public_key(key, cn)
+        if self.refused:
+            return reject(403, "Forbidden", "the pre-provisioning hook refused this request")
+        cert = self.ca.sign_public_key(key, cn, days=self.cert_days)
         return self._pending(cert, cn)
 
     # -- CreateKeysAndCertificate ---------------------------------------------------------
@@ -94,7 +103,7 @@ class FleetProvisioning:
             return reject(400, "InvalidPayload", bad)
         key = ec.generate_private_key(ec.SECP256R1())
         cn = "dev-" + secrets.token_hex(12)
-        cert = self.ca.sign_public_key(key.public_key(), cn)
+        cert = self.ca.sign_public_key(key.public_key(), cn, days=self.cert_days)
         ok, doc = self._pending(cert, cn)
         doc["privateKey"] = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
                                               serialization.NoEncryption()).decode()
@@ -144,6 +153,10 @@ class FleetProvisioning:
             thing, attributes = self._evaluate(params, cert.id)
         except ValueError as e:
             return reject(400, "InvalidParameters", str(e))
+        if self.caller_kind == "device":
+            caller = self.registry.certificate_by_cn(username)
+            if thing != caller.thing:
+                return reject(403, "Forbidden", f"a device may only rotate its own certificate (it is {caller.thing})")
         serial = params.get("SerialNumber")
         if self.allow_list_enabled and (serial is None or not self.registry.serial_allowed(serial)):
             return reject(403, "Forbidden", f"pre-provisioning hook refused serial number {serial!r}")

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cloud import SERVICE_CN, TEMPLATE_NAME, LocalCloud
+from .cloud import ROTATION_TEMPLATE, SERVICE_CN, TEMPLATE_NAME, LocalCloud
 from .fleet import FleetProvisioning, reject
 from .artifacts import Artifacts
 from .defender import DefenderStore
@@ -59,7 +59,14 @@ class Service:
         self.claim_rules = policy.rules(policy.load_policy("claim-policy.json"))
         self._permits = policy.permits
         template = json.loads((Path(__file__).resolve().parent.parent / "provisioning" / "fleet-template.json").read_text())
-        self.fleet = FleetProvisioning(cloud.registry, cloud.ca, TEMPLATE_NAME, template, on_change=cloud.reconcile)
+        settings = cloud.settings()
+        days = float(settings["device_cert_days"])
+        self.fleet = FleetProvisioning(cloud.registry, cloud.ca, TEMPLATE_NAME, template, on_change=cloud.reconcile,
+                                       cert_days=days)
+        rotation = json.loads((Path(__file__).resolve().parent.parent / "provisioning" / "rotation-template.json").read_text())
+        self.rotation = FleetProvisioning(cloud.registry, cloud.ca, ROTATION_TEMPLATE, rotation, on_change=cloud.reconcile,
+                                          allow_list_enabled=False, caller_kind="device", cert_days=days,
+                                          refused=bool(settings["rotation_refused"]))
         self.artifacts = Artifacts.open(cloud.directory)
         self.jobs = Jobs(cloud.registry.db, cloud.registry.lock, resolve_document=self.artifacts.resolve)
         self.defender = DefenderStore(cloud.registry.db, cloud.registry.lock,
@@ -95,7 +102,8 @@ class Service:
         fut = self.client.subscribe(m5.SubscribePacket([
             m5.Subscription(t, m5.QoS.AT_LEAST_ONCE, no_local=True)
             for t in ("$aws/things/+/jobs/#", "$aws/things/+/defender/metrics/+",
-                      "$aws/things/+/streams/+/describe/+", "$aws/things/+/streams/+/get/+")]))
+                      "$aws/things/+/streams/+/describe/+", "$aws/things/+/streams/+/get/+",
+                      "dt/+/certificate-rotation/+")]))
         fut.add_done_callback(lambda f: self.connected.set() if not f.exception() else log.error("subscribe failed"))
 
     def stop(self) -> None:
@@ -113,6 +121,10 @@ class Service:
             log.exception("request on %s failed", p.topic)
 
     def handle(self, topic: str, payload: bytes, client_id: str, username: str) -> None:
+        if topic.startswith("dt/") and "/certificate-rotation/" in topic:
+            with self._work:
+                self.handle_rotation(topic, payload)
+            return
         if topic.startswith("$aws/things/"):
             with self._work:
                 if "/defender/metrics/" in topic:
@@ -130,7 +142,11 @@ class Service:
             return  # e.g. a device publishing to a response topic: AWS ignores it, so do we
         op, fmt, template = route
         caller = self.cloud.registry.certificate_by_cn(username)
-        if caller is None or caller.status != "ACTIVE" or caller.kind != "claim" \
+        fleet = self.fleet
+        if caller is not None and caller.kind == "device" and caller.status == "ACTIVE" and caller.thing and (
+                op == "create-from-csr" and fmt == "json" or op == "provision" and template == ROTATION_TEMPLATE):
+            fleet = self.rotation  # a device renewing its own certificate (the device policy allows these two)
+        elif caller is None or caller.status != "ACTIVE" or caller.kind != "claim" \
                 or not self._permits(self.claim_rules, "write", original):
             # The broker refused this publish (PUBACK 135); AWS sends no reply either.
             log.info("dropped %s from %s (%s): not permitted by the claim policy", original, client_id, username)
@@ -145,13 +161,64 @@ class Service:
                     ok, doc = reject(400, "InvalidPayload", f"payload is not valid {fmt.upper()} ({e.__class__.__name__})")
                 else:
                     if op == "create-from-csr":
-                        ok, doc = self.fleet.create_from_csr(req, username)
+                        ok, doc = fleet.create_from_csr(req, username)
                     elif op == "create":
-                        ok, doc = self.fleet.create_keys(req, username)
+                        ok, doc = fleet.create_keys(req, username)
                     else:
-                        ok, doc = self.fleet.register_thing(template, req, username)
+                        ok, doc = fleet.register_thing(template, req, username)
             log.info("%s from %s (%s): %s", op, client_id, username, "accepted" if ok else doc.get("errorCode"))
             self.deliver(client_id, f"{original}/{'accepted' if ok else 'rejected'}", encode(doc, fmt))
+
+    def handle_rotation(self, topic: str, payload: bytes) -> None:
+        """The cloud side of a certificate rotation (on AWS: an IoT rule on this topic and a Lambda).
+
+        `dt/<thing>/certificate-rotation/commit` {"newCertificateId", "oldCertificateId"}: the device
+        connected with its new certificate, so the old one is deactivated. `.../abandon`
+        {"certificateId"}: a new certificate the device gave up on is deactivated. Only certificates
+        attached to that thing are touched, the one in use is never deactivated, and repeats are
+        answered the same. The broker's ACL already bound the topic to the thing's certificates.
+        """
+        p = topic.split("/")
+        if len(p) != 4 or p[3] not in ("commit", "abandon"):
+            return
+        thing, action = p[1], p[3]
+        reply = f"cmd/{thing}/certificate-rotation/{action}"
+        try:
+            req = json.loads(payload)
+            if not isinstance(req, dict):
+                raise ValueError
+        except ValueError:
+            self.publish(reply + "/rejected", json.dumps({"code": "InvalidJson", "message": "not a JSON object"}).encode())
+            return
+        reg = self.cloud.registry
+        token = req.get("clientToken") if isinstance(req.get("clientToken"), str) else None
+
+        def answer(ok: bool, code: str = "", message: str = "") -> None:
+            doc = {"clientToken": token} if token else {}
+            doc.update({} if ok else {"code": code, "message": message})
+            self.publish(f"{reply}/{'accepted' if ok else 'rejected'}", json.dumps(doc).encode())
+            log.info("certificate rotation %s for %s: %s", action, thing, "accepted" if ok else code)
+
+        if action == "commit":
+            new, old = reg.certificate(str(req.get("newCertificateId"))), reg.certificate(str(req.get("oldCertificateId")))
+            if new is None or new.thing != thing or new.status != "ACTIVE":
+                return answer(False, "InvalidRequest", "the new certificate is not active and attached to this thing")
+            if old is None or old.thing != thing or old.id == new.id:
+                return answer(False, "InvalidRequest", "the old certificate is not another certificate of this thing")
+            if old.status == "ACTIVE":
+                reg.set_status(old.id, "INACTIVE")
+                self.cloud.reconcile()
+            return answer(True)
+        cert = reg.certificate(str(req.get("certificateId")))
+        if cert is None or cert.thing != thing:
+            return answer(False, "InvalidRequest", "not a certificate of this thing")
+        others = [c for c in reg.certificates() if c.thing == thing and c.status == "ACTIVE" and c.id != cert.id]
+        if not others:
+            return answer(False, "InvalidRequest", "the thing's only active certificate cannot be abandoned")
+        if cert.status == "ACTIVE":
+            reg.set_status(cert.id, "INACTIVE")
+            self.cloud.reconcile()
+        return answer(True)
 
     def handle_jobs(self, topic: str, payload: bytes) -> None:
         """Jobs requests: the broker's ACL already bound `$aws/things/T/...` to T's certificate."""

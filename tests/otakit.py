@@ -115,12 +115,20 @@ class World:
         self.app = root / "device" / "app"
         self.blob = root / "device" / "blob"
         targets = {n: {**t, "directory": str(root / "device" / t["directory"])} for n, t in targets.items()}
+        try:
+            self._enroll(serial, targets, ota)
+        except BaseException:
+            self.close()  # a fixture that fails here never reaches its teardown: stop what was started
+            raise
+        self.thing = f"gw-{serial}"
+        self.n = 0
+
+    def _enroll(self, serial: str, targets: dict, ota: dict | None) -> None:
+        root = self.root
         self.dev = fresh_device(self.cloud, self.token, serial, root / "device", [self.ntp.server], extra={
             "defender": {"enabled": False}, "log": {"level": "debug"},
             "ota": {"code_signing_certificate": str(self.signer.cert_path), "ca_file": self.info["ca_file"],
                     "max_artifact_bytes": 4 * 1024 * 1024, "download_attempts": 2, "targets": targets, **(ota or {})}})
-        self.thing = f"gw-{serial}"
-        self.n = 0
 
     def file(self, data: bytes) -> Path:
         self.n += 1
