@@ -109,6 +109,9 @@ class Rotator:
             return f["requested"].get("reason", "requested")
         if not self.cfg.rotation.enabled or time.time() < float(f.get("next_attempt_at", 0)):
             return None
+        last = f.get("last") or {}
+        if last.get("status") == "SUCCEEDED" and time.time() - float(last.get("at", 0)) < self.cfg.rotation.check_interval_s:
+            return None  # a fresh certificate that is "due" at once (issued shorter than the window) waits a check
         return due(cert_file, self.cfg)
 
     # -- prepare: over the current connection ---------------------------------------------------

@@ -91,7 +91,9 @@ class LocalCloud:
     # -- settings -----------------------------------------------------------------------------
     # device_cert_days: validity of certificates from CreateCertificateFromCsr (fleet and rotation);
     # rotation_refused: the rotation template answers 403, as a pre-provisioning hook that says no would.
-    DEFAULT_SETTINGS = {"defender_min_interval_s": 300.0, "device_cert_days": 365.0, "rotation_refused": False}
+    # rotation_new_inactive: the rotation template attaches the new certificate but leaves it INACTIVE.
+    DEFAULT_SETTINGS = {"defender_min_interval_s": 300.0, "device_cert_days": 365.0, "rotation_refused": False,
+                        "rotation_new_inactive": False}
 
     def settings(self) -> dict:
         try:

@@ -50,6 +50,7 @@ class FleetProvisioning:
     caller_kind: str = "claim"
     cert_days: float = 365.0
     refused: bool = False  # the pre-provisioning hook refuses every request (tests of a refusing cloud)
+    leave_inactive: bool = False  # registered but deactivated at once (an operator's veto): it cannot connect
     _issued: int = field(default=0)
 
     # -- identity checks ---------------------------------------------------------------------
@@ -162,6 +163,8 @@ class FleetProvisioning:
             return reject(403, "Forbidden", f"pre-provisioning hook refused serial number {serial!r}")
         self.registry.upsert_thing(thing, attributes)
         self.registry.activate_and_attach(cert.id, thing)
+        if self.leave_inactive:
+            self.registry.set_status(cert.id, "INACTIVE")
         self.on_change()
         return True, {"thingName": thing, "deviceConfiguration": dict(self.template.get("DeviceConfiguration", {}))}
 

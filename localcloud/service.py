@@ -66,7 +66,8 @@ class Service:
         rotation = json.loads((Path(__file__).resolve().parent.parent / "provisioning" / "rotation-template.json").read_text())
         self.rotation = FleetProvisioning(cloud.registry, cloud.ca, ROTATION_TEMPLATE, rotation, on_change=cloud.reconcile,
                                           allow_list_enabled=False, caller_kind="device", cert_days=days,
-                                          refused=bool(settings["rotation_refused"]))
+                                          refused=bool(settings["rotation_refused"]),
+                                          leave_inactive=bool(settings["rotation_new_inactive"]))
         self.artifacts = Artifacts.open(cloud.directory)
         self.jobs = Jobs(cloud.registry.db, cloud.registry.lock, resolve_document=self.artifacts.resolve)
         self.defender = DefenderStore(cloud.registry.db, cloud.registry.lock,

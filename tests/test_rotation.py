@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import pytest
 
@@ -19,7 +20,7 @@ from test_jobs_engine import wait_status
 @pytest.fixture
 def world(tmp_path):
     c = LocalCloud(tmp_path / "cloud")
-    c.registry.allow_serials(["R1", "R2", "R3", "R4", "R5"])
+    c.registry.allow_serials(["R1", "R2", "R3", "R4", "R5", "R6"])
     c.up()
     ntp = Chrony(tmp_path / "chrony").start()
     yield c, ntp
@@ -113,3 +114,50 @@ def test_refused_rotation_keeps_the_old_certificate_and_retries(world, softhsm, 
     assert after["certificate_file"] == before["certificate_file"] and device_keys(dev) == [before["key_label"]]
     active = [x for x in c.registry.certificates() if x.thing == thing and x.status == "ACTIVE"]
     assert len(active) == 1
+
+
+def test_a_new_certificate_that_cannot_connect_falls_back_to_the_old_one(world, softhsm, agents, tmp_path):
+    c, ntp = world
+    c.configure(rotation_new_inactive=True)
+    c.down()
+    c.up()
+    dev = device(c, ntp, softhsm, "R5", tmp_path, retry_min_s=600.0, retry_max_s=1200.0)
+    thing = "gw-R5"
+    a = agents(dev)
+    a.wait_for(rf"connected to localhost:\d+ as {thing}", timeout=90)
+    before = json.loads(dev.cli("status", "--json").stdout)
+    jobs = Jobs(c.registry.db, c.registry.lock)
+    jobs.create("rotate-bad", thing, {"operation": "rotate-certificate"})
+    ex = wait_status(jobs, "rotate-bad", thing, "FAILED", timeout=120)
+    assert "no connection within 20 s" in ex["statusDetails"]["reason"], ex
+    i = a.wait_for(r"the new certificate did not connect .*; back to the old one", timeout=5)
+    a.wait_for(r"certificate rotation failed: no connection within 20 s.*next try in (\d+) s", after=i, timeout=30)
+    a.wait_for(rf"connected to localhost:\d+ as {thing}", after=i, timeout=30)
+    assert a.stop() == 0
+    after = json.loads(dev.cli("status", "--json").stdout)
+    assert after["certificate_file"] == before["certificate_file"] and after["key_label"] == before["key_label"]
+    assert after["rotation"]["last"]["status"] == "FAILED" and after["rotation"]["next_attempt_at"] > time.time() + 300
+    assert device_keys(dev) == [before["key_label"]]
+    active = [x for x in c.registry.certificates() if x.thing == thing and x.status == "ACTIVE"]
+    assert len(active) == 1 and active[0].pem.strip() == open(before["certificate_file"]).read().strip()
+
+
+def test_an_expired_certificate_gives_a_clear_status_not_a_crash_loop(world, softhsm, agents, tmp_path):
+    c, ntp = world
+    c.configure(device_cert_days=(300 + 12) / 86400)  # valid from 5 minutes ago until 12 s from now
+    c.down()
+    c.up()
+    c.registry.allow_serials(["R6"])
+    dev = device(c, ntp, softhsm, "R6", tmp_path, enabled=False)
+    a = agents(dev)
+    a.wait_for(r"connected to localhost:\d+ as gw-R6", timeout=60)
+    assert a.stop() == 0
+    deadline = time.time() + 30
+    while time.time() < deadline and not json.loads(dev.cli("status", "--json").stdout)["certificate_expired"]:
+        time.sleep(1)
+    b = agents(dev)
+    assert b.proc.wait(60) == 2  # a config-class exit: systemd's RestartPreventExitStatus=2 ends it there
+    errors = [l for _, l in b.lines if "expired" in l]
+    assert len(errors) == 1 and "cannot connect or rotate itself" in errors[0], b.text()
+    out = dev.cli("status").stdout
+    assert "EXPIRED" in out
