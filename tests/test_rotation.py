@@ -20,7 +20,7 @@ from test_jobs_engine import wait_status
 @pytest.fixture
 def world(tmp_path):
     c = LocalCloud(tmp_path / "cloud")
-    c.registry.allow_serials(["R1", "R2", "R3", "R4", "R5", "R6"])
+    c.registry.allow_serials(["R1", "R2", "R3", "R4", "R5", "R6", "R7"])
     c.up()
     ntp = Chrony(tmp_path / "chrony").start()
     yield c, ntp
@@ -77,10 +77,11 @@ def test_rotation_by_command(world, token, agents, tmp_path):
     assert b.stop() == 0
 
 
-def test_rotation_by_job_and_by_expiry_window(world, softhsm, agents, tmp_path):
+def test_rotation_by_job_and_by_expiry_window(world, token, agents, tmp_path):
     c, ntp = world
-    dev = device(c, ntp, softhsm, "R3", tmp_path, expiry_window_days=400.0)  # every certificate is "due"...
-    thing = "gw-R3"
+    serial = "R3" if token.kind == "softhsm" else "R7"
+    dev = device(c, ntp, token, serial, tmp_path, expiry_window_days=400.0)  # every certificate is "due"...
+    thing = f"gw-{serial}"
     a = agents(dev, env={})
     # ...so the first start rotates at once (365-day certificates inside a 400-day window) and then waits.
     a.wait_for(r"certificate rotation started: certificate expires in 36\d\.\d days \(window 400\)", timeout=90)
