@@ -284,9 +284,13 @@ def _install_rotate_signal(event: threading.Event) -> None:
 def _write_pid(path: Path) -> None:
     import os
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(f"{os.getpid()}\n")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+    except OSError as e:  # only `iot-agent rotate` needs it; it then waits for the next check
+        log.warning("cannot write %s (%s); `iot-agent rotate` will not wake this agent", path, e.strerror)
 
 
 def builtin_job_handlers(cfg: Config, store: StateStore, identity: Identity, conn: Connection,
