@@ -252,6 +252,9 @@ def _rotation_worker(cfg: Config, rotator, conn: Connection, identity: Identity,
         wait = cfg.rotation.check_interval_s if conn.connected.is_set() else 1.0
         if rotator.step != "idle":
             wait = min(wait, 30.0)
+        retry_at = float(rotator.flow().get("next_attempt_at", 0))
+        if retry_at > time.time():  # a failed rotation is tried again when its backoff ends, not a day later
+            wait = min(wait, max(1.0, retry_at - time.time() + 0.1))
         rotate_now.wait(wait)
         rotate_now.clear()
 

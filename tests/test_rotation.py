@@ -100,16 +100,23 @@ def test_refused_rotation_keeps_the_old_certificate_and_retries(world, softhsm, 
     c.configure(rotation_refused=True)
     c.down()
     c.up()
-    dev = device(c, ntp, softhsm, "R4", tmp_path)
+    # Due at once (400-day window): refused, then tried again after a growing, bounded backoff (1-4 s here).
+    dev = device(c, ntp, softhsm, "R4", tmp_path, expiry_window_days=400.0, retry_min_s=1.0, retry_max_s=4.0)
     thing = "gw-R4"
     a = agents(dev)
     a.wait_for(rf"connected to localhost:\d+ as {thing}", timeout=90)
     before = json.loads(dev.cli("status", "--json").stdout)
+    i = -1
+    for _ in range(3):
+        i = a.wait_for(r"certificate rotation failed: .*Forbidden.*; the old certificate stays; next try in", after=i + 1,
+                       timeout=60)
+    starts = [t for t, l in a.lines if "certificate rotation started: certificate expires" in l]
+    gaps = [b - a_ for a_, b in zip(starts, starts[1:])]
+    assert len(starts) >= 3 and all(0.5 < g < 30 for g in gaps), gaps
     jobs = Jobs(c.registry.db, c.registry.lock)
     jobs.create("rotate-no", thing, {"operation": "rotate-certificate"})
     ex = wait_status(jobs, "rotate-no", thing, "FAILED", timeout=60)
     assert "Forbidden" in ex["statusDetails"]["reason"]
-    a.wait_for(r"certificate rotation failed: .*Forbidden.*; the old certificate stays; next try in", timeout=10)
     assert a.stop() == 0
     after = json.loads(dev.cli("status", "--json").stdout)
     assert after["certificate_file"] == before["certificate_file"] and device_keys(dev) == [before["key_label"]]
