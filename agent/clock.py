@@ -163,8 +163,22 @@ class ClockGate:
             log.warning("waiting for a trustworthy clock: %s; next check in %.1f s", why, delay)
             if self.on_wait:
                 self.on_wait(why, delay)
-            if stop.wait(delay):
+            if _wait_beating(stop, delay):
                 raise ClockError("stopped while waiting for a trustworthy clock")
+
+
+def _wait_beating(stop: threading.Event, delay: float) -> bool:
+    """stop.wait(delay) in short steps that tell the systemd watchdog this wait is normal work."""
+    from . import sdnotify
+
+    end = time.monotonic() + delay
+    while True:
+        sdnotify.beat()
+        left = end - time.monotonic()
+        if left <= 0:
+            return stop.is_set()
+        if stop.wait(min(left, 1.0)):
+            return True
 
 
 def _short(e: Exception) -> str:

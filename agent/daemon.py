@@ -16,6 +16,7 @@ from pathlib import Path
 from .clock import ClockGate
 from .config import Config
 from .connection import Connection, ConnectionSettings
+from . import failpoints, sdnotify
 from .errors import AgentError, ClockError
 from .release import RESTART_EXIT
 from .pin import read_pin
@@ -82,6 +83,18 @@ def has_identity(cfg: Config, state: dict) -> bool:
 
 def run(cfg: Config, stop: threading.Event) -> int:
     """Returns the exit status: 0 after SIGTERM, RESTART_EXIT when an update asks to be restarted into."""
+    watchdog_stop = threading.Event()
+    sdnotify.start_watchdog(watchdog_stop)
+    # Ready for systemd from the start: what the agent is waiting for is in STATUS=.
+    sdnotify.ready("waiting for a trustworthy clock before any TLS connection")
+    try:
+        return _run(cfg, stop)
+    finally:
+        sdnotify.stopping()
+        watchdog_stop.set()
+
+
+def _run(cfg: Config, stop: threading.Event) -> int:
     pin = read_pin(cfg)
     store = StateStore(cfg.resolve(cfg.device.state_dir))
     clock_trusted = False
@@ -96,6 +109,7 @@ def run(cfg: Config, stop: threading.Event) -> int:
             raise
         clock_trusted = True
         log.info("no identity yet: provisioning by claim")
+        sdnotify.status_line("provisioning by claim (fleet provisioning)")
         if not Provisioner(cfg, store, pin).run(stop):
             return 0  # stopped while waiting to retry
     rotate_now = threading.Event()
@@ -156,6 +170,7 @@ def _session(cfg: Config, store: StateStore, pin: str, stop: threading.Event, cl
                 return 0
             raise
         log.info("connecting to %s:%d as %s", cfg.broker.endpoint, cfg.broker.port, identity.thing_name)
+        sdnotify.status_line(f"connecting to {cfg.broker.endpoint}:{cfg.broker.port} as {identity.thing_name}")
         conn.start()
         if pending:
             deadline = time.monotonic() + cfg.rotation.prove_timeout_s
@@ -191,14 +206,19 @@ def _session(cfg: Config, store: StateStore, pin: str, stop: threading.Event, cl
         worker.start()
         waited, tick = 0.0, 0.5
         while not stop.wait(tick) and not session_restart.is_set():
+            sdnotify.beat()
+            failpoints.hang("daemon.main_loop_hang")
             if conn.connected.is_set():
                 waited = 0.0
+                activity = engine_box[0].activity if engine_box else None
+                sdnotify.status_line(f"connected as {identity.thing_name}" + (f"; {activity}" if activity else ""))
                 continue
             waited += tick
             if waited % cfg.broker.connect_timeout_s < tick:
                 last = next((e.detail for e in reversed(conn.events) if e.kind in ("failed", "disconnected")),
                             "none yet")
                 log.warning("not connected for %.0f s (last error: %s); still retrying", waited, last)
+                sdnotify.status_line(f"not connected for {waited:.0f} s (last error: {last}); retrying")
     finally:
         rotate_now.set()  # ends the worker's wait
         if worker:
@@ -373,6 +393,7 @@ def _prepare_during_clock_gate(cfg: Config, conn: Connection, stop: threading.Ev
         raise
     finally:
         while t.is_alive():  # short joins keep SIGTERM handling responsive
+            sdnotify.beat()
             t.join(0.5)
     if "error" in outcome:
         raise outcome["error"]

@@ -25,3 +25,13 @@ def hit(name: str) -> None:
         log.warning("test fail point %s reached: SIGKILL", name)
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hang(name: str) -> None:
+    """A test fail point that makes the calling loop hang (the systemd watchdog must restart the agent)."""
+    if os.environ.get(ENV) == name:
+        import time
+
+        log.warning("test fail point %s reached: hanging", name)
+        while True:
+            time.sleep(3600)

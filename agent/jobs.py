@@ -69,6 +69,7 @@ class JobsEngine:
     _thread: threading.Thread | None = None
     _seen_connects: int = -1
     _parked: bool = False  # a handler asked to finish its job after a restart
+    activity: str | None = None  # "job X: downloading 40%", for systemd's STATUS= line
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -233,6 +234,7 @@ class JobsEngine:
             return Outcome("REJECTED", {"reason": why})
 
         def progress(details: dict[str, str]) -> None:
+            self.activity = f"job {job_id}: " + " ".join(str(v) for k, v in details.items() if k in ("step", "progress"))
             self._enqueue(job_id, "IN_PROGRESS", _clean(details))
             if self.conn.connected.is_set():
                 try:
@@ -240,8 +242,11 @@ class JobsEngine:
                 except Exception as e:  # delivered later
                     log.debug("progress update deferred: %s", e)
 
+        self.activity = f"job {job_id}: {op}"
         try:
             return handler(job_id, doc, progress)
         except Exception as e:
             log.exception("job %s: handler for %s failed", job_id, op)
             return Outcome("FAILED", {"reason": f"{e.__class__.__name__}: {str(e)[:200]}"})
+        finally:
+            self.activity = None

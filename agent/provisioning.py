@@ -140,7 +140,9 @@ class Provisioner:
             self._save(**changes)
             delay = backoff.next_delay()
             log.error("provisioning refused: %s: %s (attempt %d); retrying in %.1f s", code, message, attempts, delay)
-            if stop.wait(delay):
+            from .clock import _wait_beating
+
+            if _wait_beating(stop, delay):
                 return False
         return False
 

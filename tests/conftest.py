@@ -102,6 +102,13 @@ class AgentProcess:
             time.sleep(0.05)
         raise AssertionError(f"agent log never matched {pattern!r} within {timeout} s; log:\n{self.text()[-3000:]}")
 
+    def wait_exit(self, timeout: float = 90.0) -> int:
+        """Wait for the process to end by itself, and for its last log lines to be read."""
+        self.proc.wait(timeout)
+        if self._reader:
+            self._reader.join(5)
+        return self.proc.returncode
+
     def stop(self, timeout: float = 15.0) -> int:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -57,8 +57,7 @@ def test_kill_then_restart(world, agents, point, via, healthy):
     world.jobs.create(f"kill-{i}", world.thing, our_doc("app", version, "app.tar", data, world.signer.sign(data),
                                                         url=src, stream=stream))
     a = agents(world.dev, env={ENV: point})
-    a.proc.wait(90)
-    assert a.proc.returncode == -9, a.text()[-3000:]
+    assert a.wait_exit(90) == -9, a.text()[-3000:]
     assert f"test fail point {point} reached" in a.text()
     b = agents(world.dev)
     from test_jobs_engine import wait_status

@@ -57,8 +57,7 @@ def test_kill_at_fail_point_then_restart(world, token, agents, tmp_path, point):
     cloud.registry.allow_serials([serial])
     dev = fresh_device(cloud, token, serial, tmp_path / "device", [ntp.server])
     a = agents(dev, env={"IOT_AGENT_TEST_FAILPOINT": point})
-    a.proc.wait(60)
-    assert a.proc.returncode == -9, a.text()
+    assert a.wait_exit(60) == -9, a.text()
     assert f"test fail point {point} reached" in a.text()
     if token.tpm:
         # A device's kernel resource manager (/dev/tpmrm0) flushes a dead process's objects; swtpm has none.

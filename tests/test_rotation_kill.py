@@ -56,8 +56,7 @@ def test_kill_at_fail_point_then_restart(world, token, agents, tmp_path, point):
     assert a.stop() == 0
     assert "agent is not running" in dev.cli("rotate").stdout
     b = agents(dev, env={ENV: point})
-    b.proc.wait(90)
-    assert b.proc.returncode == -9, b.text()[-3000:]
+    assert b.wait_exit(90) == -9, b.text()[-3000:]
     assert f"test fail point {point} reached" in b.text()
     if token.tpm:
         token.tpm.tools("tpm2_flushcontext", "-t")
