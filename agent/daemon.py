@@ -87,10 +87,13 @@ def run(cfg: Config, stop: threading.Event) -> int:
     sdnotify.start_watchdog(watchdog_stop)
     # Ready for systemd from the start: what the agent is waiting for is in STATUS=.
     sdnotify.ready("waiting for a trustworthy clock before any TLS connection")
+    rc = 1
     try:
-        return _run(cfg, stop)
+        rc = _run(cfg, stop)
+        return rc
     finally:
-        sdnotify.stopping()
+        if rc != RESTART_EXIT:  # a restart into a new release is not a stop of the service
+            sdnotify.stopping()
         watchdog_stop.set()
 
 
@@ -138,6 +141,7 @@ def _session(cfg: Config, store: StateStore, pin: str, stop: threading.Event, cl
     identity = current_identity(cfg, store.load())
     rotator = Rotator(cfg, store, identity.thing_name)
     if rotator.step in ("keygen", "csr", "cleanup", "abandon_cleanup"):
+        sdnotify.expect_busy(250)  # two `iot-agent keys` runs, 120 s each at most
         try:
             rotator.token_work()
         except AgentError as e:
@@ -175,6 +179,7 @@ def _session(cfg: Config, store: StateStore, pin: str, stop: threading.Event, cl
         if pending:
             deadline = time.monotonic() + cfg.rotation.prove_timeout_s
             while not conn.connected.is_set() and time.monotonic() < deadline and not stop.is_set():
+                sdnotify.beat()
                 conn.connected.wait(0.5)
             if stop.is_set():
                 return 0

@@ -34,7 +34,10 @@ def init(cfg: Config, serial: str, csr_out: Path) -> str:
         if ks.find(label) is None:
             ks.generate_ec_key(label)
         csr = ks.make_csr(label, f"claim-{serial}")
-    write_public(csr_out, csr)
+    try:
+        write_public(csr_out, csr)
+    except OSError as e:
+        raise AgentError(f"{csr_out}: cannot write the CSR ({e.strerror}); choose a folder this user can write")
     store.update(factory={**state.get("factory", {}), "serial": serial})
     return f"claim key {label!r} on token {cfg.pkcs11.token_label!r}; CSR written to {csr_out}; serial {serial} recorded"
 

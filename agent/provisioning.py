@@ -147,6 +147,10 @@ class Provisioner:
         return False
 
     def attempt(self, stop: threading.Event) -> None:
+        from . import sdnotify
+
+        # Key generation, the claim connection and three requests, each bounded by its own timeout.
+        sdnotify.expect_busy(120 + self.cfg.broker.connect_timeout_s + 4 * (REQUEST_TIMEOUT_S + 5))
         state = self.store.load()
         if state.get("thing_name") and state.get("certificate_file"):
             return

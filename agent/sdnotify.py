@@ -14,6 +14,7 @@ import threading
 import time
 
 _last_beat = time.monotonic()
+_busy_until = 0.0
 _lock = threading.Lock()
 _status = ""
 
@@ -58,10 +59,17 @@ def beat() -> None:
     _last_beat = time.monotonic()
 
 
+def expect_busy(seconds: float) -> None:
+    """A bounded step (a provisioning exchange, a key generation) may block the main loop this long."""
+    global _busy_until
+    _busy_until = time.monotonic() + seconds
+
+
 def watchdog_interval() -> float | None:
     usec = os.environ.get("WATCHDOG_USEC")
     pid = os.environ.get("WATCHDOG_PID")
-    if not usec or not usec.isdigit() or (pid and pid != str(os.getpid())):
+    # Under iot-agent-launch systemd names the launcher (our parent) as the watchdog's process.
+    if not usec or not usec.isdigit() or (pid and pid not in (str(os.getpid()), str(os.getppid()))):
         return None
     return int(usec) / 1e6
 
@@ -75,7 +83,8 @@ def start_watchdog(stop: threading.Event) -> threading.Thread | None:
 
     def run() -> None:
         while not stop.wait(interval / 2):
-            if time.monotonic() - _last_beat < interval:
+            now = time.monotonic()
+            if now - _last_beat < interval or now < _busy_until:
                 _send("WATCHDOG=1")
 
     t = threading.Thread(target=run, name="watchdog", daemon=True)

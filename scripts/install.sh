@@ -38,6 +38,7 @@ if [ -z "$ROOT" ]; then
     done
     if [ -n "$missing" ]; then
         say "apt-get install$missing"
+        apt-get update -q >/dev/null
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing >/dev/null
         CHANGED=1
     fi
@@ -53,7 +54,11 @@ if [ ! -x "$PREFIX/venv/bin/python" ]; then
 fi
 if [ "$(cat "$PREFIX/source.sha256" 2>/dev/null || true)" != "$stamp" ]; then
     # IOT_AGENT_PIP_ARGS: extra pip arguments (tests pass --no-deps with a pre-filled cache)
-    "$PREFIX/venv/bin/pip" install -q ${IOT_AGENT_PIP_ARGS:-} "$SRC"
+    # From a private copy: the source may be read-only, and pip's build must not litter it.
+    build=$(mktemp -d)
+    cp -r "$SRC/agent" "$SRC/localcloud" "$SRC/pyproject.toml" "$SRC/README.md" "$build/"
+    "$PREFIX/venv/bin/pip" install -q ${IOT_AGENT_PIP_ARGS:-} "$build"
+    rm -rf "$build"
     echo "$stamp" > "$PREFIX/source.sha256"
     CHANGED=1
     say "installed the agent into ${PREFIX#$ROOT}/venv"
@@ -75,7 +80,7 @@ fi
 if [ -z "$ROOT" ]; then
     systemd-sysusers /usr/lib/sysusers.d/iot-agent.conf
     systemd-tmpfiles --create /usr/lib/tmpfiles.d/iot-agent.conf
-    if [ "$CHANGED" = 1 ]; then
+    if [ "$CHANGED" = 1 ] && [ -d /run/systemd/system ]; then  # not when building an image offline
         systemctl daemon-reload
     fi
     systemctl is-enabled -q iot-agent.service 2>/dev/null || { systemctl enable -q iot-agent.service; CHANGED=1; }

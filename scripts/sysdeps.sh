@@ -15,6 +15,7 @@ apt_pkgs=(
   softhsm2
   swtpm libtpm2-pkcs11-1 libtss2-tcti-swtpm0 tpm2-tools opensc
   systemd  # systemd-analyze: the unit files are verified and scored in the tests
+  debootstrap systemd-container  # a Debian root file system booted with systemd-nspawn in the tests
   # runtime libraries of the unpacked mosquitto and chrony
   libcjson1 libdlt2 libwrap0 libcap2 libsystemd0 libssl3
   libedit2 libgnutls30 libnettle8 libseccomp2
