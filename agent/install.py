@@ -72,8 +72,15 @@ def stage(target_dir: Path, version: str, artifact: Path, name: str, unpack: boo
                         parts = m.name.replace("\\", "/").split("/")
                         if m.name.startswith(("/", "\\")) or ".." in parts or not (m.isfile() or m.isdir()):
                             raise InstallError(f"artifact is not a safe tar archive: member {m.name!r}")
-                    # Second guard: the "data" filter refuses absolute paths, '..', links and devices.
-                    tar.extractall(staging, filter="data")
+                    if hasattr(tarfile, "data_filter"):
+                        # Second guard: the "data" filter refuses absolute paths, '..', links and devices.
+                        tar.extractall(staging, filter="data")
+                    else:  # Python < 3.11.4 (Debian bookworm's 3.11.2): the checks above are the guard
+                        for m in tar.getmembers():
+                            m.mode = (m.mode & 0o755) | (0o600 if m.isfile() else 0o700)
+                            m.uid = m.gid = 0
+                            m.uname = m.gname = ""
+                            tar.extract(m, staging, set_attrs=m.isfile())
             except (tarfile.TarError, OSError) as e:
                 raise InstallError(f"artifact is not a safe tar archive: {e}")
         else:

@@ -215,6 +215,9 @@ def process_spool(cfg: HelperConfig) -> int:
             result = {"status": "REJECTED", "reason": str(e)}
         except OSError as e:
             result = {"status": "FAILED", "reason": f"{e.__class__.__name__}: {e.strerror}"}
+        except Exception as e:  # answer anyway: a request left behind would start this unit again and again
+            log.exception("request %s failed", key)
+            result = {"status": "FAILED", "reason": f"{e.__class__.__name__}: {str(e)[:200]}"}
         log.info("request %s: %s (%s)", key, result["status"], result["reason"])
         _write_json(cfg.spool / f"{key}.result.json", result)
         (cfg.spool / f"{key}.artifact").unlink(missing_ok=True)

@@ -63,3 +63,23 @@ def test_health_check_outcomes(tmp_path):
     ok, why = health_check(["sleep", "5"], tmp_path, 0.3)
     assert not ok and "timed out" in why
     assert health_check([], tmp_path, 1)[0]
+
+
+@pytest.mark.parametrize("filtered", [True, False], ids=["data-filter", "python-3.11.2"])
+def test_extraction_with_and_without_the_data_filter(tmp_path, monkeypatch, filtered):
+    """Debian bookworm's Python 3.11.2 predates tarfile's extraction filters: the same archives are
+    accepted and refused either way, and extracted files get safe modes."""
+    if not filtered:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    d = tmp_path / "app"
+    good = tmp_path / "good.tar"
+    tar_with(good, {"bin/run": b"#!/bin/sh\n", "VERSION": b"1.0.0\n"})
+    release = stage(d, "1.0.0", good, "good.tar", True)
+    assert (release / "bin" / "run").read_bytes() == b"#!/bin/sh\n"
+    assert not (release / "bin" / "run").stat().st_mode & 0o022
+    for i, evil in enumerate(["../escape", "/abs/path"]):
+        bad = tmp_path / f"bad{i}.tar"
+        tar_with(bad, {"ok": b"1"}, evil=evil)
+        with pytest.raises(InstallError, match="not a safe tar archive"):
+            stage(d, f"2.0.{i}", bad, "bad.tar", True)
+    assert not (tmp_path / "escape").exists() and sorted(p.name for p in (d / "releases").iterdir()) == ["1.0.0"]

@@ -87,6 +87,9 @@ def image():
         pytest.fail("booting a container needs root")
     r = subprocess.run(["sh", str(REPO / "scripts/nspawn-image.sh")], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
+    # install.sh ran inside the image (apt, venv, units, sysusers, tmpfiles, systemctl enable); again: no change.
+    again = subprocess.run(["sh", str(REPO / "scripts/nspawn-image.sh")], capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and again.stdout.strip() == "install: nothing to change", again.stdout + again.stderr
     return Path(os.environ.get("IOT_AGENT_NSPAWN_DIR", REPO / ".deps/nspawn")) / "rootfs"
 
 
@@ -203,3 +206,43 @@ def test_the_watchdog_restarts_a_hung_agent(device):
     box.run("systemctl", "reset-failed", "iot-agent", check=False)
     box.run("systemctl", "restart", "iot-agent")
     box.wait_show("StatusText", rf"^connected as {THING}")
+
+
+def test_the_path_unit_runs_the_privileged_install_step(device, tmp_path):
+    """A request left in the agent's spool starts iot-agent-install.service (root, sandboxed), which
+    re-verifies and installs into a target only its own config names, and answers in the spool."""
+    import json
+
+    from otakit import CodeSigner, release
+
+    box, _ = device
+    signer = CodeSigner(tmp_path / "signer")
+    box.write("/etc/iot-agent/codesign.pem", signer.cert_path.read_text())
+    box.write("/etc/iot-agent/install.toml", 'code_signing_certificate = "/etc/iot-agent/codesign.pem"\n'
+              'spool = "/var/lib/iot-agent/ota/spool"\n[targets.firmware]\ndirectory = "/opt/firmware"\n', mode="0600")
+    box.run("mkdir", "-p", "/etc/systemd/system/iot-agent-install.service.d", "/opt/firmware")
+    box.write("/etc/systemd/system/iot-agent-install.service.d/targets.conf", "[Service]\nReadWritePaths=/opt/firmware\n")
+    box.run("systemctl", "daemon-reload")
+    box.run("systemctl", "start", "iot-agent-install.path")
+    spool = "/var/lib/iot-agent/ota/spool"
+    box.run("install", "-d", "-o", "iot-agent", "-g", "iot-agent", "-m", "0700", "/var/lib/iot-agent/ota", spool)
+    good, bad = release("1.0.0"), release("2.0.0", "tampered\n")
+    for key, data, sig, version in (("00000000000000a1", good, signer.sign(good), "1.0.0"),
+                                    ("00000000000000b2", bad, signer.sign(good), "2.0.0")):
+        xfer = Path(f"/proc/{box.pid1}/root/xchg/{key}.artifact")  # the shared folder, seen from the host
+        xfer.write_bytes(data)
+        box.run("runuser", "-u", "iot-agent", "--", "cp", f"/xchg/{key}.artifact", f"{spool}/{key}.artifact")
+        req = json.dumps({"job_id": key, "target": "firmware", "version": version, "name": "fw.tar", "signature": sig})
+        box.run("runuser", "-u", "iot-agent", "--", "sh", "-c", f"cat > {spool}/{key}.request.json", input=req)
+        deadline, result = time.monotonic() + 60, None
+        while time.monotonic() < deadline and result is None:
+            r = box.run("cat", f"{spool}/{key}.result.json", check=False)
+            result = json.loads(r.stdout) if r.returncode == 0 and r.stdout.strip() else None
+            time.sleep(0.5)
+        assert result is not None, box.run("journalctl", "-u", "iot-agent-install", "--no-pager", check=False).stdout
+        if version == "1.0.0":
+            assert result["status"] == "SUCCEEDED", result
+        else:
+            assert result["status"] == "REJECTED" and "signature does not verify" in result["reason"], result
+    assert box.run("readlink", "/opt/firmware/current").stdout.strip() == "releases/1.0.0"
+    assert box.run("stat", "-c", "%U", "/opt/firmware/releases/1.0.0").stdout.strip() == "root"
