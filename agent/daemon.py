@@ -334,6 +334,7 @@ def builtin_job_handlers(cfg: Config, store: StateStore, identity: Identity, con
         ota = OtaHandler(cfg, load=lambda: store.load().get("ota", {}), save=lambda d: store.update(ota=d),
                          thing=identity.thing_name, publish=lambda t, p: conn.publish(t, p, qos=1),
                          subscribe=lambda t: conn.subscribe(t, qos=1), request_restart=restart,
+                         connected=conn.connected.is_set,
                          running_release=os.environ.get(RELEASE_ENV))
         ota.recover()
         router.add(f"$aws/things/{identity.thing_name}/streams/", ota.on_stream_message)

@@ -43,6 +43,8 @@ from .streamdl import StreamDownload
 log = logging.getLogger("agent.ota")
 
 MAX_DONE = 200
+OUTAGE_WAIT_S = 600.0  # a stream download waits this long for the broker to come back
+OUTAGE_RETRIES = 20  # resumptions after broker outages, on top of ota.download_attempts
 
 
 class Refused(Exception):
@@ -85,6 +87,7 @@ class OtaHandler:
     subscribe: Callable[[str], int]
     request_restart: Callable[[], None] = lambda: None
     running_release: str | None = None
+    connected: Callable[[], bool] = lambda: True  # the MQTT connection (stream downloads need it)
     _stream: StreamDownload | None = None
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -239,6 +242,14 @@ class OtaHandler:
                 raise Failed(f"unknown install phase {phase!r} in the state file")
         raise Failed("the install made no progress")
 
+    def _wait_connected(self, limit_s: float) -> bool:
+        deadline = time.monotonic() + limit_s
+        while not self.connected():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+        return True
+
     # -- steps -----------------------------------------------------------------------------------
     def _download(self, a: dict, spec: UpdateSpec, progress) -> None:
         partial = Path(a["partial"])
@@ -254,8 +265,13 @@ class OtaHandler:
                 midway[0] = True
                 failpoints.hit("ota.download_midway")
 
-        delay, why = 0.5, ""
-        for attempt in range(1, self.cfg.ota.download_attempts + 1):
+        delay, why, attempt = 0.5, "", 0
+        for _ in range(self.cfg.ota.download_attempts + OUTAGE_RETRIES):
+            if spec.stream_id and not self._wait_connected(OUTAGE_WAIT_S):
+                raise Failed(f"download failed: no broker connection for {OUTAGE_WAIT_S:g} s")
+            attempt += 1
+            if attempt > self.cfg.ota.download_attempts:
+                break
             try:
                 if spec.url:
                     https_download(spec.url, partial, spec.size, ca_file=self.cfg.resolve(self.cfg.ota.ca_file)
@@ -274,6 +290,21 @@ class OtaHandler:
                     raise Refused(why)  # the artifact is not the one the signed document describes
                 if "refused" in why or why.startswith("only https"):
                     raise Failed(why)  # expired URL, missing stream: trying again cannot help
+                if spec.stream_id and not self.connected():
+                    attempt -= 1  # the broker went away: a resumed download after the reconnect is not a new try
+                    log.warning("job %s: stream download paused while the broker is unreachable (%s)", a["job_id"], why)
+                    continue
+                log.warning("job %s: download attempt %d: %s", a["job_id"], attempt, why)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            except Exception as e:  # a publish or subscribe that failed with the connection (stream downloads)
+                if not spec.stream_id:
+                    raise
+                why = f"{e.__class__.__name__}: {str(e)[:120]}"
+                if not self.connected():
+                    attempt -= 1
+                    log.warning("job %s: stream download paused while the broker is unreachable (%s)", a["job_id"], why)
+                    continue
                 log.warning("job %s: download attempt %d: %s", a["job_id"], attempt, why)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)

@@ -146,10 +146,13 @@ class World:
 
     def run(self, job_id: str, doc: dict, status: str) -> dict:
         self.jobs.create(job_id, self.thing, doc)
+        return self.run_wait(job_id, status)
+
+    def run_wait(self, job_id: str, status: str, timeout: float = 60) -> dict:
         import time as _t
         print(f"{_t.strftime('%H:%M:%S')} created {job_id}")
         try:
-            return wait_status(self.jobs, job_id, self.thing, status, timeout=60)
+            return wait_status(self.jobs, job_id, self.thing, status, timeout=timeout)
         except AssertionError:
             if getattr(self, "agent", None) is not None:
                 print(self.agent.text()[-8000:])  # shown by pytest on failure

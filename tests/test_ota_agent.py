@@ -145,3 +145,23 @@ def test_refusals_install_nothing(world, agent, truncating_server):
     # After all that, a good update still goes through.
     world.run("good-after-refusals", doc(), "SUCCEEDED")
     world.assert_clean("2.0.0")
+
+
+def test_a_stream_download_survives_a_broker_restart(world, agent):
+    """The broker (and the cloud's services) restart in the middle of a stream download: the download
+    pauses, resumes from its block bitmap after the reconnect, and no status update is lost."""
+    import time
+
+    data = release("3.0.0") + os.urandom(3_000_000)
+    doc = our_doc("app", "3.0.0", "app.tar", data, world.signer.sign(data), stream=(world.stream(data), 0))
+    world.jobs.create("through-restart", world.thing, doc)
+    i = agent.wait_for(r"job through-restart: IN_PROGRESS delivered", timeout=60)
+    world.cloud.down()
+    time.sleep(2.0)
+    world.cloud.up()
+    ex = world.run_wait("through-restart", "SUCCEEDED", timeout=180)
+    assert ex["statusDetails"]["version"] == "3.0.0" and ex["statusDetails"]["progress"] == "100%"
+    assert any("paused while the broker is unreachable" in l or "download attempt" in l
+               for _, l in agent.lines[i:]), agent.text()[-3000:]
+    assert (world.app / "current" / "app.txt").read_text() == "app 3.0.0\n"
+    world.assert_clean("3.0.0")
