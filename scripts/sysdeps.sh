@@ -23,6 +23,11 @@ apt_pkgs=(
 # mosquitto-dev and libmosquitto-dev only carry headers, for the local cloud's broker plugin.
 unpacked_pkgs=(mosquitto mosquitto-dev libmosquitto-dev chrony)
 
+# The MicroPython edition's tests run the real interpreter (WebAssembly) under Node.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  apt_pkgs+=(nodejs npm)
+fi
+
 # Debian's python3 has no venv module until python3-venv is installed.
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
   apt_pkgs+=(python3-venv python3-pip)
