@@ -18,18 +18,13 @@ import tarfile
 from pathlib import Path
 
 from .errors import AgentError
+from .release import _fsync_dir  # one helper for every atomic switch
 
 
 class InstallError(AgentError):
     pass
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _link(target_dir: Path, name: str, release: str | None) -> None:

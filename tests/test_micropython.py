@@ -72,8 +72,6 @@ print("heap", gc.mem_alloc())
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
     assert lines[:4] == ["connected", "suback 1", "puback", f"got cmd/{thing}/hello from micropython"], lines
-    log = bench.broker.log_text() if hasattr(bench.broker, "log_text") else ""
-    assert not log or thing in log
 
 
 def test_a_server_certificate_from_another_ca_is_refused(bench, node, tmp_path):
