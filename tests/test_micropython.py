@@ -3,59 +3,26 @@ as its socket layer, against the real mosquitto (TLS 1.2+, client certificates r
 
 from __future__ import annotations
 
-import json
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-HARNESS = REPO / "micropython" / "harness"
-
-
-@pytest.fixture(scope="module")
-def node():
-    exe = shutil.which("node")
-    assert exe, "Node.js is required for the MicroPython tests (see README)"
-    if not (HARNESS / "node_modules" / "@micropython").is_dir():
-        r = subprocess.run(["npm", "ci", "--silent", "--no-audit", "--no-fund"], cwd=HARNESS, capture_output=True,
-                           text=True, timeout=300)
-        assert r.returncode == 0, r.stderr
-    return exe
-
-
-def run_mp(node: str, script: str, tmp_path: Path, params: dict, timeout: float = 60) -> subprocess.CompletedProcess:
-    path = tmp_path / "script.py"
-    path.write_text(script)
-    return subprocess.run([node, str(HARNESS / "run.mjs"), str(path), json.dumps(params)], capture_output=True,
-                          text=True, timeout=timeout)
+from mpkit import REPO, node, run_mp  # noqa: F401  (node is a fixture)
 
 
 STREAM = """
-import js
+import board
 import mqtt
 
-class Stream:
-    def __init__(self, s):
-        self.s = s
-    def write(self, b):
-        self.s.write(js.Uint8Array.new(list(b)))
-    async def read(self):
-        return bytes(await self.s.read())
-    def close(self):
-        self.s.close()
-
 async def open_stream():
-    return Stream(await js.tlsOpen("localhost", PARAMS["port"], PARAMS["ca"], PARAMS["cert"], PARAMS["key"]))
+    return await board.tls("localhost", PARAMS["port"], PARAMS["ca"], PARAMS["cert"], PARAMS["key"])
 """
 
 
 def test_mqtt_client_over_tls_with_a_client_certificate(bench, node, tmp_path):
     thing = "mp-board-1"
     issued = bench.ca.issue_client("mp-board-1", thing)
-    params = {"port": bench.broker.port, "ca": str(bench.ca.cert_path), "cert": str(issued.cert_path),
-              "key": str(issued.key_path), "client_id": thing}
+    params = {"port": bench.broker.port, "ca": bench.ca.cert_path.read_text(), "cert": issued.cert_path.read_text(),
+              "key": issued.key_path.read_text(), "client_id": thing}
     r = run_mp(node, STREAM + f"""
 import gc
 c = mqtt.Client(await open_stream(), PARAMS["client_id"], keepalive=30)
@@ -64,7 +31,7 @@ print("connected")
 print("suback", await c.subscribe("cmd/{thing}/#", qos=1))
 await c.publish("cmd/{thing}/hello", b"from micropython", qos=1)
 print("puback")
-topic, payload = await c.wait_msg()
+topic, payload = await c.msg(10000)
 print("got", topic, payload.decode())
 c.disconnect()
 print("heap", gc.mem_alloc())
@@ -79,8 +46,8 @@ def test_a_server_certificate_from_another_ca_is_refused(bench, node, tmp_path):
 
     other = CertificateAuthority(tmp_path / "other-ca")
     issued = bench.ca.issue_client("mp-board-2", "mp-board-2")
-    params = {"port": bench.broker.port, "ca": str(other.cert_path), "cert": str(issued.cert_path),
-              "key": str(issued.key_path), "client_id": "mp-board-2"}
+    params = {"port": bench.broker.port, "ca": other.cert_path.read_text(), "cert": issued.cert_path.read_text(),
+              "key": issued.key_path.read_text(), "client_id": "mp-board-2"}
     r = run_mp(node, STREAM + """
 try:
     await open_stream()

@@ -1,8 +1,13 @@
-// Runs a MicroPython script under the real MicroPython interpreter (WebAssembly) with the board's
-// platform layer supplied by Node: TLS sockets (node:tls) instead of socket+ssl.
-//   node harness/run.mjs SCRIPT.py [JSON params]      (the params are the global PARAMS in the script)
-// Every .py file in micropython/ is copied into the interpreter's file system and importable.
+// Runs MicroPython code under the real MicroPython interpreter (WebAssembly) with a board's platform
+// layer supplied by Node: TLS sockets (node:tls), UDP for SNTP (node:dgram), random bytes, a flash
+// directory and reset. The Python half of that layer is harness/board.py, which shadows micropython/board.py.
+//
+//   node run.mjs SCRIPT.py [JSON params]      every micropython/*.py is importable from /lib; PARAMS is global
+//   node run.mjs --flash DIR [JSON params]    boot a board whose flash is DIR: runs loader.start() from it,
+//                                             as main.py does on a board. Exit code 75 = the board reset itself.
 import { loadMicroPython } from "@micropython/micropython-webassembly-pyscript";
+import crypto from "node:crypto";
+import dgram from "node:dgram";
 import fs from "node:fs";
 import path from "node:path";
 import tls from "node:tls";
@@ -10,42 +15,116 @@ import { fileURLToPath } from "node:url";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const lib = path.resolve(here, "..");
+const RESET_EXIT = 75;
 
-globalThis.tlsOpen = (host, port, caPath, certPath, keyPath) => new Promise((resolve, reject) => {
+// A TLS stream: write(u8); read(timeoutMs) -> Uint8Array (empty at end) or null when nothing came in time.
+globalThis.tlsOpen = (host, port, caPem, certPem, keyPem) => new Promise((resolve, reject) => {
   const chunks = [];
   let waiting = null;
+  let timer = null;
   let closed = false;
-  const s = tls.connect({ host, port, servername: host, ca: fs.readFileSync(caPath),
-                          cert: fs.readFileSync(certPath), key: fs.readFileSync(keyPath),
+  const s = tls.connect({ host, port, servername: host, ca: caPem, cert: certPem, key: keyPem,
                           minVersion: "TLSv1.2" }, () => resolve({
-    write: (u8) => { s.write(Buffer.from(u8)); },
-    read: () => new Promise((r) => {
+    write: (u8) => { if (!closed) s.write(Buffer.from(u8)); },
+    read: (timeoutMs) => new Promise((r) => {
       if (chunks.length) r(chunks.shift());
       else if (closed) r(new Uint8Array(0));
-      else waiting = r;
+      else {
+        waiting = r;
+        if (timeoutMs !== undefined && timeoutMs !== null) {
+          timer = setTimeout(() => { if (waiting === r) { waiting = null; r(null); } }, timeoutMs);
+        }
+      }
     }),
-    close: () => s.end(),
+    close: () => { closed = true; s.destroy(); },
   }));
-  const wake = (u) => { if (waiting) { const w = waiting; waiting = null; w(u); } else chunks.push(u); };
+  const wake = (u) => {
+    if (waiting) { const w = waiting; waiting = null; clearTimeout(timer); w(u); } else chunks.push(u);
+  };
   s.on("data", (d) => wake(new Uint8Array(d)));
-  s.on("end", () => { closed = true; if (waiting) wake(new Uint8Array(0)); });
-  s.on("close", () => { closed = true; if (waiting) wake(new Uint8Array(0)); });
-  s.on("error", (e) => { if (!closed) reject(e); closed = true; if (waiting) wake(new Uint8Array(0)); });
+  const end = () => { closed = true; if (waiting) wake(new Uint8Array(0)); };
+  s.on("end", end);
+  s.on("close", end);
+  s.on("error", (e) => { if (!closed) reject(e); end(); });
 });
 
-const [script, params = "{}"] = process.argv.slice(2);
+// One UDP request and its first answer (SNTP); null on timeout or error.
+globalThis.udpQuery = (host, port, u8, timeoutMs) => new Promise((resolve) => {
+  const sock = dgram.createSocket(host.includes(":") ? "udp6" : "udp4");
+  const done = (v) => { clearTimeout(t); try { sock.close(); } catch (e) { /* closed */ } resolve(v); };
+  const t = setTimeout(() => done(null), timeoutMs);
+  sock.on("message", (m) => done(new Uint8Array(m)));
+  sock.on("error", () => done(null));
+  sock.send(Buffer.from(u8), port, host);
+});
+
+globalThis.randomBytes = (n) => new Uint8Array(crypto.randomBytes(n));
+
+const args = process.argv.slice(2);
+let flash = null;
+if (args[0] === "--flash") { flash = path.resolve(args[1]); args.splice(0, 2); }
+const [script, params = "{}"] = flash ? [null, args[0]] : args;
+
 const mp = await loadMicroPython({ stdout: (l) => process.stdout.write(l + "\n"), stderr: (l) => process.stderr.write(l + "\n"),
                                    linebuffer: true });
 mp.FS.mkdirTree("/lib");
-for (const f of fs.readdirSync(lib)) {
-  if (f.endsWith(".py")) mp.FS.writeFile("/lib/" + f, fs.readFileSync(path.join(lib, f)));
+if (!flash) {
+  for (const f of fs.readdirSync(lib)) {
+    if (f.endsWith(".py") && f !== "board.py" && f !== "main.py") mp.FS.writeFile("/lib/" + f, fs.readFileSync(path.join(lib, f)));
+  }
 }
+mp.FS.writeFile("/lib/board.py", fs.readFileSync(path.join(here, "board.py")));
+
+// The flash: copied in at boot, written back (mirrored) whenever the board syncs, resets or exits.
+function loadTree(host, dir) {
+  mp.FS.mkdirTree(dir);
+  for (const e of fs.readdirSync(host, { withFileTypes: true })) {
+    const h = path.join(host, e.name);
+    if (e.isDirectory()) loadTree(h, dir + "/" + e.name);
+    else if (e.isFile()) mp.FS.writeFile(dir + "/" + e.name, fs.readFileSync(h));
+  }
+}
+function mirror(dir, host) {
+  fs.mkdirSync(host, { recursive: true });
+  const names = mp.FS.readdir(dir).filter((n) => n !== "." && n !== "..");
+  for (const n of fs.readdirSync(host)) {
+    if (!names.includes(n)) fs.rmSync(path.join(host, n), { recursive: true, force: true });
+  }
+  for (const n of names) {
+    const p = dir + "/" + n;
+    const h = path.join(host, n);
+    if (mp.FS.isDir(mp.FS.stat(p).mode)) {
+      if (fs.existsSync(h) && !fs.statSync(h).isDirectory()) fs.rmSync(h);
+      mirror(p, h);
+    } else {
+      const data = mp.FS.readFile(p);
+      if (fs.existsSync(h) && fs.statSync(h).isDirectory()) fs.rmSync(h, { recursive: true });
+      let same = false;
+      try { same = Buffer.from(data).equals(fs.readFileSync(h)); } catch (e) { same = false; }
+      if (!same) {
+        fs.writeFileSync(h + ".sync", data, { mode: 0o600 });
+        fs.renameSync(h + ".sync", h);
+      }
+    }
+  }
+}
+globalThis.flashSync = () => { if (flash) mirror("/flash", flash); };
+globalThis.boardReset = () => { globalThis.flashSync(); process.exit(RESET_EXIT); };
+
 mp.globals.set("PARAMS_JSON", params);
+const prelude = "import sys\nsys.path.insert(0, '/lib')\nimport json\nPARAMS = json.loads(PARAMS_JSON)\n";
 try {
-  await mp.runPythonAsync("import sys\nsys.path.insert(0, '/lib')\nimport json\nPARAMS = json.loads(PARAMS_JSON)\n"
-                          + fs.readFileSync(script, "utf8"));
+  if (flash) {
+    loadTree(flash, "/flash");
+    await mp.runPythonAsync(prelude + "import os\nos.chdir('/flash')\nsys.path.insert(1, '/flash')\n"
+                            + "import loader\nawait loader.start()\n");
+  } else {
+    await mp.runPythonAsync(prelude + fs.readFileSync(script, "utf8"));
+  }
+  globalThis.flashSync();
   process.exit(0);
 } catch (e) {
+  globalThis.flashSync();
   process.stderr.write(String(e && e.message || e) + "\n");
   process.exit(1);
 }

