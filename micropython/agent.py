@@ -42,6 +42,9 @@ class Agent:
         self.cfg = load_config()
         self.version = store.read("app/VERSION").strip()
         self.ident = store.load(identity.IDENT)
+        if boot.get("state") != "pending":  # leftovers of an update a power cut interrupted
+            store.remove(board, "app.new")
+            store.remove(board, "ota/download.bin")
         self.signing_key = p256.pub_from_cert_pem(store.read(self.cfg["code_signing_cert"]))
         self.t0 = time.ticks_ms()
         self.hw = 0
@@ -61,7 +64,9 @@ class Agent:
         """Heap high-water probe for the footprint benchmark: live bytes after a collection."""
         if self.cfg["heap_probe"]:
             gc.collect()
-            self.hw = max(self.hw, gc.mem_alloc())
+            if gc.mem_alloc() > self.hw:
+                self.hw = gc.mem_alloc()
+                print("heap high-water", self.hw)
 
     def token(self):
         self.n += 1
@@ -190,6 +195,8 @@ class Agent:
         """Settle the update the loader acted on: commit after this self-test, or report the rollback."""
         st = self.boot
         s, job, v = st.get("state"), st.get("job"), st.get("version")
+        if s == "trial" and self.version != v:
+            s = "rolledback"  # the loader could not finish a swap: this is not the release on trial
         if s == "trial":
             store.save(self.board, "state/boot.json", {"state": "committed", "job": job, "version": v})
             store.remove(self.board, "app.old")
@@ -309,9 +316,4 @@ class Agent:
 
 
 async def main(board, boot):
-    a = Agent(board, boot)
-    try:
-        await a.run()
-    finally:
-        if a.cfg["heap_probe"]:
-            print("heap high-water", a.hw)
+    await Agent(board, boot).run()

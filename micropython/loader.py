@@ -69,19 +69,22 @@ def decide(board):
         _save(board, st)
         s = "trial"
     if s == "trial":
-        if st.get("boots", 0) >= 1 and _exists("app.old"):
-            _rm("app.broken")
-            os.rename("app", "app.broken")
-            os.rename("app.old", "app")
-            board.sync()
+        if st.get("boots", 0) >= 1 and (_exists("app.old") or _exists("app.broken")):
+            if _exists("app.old"):
+                if _exists("app"):
+                    _rm("app.broken")
+                    os.rename("app", "app.broken")
+                os.rename("app.old", "app")
+                board.sync()
             st["state"] = "rolledback"
             _save(board, st)
-            _rm("app.broken")
-            board.sync()
             print("loader: release", st.get("version"), "failed its self-test; rolled back to", st.get("from"))
         else:
             st["boots"] = st.get("boots", 0) + 1
             _save(board, st)
+    if st.get("state") != "trial" and _exists("app.broken"):
+        _rm("app.broken")
+        board.sync()
     return st
 
 

@@ -4,6 +4,7 @@ board that resets itself (exit code 75) is booted again, like a real one, up to 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -133,3 +135,96 @@ class BoardProcess:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout)
         self._thread.join(timeout)
+
+
+SERIAL = "mp-0001"
+THING = f"gw-{SERIAL}"
+
+
+class MpWorld:
+    """Local cloud, chrony, a code signer and one factory-fresh board (claim certificate on its flash)."""
+
+    def __init__(self, root: Path, config: dict | None = None, mpy: bool = False, ntp=None):
+        from localcloud.cloud import LocalCloud
+        from localcloud.jobs import Jobs
+        from localcloud.ntp import Chrony
+        from localcloud.streams import Streams
+        from otakit import CodeSigner
+
+        self.mpy = mpy
+        self.root = root
+        self.cloud = LocalCloud(root / "cloud")
+        self.cloud.registry.allow_serials([SERIAL])
+        self.info = self.cloud.up()
+        self.boards: list[BoardProcess] = []
+        try:
+            self.ntp = ntp or Chrony(root / "chrony").start()
+            self.signer = CodeSigner(root / "signer")
+            claim_cert, claim_key = self.cloud.issue_claim("mp-factory")
+            self.jobs = Jobs(self.cloud.registry.db, self.cloud.registry.lock)
+            self.streams = Streams(self.cloud.registry.db, self.cloud.registry.lock, self.cloud.directory / "streams")
+            cfg = {"endpoint": "localhost", "port": self.info["port"], "ca": "certs/ca.pem",
+                   "claim_cert": "certs/claim.pem", "claim_key": "certs/claim.key", "serial": SERIAL,
+                   "template": "iot-agent-fleet", "code_signing_cert": "certs/signer.pem",
+                   "ntp": [["127.0.0.1", self.ntp.port]], "keepalive": 20, "self_test_s": 25,
+                   "backoff_min_s": 0.5, "backoff_max_s": 2, "block_size": 1024, **(config or {})}
+            self.flash = deploy(root / "flash", cfg, {
+                "ca.pem": Path(self.info["ca_file"]).read_bytes(), "claim.pem": claim_cert.read_bytes(),
+                "claim.key": claim_key.read_bytes(), "signer.pem": self.signer.cert_path.read_bytes()}, mpy=mpy)
+            self.n = 0
+        except BaseException:
+            self.close()
+            raise
+
+    def boot(self, max_boots: int = 8) -> BoardProcess:
+        b = BoardProcess(self.flash, max_boots=max_boots).start()
+        self.boards.append(b)
+        return b
+
+    def release(self, version: str, *, patch: dict | None = None, extra: dict[str, bytes] | None = None) -> bytes:
+        """A release archive of the board's app, as a vendor's build would make it."""
+        d = build_app(self.root / f"release-{version}-{self.n}", version, patch=patch, mpy=self.mpy)
+        self.n += 1
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for p in sorted(d.iterdir()):
+                tar.add(p, arcname=p.name)
+            for name, data in (extra or {}).items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+    def ota_doc(self, version: str, data: bytes, *, signature: str | None = None, **kw) -> dict:
+        from otakit import our_doc
+
+        self.n += 1
+        p = self.root / f"artifact-{self.n}"
+        p.write_bytes(data)
+        sid = self.streams.create([p], f"mp-ota-{self.n}")
+        return our_doc("mpy-app", version, f"app-{version}.tar", data, signature or self.signer.sign(data),
+                       stream=(sid, 0), **kw)
+
+    def run_job(self, job_id: str, doc: dict, status: str, timeout: float = 90) -> dict:
+        from test_jobs_engine import wait_status
+
+        self.jobs.create(job_id, THING, doc)
+        try:
+            return wait_status(self.jobs, job_id, THING, status, timeout=timeout)
+        except AssertionError:
+            for b in self.boards:
+                print(b.text()[-8000:])
+            raise
+
+    def app_version(self) -> str:
+        return (self.flash / "app" / "VERSION").read_text().strip()
+
+    def identity(self) -> dict:
+        return json.loads((self.flash / "state" / "identity.json").read_text())
+
+    def close(self) -> None:
+        for b in self.boards:
+            b.stop()
+        if getattr(self, "ntp", None):
+            (getattr(self.ntp, "stop", None) or self.ntp.close)()
+        self.cloud.down()

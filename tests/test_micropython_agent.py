@@ -5,108 +5,16 @@ rollback) and certificate rotation."""
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import tarfile
-import time
-from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from boardkit import BoardProcess, build_app, deploy
-from localcloud.cloud import LocalCloud
+from boardkit import SERIAL, THING, MpWorld
 from localcloud.defender import DefenderStore
-from localcloud.jobs import Jobs
-from localcloud.ntp import Chrony
-from localcloud.streams import Streams
 from mpkit import node  # noqa: F401  (fixture: Node and the npm interpreter)
-from otakit import CodeSigner, our_doc
-from test_jobs_engine import wait_status
-
-SERIAL = "mp-0001"
-THING = f"gw-{SERIAL}"
-
-
-class MpWorld:
-    """Local cloud, chrony, a code signer and one factory-fresh board (claim certificate on its flash)."""
-
-    def __init__(self, root: Path, config: dict | None = None, mpy: bool = False):
-        self.root = root
-        self.cloud = LocalCloud(root / "cloud")
-        self.cloud.registry.allow_serials([SERIAL])
-        self.info = self.cloud.up()
-        self.boards: list[BoardProcess] = []
-        try:
-            self.ntp = Chrony(root / "chrony").start()
-            self.signer = CodeSigner(root / "signer")
-            claim_cert, claim_key = self.cloud.issue_claim("mp-factory")
-            self.jobs = Jobs(self.cloud.registry.db, self.cloud.registry.lock)
-            self.streams = Streams(self.cloud.registry.db, self.cloud.registry.lock, self.cloud.directory / "streams")
-            cfg = {"endpoint": "localhost", "port": self.info["port"], "ca": "certs/ca.pem",
-                   "claim_cert": "certs/claim.pem", "claim_key": "certs/claim.key", "serial": SERIAL,
-                   "template": "iot-agent-fleet", "code_signing_cert": "certs/signer.pem",
-                   "ntp": [["127.0.0.1", self.ntp.port]], "keepalive": 20, "self_test_s": 25,
-                   "backoff_min_s": 0.5, "backoff_max_s": 2, "block_size": 1024, **(config or {})}
-            self.flash = deploy(root / "flash", cfg, {
-                "ca.pem": Path(self.info["ca_file"]).read_bytes(), "claim.pem": claim_cert.read_bytes(),
-                "claim.key": claim_key.read_bytes(), "signer.pem": self.signer.cert_path.read_bytes()}, mpy=mpy)
-            self.n = 0
-        except BaseException:
-            self.close()
-            raise
-
-    def boot(self, max_boots: int = 8) -> BoardProcess:
-        b = BoardProcess(self.flash, max_boots=max_boots).start()
-        self.boards.append(b)
-        return b
-
-    def release(self, version: str, *, patch: dict | None = None, extra: dict[str, bytes] | None = None) -> bytes:
-        """A release archive of the board's app, as a vendor's build would make it."""
-        d = build_app(self.root / f"release-{version}-{self.n}", version, patch=patch)
-        self.n += 1
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for p in sorted(d.iterdir()):
-                tar.add(p, arcname=p.name)
-            for name, data in (extra or {}).items():
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        return buf.getvalue()
-
-    def ota_doc(self, version: str, data: bytes, *, signature: str | None = None, **kw) -> dict:
-        self.n += 1
-        p = self.root / f"artifact-{self.n}"
-        p.write_bytes(data)
-        sid = self.streams.create([p], f"mp-ota-{self.n}")
-        return our_doc("mpy-app", version, f"app-{version}.tar", data, signature or self.signer.sign(data),
-                       stream=(sid, 0), **kw)
-
-    def run_job(self, job_id: str, doc: dict, status: str, timeout: float = 90) -> dict:
-        self.jobs.create(job_id, THING, doc)
-        try:
-            return wait_status(self.jobs, job_id, THING, status, timeout=timeout)
-        except AssertionError:
-            for b in self.boards:
-                print(b.text()[-8000:])
-            raise
-
-    def app_version(self) -> str:
-        return (self.flash / "app" / "VERSION").read_text().strip()
-
-    def identity(self) -> dict:
-        return json.loads((self.flash / "state" / "identity.json").read_text())
-
-    def close(self) -> None:
-        for b in self.boards:
-            b.stop()
-        if getattr(self, "ntp", None):
-            self.ntp.stop()
-        self.cloud.down()
-
+from otakit import CodeSigner
 
 @pytest.fixture
 def world(tmp_path, node):  # noqa: F811
@@ -172,3 +80,163 @@ def test_provision_defender_ota_rotation_lifecycle(world):
     assert status[old["cert_id"]] == "INACTIVE" and status[new["cert_id"]] == "ACTIVE", status
     # The new certificate connected (and subscribed) before the cloud was told to drop the old one.
     assert b.wait_for(r"rotation: the new certificate connected") < b.wait_for(r"rotation: SUCCEEDED")
+
+
+def test_refused_updates_install_nothing(world):
+    """Hostile or wrong job documents are REJECTED (or FAILED) and leave the running release alone."""
+    import io
+    import tarfile
+
+    from otakit import our_doc
+
+    w = world
+    b = w.boot()
+    b.wait_for(r"connected as " + THING, 90)
+
+    def tar(files: dict[str, bytes]) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as t:
+            for name, data in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+    good = w.release("2.0.0")
+    tampered = bytearray(good)
+    tampered[600] ^= 1
+    doc = w.ota_doc("2.0.0", good)
+    url_doc = our_doc("mpy-app", "2.0.0", "a.tar", good, w.signer.sign(good), url="https://localhost/a.tar")
+    cases = [
+        ("url", url_doc, "REJECTED", "MQTT streams only"),
+        ("downgrade", w.ota_doc("0.9.0", w.release("0.9.0")), "REJECTED", "not newer"),
+        ("replay", w.ota_doc("1.0.0", w.release("1.0.0")), "REJECTED", "not newer"),
+        ("target", {**doc, "target": "other"}, "REJECTED", "unknown target"),
+        ("schema", {**doc, "schema": 2}, "REJECTED", "schema"),
+        ("extra-field", {**doc, "run": "rm -rf /"}, "REJECTED", "unknown field"),
+        ("operation", {"operation": "format-flash"}, "REJECTED", "unsupported operation"),
+        ("tampered", w.ota_doc("2.0.0", bytes(tampered), signature=w.signer.sign(good),
+                               sha256=__import__("hashlib").sha256(good).hexdigest()), "REJECTED", "sha256"),
+        ("tampered-signed-hash", w.ota_doc("2.0.0", bytes(tampered), signature=w.signer.sign(good)), "REJECTED",
+         "signature"),
+        ("traversal", w.ota_doc("2.0.0", tar({"VERSION": b"2.0.0\n", "../main.py": b"print('owned')\n"})),
+         "REJECTED", "not a plain file"),
+        ("version-file", w.ota_doc("2.0.0", w.release("2.0.1")), "REJECTED", "VERSION"),
+        ("oversized", w.ota_doc("2.0.0", good, size=10 * 1024 * 1024), "REJECTED", "artifact.size"),
+        ("truncated", w.ota_doc("2.0.0", good[:4096], size=len(good), sha256=__import__("hashlib").sha256(good)
+                                .hexdigest()), "FAILED", "stream"),
+    ]
+    main_py = (w.flash / "main.py").read_bytes()
+    for job_id, d, status, reason in cases:
+        ex = w.run_job(job_id, d, status)
+        assert reason in ex["statusDetails"]["reason"], (job_id, ex)
+        assert w.app_version() == "1.0.0", job_id
+        assert not (w.flash / "app.new").exists() and not (w.flash / "ota" / "download.bin").exists(), job_id
+    assert (w.flash / "main.py").read_bytes() == main_py
+    assert b.boots == 1, "a refused update must not reset the board"
+
+
+def test_no_tls_before_the_clock_is_set(tmp_path, node):  # noqa: F811
+    """The RTC starts in 2000. Untrustworthy SNTP answers (unsynchronised server, a time before this
+    software was built, silence) keep the board off the network; a good answer lets it on."""
+    from localcloud.ntp import NtpResponder
+
+    ntp = NtpResponder(mode="good", stratum=0)
+    w = MpWorld(tmp_path, ntp=ntp)
+    try:
+        b = w.boot()
+        b.wait_for(r"clock: no trustworthy SNTP answer", 30)
+        ntp.set(stratum=2, skew_s=-20 * 365 * 86400)
+        n = ntp.requests
+        b.wait_for(r"clock: no trustworthy SNTP answer", 30, after=len(b.lines))
+        assert ntp.requests > n
+        ntp.set(mode="silent", skew_s=0)
+        b.wait_for(r"clock: no trustworthy SNTP answer", 30, after=len(b.lines))
+        assert "provisioned" not in b.text() and not (w.flash / "state" / "prov.json").exists()
+        assert not (w.flash / "id").exists(), "no key before the clock is trusted"
+        ntp.set(mode="good")
+        b.wait_for(r"clock set from SNTP", 30)
+        b.wait_for(r"provisioned as " + THING, 60)
+        b.wait_for(r"connected as " + THING, 30)
+    finally:
+        w.close()
+
+
+LOADER_CASES = """
+import os, json, loader
+
+class Board:
+    def sync(self):
+        pass
+
+def rm(p):
+    try:
+        if os.stat(p)[0] & 0x4000:
+            for n in os.listdir(p):
+                rm(p + "/" + n)
+            os.rmdir(p)
+        else:
+            os.remove(p)
+    except OSError:
+        pass
+
+def slot(name, version):
+    os.mkdir(name)
+    with open(name + "/VERSION", "w") as f:
+        f.write(version)
+
+def version(name):
+    try:
+        with open(name + "/VERSION") as f:
+            return f.read()
+    except OSError:
+        return None
+
+out = {}
+for case in PARAMS["cases"]:
+    d = "/tmp/" + case["name"]
+    os.mkdir(d)
+    os.chdir(d)
+    os.mkdir("state")
+    for name, v in case["slots"].items():
+        slot(name, v)
+    with open("state/boot.json", "w") as f:
+        f.write(json.dumps(case["boot"]))
+    st = loader.decide(Board())
+    out[case["name"]] = {"state": st.get("state"), "boots": st.get("boots"),
+                         "slots": {n: version(n) for n in ("app", "app.new", "app.old", "app.broken") if version(n)},
+                         "saved": json.load(open("state/boot.json")).get("state")}
+print(json.dumps(out))
+"""
+
+
+def test_loader_finishes_a_swap_or_rollback_cut_at_any_step(node, tmp_path):  # noqa: F811
+    """Power cut between any two steps of the swap or the rollback: the next boot runs exactly one
+    release, the right one, and the boot state says which (checked on the interpreter's file system)."""
+    import json as _json
+
+    from mpkit import run_mp
+
+    pending = {"state": "pending", "version": "2", "job": "j", "from": "1"}
+    trial = {"state": "trial", "version": "2", "job": "j", "from": "1", "boots": 1}
+    cases = [
+        # swap: nothing done yet / cut after app -> app.old / cut after app.new -> app (state not yet trial)
+        ("swap-start", {"app": "1", "app.new": "2"}, pending, "trial", {"app": "2", "app.old": "1"}),
+        ("swap-half", {"app.old": "1", "app.new": "2"}, pending, "trial", {"app": "2", "app.old": "1"}),
+        ("swap-done", {"app": "2", "app.old": "1"}, pending, "trial", {"app": "2", "app.old": "1"}),
+        # first boot of the release on trial: it runs
+        ("trial-first", {"app": "2", "app.old": "1"}, {**trial, "boots": 0}, "trial", {"app": "2", "app.old": "1"}),
+        # it did not commit: roll back; cut after app -> app.broken; cut after app.old -> app
+        ("rollback-start", {"app": "2", "app.old": "1"}, trial, "rolledback", {"app": "1"}),
+        ("rollback-half", {"app.broken": "2", "app.old": "1"}, trial, "rolledback", {"app": "1"}),
+        ("rollback-done", {"app.broken": "2", "app": "1"}, trial, "rolledback", {"app": "1"}),
+        ("idle", {"app": "1"}, {}, None, {"app": "1"}),
+    ]
+    r = run_mp(node, LOADER_CASES, tmp_path, {"cases": [{"name": c[0], "slots": c[1], "boot": c[2]} for c in cases]})
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = _json.loads(r.stdout.strip().splitlines()[-1])
+    for name, _slots, _boot, state, slots in cases:
+        assert got[name]["state"] == state, (name, got[name])
+        assert got[name]["slots"] == slots, (name, got[name])
+        if state:
+            assert got[name]["saved"] == state, (name, got[name])
