@@ -2,15 +2,14 @@
 # mTLS with the thing name as client ID: settle the last update, Device Defender custom metrics,
 # jobs (signed OTA over MQTT streams, certificate rotation). A lost session is retried with jittered
 # exponential backoff; nothing here blocks longer than one network timeout.
-import gc
 import json
+import sys
 import time
 import asyncio
 import mqtt
 import sntp
 import store
-import identity
-import p256
+from mqtt import Refused
 
 REQUIRED = ("endpoint", "port", "ca", "claim_cert", "claim_key", "serial", "template", "code_signing_cert", "ntp")
 DEFAULTS = {"rotation_template": "iot-agent-rotation", "target": "mpy-app", "keepalive": 60,
@@ -18,6 +17,22 @@ DEFAULTS = {"rotation_template": "iot-agent-rotation", "target": "mpy-app", "kee
             "backoff_min_s": 1, "backoff_max_s": 120, "heap_probe": False}
 MIN_DEFENDER_S = 300  # AWS IoT Device Defender takes one report per 5 minutes
 JOBS = "state/jobs.json"
+IDENT = "state/identity.json"
+ROT = "state/rot.json"
+
+
+class Reject(Exception):
+    """The job is REJECTED with this reason; nothing was installed."""
+
+
+def rare(name):
+    """Import a module for a rare flow (provisioning, rotation, OTA); drop() frees its code after."""
+    return __import__(name)
+
+
+def drop():
+    for n in ("identity", "ota", "p256"):
+        sys.modules.pop(n, None)
 
 
 def load_config():
@@ -41,11 +56,10 @@ class Agent:
         self.boot = boot
         self.cfg = load_config()
         self.version = store.read("app/VERSION").strip()
-        self.ident = store.load(identity.IDENT)
+        self.ident = store.load(IDENT)
         if boot.get("state") != "pending":  # leftovers of an update a power cut interrupted
             store.remove(board, "app.new")
             store.remove(board, "ota/download.bin")
-        self.signing_key = p256.pub_from_cert_pem(store.read(self.cfg["code_signing_cert"]))
         self.t0 = time.ticks_ms()
         self.hw = 0
         self.fails = 0
@@ -60,13 +74,13 @@ class Agent:
     def thing(self):
         return self.ident["thing"]
 
-    def mark(self):
+    async def mark(self, where=""):
         """Heap high-water probe for the footprint benchmark: live bytes after a collection."""
         if self.cfg["heap_probe"]:
-            gc.collect()
-            if gc.mem_alloc() > self.hw:
-                self.hw = gc.mem_alloc()
-                print("heap high-water", self.hw)
+            n = await self.board.live_heap()
+            if n > self.hw:
+                self.hw = n
+                print("heap high-water", n, where)
 
     def token(self):
         self.n += 1
@@ -110,7 +124,7 @@ class Agent:
             if t == reply + "/accepted":
                 return json.loads(p)
             if t == reply + "/rejected":
-                raise identity.Refused("%s: %s" % (reply, p[:300].decode()))
+                raise Refused("%s: %s" % (reply, p[:300].decode()))
             self.later(m)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -126,11 +140,12 @@ class Agent:
         self.fails = 0
         while not self.ident:
             try:
-                self.ident = await identity.provision(self)
-                self.fails = 0
+                await rare("identity").provision(self)
+                # A fresh start drops the claim credentials and the provisioning code from RAM.
+                print("provisioned; restarting on the new identity")
+                self.board.reset()
             except Exception as e:
                 print("provisioning failed:", repr(e))
-                import sys
                 sys.print_exception(e)
                 await self.backoff()
         trial = self.boot.get("state") == "trial"
@@ -148,7 +163,7 @@ class Agent:
             await self.backoff()
 
     async def session(self):
-        rot = identity.rotation()
+        rot = store.load(ROT)
         new = rot is not None and rot.get("step") == "switch"
         ident = rot if new else self.ident
         try:
@@ -157,12 +172,12 @@ class Agent:
             if new:
                 self.rot_fails += 1
                 if self.rot_fails >= 3:
-                    identity.rotate_not_proven(self, str(e))
+                    rare("identity").rotate_not_proven(self, str(e))
             raise
         self.c = c
         try:
             if new:
-                identity.rotate_proven(self)
+                rare("identity").rotate_proven(self)
                 print("rotation: the new certificate connected")
             j = "$aws/things/%s/jobs/" % self.thing
             for f in (j + "notify-next", j + "start-next/+", j + "+/update/+",
@@ -171,11 +186,12 @@ class Agent:
                 await c.subscribe(f, 1)
             print("connected as", self.thing)
             self.fails = 0
-            self.mark()
+            await self.mark("connected")
             await self.settle_boot(c)
-            r = identity.rotation()
+            r = store.load(ROT)
             if r and r.get("step") in ("commit", "abandon"):
-                job, out = await identity.rotate_finish(self, c)
+                job, out = await rare("identity").rotate_finish(self, c)
+                drop()
                 if job:
                     await self.finish(c, job, out[0], out[1])
             await self.report(c)
@@ -226,7 +242,7 @@ class Agent:
         try:
             await self.request(c, "$aws/things/%s/jobs/%s/update" % (self.thing, job),
                                {"status": status, "statusDetails": details})
-        except identity.Refused as e:
+        except Refused as e:
             print("job", job, "update refused:", e)  # already terminal in the cloud
         print("job", job, status, details)
         self.job = None
@@ -256,37 +272,45 @@ class Agent:
                 return True
 
     async def run_job(self, c, job, doc):
-        import ota
+        ota = identity = None
         self.job = job
         op = doc.get("operation") if isinstance(doc, dict) else None
         print("job", job, "started:", op)
         try:
             if op == "ota-update":
+                ota = rare("ota")
                 await ota.run(self, c, job, doc)
             elif op == "rotate-certificate":
-                r = identity.rotation()
+                r = store.load(ROT)
                 if r and r.get("job") != job:
-                    raise ota.Reject("another certificate rotation is in progress")
+                    raise Reject("another certificate rotation is in progress")
+                identity = rare("identity")
                 try:
                     await identity.rotate_prepare(self, c, job)
-                except identity.Refused as e:
+                except Refused as e:
                     identity.rotate_not_proven(self, str(e))
                     jb, out = await identity.rotate_finish(self, c)
                     await self.finish(c, job, out[0], out[1])
                     return False
+                # Like provisioning: start afresh on the new certificate (step "switch" is on flash).
+                print("rotation: restarting to connect with the new certificate")
+                c.close()
+                self.board.reset()
                 return True
             else:
-                raise ota.Reject("unsupported operation %r" % op)
-        except ota.Reject as e:
+                raise Reject("unsupported operation %r" % op)
+        except Reject as e:
             await self.finish(c, job, "REJECTED", {"reason": str(e)})
         except mqtt.MQTTError:
             raise  # the session is gone; the job is handed out again on the next one
         except Exception as e:
             await self.finish(c, job, "FAILED", {"reason": str(e)[:200]})
         finally:
-            store.remove(self.board, ota.DL)
-            store.remove(self.board, ota.NEW)
-            self.mark()
+            store.remove(self.board, "ota/download.bin")
+            store.remove(self.board, "app.new")
+            ota = identity = None
+            drop()
+            await self.mark("job done")
         return False
 
     async def report(self, c):
@@ -310,9 +334,9 @@ class Agent:
         try:
             await self.request(c, "$aws/things/%s/defender/metrics/json" % self.thing, doc)
             print("defender report", now, "accepted")
-        except identity.Refused as e:
+        except Refused as e:
             print("defender report rejected:", e)
-        self.mark()
+        await self.mark("defender")
 
 
 async def main(board, boot):

@@ -93,6 +93,12 @@ def reset():
     machine.reset()
 
 
+async def live_heap():
+    import gc
+    gc.collect()
+    return gc.mem_alloc()
+
+
 def free_heap():
     import gc
     return gc.mem_free()

@@ -5,15 +5,12 @@
 # keeps a certificate that works: the old one stays until the new one has connected.
 import p256
 import store
+from mqtt import Refused
 
 PROV = "state/prov.json"
 ROT = "state/rot.json"
 IDENT = "state/identity.json"
 THING_OK = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:_-"
-
-
-class Refused(Exception):
-    pass
 
 
 def _new_key(a, tag):
@@ -57,7 +54,7 @@ async def provision(a):
     if "key" not in st:
         st = {"key": _new_key(a, "dev")}
         store.save(b, PROV, st)
-        a.mark()
+        await a.mark("keygen")
     c = await a.connect(store.read(cfg["claim_cert"]), store.read(cfg["claim_key"]), cfg["serial"])
     try:
         tpl = "$aws/provisioning-templates/%s/provision/json" % cfg["template"]
@@ -65,7 +62,7 @@ async def provision(a):
         await c.subscribe(tpl + "/+", 1)
         if "token" not in st:
             csr, pub = _csr(st["key"], cfg["serial"])
-            a.mark()
+            await a.mark("csr")
             resp = await a.request(c, "$aws/certificates/create-from-csr/json", {"certificateSigningRequest": csr})
             st.update(_certificate(a, resp, pub, "dev"))
             store.save(b, PROV, st)
@@ -89,28 +86,29 @@ async def provision(a):
 
 
 # -- rotation ---------------------------------------------------------------------------------
-def rotation():
-    return store.load(ROT)
-
-
 async def rotate_prepare(a, c, job_id):
     """Over the current connection: new key, CSR, certificate, registration; ends in step "switch"."""
     b = a.board
     r = store.load(ROT) or {"job": job_id}
+    await c.subscribe("$aws/certificates/create-from-csr/json/+", 1)
+    await c.subscribe("$aws/provisioning-templates/%s/provision/json/+" % a.cfg["rotation_template"], 1)
     if "key" not in r:
         r["key"] = _new_key(a, "rot")
         store.save(b, ROT, r)
+        await a.mark("rot-keygen")
     if "cert" not in r:
         csr, pub = _csr(r["key"], a.thing)
         resp = await a.request(c, "$aws/certificates/create-from-csr/json", {"certificateSigningRequest": csr})
         r.update(_certificate(a, resp, pub, "rot"))
         store.save(b, ROT, r)
+        await a.mark("rot-certificate")
     if r.get("step") != "switch":
         await a.request(c, "$aws/provisioning-templates/%s/provision/json" % a.cfg["rotation_template"],
                         {"certificateOwnershipToken": r["token"], "parameters": {"ThingName": a.thing}})
         r["step"] = "switch"
         r.pop("token")
         store.save(b, ROT, r)
+        await a.mark("rot-registered")
         print("rotation: new certificate", r["cert_id"][:12], "registered; switching")
     return r
 

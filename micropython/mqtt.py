@@ -12,6 +12,10 @@ class MQTTError(Exception):
     pass
 
 
+class Refused(Exception):
+    """The cloud answered a request on its .../rejected topic."""
+
+
 def _varlen(n):
     out = bytearray()
     while True:

@@ -9,16 +9,12 @@ import binascii
 import hashlib
 import json
 import os
-import p256
 import store
+from agent import Reject
 
 DL = "ota/download.bin"
 NEW = "app.new"
 NAME_OK = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
-
-
-class Reject(Exception):
-    """The job is REJECTED with this reason; nothing was installed."""
 
 
 def vkey(v):
@@ -110,7 +106,7 @@ async def download(a, c, sid, fid, size, digest):
                 f.write(data)
                 h.update(data)
                 nxt += 1
-                a.mark()
+                await a.mark("block")
             if nxt and nxt % 16 == 0:
                 await a.progress("downloading", "%d%%" % (nxt * 100 // nblocks))
     a.board.sync()
@@ -119,7 +115,9 @@ async def download(a, c, sid, fid, size, digest):
 
 
 def verify(a, digest, der):
-    if not p256.verify(a.signing_key, digest, der):
+    import p256  # loaded only now: the download ran without its code in RAM
+    key = p256.pub_from_cert_pem(store.read(a.cfg["code_signing_cert"]))
+    if not p256.verify(key, digest, der):
         raise Reject("signature does not verify against the pinned code-signing key")
 
 
@@ -175,7 +173,9 @@ async def run(a, c, job_id, doc):
     await a.progress("downloading", "0%")
     await download(a, c, sid, fid, size, digest)
     verify(a, digest, der)
+    await a.mark("verify")
     unpack(a, version)
+    await a.mark("unpack")
     store.remove(a.board, DL)
     # Write ahead: the loader swaps on the next boot; this job is settled after the self-test.
     store.save(a.board, "state/boot.json", {"state": "pending", "version": version, "job": job_id, "from": a.version})

@@ -86,7 +86,7 @@ class BoardProcess:
         while not self._stop.is_set() and self.boots < self.max_boots:
             self.boots += 1
             self._add(f"### boot {self.boots}")
-            self.proc = subprocess.Popen(["node", str(HARNESS / "run.mjs"), "--flash", str(self.flash),
+            self.proc = subprocess.Popen(["node", "--expose-gc", str(HARNESS / "run.mjs"), "--flash", str(self.flash),
                                           json.dumps(self.params)], stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
             for line in self.proc.stdout:

@@ -92,6 +92,7 @@ def test_refused_updates_install_nothing(world):
     w = world
     b = w.boot()
     b.wait_for(r"connected as " + THING, 90)
+    boots = b.boots
 
     def tar(files: dict[str, bytes]) -> bytes:
         buf = io.BytesIO()
@@ -133,7 +134,7 @@ def test_refused_updates_install_nothing(world):
         assert w.app_version() == "1.0.0", job_id
         assert not (w.flash / "app.new").exists() and not (w.flash / "ota" / "download.bin").exists(), job_id
     assert (w.flash / "main.py").read_bytes() == main_py
-    assert b.boots == 1, "a refused update must not reset the board"
+    assert b.boots == boots, "a refused update must not reset the board"
 
 
 def test_no_tls_before_the_clock_is_set(tmp_path, node):  # noqa: F811

@@ -21,7 +21,7 @@ def set_time(epoch):
 
 
 def random(n):
-    return bytes(js.randomBytes(n))
+    return bytes.fromhex(js.randomBytes(n))
 
 
 class Stream:
@@ -29,13 +29,13 @@ class Stream:
         self.s = s
 
     def write(self, b):
-        self.s.write(js.Uint8Array.new(list(b)))
+        self.s.write(b.hex())
 
     async def read(self, timeout_ms=None):
-        r = await self.s.read(timeout_ms)
+        r = await self.s.read(timeout_ms, 1024)  # as much as a board's socket read takes
         if r is None:
             return None
-        return bytes(r)
+        return bytes.fromhex(r)
 
     def close(self):
         self.s.close()
@@ -47,8 +47,8 @@ async def tls(host, port, ca, cert, key):
 
 
 async def udp_query(host, port, packet, timeout_ms):
-    r = await js.udpQuery(host, port, js.Uint8Array.new(list(packet)), timeout_ms)
-    return None if r is None else bytes(r)
+    r = await js.udpQuery(host, port, packet.hex(), timeout_ms)
+    return None if r is None else bytes.fromhex(r)
 
 
 def sync():
@@ -58,6 +58,11 @@ def sync():
 
 def reset():
     js.boardReset()
+
+
+async def live_heap():
+    """Bytes the program really holds (see liveHeap in run.mjs for why not gc.collect() here)."""
+    return await js.liveHeap()
 
 
 def free_heap():

@@ -25,21 +25,37 @@ globalThis.tlsOpen = (host, port, caPem, certPem, keyPem) => new Promise((resolv
   let closed = false;
   const s = tls.connect({ host, port, servername: host, ca: caPem, cert: certPem, key: keyPem,
                           minVersion: "TLSv1.2" }, () => resolve({
-    write: (u8) => { if (!closed) s.write(Buffer.from(u8)); },
-    read: (timeoutMs) => new Promise((r) => {
-      if (chunks.length) r(chunks.shift());
-      else if (closed) r(new Uint8Array(0));
+    // Bytes cross the bridge as hex strings: strings are copied, while a Python object handed to JS
+    // stays pinned in the Python heap until JS collects its proxy, which would distort the heap figures.
+    write: (hex) => { if (!closed) s.write(Buffer.from(hex, "hex")); },
+    // Like a socket read on a board: at most maxBytes; the rest stays queued outside the Python heap.
+    read: (timeoutMs, maxBytes) => new Promise((r) => {
+      if (chunks.length) r(hex(take(maxBytes)));
+      else if (closed) r("");
       else {
-        waiting = r;
+        waiting = [r, maxBytes];
         if (timeoutMs !== undefined && timeoutMs !== null) {
-          timer = setTimeout(() => { if (waiting === r) { waiting = null; r(null); } }, timeoutMs);
+          timer = setTimeout(() => { if (waiting && waiting[0] === r) { waiting = null; r(null); } }, timeoutMs);
         }
       }
     }),
     close: () => { closed = true; s.destroy(); },
   }));
+  const hex = (u) => Buffer.from(u.buffer, u.byteOffset, u.length).toString("hex");
+  const take = (max) => {
+    const c = chunks[0];
+    if (!max || c.length <= max) return chunks.shift();
+    chunks[0] = c.subarray(max);
+    return c.slice(0, max);
+  };
   const wake = (u) => {
-    if (waiting) { const w = waiting; waiting = null; clearTimeout(timer); w(u); } else chunks.push(u);
+    if (u.length) chunks.push(u);
+    if (waiting) {
+      const [w, max] = waiting;
+      waiting = null;
+      clearTimeout(timer);
+      w(chunks.length ? hex(take(max)) : "");
+    }
   };
   s.on("data", (d) => wake(new Uint8Array(d)));
   const end = () => { closed = true; if (waiting) wake(new Uint8Array(0)); };
@@ -49,16 +65,36 @@ globalThis.tlsOpen = (host, port, caPem, certPem, keyPem) => new Promise((resolv
 });
 
 // One UDP request and its first answer (SNTP); null on timeout or error.
-globalThis.udpQuery = (host, port, u8, timeoutMs) => new Promise((resolve) => {
+globalThis.udpQuery = (host, port, hexPacket, timeoutMs) => new Promise((resolve) => {
   const sock = dgram.createSocket(host.includes(":") ? "udp6" : "udp4");
   const done = (v) => { clearTimeout(t); try { sock.close(); } catch (e) { /* closed */ } resolve(v); };
   const t = setTimeout(() => done(null), timeoutMs);
-  sock.on("message", (m) => done(new Uint8Array(m)));
+  sock.on("message", (m) => done(m.toString("hex")));
   sock.on("error", () => done(null));
-  sock.send(Buffer.from(u8), port, host);
+  sock.send(Buffer.from(hexPacket, "hex"), port, host);
 });
 
-globalThis.randomBytes = (n) => new Uint8Array(crypto.randomBytes(n));
+globalThis.randomBytes = (n) => crypto.randomBytes(n).toString("hex");
+
+// Live heap bytes, collected from a timer at the top of the JS stack. A gc.collect() called from Python
+// here scans the interpreter's own stack conservatively and keeps garbage that stale slots point at;
+// from a timer the Python code is suspended (awaiting this promise) and only what is reachable stays.
+globalThis.liveHeap = async () => {
+  // Python objects lent to JS (the callbacks of awaited promises) stay pinned until JS collects its
+  // proxies of them and a FinalizationRegistry task frees them, some turns later. With --expose-gc,
+  // collect both sides until the figure stops falling, so only what the program holds is counted.
+  const py = () => { mp.runPython("import gc\ngc.collect()\n_live_heap = gc.mem_alloc()"); return mp.globals.get("_live_heap"); };
+  await new Promise((r) => setTimeout(r, 0));
+  let best = py();
+  for (let i = 0; i < 20 && globalThis.gc; i++) {
+    globalThis.gc();
+    await new Promise((r) => setTimeout(r, 2));
+    const n = py();
+    if (n >= best && i >= 3) break;
+    best = Math.min(best, n);
+  }
+  return best;
+};
 
 const args = process.argv.slice(2);
 let flash = null;
