@@ -57,6 +57,8 @@ class Agent:
         self.cfg = load_config()
         self.version = store.read("app/VERSION").strip()
         self.ident = store.load(IDENT)
+        if self.ident and store.exists("state/prov.json"):  # cut after the identity was saved
+            store.remove(board, "state/prov.json")
         if boot.get("state") != "pending":  # leftovers of an update a power cut interrupted
             store.remove(board, "app.new")
             store.remove(board, "ota/download.bin")
@@ -215,10 +217,11 @@ class Agent:
             s = "rolledback"  # the loader could not finish a swap: this is not the release on trial
         if s == "trial":
             store.save(self.board, "state/boot.json", {"state": "committed", "job": job, "version": v})
-            store.remove(self.board, "app.old")
+            self.board.cut("ota.after_commit_saved")
             s = "committed"
             print("self-test passed: release", v, "committed")
         if s == "committed":
+            store.remove(self.board, "app.old")
             await self.finish(c, job, "SUCCEEDED", {"step": "committed", "progress": "100%", "result": "installed",
                                                     "version": v})
         elif s == "rolledback":

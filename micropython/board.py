@@ -88,6 +88,10 @@ def sync():
     """LittleFS commits on close and rename; nothing to flush."""
 
 
+def cut(name):
+    """Where the test harness cuts the power; nothing on a board."""
+
+
 def reset():
     import machine
     machine.reset()

@@ -54,6 +54,7 @@ async def provision(a):
     if "key" not in st:
         st = {"key": _new_key(a, "dev")}
         store.save(b, PROV, st)
+        b.cut("prov.after_key")
         await a.mark("keygen")
     c = await a.connect(store.read(cfg["claim_cert"]), store.read(cfg["claim_key"]), cfg["serial"])
     try:
@@ -66,6 +67,7 @@ async def provision(a):
             resp = await a.request(c, "$aws/certificates/create-from-csr/json", {"certificateSigningRequest": csr})
             st.update(_certificate(a, resp, pub, "dev"))
             store.save(b, PROV, st)
+            b.cut("prov.after_certificate")
         try:
             resp = await a.request(c, tpl, {"certificateOwnershipToken": st["token"],
                                             "parameters": {"SerialNumber": cfg["serial"]}})
@@ -78,6 +80,7 @@ async def provision(a):
             raise Refused("RegisterThing gave no usable thingName")
         ident = {"thing": thing, "cert": st["cert"], "key": st["key"], "cert_id": st["cert_id"]}
         store.save(b, IDENT, ident)
+        b.cut("prov.after_identity")
         store.remove(b, PROV)
         print("provisioned as", thing)
         return ident
@@ -95,12 +98,14 @@ async def rotate_prepare(a, c, job_id):
     if "key" not in r:
         r["key"] = _new_key(a, "rot")
         store.save(b, ROT, r)
+        b.cut("rot.after_key")
         await a.mark("rot-keygen")
     if "cert" not in r:
         csr, pub = _csr(r["key"], a.thing)
         resp = await a.request(c, "$aws/certificates/create-from-csr/json", {"certificateSigningRequest": csr})
         r.update(_certificate(a, resp, pub, "rot"))
         store.save(b, ROT, r)
+        b.cut("rot.after_certificate")
         await a.mark("rot-certificate")
     if r.get("step") != "switch":
         await a.request(c, "$aws/provisioning-templates/%s/provision/json" % a.cfg["rotation_template"],
@@ -108,6 +113,7 @@ async def rotate_prepare(a, c, job_id):
         r["step"] = "switch"
         r.pop("token")
         store.save(b, ROT, r)
+        b.cut("rot.after_registered")
         await a.mark("rot-registered")
         print("rotation: new certificate", r["cert_id"][:12], "registered; switching")
     return r
@@ -121,6 +127,7 @@ def rotate_proven(a):
     store.save(a.board, ROT, r)
     a.ident = {"thing": old["thing"], "cert": r["cert"], "key": r["key"], "cert_id": r["cert_id"]}
     store.save(a.board, IDENT, a.ident)
+    a.board.cut("rot.after_proven")
 
 
 def rotate_not_proven(a, why):
@@ -134,12 +141,18 @@ async def rotate_finish(a, c):
     """Tell the cloud which certificate to deactivate, then drop the loser's files. Returns the outcome."""
     r = store.load(ROT)
     if r["step"] == "commit":
-        await a.request(c, "dt/%s/certificate-rotation/commit" % a.thing,
-                        {"newCertificateId": r["cert_id"], "oldCertificateId": r["old"]["cert_id"],
-                         "clientToken": a.token()}, "cmd/%s/certificate-rotation/commit" % a.thing)
+        details = {"certificateId": r["cert_id"]}
+        try:
+            await a.request(c, "dt/%s/certificate-rotation/commit" % a.thing,
+                            {"newCertificateId": r["cert_id"], "oldCertificateId": r["old"]["cert_id"],
+                             "clientToken": a.token()}, "cmd/%s/certificate-rotation/commit" % a.thing)
+        except Refused as e:
+            # The board is on its proven new certificate either way; the operator must retire the old one.
+            details["warning"] = "the cloud did not deactivate the old certificate: %s" % str(e)[:150]
+        a.board.cut("rot.after_commit_sent")
         for f in (r["old"]["cert"], r["old"]["key"]):
             store.remove(a.board, f)
-        outcome = ("SUCCEEDED", {"certificateId": r["cert_id"]})
+        outcome = ("SUCCEEDED", details)
     else:
         if r.get("cert_id"):
             try:

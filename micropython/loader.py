@@ -63,6 +63,7 @@ def decide(board):
             if _exists("app"):
                 _rm("app.old")
                 os.rename("app", "app.old")
+                board.cut("loader.mid_swap")
             os.rename("app.new", "app")
             board.sync()
         st["state"], st["boots"] = "trial", 0
@@ -74,6 +75,7 @@ def decide(board):
                 if _exists("app"):
                     _rm("app.broken")
                     os.rename("app", "app.broken")
+                    board.cut("loader.mid_rollback")
                 os.rename("app.old", "app")
                 board.sync()
             st["state"] = "rolledback"

@@ -106,6 +106,8 @@ async def download(a, c, sid, fid, size, digest):
                 f.write(data)
                 h.update(data)
                 nxt += 1
+                if nxt == 12:
+                    a.board.cut("ota.mid_download")
                 await a.mark("block")
             if nxt and nxt % 16 == 0:
                 await a.progress("downloading", "%d%%" % (nxt * 100 // nblocks))
@@ -175,10 +177,12 @@ async def run(a, c, job_id, doc):
     verify(a, digest, der)
     await a.mark("verify")
     unpack(a, version)
+    a.board.cut("ota.after_unpack")
     await a.mark("unpack")
     store.remove(a.board, DL)
     # Write ahead: the loader swaps on the next boot; this job is settled after the self-test.
     store.save(a.board, "state/boot.json", {"state": "pending", "version": version, "job": job_id, "from": a.version})
+    a.board.cut("ota.after_pending")
     await a.progress("restarting", "100%", version)
     print("ota: release", version, "staged; resetting")
     a.board.reset()

@@ -176,8 +176,8 @@ class MpWorld:
             self.close()
             raise
 
-    def boot(self, max_boots: int = 8) -> BoardProcess:
-        b = BoardProcess(self.flash, max_boots=max_boots).start()
+    def boot(self, max_boots: int = 8, params: dict | None = None) -> BoardProcess:
+        b = BoardProcess(self.flash, max_boots=max_boots, params=params).start()
         self.boards.append(b)
         return b
 

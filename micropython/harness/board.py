@@ -56,6 +56,11 @@ def sync():
     js.flashSync()
 
 
+def cut(name):
+    """A named point where tests cut the power (harness/run.mjs)."""
+    js.powerCut(name)
+
+
 def reset():
     js.boardReset()
 

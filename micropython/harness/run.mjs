@@ -99,7 +99,7 @@ globalThis.liveHeap = async () => {
 const args = process.argv.slice(2);
 let flash = null;
 if (args[0] === "--flash") { flash = path.resolve(args[1]); args.splice(0, 2); }
-const [script, params = "{}"] = flash ? [null, args[0]] : args;
+const [script, params = "{}"] = flash ? [null, args[0] || "{}"] : args;
 
 const mp = await loadMicroPython({ stdout: (l) => process.stdout.write(l + "\n"), stderr: (l) => process.stderr.write(l + "\n"),
                                    linebuffer: true });
@@ -145,6 +145,15 @@ function mirror(dir, host) {
   }
 }
 globalThis.flashSync = () => { if (flash) mirror("/flash", flash); };
+// Power cut at a named point, once per flash (tests): the process ends without writing back what was
+// not synced, and the test boots the board again.
+const cutAt = JSON.parse(params).cut;
+globalThis.powerCut = (name) => {
+  if (!flash || name !== cutAt || fs.existsSync(flash + ".cut-" + name)) return;
+  fs.writeFileSync(flash + ".cut-" + name, "");
+  process.stdout.write("### power cut at " + name + "\n");
+  process.exit(RESET_EXIT);
+};
 globalThis.boardReset = () => { globalThis.flashSync(); process.exit(RESET_EXIT); };
 
 mp.globals.set("PARAMS_JSON", params);
