@@ -170,6 +170,9 @@ class Board:
     def sync(self):
         pass
 
+    def cut(self, name):
+        pass
+
 def rm(p):
     try:
         if os.stat(p)[0] & 0x4000:
