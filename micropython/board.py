@@ -61,7 +61,8 @@ async def tls(host, port, ca, cert, key):
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cadata=_der(ca))
     ctx.load_cert_chain(_der(cert), _der(key))
-    r, w = await asyncio.open_connection(host, port, ssl=ctx, server_hostname=host)
+    # A server that accepts TCP but never finishes the handshake must not hang the board.
+    r, w = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ctx, server_hostname=host), 15)
     return Stream(r, w)
 
 

@@ -244,3 +244,31 @@ def test_loader_finishes_a_swap_or_rollback_cut_at_any_step(node, tmp_path):  # 
         assert got[name]["slots"] == slots, (name, got[name])
         if state:
             assert got[name]["saved"] == state, (name, got[name])
+
+
+def test_keepalive_and_reconnect_with_backoff(tmp_path, node):  # noqa: F811
+    """PINGREQ keeps an idle session up (mosquitto drops a client silent for 1.5 keepalives); a broker
+    that stops answering is noticed by the missing PINGRESP, and the board reconnects with backoff
+    once it is back."""
+    import os
+    import signal
+    import time
+
+    w = MpWorld(tmp_path, config={"keepalive": 2})
+    try:
+        b = w.boot()
+        b.wait_for(r"connected as " + THING, 90)
+        mark = len(b.lines)
+        time.sleep(8)  # 4 keepalive periods with nothing to say
+        assert "session ended" not in "\n".join(b.lines[mark:]), b.text()[-2000:]
+        pid = w.cloud._mosquitto_pid()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            b.wait_for(r"session ended: no answer to PINGREQ", 20, after=mark)
+            time.sleep(3)  # reconnect attempts meet a broker that does not answer
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        i = b.wait_for(r"session ended", 5, after=mark)
+        b.wait_for(r"connected as " + THING, 60, after=i)
+    finally:
+        w.close()

@@ -24,7 +24,7 @@ globalThis.tlsOpen = (host, port, caPem, certPem, keyPem) => new Promise((resolv
   let timer = null;
   let closed = false;
   const s = tls.connect({ host, port, servername: host, ca: caPem, cert: certPem, key: keyPem,
-                          minVersion: "TLSv1.2" }, () => resolve({
+                          minVersion: "TLSv1.2" }, () => { clearTimeout(handshake); resolve({
     // Bytes cross the bridge as hex strings: strings are copied, while a Python object handed to JS
     // stays pinned in the Python heap until JS collects its proxy, which would distort the heap figures.
     write: (hex) => { if (!closed) s.write(Buffer.from(hex, "hex")); },
@@ -40,7 +40,9 @@ globalThis.tlsOpen = (host, port, caPem, certPem, keyPem) => new Promise((resolv
       }
     }),
     close: () => { closed = true; s.destroy(); },
-  }));
+  }); });
+  // A server that accepts TCP but never finishes the handshake must not hang the board.
+  const handshake = setTimeout(() => { s.destroy(new Error("TLS handshake timed out")); }, 15000);
   const hex = (u) => Buffer.from(u.buffer, u.byteOffset, u.length).toString("hex");
   const take = (max) => {
     const c = chunks[0];
