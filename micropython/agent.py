@@ -275,7 +275,7 @@ class Agent:
                 return True
 
     async def run_job(self, c, job, doc):
-        ota = identity = None
+        ota = identity = out = None
         self.job = job
         op = doc.get("operation") if isinstance(doc, dict) else None
         print("job", job, "started:", op)
@@ -303,17 +303,19 @@ class Agent:
             else:
                 raise Reject("unsupported operation %r" % op)
         except Reject as e:
-            await self.finish(c, job, "REJECTED", {"reason": str(e)})
+            out = ("REJECTED", {"reason": str(e)})
         except mqtt.MQTTError:
             raise  # the session is gone; the job is handed out again on the next one
         except Exception as e:
-            await self.finish(c, job, "FAILED", {"reason": str(e)[:200]})
-        finally:
+            out = ("FAILED", {"reason": str(e)[:200]})
+        finally:  # nothing of a refused update stays on flash, before the cloud hears the outcome
             store.remove(self.board, "ota/download.bin")
             store.remove(self.board, "app.new")
             ota = identity = None
             drop()
             await self.mark("job done")
+        if out:
+            await self.finish(c, job, out[0], out[1])
         return False
 
     async def report(self, c):

@@ -4,7 +4,6 @@ board that resets itself (exit code 75) is booted again, like a real one, up to 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -12,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from pathlib import Path
@@ -182,18 +180,13 @@ class MpWorld:
         return b
 
     def release(self, version: str, *, patch: dict | None = None, extra: dict[str, bytes] | None = None) -> bytes:
-        """A release archive of the board's app, as a vendor's build would make it."""
+        """A release archive of the board's app, made as the README tells a vendor to (GNU tar, ustar)."""
         d = build_app(self.root / f"release-{version}-{self.n}", version, patch=patch, mpy=self.mpy)
         self.n += 1
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for p in sorted(d.iterdir()):
-                tar.add(p, arcname=p.name)
-            for name, data in (extra or {}).items():
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        return buf.getvalue()
+        for name, data in (extra or {}).items():
+            (d / name).write_bytes(data)
+        return subprocess.run(["tar", "--format=ustar", "-C", str(d), "-cf", "-", "."], check=True,
+                              capture_output=True, timeout=60).stdout
 
     def ota_doc(self, version: str, data: bytes, *, signature: str | None = None, **kw) -> dict:
         from otakit import our_doc
