@@ -38,7 +38,17 @@ def collect(cfg: Config) -> dict:
         "rotation": {k: state.get("rotation", {}).get(k) for k in ("step", "last", "next_attempt_at")},
         "defender": {"last_report_id": state.get("defender", {}).get("last_report_id"),
                      "last_report_at": state.get("defender", {}).get("last_report_at")},
+        "jobs": {"current": (state.get("jobs", {}).get("current") or {}).get("job_id"),
+                 "last": state.get("jobs", {}).get("last"),
+                 "unsent_updates": len(state.get("jobs", {}).get("outbox", []))},
+        "updates": {name: _slots(cfg.resolve(t.directory)) for name, t in sorted(cfg.ota.targets.items())},
     }
+
+
+def _slots(directory: Path) -> dict:
+    from .install import slot
+
+    return {n: slot(directory, n) for n in ("current", "previous", "broken")}
 
 
 def _expired(cert: str | None) -> bool:
@@ -79,4 +89,18 @@ def show(cfg: Config, as_json: bool = False) -> int:
 
         ago = _time.time() - (d["last_report_at"] or 0)
         print(f"defender:     last report {d['last_report_id']}, {ago:.0f} s ago")
+    j = s["jobs"]
+    if j["current"] or j["last"]:
+        last = j["last"] or {}
+        d = last.get("details") or {}
+        why = d.get("reason") or d.get("result") or d.get("version") or ""
+        line = f"jobs:         last {last.get('job_id', '-')} {last.get('status', '')}" + (f" ({why})" if why else "")
+        if j["current"]:
+            line += f"; running {j['current']}"
+        if j["unsent_updates"]:
+            line += f"; {j['unsent_updates']} status update(s) waiting for the broker"
+        print(line)
+    for name, sl in s["updates"].items():
+        print(f"{'update ' + name + ':':<14}current {sl['current'] or '-'}, previous {sl['previous'] or '-'}"
+              + (f", broken {sl['broken']}" if sl["broken"] else ""))
     return 0

@@ -14,7 +14,7 @@ from mqtt import Refused
 REQUIRED = ("endpoint", "port", "ca", "claim_cert", "claim_key", "serial", "template", "code_signing_cert", "ntp")
 DEFAULTS = {"rotation_template": "iot-agent-rotation", "target": "mpy-app", "keepalive": 60,
             "defender_interval_s": 300, "self_test_s": 90, "block_size": 1024, "max_artifact_bytes": 256 * 1024,
-            "backoff_min_s": 1, "backoff_max_s": 120, "heap_probe": False}
+            "backoff_min_s": 1, "backoff_max_s": 120, "insecure_allow_downgrade": False, "heap_probe": False}
 MIN_DEFENDER_S = 300  # AWS IoT Device Defender takes one report per 5 minutes
 JOBS = "state/jobs.json"
 IDENT = "state/identity.json"

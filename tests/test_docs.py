@@ -1,0 +1,61 @@
+"""The README's configuration references and the code agree, key for key, both ways."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import tomllib
+from pathlib import Path
+
+from agent import config as agent_config
+
+REPO = Path(__file__).resolve().parent.parent
+README = (REPO / "README.md").read_text()
+
+
+def section(title: str) -> str:
+    start = README.index(title)
+    nxt = re.search(r"^## ", README[start + len(title):], re.M)
+    return README[start:start + len(title) + nxt.start()] if nxt else README[start:]
+
+
+def fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def test_linux_config_reference_matches_the_dataclasses():
+    block = re.search(r"```toml\n(.*?)```", section("## Configuration"), re.S).group(1)
+    doc = tomllib.loads(block)
+    sections = fields(agent_config.Config) - {"path"}
+    assert set(doc) == sections, "README sections vs Config fields"
+    types = {f.name: f.type for f in dataclasses.fields(agent_config.Config)}
+    for name in sections:
+        cls = getattr(agent_config, types[name]) if isinstance(types[name], str) else types[name]
+        assert set(doc[name]) == fields(cls), f"[{name}]: README keys vs {cls.__name__} fields"
+    targets = doc["ota"]["targets"]
+    assert targets, "the README shows one [ota.targets.NAME] table"
+    for t in targets.values():
+        assert set(t) == fields(agent_config.OtaTargetConfig), "[ota.targets.*] keys vs OtaTargetConfig"
+    cfg = agent_config.parse(doc, REPO / "config.toml")  # and the example itself is a valid config
+    assert cfg.broker.port == 8883
+
+
+def test_board_config_reference_matches_the_board_agent():
+    src = (REPO / "micropython" / "agent.py").read_text()
+    required = set(re.search(r"^REQUIRED = \((.*?)\)$", src, re.M | re.S).group(1).replace('"', "").replace(" ", "")
+                   .replace("\n", "").split(","))
+    defaults = set(re.findall(r'"(\w+)":', re.search(r"^DEFAULTS = \{(.*?)\}$", src, re.M | re.S).group(1)))
+    text = section("## MicroPython boards")
+    example = json.loads(re.search(r"```json\n(.*?)```", text, re.S).group(1))
+    assert set(example) == required, "README config.json example vs REQUIRED"
+    optional = re.search(r"^Optional: (.*?)\n\n", text, re.M | re.S).group(1)
+    documented = set(re.findall(r"`(\w+)`", optional))
+    documented -= {"iot-agent-rotation", "mpy-app"}
+    assert documented == defaults, "README optional keys vs DEFAULTS"
+    # every key the board agent reads from its config is one of them
+    read = set(re.findall(r'cfg\["(\w+)"\]', src)) | set(re.findall(r'cfg\.get\("(\w+)"', src))
+    for f in ("identity.py", "ota.py"):
+        t = (REPO / "micropython" / f).read_text()
+        read |= set(re.findall(r'cfg\["(\w+)"\]', t)) | set(re.findall(r'cfg\.get\("(\w+)"', t))
+    assert read <= required | defaults, read - (required | defaults)
