@@ -59,3 +59,24 @@ def test_board_config_reference_matches_the_board_agent():
         t = (REPO / "micropython" / f).read_text()
         read |= set(re.findall(r'cfg\["(\w+)"\]', t)) | set(re.findall(r'cfg\.get\("(\w+)"', t))
     assert read <= required | defaults, read - (required | defaults)
+
+
+def _source_text() -> str:
+    """The agent's and the board's source, with implicitly concatenated string literals joined."""
+    text = ""
+    for d in ("agent", "micropython"):
+        for f in sorted((REPO / d).glob("*.py")):
+            text += f.read_text() + "\n"
+    return re.sub(r"\"\s*\n\s*f?\"", "", text)
+
+
+def test_troubleshooting_lines_are_the_agents_own():
+    src = _source_text()
+    text = section("## Troubleshooting")
+    quoted = [q.replace("\n  ", " ") for q in re.findall(r"^- `([^`]+)`", text, re.M | re.S)]
+    quoted += re.findall(r"REJECTED with `([^`]+)`", text)
+    assert len(quoted) >= 12, quoted
+    for q in quoted:
+        for frag in (f.strip() for f in q.split("…")):
+            if " " in frag and len(frag) >= 8:  # a phrase; single tokens (AWS error names, paths) vary
+                assert frag in src, f"README troubleshooting line not in the code: {frag!r}"
