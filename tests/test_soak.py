@@ -133,6 +133,8 @@ def test_soak_under_faults(tmp_path, agents):
         last_good = max((int(j.split("-")[1]) for j, s in expected.items() if j.split("-")[1].isdigit()
                          and s == "SUCCEEDED"), default=None)
         assert slot(w.app, "current") == f"1.{last_good}.0"
+        assert status["updates"]["app"]["current"] == f"1.{last_good}.0"  # what `iot-agent status --json` says
+        assert status["jobs"]["last"]["status"] in TERMINAL and status["jobs"]["unsent_updates"] == 0
         counts["jobs"] = len(expected)
         print("soak counts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     finally:
