@@ -49,6 +49,12 @@ class BrokerConfig:
     # A connection must last this long before the reconnect delay starts again from the minimum,
     # so a device refused right after CONNACK (policy, throttling) keeps backing off.
     reconnect_reset_after_s: float = 30.0
+    # A broker that refuses the device's identity (TLS handshake refused: certificate revoked, inactive or
+    # unknown; or CONNACK not authorized) this many times in a row is left alone for a long, jittered
+    # while instead: at most refused_after + 3600 / refused_retry_min_s attempts an hour.
+    refused_after: int = 3
+    refused_retry_min_s: float = 300.0
+    refused_retry_max_s: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -320,6 +326,9 @@ def _semantic_problems(c: dict[str, Any]) -> list[str]:
         out.append(f"broker.port: {b.port} is not a TCP port (1-65535)")
     if b.reconnect_min_s <= 0 or b.reconnect_max_s < b.reconnect_min_s:
         out.append("broker.reconnect_min_s/reconnect_max_s: need 0 < reconnect_min_s <= reconnect_max_s")
+    if not (b.refused_after >= 1 and 0 < b.refused_retry_min_s <= b.refused_retry_max_s):
+        out.append("broker.refused_after/refused_retry_min_s/refused_retry_max_s: need refused_after >= 1 and "
+                   "0 < refused_retry_min_s <= refused_retry_max_s")
     if b.keepalive_s < 5 or b.keepalive_s > 1200:
         out.append(f"broker.keepalive_s: {b.keepalive_s} is outside AWS IoT's 30-1200 s (5 allowed for tests)")
     k: ClockConfig = c["clock"]

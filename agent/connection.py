@@ -72,6 +72,9 @@ class Connection:
         self._started = False
         self.events: list[LifecycleEvent] = []
         self.connect_count = 0
+        self.refusals = 0  # consecutive failures where the broker refused this identity (see REFUSED)
+        self.refusal_limit = 0  # when > 0: stop trying after this many refusals in a row and set `refused`
+        self.refused = threading.Event()
 
     # -- lifecycle --------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -195,6 +198,7 @@ class Connection:
 
     def _on_success(self, data) -> None:
         self.connect_count += 1
+        self.refusals = 0
         s = self.settings
         log.info("connected to %s:%d as %s", s.endpoint, s.port, s.client_id)
         self.connected.set()
@@ -205,6 +209,13 @@ class Connection:
         reason = getattr(getattr(data, "connack_packet", None), "reason_code", None)
         if reason is not None:
             why += f" (CONNACK {getattr(reason, 'name', reason)})"
+        if why.startswith(REFUSED) or any(f"CONNACK {r}" in why for r in REFUSED_CONNACK):
+            self.refusals += 1
+        else:
+            self.refusals = 0
+        if self.refusal_limit and self.refusals >= self.refusal_limit and not self.refused.is_set():
+            self.refused.set()
+            self._client.stop()  # asynchronous: no further attempt; the daemon paces the next one
         log.warning("connection to %s:%d failed: %s; retrying with jittered backoff", self.settings.endpoint, self.settings.port, why)
         self._event("failed", why)
 
@@ -281,6 +292,14 @@ def _socket_options(connect_timeout_s: float):
     opts = awscrt.io.SocketOptions()
     opts.connect_timeout_ms = int(connect_timeout_s * 1000)
     return opts
+
+
+# The broker (not the network) said no to this identity: a TLS handshake it aborted (a revoked, inactive or
+# unknown client certificate: with TLS 1.3 the server's alert arrives after the client's Finished, as a
+# read failure; also a server this device does not trust), or a CONNACK refusing the client. Only
+# failures while connecting count, so a read failure on an established session is not one of them.
+REFUSED = ("AWS_IO_TLS_ERROR_NEGOTIATION_FAILURE", "AWS_IO_TLS_ERROR_READ_FAILURE")
+REFUSED_CONNACK = ("NOT_AUTHORIZED", "BANNED", "BAD_USERNAME_OR_PASSWORD", "CLIENT_IDENTIFIER_NOT_VALID")
 
 
 def _crt_name(e: BaseException | None) -> str:

@@ -117,14 +117,18 @@ def _run(cfg: Config, stop: threading.Event) -> int:
             return 0  # stopped while waiting to retry
     rotate_now = threading.Event()
     _install_rotate_signal(rotate_now)
+    refused = Refusals(cfg, store)
     pid_file = store.directory / "agent.pid"
     _write_pid(pid_file)
     try:
-        for _ in range(1000):  # sessions: a rotation restarts one with other credentials; bounded
-            rc = _session(cfg, store, pin, stop, clock_trusted, rotate_now)
+        fast = 0
+        while fast < 1000:  # sessions: a rotation restarts one with other credentials; bounded
+            rc = _session(cfg, store, pin, stop, clock_trusted, rotate_now, refused)
             clock_trusted = True
             if rc != SESSION_RESTART or stop.is_set():
                 return 0 if rc == SESSION_RESTART else rc
+            if not refused.waited:  # restarts after a long refusal wait are paced already
+                fast += 1
         return 0
     finally:
         pid_file.unlink(missing_ok=True)
@@ -133,8 +137,47 @@ def _run(cfg: Config, stop: threading.Event) -> int:
 SESSION_RESTART = -1
 
 
+class Refusals:
+    """The broker refusing this identity (revoked or inactive certificate, say): after
+    broker.refused_after refusals in a row the session ends and the next one waits a long, jittered
+    delay; then one refusal is enough to wait again. The state shows it for `iot-agent status`."""
+
+    def __init__(self, cfg: Config, store: StateStore):
+        from .backoff import Backoff
+
+        b = cfg.broker
+        self.cfg, self.store = cfg, store
+        self.backoff = Backoff(b.refused_retry_min_s, b.refused_retry_max_s, floor_s=b.refused_retry_min_s)
+        self.active = bool(store.load().get("connection", {}).get("refused_since"))
+        self.waited = False
+
+    def limit(self) -> int:
+        return 1 if self.active else self.cfg.broker.refused_after
+
+    def wait(self, why: str, stop: threading.Event) -> None:
+        delay = self.backoff.next_delay()
+        now = time.time()
+        since = self.store.load().get("connection", {}).get("refused_since") or int(now)
+        self.store.update(connection={"refused_since": since, "last_error": why, "next_try_at": int(now + delay)})
+        log.error("the broker refuses this device's identity (%s): the certificate may be revoked or inactive; "
+                  "next try in %.0f s", why, delay)
+        sdnotify.status_line(f"refused by the broker since {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(since))}"
+                             f" ({why}); next try in {delay:.0f} s")
+        self.active, self.waited = True, True
+        deadline = time.monotonic() + delay
+        while not stop.wait(min(1.0, max(0.0, deadline - time.monotonic()))) and time.monotonic() < deadline:
+            sdnotify.beat()
+
+    def accepted(self) -> None:
+        if self.active:
+            log.info("the broker accepts this device's identity again")
+            self.store.update(connection={})
+        self.active, self.waited = False, False
+        self.backoff.reset()
+
+
 def _session(cfg: Config, store: StateStore, pin: str, stop: threading.Event, clock_trusted: bool,
-             rotate_now: threading.Event) -> int:
+             rotate_now: threading.Event, refused: Refusals) -> int:
     """Connect with the current identity (or the one a rotation must prove) and serve until stopped."""
     from .rotation import Rotator, check_not_expired
 
@@ -162,6 +205,9 @@ def _session(cfg: Config, store: StateStore, pin: str, stop: threading.Event, cl
     engine_box: list = []
     conn = Connection(settings_for(cfg, identity, pin), on_message=router,
                       on_event=lambda ev: ev.kind == "connected" and engine_box and engine_box[0].on_connected())
+    if not pending:
+        conn.refusal_limit = refused.limit()
+    refusal = None
     reporter = worker = None
     try:
         try:
@@ -215,10 +261,17 @@ def _session(cfg: Config, store: StateStore, pin: str, stop: threading.Event, cl
             failpoints.hang("daemon.main_loop_hang")
             if conn.connected.is_set():
                 waited = 0.0
+                if refused.active or refused.waited:
+                    refused.accepted()
                 activity = engine_box[0].activity if engine_box else None
                 sdnotify.status_line(f"connected as {identity.thing_name}" + (f"; {activity}" if activity else ""))
                 continue
             waited += tick
+            if conn.refused.is_set():
+                refusal = next((e.detail for e in reversed(conn.events) if e.kind == "failed"
+                                and "USER_REQUESTED_STOP" not in e.detail), "refused")
+                session_restart.set()
+                break
             if waited % cfg.broker.connect_timeout_s < tick:
                 last = next((e.detail for e in reversed(conn.events) if e.kind in ("failed", "disconnected")),
                             "none yet")
@@ -238,6 +291,8 @@ def _session(cfg: Config, store: StateStore, pin: str, stop: threading.Event, cl
             log.info("reconnecting with %s credentials", "the new" if rotator.pending_identity() else "the current")
         else:
             log.info("stopped" if exit_code[0] == 0 else "stopped; restarting into the new release")
+    if refusal and not stop.is_set():
+        refused.wait(refusal, stop)  # the session is closed: no attempts while waiting, that is the point
     if session_restart.is_set() and not stop.is_set():
         return SESSION_RESTART
     return exit_code[0]

@@ -42,6 +42,7 @@ def collect(cfg: Config) -> dict:
                  "last": state.get("jobs", {}).get("last"),
                  "unsent_updates": len(state.get("jobs", {}).get("outbox", []))},
         "updates": {name: _slots(cfg.resolve(t.directory)) for name, t in sorted(cfg.ota.targets.items())},
+        "connection": state.get("connection") or {},
     }
 
 
@@ -74,6 +75,13 @@ def show(cfg: Config, as_json: bool = False) -> int:
     if s["certificate_expired"]:
         print("              EXPIRED: the device cannot connect; re-provision it (see README, 'Certificate rotation')")
     print(f"serial:       {s['serial_number'] or '-'}")
+    c = s["connection"]
+    if c.get("refused_since"):
+        import time as _time
+
+        since = _time.strftime("%Y-%m-%d %H:%M UTC", _time.gmtime(c["refused_since"]))
+        print(f"connection:   REFUSED by the broker since {since} ({c.get('last_error')}): the certificate may be "
+              f"revoked or inactive; next try in {max(0, c.get('next_try_at', 0) - _time.time()):.0f} s")
     r = s["rotation"]
     if r.get("step") or r.get("last"):
         last = r.get("last") or {}
