@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     fi.add_argument("--csr-out", type=Path, required=True)
     fc = fs.add_parser("claim-cert", help="install the claim certificate the manufacturer's CA issued for that CSR")
     fc.add_argument("certificate", type=Path)
+    fk = fs.add_parser("device-key", help="JITP: the device key on the token and a CSR with the thing name as CN")
+    fk.add_argument("--thing", required=True)
+    fk.add_argument("--csr-out", type=Path, required=True)
+    fd = fs.add_parser("device-cert", help="JITP: install the device certificate the manufacturer's CA issued")
+    fd.add_argument("certificate", type=Path)
     sub.add_parser("rotate", help="ask the running agent to rotate the device certificate now (new key on the token)")
     st = sub.add_parser("status", help="the device's identity and provisioning state")
     st.add_argument("--json", action="store_true")
@@ -77,10 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "keys":
             return _keys(cfg, args)
         if args.command == "factory":
-            from .factory import claim_cert, init
+            from .factory import claim_cert, device_cert, device_key, init
 
             if args.factory_command == "init":
                 print(init(cfg, args.serial, args.csr_out))
+            elif args.factory_command == "device-key":
+                print(device_key(cfg, args.thing, args.csr_out))
+            elif args.factory_command == "device-cert":
+                print(device_cert(cfg, args.certificate))
             else:
                 print(claim_cert(cfg, args.certificate))
             return 0

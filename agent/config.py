@@ -70,9 +70,16 @@ class Pkcs11Config:
 
 @dataclass(frozen=True)
 class IdentityConfig:
-    """The device certificate (public; its key is on the token)."""
+    """How the device gets its identity, and its certificate (public; its key is on the token).
 
+    mode: "claim" (fleet provisioning from a claim certificate; sets provisioning.enabled), "jitp" (a
+    certificate the manufacturer's CA issued at the factory, registered by AWS on first contact),
+    "preprovisioned" (a certificate already registered). Empty: "claim" if provisioning.enabled, else
+    "preprovisioned"."""
+
+    mode: str = ""
     certificate_file: Path | None = None
+    jitp_first_refusals: int = 6  # JITP drops the first connection(s) while it registers: not a revocation
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,14 @@ class JobsConfig:
 
 
 @dataclass(frozen=True)
+class InventoryConfig:
+    """What the device runs, reported into a named shadow (fleet indexing and dynamic groups query it)."""
+
+    enabled: bool = True
+    shadow_name: str = "inventory"
+
+
+@dataclass(frozen=True)
 class OtaTargetConfig:
     """Something the agent may update: its releases live in `directory` (releases/, current, previous, broken)."""
 
@@ -184,6 +199,7 @@ class Config:
     provisioning: ProvisioningConfig = field(default_factory=ProvisioningConfig)
     defender: DefenderConfig = field(default_factory=DefenderConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    inventory: InventoryConfig = field(default_factory=InventoryConfig)
     rotation: RotationConfig = field(default_factory=RotationConfig)
     ota: OtaConfig = field(default_factory=OtaConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -326,6 +342,8 @@ def _semantic_problems(c: dict[str, Any]) -> list[str]:
         out.append(f"broker.port: {b.port} is not a TCP port (1-65535)")
     if b.reconnect_min_s <= 0 or b.reconnect_max_s < b.reconnect_min_s:
         out.append("broker.reconnect_min_s/reconnect_max_s: need 0 < reconnect_min_s <= reconnect_max_s")
+    if c["identity"].mode not in ("", "claim", "jitp", "preprovisioned"):
+        out.append(f"identity.mode: {c['identity'].mode!r} is not one of claim, jitp, preprovisioned")
     if not (b.refused_after >= 1 and 0 < b.refused_retry_min_s <= b.refused_retry_max_s):
         out.append("broker.refused_after/refused_retry_min_s/refused_retry_max_s: need refused_after >= 1 and "
                    "0 < refused_retry_min_s <= refused_retry_max_s")
@@ -462,3 +480,10 @@ def check_files(cfg: Config) -> list[str]:
     if sd.exists() and not os.access(sd, os.W_OK | os.X_OK):
         out.append(f"device.state_dir: {sd} is not writable by this user; fix its owner or mode")
     return out
+
+
+def identity_mode(cfg: Config) -> str:
+    """claim, jitp or preprovisioned: identity.mode, or what the older provisioning.enabled switch meant."""
+    if cfg.identity.mode:
+        return cfg.identity.mode
+    return "claim" if cfg.provisioning.enabled else "preprovisioned"

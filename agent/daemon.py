@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .clock import ClockGate
-from .config import Config
+from .config import Config, identity_mode
 from .connection import Connection, ConnectionSettings
 from . import failpoints, sdnotify
 from .errors import AgentError, ClockError
@@ -101,7 +101,11 @@ def _run(cfg: Config, stop: threading.Event) -> int:
     pin = read_pin(cfg)
     store = StateStore(cfg.resolve(cfg.device.state_dir))
     clock_trusted = False
-    if not has_identity(cfg, store.load()) and cfg.provisioning.enabled:
+    mode = identity_mode(cfg)
+    if not has_identity(cfg, store.load()) and mode == "jitp":
+        raise AgentError("identity.mode is jitp but there is no device certificate yet: run `iot-agent factory "
+                         "device-key` and `factory device-cert` at the factory (README, 'Just-in-time provisioning')")
+    if not has_identity(cfg, store.load()) and mode == "claim":
         from .provisioning import Provisioner
 
         try:
@@ -203,12 +207,17 @@ def _session(cfg: Config, store: StateStore, pin: str, stop: threading.Event, cl
     exit_code = [0]
     session_restart = threading.Event()
     engine_box: list = []
+    on_connected: list = []  # what wants to hear of every (re)connection: the jobs engine, the inventory
     conn = Connection(settings_for(cfg, identity, pin), on_message=router,
-                      on_event=lambda ev: ev.kind == "connected" and engine_box and engine_box[0].on_connected())
+                      on_event=lambda ev: ev.kind == "connected" and [f() for f in on_connected])
+    first_jitp = store.load().get("jitp", {}).get("registered") is False
     if not pending:
-        conn.refusal_limit = refused.limit()
+        conn.refusal_limit = refused.limit() + (cfg.identity.jitp_first_refusals if first_jitp else 0)
+        if first_jitp:
+            log.info("first connection of a JITP certificate: AWS IoT registers it and drops that connection; "
+                     "the agent connects again")
     refusal = None
-    reporter = worker = None
+    reporter = worker = inventory = None
     try:
         try:
             if clock_trusted:
@@ -249,9 +258,17 @@ def _session(cfg: Config, store: StateStore, pin: str, stop: threading.Event, cl
             engine = JobsEngine(identity.thing_name, conn, load_state=lambda: store.load().get("jobs", {}),
                                 save_state=lambda d: store.update(jobs=d), handlers=handlers)
             engine_box.append(engine)
+            on_connected.append(engine.on_connected)
             engine.start()
             if conn.connected.is_set():
                 engine.on_connected()
+        if cfg.inventory.enabled:
+            from .inventory import InventoryReporter
+
+            inventory = InventoryReporter(cfg, store, identity.thing_name, str(identity.certificate_file), conn).start()
+            on_connected.append(inventory.on_connected)
+            if conn.connected.is_set():
+                inventory.on_connected()
         worker = threading.Thread(target=_rotation_worker, name="rotation", daemon=True, args=(
             cfg, rotator, conn, identity, rotate_now, session_restart, stop, engine_box))
         worker.start()
@@ -263,6 +280,10 @@ def _session(cfg: Config, store: StateStore, pin: str, stop: threading.Event, cl
                 waited = 0.0
                 if refused.active or refused.waited:
                     refused.accepted()
+                if first_jitp:
+                    first_jitp = False
+                    store.update(jitp={"registered": True, "at": int(time.time())})
+                    log.info("just-in-time registration done: connected as %s", identity.thing_name)
                 activity = engine_box[0].activity if engine_box else None
                 sdnotify.status_line(f"connected as {identity.thing_name}" + (f"; {activity}" if activity else ""))
                 continue
@@ -286,6 +307,8 @@ def _session(cfg: Config, store: StateStore, pin: str, stop: threading.Event, cl
             engine_box[0].stop()
         if reporter:
             reporter.stop()
+        if inventory:
+            inventory.stop()
         conn.stop()
         if session_restart.is_set() and not stop.is_set():
             log.info("reconnecting with %s credentials", "the new" if rotator.pending_identity() else "the current")
