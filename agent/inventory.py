@@ -70,15 +70,21 @@ class InventoryReporter:
         self.wake.set()
 
     def stop(self) -> None:
+        # A request in flight must not hold up SIGTERM (the thread is a daemon). The service client
+        # holds the MQTT client, and with it the token's PKCS#11 module: drop it, or the next session
+        # (or the rotation's token work between sessions) cannot initialise the module again.
         self._stop.set()
         self.wake.set()
-        self._thread.join(5)
+        self._thread.join(2)
+        self.client = None
+        self.conn = None
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             self.wake.wait(CHECK_EVERY_S)
             self.wake.clear()
-            if self._stop.is_set() or not self.conn.connected.is_set():
+            conn = self.conn
+            if self._stop.is_set() or conn is None or not conn.connected.is_set():
                 continue
             try:
                 doc = build(self.cfg, self.store, self.cert)
@@ -92,6 +98,8 @@ class InventoryReporter:
         from awsiot import iotshadow
 
         for _ in range(CONFLICT_RETRIES + 1):
+            if self.client is None:
+                return  # stopped meanwhile
             req = iotshadow.UpdateNamedShadowRequest(thing_name=self.thing, shadow_name=self.name,
                                                      state=iotshadow.ShadowState(reported=doc), version=self.version)
             try:
@@ -103,7 +111,8 @@ class InventoryReporter:
                     log.info("inventory shadow %r changed elsewhere; writing again on version %s", self.name,
                              self.version)
                     continue
-                raise RuntimeError(f"{err.code}: {err.message}" if err is not None else str(e.message)) from None
+                raise RuntimeError(f"{err.code}: {err.message}" if err is not None
+                                   else f"{e.message} ({getattr(e.inner_error, 'name', e.inner_error)})") from None
             self.version = resp.version
             self.sent = doc
             log.info("inventory shadow %r updated (version %s)", self.name, resp.version)

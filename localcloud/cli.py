@@ -34,11 +34,30 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--csr", type=Path, required=True)
     sc.add_argument("--out", type=Path, required=True)
     things = sub.add_parser("things", help="things")
-    things.add_subparsers(dest="things_cmd", required=True).add_parser("list")
+    tsub = things.add_subparsers(dest="things_cmd", required=True)
+    tsub.add_parser("list")
+    tq = tsub.add_parser("query", help="things whose shadow matches a condition (stands in for fleet indexing)")
+    tq.add_argument("--shadow", required=True, help="named shadow, e.g. inventory ('' for the classic shadow)")
+    tq.add_argument("--where", required=True, help="e.g. 'reported.targets.app.current<1.2.0' or 'reported.x exists'")
+    shadows = sub.add_parser("shadows", help="device shadows")
+    shsub = shadows.add_subparsers(dest="shadows_cmd", required=True)
+    sg = shsub.add_parser("get", help="the shadow document (GetThingShadow)")
+    sg.add_argument("thing")
+    sg.add_argument("name", nargs="?", default="", help="shadow name (omit for the classic shadow)")
+    su = shsub.add_parser("update", help="set desired state as an app would (UpdateThingShadow); the device gets the delta")
+    su.add_argument("thing")
+    su.add_argument("name", nargs="?", default="")
+    su.add_argument("--desired", required=True, help="JSON object to merge into desired (null deletes a key), or null")
+    sl = shsub.add_parser("list")
+    sl.add_argument("--thing")
     jobs = sub.add_parser("jobs", help="jobs")
     js = jobs.add_subparsers(dest="jobs_cmd", required=True)
     jc = js.add_parser("create")
-    jc.add_argument("--thing", required=True)
+    target = jc.add_mutually_exclusive_group(required=True)
+    target.add_argument("--thing")
+    target.add_argument("--query", help="every thing whose shadow matches, e.g. 'reported.targets.app.current<1.2.0' "
+                        "(with --shadow)")
+    jc.add_argument("--shadow", help="the named shadow --query reads (e.g. inventory)")
     jc.add_argument("--document", type=Path, required=True, help="job document (JSON file)")
     jc.add_argument("--job-id", help="default: job-<timestamp>")
     jc.add_argument("--step-timeout", type=int, help="minutes; an IN_PROGRESS step that runs longer is TIMED_OUT")
@@ -65,6 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     dr.add_argument("thing")
     allow = sub.add_parser("allow", help="add serial numbers to the pre-provisioning allow list")
     allow.add_argument("serials", nargs="+")
+    for name, text in (("quarantine", "put a thing in the quarantine group (only jobs, streams, certificate rotation)"),
+                       ("release", "take a thing out of the quarantine group")):
+        tsub.add_parser(name, help=text).add_argument("thing")
+    ca = sub.add_parser("ca", help="manufacturer CA certificates (just-in-time provisioning)")
+    casub = ca.add_subparsers(dest="ca_cmd", required=True)
+    car = casub.add_parser("register", help="register a CA with its JITP template (again: replace the template)")
+    car.add_argument("--cert", type=Path, required=True, help="the CA certificate (PEM)")
+    car.add_argument("--template", type=Path, required=True, help="e.g. provisioning/jitp-template.json")
+    casub.add_parser("list")
     args = ap.parse_args(argv)
 
     cloud = LocalCloud(args.dir)
@@ -96,10 +124,50 @@ def main(argv: list[str] | None = None) -> int:
                     return 2
                 cloud.set_certificate_status(match[0].id, status)
                 print(f"{match[0].id} {status}")
+        elif args.cmd == "things" and args.things_cmd in ("quarantine", "release"):
+            changed = getattr(cloud, args.things_cmd)(args.thing)
+            state = "quarantined" if args.things_cmd == "quarantine" else "released"
+            print(f"{args.thing} {state}" + ("" if changed else " (already)"))
+        elif args.cmd == "ca":
+            if args.ca_cmd == "register":
+                try:
+                    template = json.loads(args.template.read_text())
+                except (OSError, ValueError) as e:
+                    raise ValueError(f"{args.template}: not a readable JSON template ({e.__class__.__name__})")
+                ca_id = cloud.register_ca(args.cert.read_bytes(), template)
+                port = cloud.endpoint().get("jitp_port") if cloud.endpoint_file.exists() else None
+                print(f"{ca_id}\tACTIVE\tdevices it issued connect on port {port or '(jitp_port after up)'}")
+            else:
+                for c in cloud.registry.ca_certificates():
+                    print(f"{c.id}\t{c.status}\t{c.subject}")
+        elif args.cmd == "things" and args.things_cmd == "query":
+            from .shadows import Shadows, parse_where
+
+            for thing in Shadows(cloud.registry.db, cloud.registry.lock).things_matching(args.shadow, *parse_where(args.where)):
+                print(thing)
         elif args.cmd == "things":
             for name, attrs in cloud.registry.things():
                 certs = ",".join(c.id[:12] for c in cloud.registry.thing_certificates(name))
                 print(f"{name}\t{json.dumps(attrs)}\t{certs}")
+        elif args.cmd == "shadows":
+            from .shadows import ShadowError, Shadows
+
+            shadows = Shadows(cloud.registry.db, cloud.registry.lock)
+            try:
+                if args.shadows_cmd == "get":
+                    print(json.dumps(shadows.get(args.thing, args.name), indent=1))
+                elif args.shadows_cmd == "update":
+                    try:
+                        desired = json.loads(args.desired)
+                    except ValueError:
+                        raise ValueError("--desired is not JSON")
+                    doc = shadows.operator_update(args.thing, args.name, {"state": {"desired": desired}})
+                    print(f"version {doc['version']}")
+                else:
+                    for thing, name, version in shadows.list(args.thing):
+                        print(f"{thing}\t{name or '(classic)'}\tv{version}")
+            except ShadowError as e:
+                raise ValueError(f"{e.code} {e.message}")
         elif args.cmd == "jobs":
             from .jobs import Jobs
 
@@ -112,8 +180,21 @@ def main(argv: list[str] | None = None) -> int:
                 except (OSError, ValueError) as e:
                     raise ValueError(f"{args.document}: not a readable JSON job document ({e.__class__.__name__})")
                 job_id = args.job_id or f"job-{int(time.time() * 1000)}"
-                jobs.create(job_id, args.thing, document, args.step_timeout)
-                print(job_id)
+                if args.query is None:
+                    jobs.create(job_id, args.thing, document, args.step_timeout)
+                    print(job_id)
+                else:
+                    from .shadows import Shadows, parse_where
+
+                    if args.shadow is None:
+                        raise ValueError("--query needs --shadow (the named shadow it reads)")
+                    targets = Shadows(cloud.registry.db, cloud.registry.lock).things_matching(
+                        args.shadow, *parse_where(args.query))
+                    if not targets:
+                        raise ValueError(f"no thing matches {args.query!r} in shadow {args.shadow!r}; no job created")
+                    jobs.create_for_things(job_id, targets, document, args.step_timeout)
+                    for thing in targets:
+                        print(f"{job_id}\t{thing}")
             elif args.jobs_cmd == "list":
                 for ex in jobs.list():
                     print(f"{ex['jobId']}\t{ex['thingName']}\t{ex['status']}\tv{ex['versionNumber']}\t{json.dumps(ex['statusDetails'])}")

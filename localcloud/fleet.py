@@ -184,15 +184,42 @@ class FleetProvisioning:
         for k in params:
             if k not in declared:
                 raise ValueError(f"parameter {k} is not declared by the template")
-        thing_res = next((r for r in self.template["Resources"].values() if r.get("Type") == "AWS::IoT::Thing"), None)
-        if thing_res is None:
-            raise ValueError("template has no AWS::IoT::Thing resource")
-        props = thing_res.get("Properties", {})
-        name = _resolve(props.get("ThingName"), values)
-        if not name or len(name) > 128 or not all(c.isalnum() or c in ":_-" for c in name):
-            raise ValueError(f"thing name {name!r} is not a valid AWS IoT thing name")
-        attrs = {k: _resolve(v, values) for k, v in props.get("AttributePayload", {}).items()}
-        return name, attrs
+        return thing_from_template(self.template, values)
+
+
+def resources(template: dict, type_: str) -> list[dict]:
+    """The template's resources of one type (AWS::IoT::Thing, AWS::IoT::Certificate, AWS::IoT::Policy)."""
+    res = template.get("Resources")
+    if not isinstance(res, dict):
+        raise ValueError("template has no Resources")
+    return [r for r in res.values() if isinstance(r, dict) and r.get("Type") == type_]
+
+
+def thing_from_template(template: dict, values: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """The thing name and attributes the template's AWS::IoT::Thing resource makes from parameter values."""
+    things = resources(template, "AWS::IoT::Thing")
+    if not things:
+        raise ValueError("template has no AWS::IoT::Thing resource")
+    props = things[0].get("Properties", {})
+    name = _resolve(props.get("ThingName"), values)
+    if not name or len(name) > 128 or not all(c.isalnum() or c in ":_-" for c in name):
+        raise ValueError(f"thing name {name!r} is not a valid AWS IoT thing name")
+    attrs = {k: _resolve(v, values) for k, v in props.get("AttributePayload", {}).items()}
+    return name, attrs
+
+
+def certificate_status_from_template(template: dict, values: dict[str, str]) -> str:
+    """The Status the template's AWS::IoT::Certificate resource gives the certificate being provisioned."""
+    certs = resources(template, "AWS::IoT::Certificate")
+    if len(certs) != 1:
+        raise ValueError("template must have exactly one AWS::IoT::Certificate resource")
+    props = certs[0].get("Properties", {})
+    if _resolve(props.get("CertificateId"), values) != values.get("AWS::IoT::Certificate::Id"):
+        raise ValueError("the certificate resource must refer to AWS::IoT::Certificate::Id")
+    status = _resolve(props.get("Status", "ACTIVE"), values)
+    if status not in ("ACTIVE", "INACTIVE"):
+        raise ValueError(f"certificate Status {status!r} is not ACTIVE or INACTIVE")
+    return status
 
 
 def _resolve(expr: Any, values: dict[str, str]) -> str:

@@ -70,6 +70,27 @@ class Jobs:
                             (job_id, thing, "QUEUED", "{}", t, None, t, 1, 1, None))
             self._flag(thing)
 
+    def create_for_things(self, job_id: str, things: list[str], document: dict,
+                          step_timeout_min: int | None = None) -> None:
+        """One job, one execution per thing (AWS's job with several targets), in one transaction."""
+        things = list(dict.fromkeys(things))
+        if not things:
+            raise ValueError("a job needs at least one thing")
+        with self.lock:
+            self.db.execute("SAVEPOINT create_for_things")
+            try:
+                self.create(job_id, things[0], document, step_timeout_min)
+                t = int(self.now())
+                for thing in things[1:]:
+                    self.db.execute("INSERT INTO executions VALUES (?,?,?,?,?,?,?,?,?,?)",
+                                    (job_id, thing, "QUEUED", "{}", t, None, t, 1, 1, None))
+                    self._flag(thing)
+            except BaseException:
+                self.db.execute("ROLLBACK TO create_for_things")
+                self.db.execute("RELEASE create_for_things")
+                raise
+            self.db.execute("RELEASE create_for_things")
+
     def cancel(self, job_id: str) -> int:
         """Cancel the job's non-terminal executions; returns how many."""
         with self.lock:

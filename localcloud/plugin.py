@@ -24,8 +24,11 @@ def build(out_dir: Path | None = None) -> Path:
     cc = shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise FileNotFoundError("no C compiler; run scripts/sysdeps.sh (package gcc)")
+    if not Path("/usr/include/openssl/x509.h").exists():
+        # The plugin reads client certificates (just-in-time provisioning): OpenSSL's headers and libcrypto.so.
+        raise FileNotFoundError("/usr/include/openssl/x509.h missing; run scripts/sysdeps.sh (package libssl-dev)")
     tmp = so.with_suffix(".so.tmp")
-    subprocess.run([cc, "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-I", str(include), "-o", str(tmp), str(SOURCE)],
-                   check=True, capture_output=True, text=True)
+    subprocess.run([cc, "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-I", str(include), "-o", str(tmp), str(SOURCE),
+                    "-lcrypto"], check=True, capture_output=True, text=True)
     tmp.replace(so)
     return so

@@ -1,4 +1,5 @@
-"""The local cloud's registry: certificates (with AWS's states), things, the serial allow list.
+"""The local cloud's registry: certificates (with AWS's states), things, the serial allow list,
+CA certificates registered for just-in-time provisioning, and thing groups (the quarantine group).
 
 SQLite in the cloud's folder, so `localcloud down` / `up` keeps everything. Every method is one
 transaction; the service thread and the CLI may both use it.
@@ -38,6 +39,19 @@ CREATE TABLE IF NOT EXISTS things (
     created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS allowed_serials (serial TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS ca_certificates (
+    id TEXT PRIMARY KEY,            -- SHA-256 of the DER, hex (AWS's caCertificateId)
+    subject TEXT NOT NULL,          -- RFC 4514
+    pem TEXT NOT NULL,
+    status TEXT NOT NULL,           -- ACTIVE (auto-registration enabled)
+    registration_config TEXT NOT NULL,  -- the JITP template: {"templateBody": "...", "roleArn": "..."}
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS thing_groups (
+    name TEXT NOT NULL,
+    thing TEXT NOT NULL,
+    PRIMARY KEY (name, thing)
+);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
@@ -53,6 +67,16 @@ class Certificate:
     thing: str | None
     ownership_token: str | None
     token_expires: float | None
+    created: float
+
+
+@dataclass(frozen=True)
+class CaCertificate:
+    id: str
+    subject: str
+    pem: str
+    status: str
+    registration_config: str
     created: float
 
 
@@ -141,6 +165,50 @@ class Registry:
             self._db.execute("UPDATE certificates SET status = 'ACTIVE', thing = ?, updated = ? WHERE id = ?",
                              (thing, time.time(), cid))
 
+    def attach(self, cid: str, thing: str, status: str) -> None:
+        """Attach to a thing and set the status in one step (a JITP template's certificate resource)."""
+        if status not in STATES:
+            raise ValueError(f"unknown certificate status {status!r}")
+        with self._lock:
+            self._db.execute("UPDATE certificates SET status = ?, thing = ?, updated = ? WHERE id = ?",
+                             (status, thing, time.time(), cid))
+
+    # -- CA certificates (just-in-time provisioning) --------------------------------------
+    def put_ca_certificate(self, cid: str, subject: str, pem: str, registration_config: str) -> CaCertificate:
+        """Register a CA (ACTIVE, auto-registration on) or replace its template (AWS: UpdateCACertificate)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO ca_certificates VALUES (?,?,?,'ACTIVE',?,?) ON CONFLICT(id) DO UPDATE "
+                "SET registration_config = excluded.registration_config",
+                (cid, subject, pem, registration_config, time.time()))
+        return self.ca_certificate(cid)
+
+    def ca_certificate(self, cid: str) -> CaCertificate | None:
+        with self._lock:
+            row = self._db.execute("SELECT id, subject, pem, status, registration_config, created "
+                                   "FROM ca_certificates WHERE id = ?", (cid,)).fetchone()
+        return CaCertificate(*row) if row else None
+
+    def ca_certificates(self) -> list[CaCertificate]:
+        with self._lock:
+            rows = self._db.execute("SELECT id, subject, pem, status, registration_config, created "
+                                    "FROM ca_certificates ORDER BY created").fetchall()
+        return [CaCertificate(*r) for r in rows]
+
+    # -- thing groups ------------------------------------------------------------------------
+    def add_to_group(self, group: str, thing: str) -> bool:
+        """True when the thing was not in the group before."""
+        with self._lock:
+            return self._db.execute("INSERT OR IGNORE INTO thing_groups VALUES (?, ?)", (group, thing)).rowcount == 1
+
+    def remove_from_group(self, group: str, thing: str) -> bool:
+        with self._lock:
+            return self._db.execute("DELETE FROM thing_groups WHERE name = ? AND thing = ?", (group, thing)).rowcount == 1
+
+    def group_things(self, group: str) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT thing FROM thing_groups WHERE name = ? ORDER BY thing", (group,))]
+
     # -- things --------------------------------------------------------------------------
     def upsert_thing(self, name: str, attributes: dict[str, str]) -> bool:
         """Create the thing or merge attributes; True when it was created."""
@@ -152,6 +220,10 @@ class Registry:
                 return False
             self._db.execute("INSERT INTO things VALUES (?,?,?)", (name, json.dumps(attributes), time.time()))
             return True
+
+    def has_thing(self, name: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM things WHERE name = ?", (name,)).fetchone() is not None
 
     def things(self) -> list[tuple[str, dict]]:
         with self._lock:

@@ -27,6 +27,8 @@ from .jobs import Jobs
 from .streams import Streams, encode_block_payload
 from .streams import route as streams_route
 from .jobs import route as jobs_route
+from .shadows import Shadows
+from .shadows import route as shadows_route
 
 log = logging.getLogger("localcloud.service")
 
@@ -73,6 +75,7 @@ class Service:
         self.defender = DefenderStore(cloud.registry.db, cloud.registry.lock,
                                       float(cloud.settings()["defender_min_interval_s"]))
         self.streams = Streams(cloud.registry.db, cloud.registry.lock, cloud.directory / "streams")
+        self.shadows = Shadows(cloud.registry.db, cloud.registry.lock)
         self._last_next: dict[str, str | None] = {}  # thing -> job id last sent on notify-next
         self._last_list: dict[str, str] = {}
         self._send_lock = threading.Lock()
@@ -104,7 +107,8 @@ class Service:
             m5.Subscription(t, m5.QoS.AT_LEAST_ONCE, no_local=True)
             for t in ("$aws/things/+/jobs/#", "$aws/things/+/defender/metrics/+",
                       "$aws/things/+/streams/+/describe/+", "$aws/things/+/streams/+/get/+",
-                      "dt/+/certificate-rotation/+")]))
+                      "dt/+/certificate-rotation/+",
+                      "$aws/things/+/shadow/+", "$aws/things/+/shadow/name/+/+")]))
         fut.add_done_callback(lambda f: self.connected.set() if not f.exception() else log.error("subscribe failed"))
 
     def stop(self) -> None:
@@ -122,13 +126,22 @@ class Service:
             log.exception("request on %s failed", p.topic)
 
     def handle(self, topic: str, payload: bytes, client_id: str, username: str) -> None:
+        if topic == "$localcloud/jitp":  # the plugin refused an unknown certificate of a registered CA (jitp.py)
+            from .jitp import JustInTimeProvisioning
+
+            with self._work:
+                log.info("jitp (client %s): %s", client_id,
+                         JustInTimeProvisioning(self.cloud.registry, self.cloud.reconcile).register(payload))
+            return
         if topic.startswith("dt/") and "/certificate-rotation/" in topic:
             with self._work:
                 self.handle_rotation(topic, payload)
             return
         if topic.startswith("$aws/things/"):
             with self._work:
-                if "/defender/metrics/" in topic:
+                if topic.split("/", 4)[3:4] == ["shadow"]:
+                    self.handle_shadow(topic, payload)
+                elif "/defender/metrics/" in topic:
                     self.handle_defender(topic, payload)
                 elif "/streams/" in topic:
                     self.handle_stream(topic, payload)
@@ -262,6 +275,22 @@ class Service:
         log.info("defender report from %s (%s): %s", thing, fmt, doc["status"])
         self.publish(f"{topic}/{'accepted' if ok else 'rejected'}", encode(doc, fmt))
 
+    def handle_shadow(self, topic: str, payload: bytes) -> None:
+        """Device Shadow get/update/delete (named and classic); the ACL bound the thing to the caller."""
+        r = shadows_route(topic)
+        if r is None:
+            return  # e.g. $aws/things/T/shadow/name: not an API topic
+        thing, name, op = r
+        out = self.shadows.request(thing, name, op, payload)
+        log.info("shadow %s %s %s: %s", thing, name or "(classic)", op, out[0][0].rsplit("/", 1)[1])
+        for reply_topic, doc in out:
+            self.publish(reply_topic, json.dumps(doc, separators=(",", ":")).encode())
+
+    def send_shadow_outbox(self) -> None:
+        """Publications of shadow updates made outside MQTT (the CLI's `shadows update`)."""
+        for topic, body in self.shadows.take_outbox():
+            self.publish(topic, body)
+
     def handle_stream(self, topic: str, payload: bytes) -> None:
         r = streams_route(topic)
         if r is None:
@@ -348,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with svc._work:
                 svc.send_job_notifications()
+                svc.send_shadow_outbox()
         except Exception:
             log.exception("job timers failed")
     svc.stop()

@@ -12,6 +12,7 @@ sysroot=${BED_SYSROOT:-$here/.deps/sysroot}
 
 apt_pkgs=(
   make openssl ca-certificates gcc libc6-dev
+  libssl-dev  # OpenSSL headers and libcrypto.so: the broker plugin reads client certificates (JITP)
   softhsm2
   swtpm libtpm2-pkcs11-1 libtss2-tcti-swtpm0 tpm2-tools opensc
   systemd  # systemd-analyze: the unit files are verified and scored in the tests
