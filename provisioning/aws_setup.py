@@ -8,7 +8,12 @@ and a device config skeleton with the account's ATS data endpoint.
 
     python provisioning/aws_setup.py --region eu-west-1 --claim-csr claim.csr --out ./aws-out
 
-Needs credentials allowed to call iot:* and iam:CreateRole/GetRole/AttachRolePolicy.
+With `--stack NAME` (the fleet stack, provisioning/fleet-stack.yaml, is deployed) the stack owns the
+role, policies and template: this script reads their names from the stack's outputs and does only
+what a stack cannot: the claim certificate, the endpoint lookup and the device config.
+
+Needs credentials allowed to call iot:* and iam:CreateRole/GetRole/AttachRolePolicy (with --stack:
+iot:CreateCertificateFromCsr, iot:AttachPolicy, iot:DescribeEndpoint, cloudformation:DescribeStacks).
 """
 
 from __future__ import annotations
@@ -115,6 +120,36 @@ def setup(iot, iam, *, template: str, device_policy: str, claim_policy: str, rol
     return result
 
 
+def stack_outputs(cfn, stack: str) -> dict[str, str]:
+    """OutputKey -> OutputValue of a deployed stack; a clear error if it is missing or not finished."""
+    stacks = cfn.describe_stacks(StackName=stack)["Stacks"]
+    if not stacks:
+        raise SystemExit(f"stack {stack}: not found; deploy provisioning/fleet-stack.yaml first")
+    status = stacks[0]["StackStatus"]
+    if status not in ("CREATE_COMPLETE", "UPDATE_COMPLETE", "UPDATE_ROLLBACK_COMPLETE"):
+        raise SystemExit(f"stack {stack}: status {status}; wait until it is CREATE_COMPLETE or UPDATE_COMPLETE")
+    return {o["OutputKey"]: o["OutputValue"] for o in stacks[0].get("Outputs", [])}
+
+
+def setup_from_stack(iot, cfn, *, stack: str, claim_csr: str | None, out: Path) -> dict:
+    outs = stack_outputs(cfn, stack)
+    missing = [k for k in ("ProvisioningTemplateName", "ClaimPolicyName") if k not in outs]
+    if missing:
+        raise SystemExit(f"stack {stack}: outputs {', '.join(missing)} missing; is it provisioning/fleet-stack.yaml?")
+    out.mkdir(parents=True, exist_ok=True)
+    template = outs["ProvisioningTemplateName"]
+    result = {"stack": stack, "template": template,
+              **{k: outs[k] for k in ("OtaBucketName", "SigningProfileName") if k in outs}}
+    if claim_csr:
+        pem, arn = claim_certificate(iot, claim_csr, outs["ClaimPolicyName"])
+        (out / "claim.pem").write_text(pem)
+        result["claim_certificate_arn"] = arn
+    endpoint = iot.describe_endpoint(endpointType="iot:Data-ATS")["endpointAddress"]
+    (out / "config.toml").write_text(device_config(endpoint, template))
+    result["endpoint"] = endpoint
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--region", required=True)
@@ -124,10 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--role", default="iot-agent-provisioning")
     ap.add_argument("--claim-csr", type=Path, help="CSR from `iot-agent factory init` (claim key on the token)")
     ap.add_argument("--out", type=Path, default=Path("aws-out"))
+    ap.add_argument("--stack", help="the deployed fleet stack: take names from its outputs, create only the "
+                                    "claim certificate and the device config")
     args = ap.parse_args(argv)
     import boto3
 
     session = boto3.Session(region_name=args.region)
+    if args.stack:
+        result = setup_from_stack(session.client("iot"), session.client("cloudformation"), stack=args.stack,
+                                  claim_csr=args.claim_csr.read_text() if args.claim_csr else None, out=args.out)
+        print(json.dumps(result, indent=1))
+        return 0
     result = setup(session.client("iot"), session.client("iam"), template=args.template,
                    device_policy=args.device_policy, claim_policy=args.claim_policy, role=args.role,
                    claim_csr=args.claim_csr.read_text() if args.claim_csr else None, out=args.out)

@@ -79,3 +79,43 @@ def test_template_body_references_the_device_policy_and_is_valid_json():
     assert body["Resources"]["policy"]["Properties"]["PolicyName"] == "my-device-policy"
     assert body["Resources"]["certificate"]["Properties"]["Status"] == "ACTIVE"
     json.dumps(body)
+
+
+def test_setup_from_the_fleet_stack_reads_its_outputs(tmp_path):
+    kw = dict(region_name="eu-west-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+    iot, cfn = boto3.client("iot", **kw), boto3.client("cloudformation", **kw)
+    outputs = {"ProvisioningTemplateName": "fleet-7", "ClaimPolicyName": "fleet-7-claim", "DevicePolicyName": "d",
+               "OtaBucketName": "fleet-7-ota", "SigningProfileName": "fleet7signer"}
+    with Stubber(iot) as s_iot, Stubber(cfn) as s_cfn:
+        s_cfn.add_response("describe_stacks", {"Stacks": [{
+            "StackName": "fleet-7", "CreationTime": "2026-01-01T00:00:00Z", "StackStatus": "CREATE_COMPLETE",
+            "Outputs": [{"OutputKey": k, "OutputValue": v} for k, v in outputs.items()]}]}, {"StackName": "fleet-7"})
+        s_iot.add_response("create_certificate_from_csr", {"certificateArn": CERT_ARN, "certificateId": "a" * 64,
+                                                           "certificatePem": "-----BEGIN CERTIFICATE-----\nX\n-----END CERTIFICATE-----\n"},
+                           {"certificateSigningRequest": "CSR", "setAsActive": True})
+        s_iot.add_response("attach_policy", {}, {"policyName": "fleet-7-claim", "target": CERT_ARN})
+        s_iot.add_response("describe_endpoint", {"endpointAddress": "abc123-ats.iot.eu-west-1.amazonaws.com"},
+                           {"endpointType": "iot:Data-ATS"})
+        result = aws_setup.setup_from_stack(iot, cfn, stack="fleet-7", claim_csr="CSR", out=tmp_path)
+        s_iot.assert_no_pending_responses()
+        s_cfn.assert_no_pending_responses()
+    assert result["template"] == "fleet-7" and result["OtaBucketName"] == "fleet-7-ota"
+    import tomllib
+
+    cfg = tomllib.loads((tmp_path / "config.toml").read_text())
+    assert cfg["provisioning"]["template_name"] == "fleet-7"
+    # the stack's outputs are the ones this script reads
+    stack = (REPO / "provisioning" / "fleet-stack.yaml").read_text()
+    for key in outputs:
+        assert f"\n  {key}:\n" in stack, key
+
+
+def test_setup_from_a_stack_that_is_not_ready_says_so(tmp_path):
+    kw = dict(region_name="eu-west-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+    cfn = boto3.client("cloudformation", **kw)
+    with Stubber(cfn) as s_cfn:
+        s_cfn.add_response("describe_stacks", {"Stacks": [{
+            "StackName": "fleet-7", "CreationTime": "2026-01-01T00:00:00Z", "StackStatus": "CREATE_IN_PROGRESS"}]},
+            {"StackName": "fleet-7"})
+        with pytest.raises(SystemExit, match="CREATE_IN_PROGRESS"):
+            aws_setup.setup_from_stack(None, cfn, stack="fleet-7", claim_csr=None, out=tmp_path)
