@@ -45,8 +45,8 @@ def init(cfg: Config, serial: str, csr_out: Path) -> str:
     return f"claim key {label!r} on token {cfg.pkcs11.token_label!r}; CSR written to {csr_out}; serial {serial} recorded"
 
 
-def claim_cert(cfg: Config, cert_path: Path) -> str:
-    """Install the claim certificate after checking it belongs to the claim key on the token."""
+def _installable_cert(cfg: Config, cert_path: Path, label: str, what: str):
+    """(DER, asn1crypto certificate) of a certificate that belongs to the key `label` on the token."""
     from asn1crypto import pem as apem
     from asn1crypto import x509 as ax509
 
@@ -60,11 +60,18 @@ def claim_cert(cfg: Config, cert_path: Path) -> str:
         spki = cert.public_key.dump()
     except (OSError, ValueError) as e:
         raise AgentError(f"{cert_path}: not a readable X.509 certificate ({e.__class__.__name__})")
-    label = cfg.provisioning.claim_key_label
     with open_token(cfg.resolve(cfg.pkcs11.library), cfg.pkcs11.token_label, read_pin(cfg), rw=False) as ks:
         key = ks.find(label)
     if key is None or key.public_key_der != spki:
-        raise AgentError(f"{cert_path}: this certificate is not for the claim key {label!r} on the token")
+        raise AgentError(f"{cert_path}: this certificate is not for the {what} key {label!r} on the token")
+    return der, cert
+
+
+def claim_cert(cfg: Config, cert_path: Path) -> str:
+    """Install the claim certificate after checking it belongs to the claim key on the token."""
+    from asn1crypto import pem as apem
+
+    der, _ = _installable_cert(cfg, cert_path, cfg.provisioning.claim_key_label, "claim")
     store = _store(cfg)
     store.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     dst = store.directory / "claim.pem"
@@ -99,26 +106,12 @@ def device_key(cfg: Config, thing: str, csr_out: Path) -> str:
 def device_cert(cfg: Config, cert_path: Path) -> str:
     """JITP: install the device certificate the manufacturer's CA issued; its CN is the thing name."""
     from asn1crypto import pem as apem
-    from asn1crypto import x509 as ax509
 
-    from .keystore import open_token
-    from .pin import read_pin
-
-    try:
-        raw = cert_path.read_bytes()
-        der = apem.unarmor(raw)[2] if apem.detect(raw) else raw
-        cert = ax509.Certificate.load(der)
-        spki = cert.public_key.dump()
-        thing = cert.subject.native.get("common_name")
-    except (OSError, ValueError) as e:
-        raise AgentError(f"{cert_path}: not a readable X.509 certificate ({e.__class__.__name__})")
+    label = cfg.pkcs11.key_label
+    der, cert = _installable_cert(cfg, cert_path, label, "device")
+    thing = cert.subject.native.get("common_name")
     if not thing:
         raise AgentError(f"{cert_path}: the certificate has no CN; JITP names the thing after it")
-    label = cfg.pkcs11.key_label
-    with open_token(cfg.resolve(cfg.pkcs11.library), cfg.pkcs11.token_label, read_pin(cfg), rw=False) as ks:
-        key = ks.find(label)
-    if key is None or key.public_key_der != spki:
-        raise AgentError(f"{cert_path}: this certificate is not for the device key {label!r} on the token")
     store = _store(cfg)
     store.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     dst = store.directory / "device.pem"

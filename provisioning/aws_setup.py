@@ -109,13 +109,17 @@ def setup(iot, iam, *, template: str, device_policy: str, claim_policy: str, rol
     ensure_policy(iot, device_policy, json.loads((HERE / "device-policy.json").read_text()))
     ensure_policy(iot, claim_policy, json.loads((HERE / "claim-policy.json").read_text()))
     ensure_template(iot, template, role_arn, device_policy)
-    result = {"role_arn": role_arn, "template": template}
+    return device_side(iot, {"role_arn": role_arn, "template": template}, claim_policy, claim_csr, out)
+
+
+def device_side(iot, result: dict, claim_policy: str, claim_csr: str | None, out: Path) -> dict:
+    """What no stack can do: the claim certificate for a CSR made on a token, the endpoint, the device config."""
     if claim_csr:
         pem, arn = claim_certificate(iot, claim_csr, claim_policy)
         (out / "claim.pem").write_text(pem)
         result["claim_certificate_arn"] = arn
     endpoint = iot.describe_endpoint(endpointType="iot:Data-ATS")["endpointAddress"]
-    (out / "config.toml").write_text(device_config(endpoint, template))
+    (out / "config.toml").write_text(device_config(endpoint, result["template"]))
     result["endpoint"] = endpoint
     return result
 
@@ -140,14 +144,7 @@ def setup_from_stack(iot, cfn, *, stack: str, claim_csr: str | None, out: Path) 
     template = outs["ProvisioningTemplateName"]
     result = {"stack": stack, "template": template,
               **{k: outs[k] for k in ("OtaBucketName", "SigningProfileName") if k in outs}}
-    if claim_csr:
-        pem, arn = claim_certificate(iot, claim_csr, outs["ClaimPolicyName"])
-        (out / "claim.pem").write_text(pem)
-        result["claim_certificate_arn"] = arn
-    endpoint = iot.describe_endpoint(endpointType="iot:Data-ATS")["endpointAddress"]
-    (out / "config.toml").write_text(device_config(endpoint, template))
-    result["endpoint"] = endpoint
-    return result
+    return device_side(iot, result, outs["ClaimPolicyName"], claim_csr, out)
 
 
 def main(argv: list[str] | None = None) -> int:
