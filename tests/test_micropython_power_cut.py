@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,10 @@ def clean_release(w: MpWorld, version: str) -> None:
     assert w.app_version() == version
     for leftover in ("app.new", "app.old", "app.broken", "ota/download.bin"):
         assert not (w.flash / leftover).exists(), leftover
+    # The board clears its boot state just after the cloud heard SUCCEEDED: allow it a moment (bounded).
+    deadline = time.monotonic() + 15
+    while json.loads((w.flash / "state" / "boot.json").read_text()) != {} and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert json.loads((w.flash / "state" / "boot.json").read_text()) == {}
 
 
