@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import stat
 import sys
 import threading
 from pathlib import Path
@@ -18,8 +19,10 @@ def _setup_logging(level: str) -> None:
     # Under systemd the journal adds its own timestamps.
     fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
         "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt, datefmt="%Y-%m-%dT%H:%M:%S",
-                        stream=sys.stderr)
+    from .logfmt import basic_config  # one record, one bounded line: network text cannot forge log lines
+
+    basic_config(level=getattr(logging, level.upper(), logging.INFO), format=fmt, datefmt="%Y-%m-%dT%H:%M:%S",
+                 stream=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import killpoints
+
+    killpoints.install()  # a no-op unless a test sweeps kill points
     args = _parser().parse_args(argv)
     if args.command == "version":
         print(__version__)
@@ -128,6 +134,8 @@ def _rotate(cfg) -> int:
 
 
 def _check_config(path: Path | None) -> int:
+    """Every problem `run` would stop on at start, one line each, exit 2 if any: the config (types, ranges),
+    its files (the CA parsed), the PIN file, then what run checks next (_startup_problems)."""
     from .pin import read_pin
 
     try:
@@ -141,6 +149,7 @@ def _check_config(path: Path | None) -> int:
         read_pin(cfg)
     except AgentError as e:
         problems.append(str(e))
+    problems += [p for p in _startup_problems(cfg) if p not in problems]
     for line in problems:
         print(line, file=sys.stderr)
     if problems:
@@ -149,7 +158,105 @@ def _check_config(path: Path | None) -> int:
     return 0
 
 
+def _startup_problems(cfg: Config) -> list[str]:
+    """What daemon._run and its first session refuse after the config, its files and the PIN, in their order,
+    one line each (the same lines where the daemon has one): the state file; the identity its mode needs (a
+    device certificate that parses and has not expired; in claim mode the serial number and a claim certificate
+    that parses; jitp needs its factory certificate); the pinned code-signing certificate (loaded by the OTA
+    handler at every session start). Imports here stay out of the daemon's start."""
+    from .config import MISSING_FILE, MAX_CERTIFICATE_FILE_BYTES, certificate_file_problem, identity_mode, \
+        read_regular_file
+    from .daemon import current_identity, has_identity
+    from .rotation import check_not_expired
+    from .state import StateStore
+
+    out: list[str] = []
+    signing: list[str] = []  # the session's last start-up step: reported last
+    if cfg.ota.code_signing_certificate is not None:
+        cs = cfg.resolve(cfg.ota.code_signing_certificate)
+        try:
+            read_regular_file(cs, MAX_CERTIFICATE_FILE_BYTES)  # refuses a FIFO before load_pinned_key reads it
+        except FileNotFoundError:
+            pass  # check_files said so
+        except ValueError as e:
+            signing.append(f"ota.code_signing_certificate: {cs} {e}; install the code-signing certificate that signs "
+                       "your updates")
+        else:
+            from .signing import load_pinned_key
+
+            try:
+                load_pinned_key(cs)
+            except AgentError as e:
+                signing.append(f"ota.code_signing_certificate: {e}; install the code-signing certificate (PEM) that "
+                           "signs your updates")
+    store = StateStore(cfg.resolve(cfg.device.state_dir))
+    try:
+        st = os.stat(store.path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        out.append(f"{store.path}: cannot read the state file ({e.strerror}); check its owner and mode")
+        return out + signing
+    if st is not None and not stat.S_ISREG(st.st_mode):  # StateStore.load would wait on a FIFO for ever
+        out.append(f"{store.path}: state file is not a regular file; move it aside (the device may need "
+                   "re-provisioning)")
+        return out + signing
+    try:
+        state = store.load()
+    except AgentError as e:  # StateError: corrupt, unreadable, or from a newer agent
+        out.append(str(e))
+        return out + signing
+    mode = identity_mode(cfg)
+    from_state = isinstance(state.get("certificate_file"), str) and state.get("certificate_file")
+    cert = Path(from_state) if from_state else \
+        (cfg.resolve(cfg.identity.certificate_file) if cfg.identity.certificate_file else None)
+    cert_ok = False
+    if cert is not None:
+        problem = certificate_file_problem(cert)
+        if problem is None:
+            cert_ok = True
+        elif problem != MISSING_FILE:
+            key = "device certificate (recorded in the state)" if from_state else "identity.certificate_file"
+            out.append(f"{key}: {cert} {problem}; restore the device's certificate or provision the device again")
+    if has_identity(cfg, state):
+        try:
+            current_identity(cfg, state)
+        except AgentError as e:
+            if from_state or cert is None or cert.exists():  # a missing identity.certificate_file: said already
+                out.append(str(e))
+        if cert_ok:
+            flow = state.get("rotation") if isinstance(state.get("rotation"), dict) else {}
+            if flow.get("step") != "switch":  # a switch proves the new certificate first (daemon._session)
+                try:
+                    check_not_expired(cert)
+                except AgentError as e:
+                    out.append(str(e))
+    elif mode == "jitp":  # daemon._run's words
+        out.append("identity.mode is jitp but there is no device certificate yet: run `iot-agent factory "
+                   "device-key` and `factory device-cert` at the factory (README, 'Just-in-time provisioning')")
+    elif mode == "claim":  # Provisioner.run's checks, its words
+        from .provisioning import claim_certificate, serial_number
+
+        if not serial_number(cfg, state):
+            out.append("provisioning: no serial number; run `iot-agent factory init --serial ...` or set "
+                       "provisioning.serial_number")
+        claim = claim_certificate(cfg, state)
+        problem = certificate_file_problem(claim)
+        if problem == MISSING_FILE:
+            out.append(f"provisioning: claim certificate {claim} not found; run `iot-agent factory claim-cert`")
+        elif problem:
+            out.append(f"provisioning.claim_certificate: {claim} {problem}; install the claim certificate again "
+                       "(`iot-agent factory claim-cert`)")
+    else:
+        try:
+            current_identity(cfg, state)
+        except AgentError as e:
+            out.append(str(e))
+    return out + signing
+
+
 def _keys(cfg: Config, args) -> int:
+    from . import killpoints
     from .keystore import open_token
     from .pin import read_pin
 
@@ -163,9 +270,11 @@ def _keys(cfg: Config, args) -> int:
                 print(f"kept existing {existing.key_type} key {existing.label!r} (id {existing.key_id})")
                 return 0
             k = ks.generate_ec_key(args.label)
+            killpoints.op("token:generate", args.label)
             print(f"generated {k.key_type} P-256 key {k.label!r} (id {k.key_id}) on token {cfg.pkcs11.token_label!r}")
         elif args.keys_command == "delete":
             n = ks.delete(args.label)
+            killpoints.op("token:delete", args.label)
             if not n:
                 raise AgentError(f"no key labelled {args.label!r} on the token")
             print(f"deleted {n} objects labelled {args.label!r}")

@@ -7,9 +7,15 @@ required). Secrets never live here: the PKCS#11 PIN is read from a file (see `ag
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import errno
+import json
+import math
 import os
 import re
+import stat
 import tomllib
 import types
 import typing
@@ -212,6 +218,94 @@ class Config:
         return self.path.parent / p
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The inclusive range a number in the config must lie in (every number must also be finite)."""
+
+    lo: float
+    hi: float
+    unit: str = ""
+    hint: str = "set a value in that range"
+    what: str = "is out of range"
+
+    def range_text(self) -> str:
+        """As the README shows it after each key: `5-1200`."""
+        return f"{_num(self.lo)}-{_num(self.hi)}"
+
+    def text(self) -> str:
+        """The range with its unit: `5-1200 s`."""
+        return self.range_text() + (f" {self.unit}" if self.unit else "")
+
+    def problem(self, key: str, value: float) -> str | None:
+        if self.lo <= value <= self.hi:
+            return None
+        return f"{key}: {_num(value)} {self.what} ({self.text()}); {self.hint}"
+
+
+DAY = 86400
+WEEK = 7 * DAY
+GIB = 1024 ** 3
+# Every int and float field of every config dataclass, and every field holding numbers, has an entry (a test
+# enforces it): its Bound, or None for "any finite number" (your own metric values). Inf and nan are refused for
+# all of them when the value is converted. Relations between fields (min <= max) are checked after.
+BOUNDS: dict[type, dict[str, Bound | None]] = {
+    BrokerConfig: {
+        "port": Bound(1, 65535, what="is not a TCP port"),
+        "keepalive_s": Bound(5, 1200, "s", "AWS IoT allows 30-1200 s (5 is for tests)"),
+        "connect_timeout_s": Bound(1, 600, "s"),
+        "reconnect_min_s": Bound(0.1, 3600, "s"),
+        "reconnect_max_s": Bound(0.1, DAY, "s"),
+        "reconnect_reset_after_s": Bound(0, DAY, "s"),
+        "refused_after": Bound(1, 100),
+        "refused_retry_min_s": Bound(1, DAY, "s"),
+        "refused_retry_max_s": Bound(1, DAY, "s"),
+    },
+    IdentityConfig: {"jitp_first_refusals": Bound(0, 100)},
+    ClockConfig: {
+        "max_skew_s": Bound(0.1, 3600, "s"),
+        "query_timeout_s": Bound(0.1, 60, "s"),
+        "retry_min_s": Bound(0.1, 3600, "s"),
+        "retry_max_s": Bound(0.1, 3600, "s"),
+        "max_wait_s": Bound(0, DAY, "s", "0 waits for ever; else at most a day"),
+    },
+    ProvisioningConfig: {"retry_min_s": Bound(0.1, DAY, "s"), "retry_max_s": Bound(0.1, DAY, "s")},
+    DefenderConfig: {
+        "interval_s": Bound(1, DAY, "s"),
+        "max_list": Bound(1, 1000),
+        "custom_number": None,
+        "custom_number_list": None,
+    },
+    RotationConfig: {
+        "expiry_window_days": Bound(0, 3650, "days"),
+        "max_age_days": Bound(1, 3650, "days"),
+        "check_interval_s": Bound(1, WEEK, "s"),
+        "prove_timeout_s": Bound(1, 3600, "s"),
+        "retry_min_s": Bound(1, DAY, "s"),
+        "retry_max_s": Bound(1, WEEK, "s"),
+    },
+    OtaConfig: {
+        "max_artifact_bytes": Bound(1, 2 * GIB, "bytes"),
+        "download_attempts": Bound(1, 100),
+        "self_update_deadline_s": Bound(10, 3600, "s"),
+        "privileged_timeout_s": Bound(1, 3600, "s"),
+    },
+    OtaTargetConfig: {"health_timeout_s": Bound(1, 3600, "s")},
+}
+
+
+def _num(x: float) -> str:
+    """A number as a person writes it: 5, 0.1, 2147483648 (never 2.14748e+09, never thousands of digits)."""
+    if isinstance(x, int) and not isinstance(x, bool):
+        return str(x) if abs(x) < 10 ** 30 else f"{'a negative' if x < 0 else 'an'} integer of {_digits(x)} digits"
+    if math.isfinite(x) and x.is_integer() and abs(x) < 1e16:
+        return str(int(x))
+    return repr(x)
+
+
+def _digits(x: int) -> int:
+    return int(math.log10(abs(x))) + 1 if x else 1
+
+
 _NOT_KEYS = {"path"}
 _CHOICES = {
     ("clock", "source"): ("ntp", "system"),
@@ -230,33 +324,35 @@ def _type_name(tp: Any) -> str:
     return str(tp)
 
 
-def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
-    """Convert a TOML value to the field type, or record one problem and return None."""
+def _convert(value: Any, tp: Any, key: str, problems: list[str], bound: Bound | None = None) -> Any:
+    """Convert a TOML value to the field type, or record one problem and return None.
+
+    Every number must be finite, and within `bound` when given (for a table or list of numbers: each one)."""
     origin = typing.get_origin(tp)
     if origin in (types.UnionType, typing.Union):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _convert(value, inner[0], key, problems)
+        return _convert(value, inner[0], key, problems, bound)
     if origin is dict:
         key_tp, val_tp = typing.get_args(tp)
         if dataclasses.is_dataclass(val_tp):
             if not isinstance(value, dict):
                 problems.append(f"{key}: expected a table of tables, got {_describe(value)}")
                 return None
-            return {k: _section(val_tp, v, f"{key}.{k}", problems) for k, v in value.items()}
+            return {k: _section(val_tp, v, f"{key}.{_key(k)}", problems) for k, v in value.items()}
         if not isinstance(value, dict):
             problems.append(f"{key}: expected a table of {_type_name(val_tp).split(' ', 1)[1]}s, got {_describe(value)}")
             return None
-        return {k: _convert(v, val_tp, f"{key}.{k}", problems) for k, v in value.items()}
+        return {k: _convert(v, val_tp, f"{key}.{_key(k)}", problems, bound) for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
             problems.append(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
             return None
-        out = [_convert(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+        out = [_convert(v, item_tp, f"{key}[{i}]", problems, bound) for i, v in enumerate(value)]
         return out
     ok = {
         str: isinstance(value, str),
-        Path: isinstance(value, str) and value != "",
+        Path: isinstance(value, str) and value != "" and "\0" not in value,
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
         float: isinstance(value, (int, float)) and not isinstance(value, bool),
@@ -266,14 +362,34 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         return None
     if tp is Path:
         return Path(value)
-    if tp is float:
-        return float(value)
+    if tp in (int, float):
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer too large for a float
+            finite = False
+        if not finite and tp is float:
+            what = f"set a value in {bound.text()}" if bound else "set a finite number"
+            problems.append(f"{key}: {_num(value)} is not a finite number; {what} (inf and nan are not allowed)")
+            return None
+        problem = bound.problem(key, value) if bound else None
+        if problem:
+            problems.append(problem)
+            return None
+        return float(value) if tp is float else value
     return value
+
+
+def _key(k: str) -> str:
+    """A TOML key as the one-line messages show it: bare, or quoted with escapes (a key may hold a newline)."""
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
 
 
 def _describe(value: Any) -> str:
     kind = {str: "string", bool: "boolean", int: "integer", float: "number", list: "list", dict: "table"}
-    text = repr(value) if not isinstance(value, (dict, list)) else ""
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = _num(value)  # never thousands of digits
+    else:
+        text = repr(value) if not isinstance(value, (dict, list)) else ""
     return f"{kind.get(type(value), type(value).__name__)} {text}".strip()
 
 
@@ -286,12 +402,12 @@ def _section(cls: type, table: Any, name: str, problems: list[str]) -> Any:
     for key in table:
         if key not in fields:
             known = ", ".join(sorted(fields))
-            problems.append(f"{name}.{key}: unknown key (known keys in [{name}]: {known})")
+            problems.append(f"{name}.{_key(key)}: unknown key (known keys in [{name}]: {known})")
     kwargs: dict[str, Any] = {}
     for fname, f in fields.items():
         key = f"{name}.{fname}"
         if fname in table:
-            value = _convert(table[fname], hints[fname], key, problems)
+            value = _convert(table[fname], hints[fname], key, problems, BOUNDS.get(cls, {}).get(fname))
             choices = _CHOICES.get((name, fname))
             if value is not None and choices and value not in choices:
                 problems.append(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
@@ -317,7 +433,7 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
     sections = {f.name: f for f in dataclasses.fields(Config) if f.name not in _NOT_KEYS}
     for key in data:
         if key not in sections:
-            problems.append(f"[{key}]: unknown section (known: {', '.join(sorted(sections))})")
+            problems.append(f"[{_key(key)}]: unknown section (known: {', '.join(sorted(sections))})")
     built: dict[str, Any] = {}
     for name, f in sections.items():
         if name in data:
@@ -337,18 +453,12 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
 
 def _semantic_problems(c: dict[str, Any]) -> list[str]:
     out = []
+    # Each number is within its Bound already (BOUNDS, checked at conversion); what is left are relations.
     b: BrokerConfig = c["broker"]
-    if not 1 <= b.port <= 65535:
-        out.append(f"broker.port: {b.port} is not a TCP port (1-65535)")
-    if b.reconnect_min_s <= 0 or b.reconnect_max_s < b.reconnect_min_s:
-        out.append("broker.reconnect_min_s/reconnect_max_s: need 0 < reconnect_min_s <= reconnect_max_s")
+    out += _order(c, "broker", "reconnect_min_s", "reconnect_max_s")
     if c["identity"].mode not in ("", "claim", "jitp", "preprovisioned"):
         out.append(f"identity.mode: {c['identity'].mode!r} is not one of claim, jitp, preprovisioned")
-    if not (b.refused_after >= 1 and 0 < b.refused_retry_min_s <= b.refused_retry_max_s):
-        out.append("broker.refused_after/refused_retry_min_s/refused_retry_max_s: need refused_after >= 1 and "
-                   "0 < refused_retry_min_s <= refused_retry_max_s")
-    if b.keepalive_s < 5 or b.keepalive_s > 1200:
-        out.append(f"broker.keepalive_s: {b.keepalive_s} is outside AWS IoT's 30-1200 s (5 allowed for tests)")
+    out += _order(c, "broker", "refused_retry_min_s", "refused_retry_max_s")
     k: ClockConfig = c["clock"]
     if k.source == "ntp" and not k.ntp_servers:
         out.append("clock.ntp_servers: empty; list at least one server or set clock.source = \"system\"")
@@ -357,22 +467,14 @@ def _semantic_problems(c: dict[str, Any]) -> list[str]:
             split_server(s)
         except ValueError as e:
             out.append(f"clock.ntp_servers: {e}")
-    if k.max_skew_s <= 0:
-        out.append("clock.max_skew_s: must be > 0")
-    if k.retry_min_s <= 0 or k.retry_max_s < k.retry_min_s:
-        out.append("clock.retry_min_s/retry_max_s: need 0 < retry_min_s <= retry_max_s")
-    if k.max_wait_s < 0 or k.query_timeout_s <= 0:
-        out.append("clock.max_wait_s must be >= 0 and clock.query_timeout_s > 0")
+    out += _order(c, "clock", "retry_min_s", "retry_max_s")
     pv: ProvisioningConfig = c["provisioning"]
-    if pv.retry_min_s <= 0 or pv.retry_max_s < pv.retry_min_s:
-        out.append("provisioning.retry_min_s/retry_max_s: need 0 < retry_min_s <= retry_max_s")
+    out += _order(c, "provisioning", "retry_min_s", "retry_max_s")
     if pv.enabled and pv.claim_key_label == c["pkcs11"].key_label:
         out.append("provisioning.claim_key_label: must differ from pkcs11.key_label (the device key)")
     d: DefenderConfig = c["defender"]
     if d.interval_s < 300 and not d.testing_allow_short_interval:
         out.append(f"defender.interval_s: {d.interval_s:g} is below AWS's 300 s minimum (reports would be throttled)")
-    if d.interval_s <= 0 or not 1 <= d.max_list <= 1000:
-        out.append("defender.interval_s must be > 0 and defender.max_list 1-1000")
     import ipaddress
 
     for name, ips in d.custom_ip_list.items():
@@ -381,24 +483,17 @@ def _semantic_problems(c: dict[str, Any]) -> list[str]:
                 ipaddress.ip_address(ip)
             except ValueError:
                 out.append(f"defender.custom_ip_list.{name}: {ip!r} is not an IP address")
-    r: RotationConfig = c["rotation"]
-    if r.expiry_window_days < 0 or r.max_age_days <= 0 or r.check_interval_s <= 0 or r.prove_timeout_s <= 0 \
-            or r.retry_min_s <= 0 or r.retry_max_s < r.retry_min_s:
-        out.append("rotation: need expiry_window_days >= 0, max_age_days, check_interval_s and prove_timeout_s > 0, "
-                   "0 < retry_min_s <= retry_max_s")
+    out += _order(c, "rotation", "retry_min_s", "retry_max_s")
     o: OtaConfig = c["ota"]
     if o.targets and o.code_signing_certificate is None:
         out.append("ota.code_signing_certificate: required when update targets are declared (updates are "
                    "verified against it; nothing else is trusted)")
-    if not 1 <= o.download_attempts <= 100 or o.max_artifact_bytes < 1 or o.self_update_deadline_s <= 0:
-        out.append("ota: need 1 <= download_attempts <= 100, max_artifact_bytes >= 1 and self_update_deadline_s > 0")
-    for name, t in o.targets.items():
+    for raw_name, t in o.targets.items():
         if t is None:
             continue
-        if not NAME_RE.match(name):
+        name = _key(raw_name)
+        if not NAME_RE.fullmatch(raw_name):  # not match(): "$" would accept a trailing newline
             out.append(f"ota.targets.{name}: target names are letters, digits, '.', '_' and '-'")
-        if t.health_timeout_s <= 0:
-            out.append(f"ota.targets.{name}.health_timeout_s: must be > 0")
         if t.self_update and t.privileged:
             out.append(f"ota.targets.{name}: the agent itself is not a privileged target (it updates its own release)")
         if t.self_update and not t.unpack:
@@ -411,6 +506,14 @@ def _semantic_problems(c: dict[str, Any]) -> list[str]:
     if not p.key_label:
         out.append("pkcs11.key_label: must not be empty")
     return out
+
+
+def _order(c: dict[str, Any], section: str, lo_key: str, hi_key: str) -> list[str]:
+    """A (min, max) pair of a section in order, or the one line saying which to change."""
+    lo, hi = getattr(c[section], lo_key), getattr(c[section], hi_key)
+    if lo <= hi:
+        return []
+    return [f"{section}.{hi_key}: {_num(hi)} is below {section}.{lo_key} ({_num(lo)}); raise {hi_key} or lower {lo_key}"]
 
 
 def split_server(s: str) -> tuple[str, int]:
@@ -456,15 +559,29 @@ def load(path: Path | str | None = None) -> Config:
         raise ConfigError([f"{p}: not UTF-8 text; save the config as UTF-8 TOML"])
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"{p}: TOML syntax error: {e}; fix the line named"])
+    except ValueError:  # an integer of thousands of digits (Python's int conversion limit)
+        raise ConfigError([f"{p}: TOML value too long to read (an integer of thousands of digits); fix the number"])
+    except RecursionError:
+        raise ConfigError([f"{p}: TOML arrays or tables nested too deeply to read; no key needs that"])
     return parse(data, p.resolve())
 
 
 def check_files(cfg: Config) -> list[str]:
-    """Problems with the files the config names (existence, readability); one line each."""
+    """Problems with the files the config names (existence, readability; the CA files must be PEM bundles of
+    certificates that parse), one line each. Cheap and light: also run before `run` and the other commands."""
     out = []
     ca = cfg.resolve(cfg.broker.ca_file)
-    if not ca.is_file():
+    problem = certificate_file_problem(ca)
+    if problem == MISSING_FILE:
         out.append(f"broker.ca_file: {ca} does not exist; download the root CA (AmazonRootCA1.pem) to that path")
+    elif problem:
+        out.append(f"broker.ca_file: {ca} {problem}; download the root CA (AmazonRootCA1.pem) again to that path")
+    if cfg.ota.ca_file is not None:
+        oca = cfg.resolve(cfg.ota.ca_file)
+        problem = certificate_file_problem(oca)
+        if problem:
+            out.append(f"ota.ca_file: {oca} {problem}; point it at the PEM CA bundle of your download host, or "
+                       "remove it to use the system's trust store")
     lib = cfg.resolve(cfg.pkcs11.library)
     if not lib.is_file():
         out.append(f"pkcs11.library: {lib} does not exist; install the PKCS#11 module (softhsm2 or libtpm2-pkcs11-1)")
@@ -480,6 +597,103 @@ def check_files(cfg: Config) -> list[str]:
     if sd.exists() and not os.access(sd, os.W_OK | os.X_OK):
         out.append(f"device.state_dir: {sd} is not writable by this user; fix its owner or mode")
     return out
+
+
+MAX_CERTIFICATE_FILE_BYTES = 4 * 1024 * 1024  # a whole system CA bundle is about 200 KB
+MISSING_FILE = "does not exist"
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]{1,40})-----(.*?)-----END ([A-Z0-9 ]{1,40})-----", re.S)
+_FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+               stat.S_IFDIR: "a directory", stat.S_IFSOCK: "a socket"}
+
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """A small file's bytes, read without ever blocking: opened O_NONBLOCK and checked with fstat before any
+    read, so a FIFO, device or socket where a file is expected is refused instead of hanging the reader.
+    Raises FileNotFoundError, or ValueError whose text follows the path: "is a FIFO, not a regular file"."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # a socket (or a FIFO opened for writing elsewhere)
+            raise ValueError("is not a regular file")
+        raise ValueError(f"cannot be read ({e.strerror})")
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"is {_FILE_KINDS.get(stat.S_IFMT(st.st_mode), 'not a regular file')}, not a regular file")
+        if st.st_size > limit:
+            raise ValueError(f"is larger than {limit} bytes")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as e:
+        raise ValueError(f"cannot be read ({e.strerror})")
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise ValueError(f"is larger than {limit} bytes")
+    return b"".join(chunks)
+
+
+def certificate_ders(data: bytes) -> list[bytes]:
+    """The DER of each certificate in a PEM bundle that passes certificate_problem (first one first)."""
+    return [base64.b64decode(b"".join(body.split())) for label, body, _ in _PEM_BLOCK.findall(data)
+            if label == b"CERTIFICATE"]
+
+
+def certificate_problem(data: bytes) -> str | None:
+    """Why `data` is not a PEM bundle of one or more X.509 certificates (each must parse), or None; the
+    reason follows the file's path in a message: "is not a PEM certificate (...)".
+
+    Text between the blocks (a bundle's comments) is allowed; any other PEM block (a key) is not."""
+    from .x509lite import subject_public_key_info, validity
+
+    blocks = _PEM_BLOCK.findall(data)
+    if data.count(b"-----BEGIN") != len(blocks):
+        return "has a PEM block that is not closed (-----END CERTIFICATE----- missing)"
+    if not blocks:
+        return "is not a PEM certificate (no -----BEGIN CERTIFICATE----- block)"
+    for i, (label, body, end) in enumerate(blocks, 1):
+        which = f"PEM block {i} of {len(blocks)}" if len(blocks) > 1 else "a PEM block"
+        if label != b"CERTIFICATE" or end != label:
+            return f"has {which} labelled {label.decode()!r}, not CERTIFICATE (the file must hold certificates only)"
+        try:
+            der = base64.b64decode(b"".join(body.split()), validate=True)
+        except (binascii.Error, ValueError):
+            return f"has {which} that is not valid base64"
+        if not _one_der_element(der) or validity(der) is None or subject_public_key_info(der) is None:
+            return f"has {which} that is not an X.509 certificate"
+    return None
+
+
+def _one_der_element(der: bytes) -> bool:
+    """A DER SEQUENCE that spans exactly these bytes (nothing missing, nothing after it)."""
+    if len(der) < 2 or der[0] != 0x30:
+        return False
+    n, i = der[1], 2
+    if n & 0x80:
+        k = n & 0x7F
+        if not 1 <= k <= 4 or len(der) < 2 + k:
+            return False
+        n, i = int.from_bytes(der[2:2 + k], "big"), 2 + k
+    return i + n == len(der)
+
+
+def certificate_file_problem(path: Path) -> str | None:
+    """None for a readable PEM bundle of certificates, else what follows the path in a message: MISSING_FILE
+    ("does not exist"), "is a FIFO, not a regular file", "is not a PEM certificate (...)", ..."""
+    try:
+        data = read_regular_file(path, MAX_CERTIFICATE_FILE_BYTES)
+    except FileNotFoundError:
+        return MISSING_FILE
+    except ValueError as e:
+        return str(e)
+    return certificate_problem(data)
 
 
 def identity_mode(cfg: Config) -> str:

@@ -258,6 +258,7 @@ def _session(cfg: Config, store: StateStore, pin: str, stop: threading.Event, cl
             engine = JobsEngine(identity.thing_name, conn, load_state=lambda: store.load().get("jobs", {}),
                                 save_state=lambda d: store.update(jobs=d), handlers=handlers)
             engine_box.append(engine)
+            router.add(f"$aws/things/{identity.thing_name}/jobs/", engine.on_raw_message)  # what the SDK cannot read
             on_connected.append(engine.on_connected)
             engine.start()
             if conn.connected.is_set():
@@ -332,7 +333,7 @@ def _rotation_worker(cfg: Config, rotator, conn: Connection, identity: Identity,
             try:
                 step = rotator.step
                 if step in ("commit", "abandon"):
-                    rotator.finish(conn)
+                    rotator.finish(conn, identity.certificate_file, identity.key_label)
                     session_restart.set()  # the key work is done between sessions
                     return
                 if step in ("requesting", "certificate", "registering"):
@@ -373,7 +374,7 @@ def _rotation_job_handler(rotator, rotate_now: threading.Event):
         if rotator.step == "idle":
             rotator.request(job_id, f"job {job_id}")
         elif not rotator.flow().get("job_id"):
-            rotator._save(job_id=job_id)
+            rotator.attach_job(job_id)
         rotate_now.set()
         return Outcome("IN_PROGRESS", {"step": "rotating certificate"})
 
@@ -390,11 +391,11 @@ def _install_rotate_signal(event: threading.Event) -> None:
 def _write_pid(path: Path) -> None:
     import os
 
+    from .durable import write_atomic
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(f"{os.getpid()}\n")
-        os.replace(tmp, path)
+        write_atomic(path, f"{os.getpid()}\n".encode(), 0o600)
     except OSError as e:  # only `iot-agent rotate` needs it; it then waits for the next check
         log.warning("cannot write %s (%s); `iot-agent rotate` will not wake this agent", path, e.strerror)
 

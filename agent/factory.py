@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import Config
 from .errors import AgentError
-from .provisioning import write_public
+from .durable import write_atomic
 from .state import StateStore
 
 
@@ -38,7 +38,7 @@ def init(cfg: Config, serial: str, csr_out: Path) -> str:
             ks.generate_ec_key(label)
         csr = ks.make_csr(label, f"claim-{serial}")
     try:
-        write_public(csr_out, csr)
+        write_atomic(csr_out, csr, 0o644)
     except OSError as e:
         raise AgentError(f"{csr_out}: cannot write the CSR ({e.strerror}); choose a folder this user can write")
     store.update(factory={**state.get("factory", {}), "serial": serial})
@@ -75,7 +75,7 @@ def claim_cert(cfg: Config, cert_path: Path) -> str:
     store = _store(cfg)
     store.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     dst = store.directory / "claim.pem"
-    write_public(dst, apem.armor("CERTIFICATE", der))
+    write_atomic(dst, apem.armor("CERTIFICATE", der), 0o644)
     state = store.load()
     store.update(factory={**state.get("factory", {}), "claim_certificate": str(dst)})
     return f"claim certificate installed at {dst}"
@@ -97,7 +97,7 @@ def device_key(cfg: Config, thing: str, csr_out: Path) -> str:
             ks.generate_ec_key(label)
         csr = ks.make_csr(label, thing)
     try:
-        write_public(csr_out, csr)
+        write_atomic(csr_out, csr, 0o644)
     except OSError as e:
         raise AgentError(f"{csr_out}: cannot write the CSR ({e.strerror}); choose a folder this user can write")
     return f"device key {label!r} on token {cfg.pkcs11.token_label!r}; CSR for {thing} written to {csr_out}"
@@ -115,7 +115,7 @@ def device_cert(cfg: Config, cert_path: Path) -> str:
     store = _store(cfg)
     store.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     dst = store.directory / "device.pem"
-    write_public(dst, apem.armor("CERTIFICATE", der))
+    write_atomic(dst, apem.armor("CERTIFICATE", der), 0o644)
     store.update(thing_name=thing, certificate_file=str(dst), key_label=label, jitp={"registered": False})
     return f"device certificate for {thing} installed at {dst}; AWS IoT registers it on the first connection"
 

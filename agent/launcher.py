@@ -42,11 +42,16 @@ def _open_trial(tdir: Path | None) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import killpoints
+
+    killpoints.install()  # a no-op unless a test sweeps kill points
     ap = argparse.ArgumentParser(prog="iot-agent-launch", description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",
-                        datefmt="%Y-%m-%dT%H:%M:%S")
+    from .logfmt import basic_config  # one record, one bounded line
+
+    basic_config(level=logging.INFO, format="%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",
+                 datefmt="%Y-%m-%dT%H:%M:%S")
     try:
         cfg = load(args.config)
     except AgentError as e:

@@ -227,10 +227,15 @@ def process_spool(cfg: HelperConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import killpoints
+
+    killpoints.install()  # a no-op unless a test sweeps kill points
     ap = argparse.ArgumentParser(prog="iot-agent-install", description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .logfmt import basic_config  # one record, one bounded line
+
+    basic_config(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     process_spool(load_config(args.config))
     return 0
 

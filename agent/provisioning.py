@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import failpoints
+from . import durable, killpoints
+from .answers import AnswerError, issued_certificate, thing_name
 from .backoff import Backoff
 from .config import Config
 from .connection import Connection, ConnectionSettings
@@ -80,22 +81,6 @@ def claim_certificate(cfg: Config, state: dict) -> Path:
     return p if p.is_absolute() else cfg.resolve(cfg.device.state_dir) / p
 
 
-def write_public(path: Path, data: bytes) -> None:
-    """Atomic replace of a public file (certificate), mode 0644."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 @dataclass(eq=False)
 class Provisioner:
     cfg: Config
@@ -114,9 +99,7 @@ class Provisioner:
         return dict(self.store.load().get("provisioning", {}))
 
     def _save(self, **changes) -> dict:
-        flow = {**self._flow(), **changes}
-        self.store.update(provisioning=flow)
-        return flow
+        return self.store.update_section("provisioning", **changes)
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> bool:
@@ -170,12 +153,9 @@ class Provisioner:
         # 1. The device key and its CSR, made on the token while nothing else holds it.
         if step in ("keygen", "csr") or not flow.get("csr_pem"):
             flow = self._save(step="keygen", key_label=key_label)
-            failpoints.hit("provisioning.before_keygen")
             self.keys.ensure_key(key_label)  # reuses the key a previous run left on the token
-            failpoints.hit("provisioning.after_keygen")
             flow = self._save(step="csr", csr_pem=self.keys.csr(key_label, serial))
             log.info("device key %r on the token; CSR signed there", key_label)
-            failpoints.hit("provisioning.after_csr")
 
         # 2. The claim connection, for as short a time as possible.
         settings = self._claim_settings(claim_cert, serial)
@@ -186,17 +166,14 @@ class Provisioner:
                 last = next((e.detail for e in reversed(conn.events) if e.kind == "failed"), "no answer")
                 raise ProvisioningError("ClaimConnectionRefused", f"the broker did not accept the claim certificate ({last})")
             log.info("connected with the claim certificate as %s", settings.client_id)
-            failpoints.hit("provisioning.after_claim_connect")
             flow = self._exchange(conn, flow, serial)
         finally:
             conn.stop()
-        failpoints.hit("provisioning.after_claim_disconnect")
 
         # 3. Commit: from now on the agent is this thing.
         self.store.update(thing_name=flow["thing_name"], certificate_file=flow["certificate_file"], key_label=key_label,
                           provisioning={**flow, "step": "done", "ownership_token": None, "last_error": None})
         log.info("provisioned as %s (certificate %s)", flow["thing_name"], flow["certificate_id"][:12])
-        failpoints.hit("provisioning.after_commit")
         if self.cfg.provisioning.delete_claim_key:
             try:
                 self.keys.delete(self.cfg.provisioning.claim_key_label)
@@ -231,21 +208,23 @@ class Provisioner:
                 step = "csr"
             if step in ("csr", "requesting_certificate"):
                 flow = self._save(step="requesting_certificate")
-                failpoints.hit("provisioning.before_create_certificate")
                 resp = _call(idc.create_certificate_from_csr(
                     iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=flow["csr_pem"])))
-                failpoints.hit("provisioning.after_create_certificate")
-                cert_file = self.store.directory / f"device-{resp.certificate_id[:16]}.pem"
-                write_public(cert_file, resp.certificate_pem.encode())
-                flow = self._save(step="certificate", certificate_id=resp.certificate_id,
-                                  certificate_file=str(cert_file), ownership_token=resp.certificate_ownership_token,
+                killpoints.op("cloud:create-certificate")
+                try:  # checked completely before anything is written
+                    issued = issued_certificate(resp.certificate_pem, resp.certificate_id,
+                                                resp.certificate_ownership_token, flow["csr_pem"], self.now())
+                except AnswerError as e:
+                    raise ProvisioningError("InvalidAnswer", f"CreateCertificateFromCsr: {e}", retry_from="csr")
+                cert_file = self.store.directory / f"device-{issued.certificate_id}.pem"
+                durable.write_atomic(cert_file, issued.pem, 0o644)
+                flow = self._save(step="certificate", certificate_id=issued.certificate_id,
+                                  certificate_file=str(cert_file), ownership_token=issued.ownership_token,
                                   token_at=int(self.now()))
-                log.info("certificate %s issued (pending activation)", resp.certificate_id[:12])
-                failpoints.hit("provisioning.after_certificate_saved")
+                log.info("certificate %s issued (pending activation)", issued.certificate_id[:12])
                 continue
             if step in ("certificate", "registering"):
                 flow = self._save(step="registering")
-                failpoints.hit("provisioning.before_register")
                 params = {**pv.parameters, "SerialNumber": serial}
                 try:
                     reg = _call(idc.register_thing(iotidentity.RegisterThingRequest(
@@ -257,9 +236,12 @@ class Provisioner:
                     else:
                         e.retry_from = "certificate"
                     raise
-                failpoints.hit("provisioning.after_register")
-                flow = self._save(step="registered", thing_name=reg.thing_name)
-                failpoints.hit("provisioning.after_registered_saved")
+                killpoints.op("cloud:register-thing")
+                try:
+                    name = thing_name(reg.thing_name)
+                except AnswerError as e:
+                    raise ProvisioningError("InvalidAnswer", f"RegisterThing: {e}", retry_from="certificate")
+                flow = self._save(step="registered", thing_name=name)
                 return flow
             if step == "registered":
                 return flow
@@ -276,7 +258,10 @@ def _call(future):
     except awsiot.V2ServiceException as e:
         err = e.modeled_error
         if err is not None:
-            raise ProvisioningError(err.error_code or "Rejected", f"{err.error_message} (status {err.status_code})")
+            raise ProvisioningError(str(err.error_code or "Rejected")[:64],
+                                    f"{str(err.error_message)[:300]} (status {str(err.status_code)[:8]})")
         raise ProvisioningError("RequestFailed", str(e.message if hasattr(e, "message") else e)[:200])
+    except (ValueError, TypeError, KeyError) as e:  # an answer the SDK could not model
+        raise ProvisioningError("InvalidAnswer", f"the answer could not be read ({e.__class__.__name__})")
     except TimeoutError:
         raise ProvisioningError("Timeout", "no answer from the provisioning service")

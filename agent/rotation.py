@@ -5,14 +5,17 @@ A write-ahead state machine (`rotation` in the state file), like provisioning:
     prepare   (over the current connection)  keygen -> csr -> requesting -> certificate -> registering
     switch    the daemon restarts its session with the new certificate and key; it must connect
               within prove_timeout_s
-    commit    proven: the new identity is recorded, the cloud is told to deactivate the old
-              certificate (dt/<thing>/certificate-rotation/commit), then
-    cleanup   the old key is deleted from the token
+    commit    proven: ONE state write records the commit and makes the new certificate and key the
+              identity; then, connected with the new identity only, the cloud is told to deactivate
+              the old certificate (dt/<thing>/certificate-rotation/commit)
+    cleanup   the old key is deleted from the token (never the key in use) and its certificate file
     abandon   not proven: the daemon is back on the old identity, tells the cloud to deactivate the
               new certificate, deletes the new key, and retries later with backoff
 
 Whatever step a power cut interrupts, the device comes back on the old identity (before commit)
 or the new one (from commit on), never neither, and ends with one active certificate and one key.
+The CreateCertificateFromCsr and RegisterThing answers are checked (agent.answers) before anything
+is saved: a certificate for another key, a wrong id or thing is refused and the attempt fails.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import failpoints
+from . import durable, killpoints
+from .answers import AnswerError, issued_certificate, thing_name
 from .backoff import Backoff
 from .config import Config
 from .errors import AgentError
-from .provisioning import ProvisioningError, TokenKeys, _call, write_public
+from .provisioning import ProvisioningError, TokenKeys, _call
 from .state import StateStore
 from .x509lite import der, validity
 
@@ -82,9 +86,13 @@ class Rotator:
         return dict(self.store.load().get("rotation", {}))
 
     def _save(self, **changes: Any) -> dict:
-        flow = {**self.flow(), **changes}
-        self.store.update(rotation=flow)
-        return flow
+        """Merge into the rotation record under the state store's lock (the jobs thread, the rotation
+        worker, the session and `iot-agent rotate` all write it)."""
+        return self.store.update_section("rotation", **changes)
+
+    def attach_job(self, job_id: str) -> None:
+        """A rotate-certificate job arrived while a rotation is under way: it reports that one."""
+        self._save(job_id=job_id)
 
     @property
     def step(self) -> str:
@@ -132,14 +140,21 @@ class Rotator:
         f = self.flow()
         step = f.get("step")
         if step in ("keygen", "csr"):
-            failpoints.hit("rotation.before_keygen")
             self.keys.ensure_key(f["label"])
-            failpoints.hit("rotation.after_keygen")
             self._save(step="requesting", csr_pem=self.keys.csr(f["label"], self.thing))
             log.info("new key %r on the token; CSR signed there", f["label"])
         elif step == "cleanup":
-            self._delete_key(f["old"]["key_label"])
-            failpoints.hit("rotation.after_old_key_deleted")
+            in_use = self.store.load().get("key_label")
+            old = f["old"]
+            if old["key_label"] == in_use or old["certificate_file"] == self.store.load().get("certificate_file"):
+                # Never reached by the flow (commit switches the identity in the same write); a record
+                # that says otherwise is not trusted to delete the key the device connects with.
+                log.error("certificate rotation: the old identity is still the one in use; nothing deleted")
+                self._done(f, "FAILED", "rotation record inconsistent with the identity in use; old key kept")
+                return
+            self._delete_key(old["key_label"])
+            if Path(old["certificate_file"]).parent == self.store.directory:  # never a file the config names
+                durable.remove(Path(old["certificate_file"]))
             self._done(f, "SUCCEEDED", f"rotated to certificate {f['certificate_id'][:12]}")
             log.info("certificate rotation done: now certificate %s, key %r", f["certificate_id"][:12], f["label"])
         elif step == "abandon_cleanup":
@@ -159,20 +174,34 @@ class Rotator:
             if f["step"] == "requesting":
                 resp = _call(idc.create_certificate_from_csr(
                     iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=f["csr_pem"])))
-                failpoints.hit("rotation.after_create_certificate")
-                cert_file = self.store.directory / f"device-{resp.certificate_id[:16]}.pem"
-                write_public(cert_file, resp.certificate_pem.encode())
-                f = self._save(step="registering", certificate_id=resp.certificate_id, certificate_file=str(cert_file),
-                               ownership_token=resp.certificate_ownership_token)
-                failpoints.hit("rotation.after_certificate_saved")
+                killpoints.op("cloud:create-certificate")
+                try:
+                    issued = issued_certificate(resp.certificate_pem, resp.certificate_id,
+                                                resp.certificate_ownership_token, f["csr_pem"], time.time())
+                except AnswerError as e:
+                    raise ProvisioningError("InvalidAnswer", f"CreateCertificateFromCsr: {e}")
+                cert_file = self.store.directory / f"device-{issued.certificate_id}.pem"
+                in_use = {f["old"]["certificate_file"], self.store.load().get("certificate_file")}
+                if str(cert_file) in in_use:
+                    raise ProvisioningError("InvalidAnswer", "CreateCertificateFromCsr answered with the certificate "
+                                                             "in use")
+                durable.write_atomic(cert_file, issued.pem, 0o644)
+                f = self._save(step="registering", certificate_id=issued.certificate_id,
+                               certificate_file=str(cert_file), ownership_token=issued.ownership_token)
             if f["step"] in ("certificate", "registering"):
-                _call(idc.register_thing(iotidentity.RegisterThingRequest(
+                reg = _call(idc.register_thing(iotidentity.RegisterThingRequest(
                     template_name=self.cfg.rotation.template_name,
                     certificate_ownership_token=f["ownership_token"], parameters={"ThingName": self.thing})))
-                failpoints.hit("rotation.after_register")
+                killpoints.op("cloud:register-thing")
+                if reg.thing_name is not None:
+                    try:
+                        if thing_name(reg.thing_name) != self.thing:
+                            raise AnswerError(f"RegisterThing attached the new certificate to {reg.thing_name!r}, "
+                                              f"not to this thing")
+                    except AnswerError as e:
+                        raise ProvisioningError("InvalidAnswer", f"RegisterThing: {e}")
                 f = self._save(step="switch", ownership_token=None, switch_at=int(time.time()))
                 log.info("new certificate %s registered; switching to it", f["certificate_id"][:12])
-                failpoints.hit("rotation.after_switch_recorded")
 
     def fail_prepare(self, why: str) -> None:
         """A refusal before the switch: the new key is deleted between sessions, the next try waits."""
@@ -180,26 +209,46 @@ class Rotator:
 
     # -- after the switch: proven or not --------------------------------------------------------
     def proven(self) -> dict:
-        """The new identity connected: from here on it is the device's identity."""
-        f = self._save(step="commit")
-        self.store.update(certificate_file=f["certificate_file"], key_label=f["label"])
-        failpoints.hit("rotation.after_commit_saved")
-        return f
+        """The new identity connected: from here on it is the device's identity.
+
+        ONE state write records the commit and switches the identity to the new certificate and key:
+        after a power cut the agent connects with the new identity and finishes the commit from it.
+        (Two writes once let a cut between them bring the agent back on the old certificate, retire
+        that very certificate in the cloud and delete its key.)"""
+        out: dict = {}
+
+        def commit(data: dict) -> dict:
+            f = {**(data.get("rotation") or {}), "step": "commit"}
+            out.update(f)
+            return {**data, "rotation": f, "certificate_file": f["certificate_file"], "key_label": f["label"]}
+
+        self.store.modify(commit)
+        return out
 
     def not_proven(self, why: str) -> None:
         self._save(step="abandon", last_error={"message": why, "at": int(time.time())})
         log.error("the new certificate did not connect (%s); back to the old one", why)
 
-    def finish(self, conn) -> None:
-        """On a live connection: tell the cloud (commit or abandon); the key work follows between sessions."""
+    def finish(self, conn, certificate_file: Path | str, key_label: str) -> None:
+        """On a live connection: tell the cloud (commit or abandon); the key work follows between sessions.
+
+        The cloud is told to retire a certificate only over a connection made with the OTHER one:
+        commit (deactivate the old) while connected with the new, abandon (deactivate the new) while
+        connected with the old. The caller names the identity its connection uses."""
         f = self.flow()
         step = f.get("step")
+        using = (str(certificate_file), key_label)
         if step == "commit":
+            if using != (f["certificate_file"], f["label"]):
+                log.error("certificate rotation: not connected with the new certificate; the old one is not retired")
+                return
             self._tell_cloud(conn, "commit", {"newCertificateId": f["certificate_id"],
                                               "oldCertificateId": f["old"]["certificate_id"]})
-            failpoints.hit("rotation.after_commit_sent")
             self._save(step="cleanup")
         elif step == "abandon":
+            if using != (f["old"]["certificate_file"], f["old"]["key_label"]):
+                log.error("certificate rotation: not connected with the old certificate; the new one is not retired")
+                return
             if f.get("certificate_id"):
                 self._tell_cloud(conn, "abandon", {"certificateId": f["certificate_id"]})
             self._save(step="abandon_cleanup")
@@ -228,8 +277,10 @@ class Rotator:
             if doc.get("clientToken") != token:
                 continue
             if topic.endswith("/accepted"):
+                killpoints.op(f"cloud:rotation-{action}")
                 return
-            raise AgentError(f"rotation {action} refused by the cloud: {doc.get('code')}: {doc.get('message')}")
+            raise AgentError(f"rotation {action} refused by the cloud: {str(doc.get('code'))[:64]}: "
+                             f"{str(doc.get('message'))[:200]}")
         raise AgentError(f"rotation {action}: no answer from the cloud within {ANSWER_TIMEOUT_S:g} s")
 
     def on_message(self, topic: str, payload: bytes) -> None:
@@ -245,11 +296,17 @@ class Rotator:
                 raise
 
     def _finish_failed(self, f: dict, why: str) -> None:
-        if f.get("label") and f.get("step") not in ("idle", None) and f.get("label") != f.get("old", {}).get("key_label"):
+        in_use = self.store.load().get("key_label") or self.cfg.pkcs11.key_label
+        if f.get("label") and f.get("step") not in ("idle", None) and f.get("label") not in (
+                f.get("old", {}).get("key_label"), in_use):
             try:
                 self._delete_key(f["label"])
             except AgentError as e:
                 log.warning("could not delete the unused key %r: %s", f["label"], e)
+        new_file = f.get("certificate_file")
+        if new_file and new_file != self.store.load().get("certificate_file") \
+                and Path(new_file).parent == self.store.directory:
+            durable.remove(Path(new_file))
         attempts = int(f.get("attempts", 0)) + 1
         b = Backoff(self.cfg.rotation.retry_min_s, self.cfg.rotation.retry_max_s)
         delay = 0.0
@@ -263,10 +320,11 @@ class Rotator:
         if f.get("job_id"):
             results[f["job_id"]] = [status, why]
         keep = {k: f[k] for k in ("generation",) if k in f}
-        self.store.update(rotation={**keep, "step": "idle", "results": dict(list(results.items())[-20:]),
-                                    "last": {"status": status, "reason": why, "at": int(time.time())},
-                                    "attempts": 0 if status == "SUCCEEDED" else extra.get("attempts", 0),
-                                    **{k: v for k, v in extra.items() if k != "attempts"}})
+        record = {**keep, "step": "idle", "results": dict(list(results.items())[-20:]),
+                  "last": {"status": status, "reason": why, "at": int(time.time())},
+                  "attempts": 0 if status == "SUCCEEDED" else extra.get("attempts", 0),
+                  **{k: v for k, v in extra.items() if k != "attempts"}}
+        self.store.modify(lambda data: {**data, "rotation": record})
 
 
 def job_outcome(rotator: Rotator, job_id: str):

@@ -13,14 +13,38 @@ import json
 import os
 import stat
 import threading
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from .errors import StateError
 
 SCHEMA_VERSION = 1
 FILE_NAME = "state.json"
+LOCK_NAME = "state.lock"
+_FOLDER_LOCKS: dict[str, "_FolderLock"] = {}
+_FOLDER_LOCKS_GUARD = threading.Lock()
+
+
+class _FolderLock:
+    """A re-entrant lock per state folder that remembers how deep its owner is (for the flock)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.depth = 0
+
+    def __enter__(self) -> "_FolderLock":
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+
+def _folder_lock(directory: Path) -> _FolderLock:
+    with _FOLDER_LOCKS_GUARD:
+        return _FOLDER_LOCKS.setdefault(os.path.abspath(directory), _FolderLock())
 
 
 def _digest(data: Any) -> str:
@@ -33,7 +57,6 @@ def _digest(data: Any) -> str:
 @dataclass(eq=False)
 class StateStore:
     directory: Path
-    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
     def path(self) -> Path:
@@ -68,41 +91,73 @@ class StateStore:
 
     def save(self, data: dict[str, Any]) -> None:
         """Atomically replace the stored state with `data` (JSON-serialisable)."""
+        from .durable import write_atomic
+
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         doc = {"schema": SCHEMA_VERSION, "sha256": _digest(data), "data": data}
-        body = (json.dumps(doc, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode()
-        tmp = self.directory / f".{FILE_NAME}.{os.getpid()}.{threading.get_ident()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            os.fchmod(fd, 0o600)  # in case a stale temp file existed with another mode
-            view = memoryview(body)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.replace(tmp, self.path)
-        dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_atomic(self.path, (json.dumps(doc, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode(), 0o600)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One writer at a time: threads of this process (one lock per folder, whichever StateStore
+        object they hold) and other processes (`iot-agent rotate` records a request while the agent
+        runs) through an flock on state.lock. Without it a read-modify-write loses the other's change."""
+        import fcntl
+
+        lock = _folder_lock(self.directory)
+        with lock:
+            if getattr(lock, "depth", 0):  # nested in this thread: the flock is already ours
+                lock.depth += 1
+                try:
+                    yield
+                finally:
+                    lock.depth -= 1
+                return
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                lock.depth = 1
+                yield
+            finally:
+                lock.depth = 0
+                os.close(fd)  # releases the flock
+
+    def modify(self, change: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+        """Load, let `change` compute the new state from a copy, save it in one atomic write; returns it.
+
+        A flow's decision and everything that follows from it (a rotation's commit and the identity it
+        switches to) go through ONE call, so a power cut leaves both or neither."""
+        with self._locked():
+            data = change(json.loads(json.dumps(self.load())))
+            self.save(data)
+            return data
 
     def update(self, **changes: Any) -> dict[str, Any]:
-        """Load, apply top-level changes (None deletes a key), save; returns the new state."""
-        with self._lock:  # the reporter thread and the main loop both update it
-            data = self.load()
+        """Load, apply top-level changes (None deletes a key), save in one write; returns the new state."""
+        def apply(data: dict[str, Any]) -> dict[str, Any]:
             for k, v in changes.items():
                 if v is None:
                     data.pop(k, None)
                 else:
                     data[k] = v
-            self.save(data)
             return data
+
+        return self.modify(apply)
+
+    def update_section(self, name: str, **changes: Any) -> dict[str, Any]:
+        """Merge `changes` into one section (a flow's record) under the lock; returns the section."""
+        out: dict[str, Any] = {}
+
+        def apply(data: dict[str, Any]) -> dict[str, Any]:
+            section = dict(data.get(name) or {})
+            section.update(changes)
+            data[name] = section
+            out.update(section)
+            return data
+
+        self.modify(apply)
+        return out
 
     def check_mode(self) -> str | None:
         """A problem line when the state file is readable by others, else None."""

@@ -1,48 +1,85 @@
-"""`iot-agent status`: what the device is and what it is doing, at a glance or as JSON."""
+"""`iot-agent status`: what the device is and what it is doing, at a glance or as JSON.
+
+It never raises on what it reads: a certificate that cannot be read or parsed shows as
+"certificate_expires": null with a "certificate_error"; a corrupt state file is the StateError's one
+line (exit 3), printed by the CLI.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import time
 from pathlib import Path
 
 from .config import Config
 from .state import StateStore
 
 
-def certificate_expiry(path: str | None) -> str | None:
-    if not path or not Path(path).is_file():
-        return None
-    from asn1crypto import pem as apem
-    from asn1crypto import x509 as ax509
+def certificate_status(path: str | None) -> tuple[float | None, str | None]:
+    """(notAfter as a Unix time, None), or (None, why the certificate cannot be used); (None, None) without one.
 
-    raw = Path(path).read_bytes()
-    der = apem.unarmor(raw)[2] if apem.detect(raw) else raw
-    return ax509.Certificate.load(der)["tbs_certificate"]["validity"]["not_after"].native.isoformat()
+    Read without blocking and parsed with the daemon's own minimal DER walk: never raises."""
+    if not path:
+        return None, None
+    from .config import MAX_CERTIFICATE_FILE_BYTES, certificate_problem, certificate_ders, read_regular_file
+    from .x509lite import validity
+
+    try:
+        data = read_regular_file(Path(path), MAX_CERTIFICATE_FILE_BYTES)
+    except FileNotFoundError:
+        return None, f"{path} does not exist"
+    except ValueError as e:
+        return None, f"{path} {e}"
+    problem = certificate_problem(data)
+    v = validity(certificate_ders(data)[0]) if problem is None else None
+    if v is None:
+        return None, f"{path} {problem or 'is not an X.509 certificate'}"
+    return v[1], None
+
+
+def certificate_expiry(path: str | None) -> str | None:
+    """notAfter in ISO 8601 (UTC), or None when there is no readable certificate."""
+    after, _ = certificate_status(path)
+    return None if after is None else dt.datetime.fromtimestamp(after, dt.timezone.utc).isoformat()
+
+
+def _table(d: dict, key: str) -> dict:
+    v = d.get(key)
+    return v if isinstance(v, dict) else {}
+
+
+def _text(v) -> str | None:
+    return v if isinstance(v, str) and v else None
 
 
 def collect(cfg: Config) -> dict:
-    state = StateStore(cfg.resolve(cfg.device.state_dir)).load()
-    flow = state.get("provisioning", {})
-    thing = state.get("thing_name") or cfg.device.thing_name
-    cert = state.get("certificate_file") or (str(cfg.resolve(cfg.identity.certificate_file))
-                                             if cfg.identity.certificate_file else None)
+    state = StateStore(cfg.resolve(cfg.device.state_dir)).load()  # StateError: one line, exit 3
+    flow = _table(state, "provisioning")
+    thing = _text(state.get("thing_name")) or cfg.device.thing_name
+    cert = _text(state.get("certificate_file")) or (str(cfg.resolve(cfg.identity.certificate_file))
+                                                    if cfg.identity.certificate_file else None)
+    after, cert_error = certificate_status(cert)
+    jobs = _table(state, "jobs")
+    outbox = jobs.get("outbox")
     return {
         "thing_name": thing,
         "certificate_file": cert,
-        "certificate_expires": certificate_expiry(cert),
-        "serial_number": cfg.provisioning.serial_number or state.get("factory", {}).get("serial"),
+        "certificate_expires": certificate_expiry(cert) if after is not None else None,
+        "certificate_error": cert_error,
+        "serial_number": cfg.provisioning.serial_number or _table(state, "factory").get("serial"),
         "provisioning": {"step": flow.get("step", "not started" if not thing else "done"),
                          "attempts": flow.get("attempts", 0), "last_error": flow.get("last_error")},
-        "certificate_expired": _expired(cert),
-        "key_label": state.get("key_label") or cfg.pkcs11.key_label,
-        "rotation": {k: state.get("rotation", {}).get(k) for k in ("step", "last", "next_attempt_at")},
-        "defender": {"last_report_id": state.get("defender", {}).get("last_report_id"),
-                     "last_report_at": state.get("defender", {}).get("last_report_at")},
-        "jobs": {"current": (state.get("jobs", {}).get("current") or {}).get("job_id"),
-                 "last": state.get("jobs", {}).get("last"),
-                 "unsent_updates": len(state.get("jobs", {}).get("outbox", []))},
+        "certificate_expired": after is not None and time.time() > after,
+        "key_label": _text(state.get("key_label")) or cfg.pkcs11.key_label,
+        "rotation": {k: _table(state, "rotation").get(k) for k in ("step", "last", "next_attempt_at")},
+        "defender": {"last_report_id": _table(state, "defender").get("last_report_id"),
+                     "last_report_at": _table(state, "defender").get("last_report_at")},
+        "jobs": {"current": _table(jobs, "current").get("job_id"),
+                 "last": jobs.get("last") if isinstance(jobs.get("last"), dict) else None,
+                 "unsent_updates": len(outbox) if isinstance(outbox, list) else 0},
         "updates": {name: _slots(cfg.resolve(t.directory)) for name, t in sorted(cfg.ota.targets.items())},
-        "connection": state.get("connection") or {},
+        "connection": _table(state, "connection"),
     }
 
 
@@ -52,18 +89,6 @@ def _slots(directory: Path) -> dict:
     return {n: slot(directory, n) for n in ("current", "previous", "broken")}
 
 
-def _expired(cert: str | None) -> bool:
-    import time as _time
-
-    from .x509lite import validity
-
-    try:
-        v = validity(open(cert, "rb").read()) if cert else None
-    except OSError:
-        return False
-    return bool(v and _time.time() > v[1])
-
-
 def show(cfg: Config, as_json: bool = False) -> int:
     s = collect(cfg)
     if as_json:
@@ -71,36 +96,38 @@ def show(cfg: Config, as_json: bool = False) -> int:
         return 0
     p = s["provisioning"]
     print(f"thing:        {s['thing_name'] or '(not provisioned)'}")
-    print(f"certificate:  {s['certificate_file'] or '-'} (expires {s['certificate_expires'] or '-'})")
+    if s["certificate_error"]:
+        print(f"certificate:  UNUSABLE: {s['certificate_error']}")
+    else:
+        print(f"certificate:  {s['certificate_file'] or '-'} (expires {s['certificate_expires'] or '-'})")
     if s["certificate_expired"]:
         print("              EXPIRED: the device cannot connect; re-provision it (see README, 'Certificate rotation')")
     print(f"serial:       {s['serial_number'] or '-'}")
     c = s["connection"]
-    if c.get("refused_since"):
-        import time as _time
-
-        since = _time.strftime("%Y-%m-%d %H:%M UTC", _time.gmtime(c["refused_since"]))
+    if _number(c.get("refused_since")):
+        try:
+            since = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(c["refused_since"]))
+        except (OverflowError, OSError, ValueError):
+            since = "an unreadable time"
         print(f"connection:   REFUSED by the broker since {since} ({c.get('last_error')}): the certificate may be "
-              f"revoked or inactive; next try in {max(0, c.get('next_try_at', 0) - _time.time()):.0f} s")
+              f"revoked or inactive; next try in {max(0, (_number(c.get('next_try_at')) or 0) - time.time()):.0f} s")
     r = s["rotation"]
     if r.get("step") or r.get("last"):
-        last = r.get("last") or {}
+        last = r.get("last") if isinstance(r.get("last"), dict) else {}
         print(f"rotation:     {r.get('step') or 'idle'}" + (f"; last {last.get('status')}: {last.get('reason')}" if last else ""))
     line = f"provisioning: {p['step']}"
-    if p["last_error"]:
+    if isinstance(p["last_error"], dict):
         e = p["last_error"]
-        line += f"; last refusal {e['code']}: {e['message']} (attempt {p['attempts']})"
+        line += f"; last refusal {e.get('code')}: {e.get('message')} (attempt {p['attempts']})"
     print(line)
     d = s["defender"]
     if d["last_report_id"]:
-        import time as _time
-
-        ago = _time.time() - (d["last_report_at"] or 0)
+        ago = time.time() - (_number(d["last_report_at"]) or 0)
         print(f"defender:     last report {d['last_report_id']}, {ago:.0f} s ago")
     j = s["jobs"]
     if j["current"] or j["last"]:
         last = j["last"] or {}
-        d = last.get("details") or {}
+        d = last.get("details") if isinstance(last.get("details"), dict) else {}
         why = d.get("reason") or d.get("result") or d.get("version") or ""
         line = f"jobs:         last {last.get('job_id', '-')} {last.get('status', '')}" + (f" ({why})" if why else "")
         if j["current"]:
@@ -112,3 +139,10 @@ def show(cfg: Config, as_json: bool = False) -> int:
         print(f"{'update ' + name + ':':<14}current {sl['current'] or '-'}, previous {sl['previous'] or '-'}"
               + (f", broken {sl['broken']}" if sl["broken"] else ""))
     return 0
+
+
+def _number(v) -> float | None:
+    """A finite number from the state, or None (the state is the agent's own, but status never raises on it)."""
+    import math
+
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None

@@ -47,10 +47,17 @@ class Artifacts:
 
     @classmethod
     def open(cls, cloud_dir: Path) -> "Artifacts":
-        secret_path = cloud_dir / "pki" / "url-secret"
-        secret_path.parent.mkdir(parents=True, exist_ok=True)
-        if not secret_path.exists():
+        from .pki import private_dir
+
+        # The URL-signing key: anyone who reads it can mint download URLs. pki/ is 0700, the key 0600
+        # from creation (O_EXCL: two processes opening the cloud at once never share a half-written key).
+        secret_path = private_dir(cloud_dir / "pki") / "url-secret"
+        try:
             fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            if secret_path.stat().st_mode & 0o077:
+                secret_path.chmod(0o600)  # written by an older version
+        else:
             with os.fdopen(fd, "wb") as f:
                 f.write(secrets.token_bytes(32))
         return cls(cloud_dir / "artifacts", secret_path.read_bytes())

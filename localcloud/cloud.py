@@ -1,8 +1,9 @@
 """LocalCloud: the folder, its PKI and registry, and `up` / `down` of the broker and services.
 
-Layout of DIR (created once, kept across restarts):
-  pki/            the CA (key 0600), server and service certificates
-  registry.sqlite certificates, things, allow list, manufacturer CAs (JITP), thing groups
+Layout of DIR (created once, mode 0700, kept across restarts):
+  pki/            0700: the CA, server, service and claim keys (0600) and certificates, url-secret (0600)
+  registry.sqlite 0600 (and its -wal/-shm): certificates with live ownership tokens, things, allow list,
+                  manufacturer CAs (JITP), thing groups, jobs, shadows, Defender reports
   broker/         mosquitto.conf, acl, crl.pem, connect-rules, identities, cas/ (registered manufacturer
                   CAs, by subject hash), mosquitto.log, mosquitto.pid
   service.log     the services process
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import signal
 import subprocess
 import sys
@@ -36,7 +38,7 @@ QUARANTINE_GROUP = "quarantine"  # its things get provisioning/quarantine-policy
 
 
 def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # threads reconcile too
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
@@ -51,7 +53,9 @@ class LocalCloud:
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory).resolve()
-        self.directory.mkdir(parents=True, exist_ok=True)
+        # 0700 when created here (an existing folder is left as it is: every secret in it is 0600 or
+        # in pki/, which is 0700 either way).
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.ca = CertificateAuthority(self.directory / "pki", "localcloud root CA")
         if not (self.directory / "pki" / "server.pem").exists():
             self.ca.issue_server("server", ["localhost", "127.0.0.1"], days=825)
@@ -111,8 +115,10 @@ class LocalCloud:
     # device_cert_days: validity of certificates from CreateCertificateFromCsr (fleet and rotation);
     # rotation_refused: the rotation template answers 403, as a pre-provisioning hook that says no would.
     # rotation_new_inactive: the rotation template attaches the new certificate but leaves it INACTIVE.
+    # tamper_answers (tests only): {"create-from-csr" | "provision": {field: value}} replaces fields of
+    #   accepted provisioning answers, as a hostile network would.
     DEFAULT_SETTINGS = {"defender_min_interval_s": 300.0, "device_cert_days": 365.0, "rotation_refused": False,
-                        "rotation_new_inactive": False}
+                        "rotation_new_inactive": False, "tamper_answers": {}}
 
     def settings(self) -> dict:
         try:

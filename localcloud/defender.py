@@ -3,6 +3,18 @@
 `validate()` is pure: it checks a decoded report (JSON or CBOR) against AWS's device-side metrics
 specification with long or short field names, and returns an error code and message or None.
 The agent's own report builder is tested against it, so the two cannot drift apart silently.
+
+Answers have AWS's shape: `{"thingName", "status": "ACCEPTED"|"REJECTED", "timestamp" (epoch ms),
+"reportId", "statusDetails": {"ErrorCode", "ErrorMessage"}}`. The one rejection AWS documents is a
+report that breaks the specification: ErrorCode "InvalidPayload", ErrorMessage "Malformed metrics
+report" (Device Defender troubleshooting guide,
+https://docs.aws.amazon.com/iot/latest/developerguide/device-defender-troubleshoot.html, source
+awsdocs/aws-iot-docs developerguide/device-defender-troubleshoot.md; the example answers carry
+`timestamp` in epoch milliseconds); here the message goes on to say what is wrong. A report sooner
+than the minimum interval ("Devices are throttled to one metric report every 5 minutes",
+https://docs.aws.amazon.com/iot/latest/developerguide/DetectMetricsMessages.html) is rejected
+"Throttled": AWS documents the throttling, not its code. `reportId` in the answer is what AWS's
+embedded Defender demo matches answers by.
 """
 
 from __future__ import annotations
@@ -26,12 +38,17 @@ NAMES = {
 }
 MAX_LIST = 1000
 MAX_CUSTOM = 100
+MALFORMED = "InvalidPayload"  # AWS's ErrorCode for a report that breaks the specification (see above)
 
 
 class Invalid(Exception):
-    def __init__(self, code: str, message: str):
+    """A report that breaks the specification. AWS answers every one of them InvalidPayload; `kind`
+    (InvalidValue, MissingRequiredField) only says which sort of rule it broke."""
+
+    def __init__(self, kind: str, message: str):
         super().__init__(message)
-        self.code, self.message = code, message
+        self.kind = kind
+        self.code, self.message = MALFORMED, f"Malformed metrics report: {message}"
 
 
 def validate(doc: Any) -> tuple[str, str] | None:
@@ -223,12 +240,14 @@ class DefenderStore:
                 if last[0] is not None and now - last[0] < self.min_interval_s:
                     error = ("Throttled", f"one report per {self.min_interval_s:g} s; the last was {now - last[0]:.0f} s ago")
                 elif last[1] is not None and rid is not None and rid <= last[1]:
-                    error = ("InvalidValue", f"report_id {rid} is not greater than the last accepted ({last[1]})")
+                    # The specification: report_id is "monotonically increasing".
+                    error = (MALFORMED, f"Malformed metrics report: report_id {rid} is not greater than the last "
+                                        f"accepted ({last[1]})")
             status = "ACCEPTED" if error is None else "REJECTED"
             self.db.execute("INSERT INTO defender_reports VALUES (?,?,?,?,?,?,?)",
                             (thing, rid, now, fmt, status, error[0] if error else None,
                              json.dumps(doc, default=repr) if error is None else None))
-        resp: dict[str, Any] = {"thingName": thing, "status": status}
+        resp: dict[str, Any] = {"thingName": thing, "status": status, "timestamp": int(now * 1000)}
         if rid is not None:
             resp["reportId"] = rid
         if error:

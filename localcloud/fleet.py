@@ -27,6 +27,14 @@ MAX_PARAM_KEY, MAX_PARAM_VALUE = 2048, 4096
 Result = tuple[bool, dict[str, Any]]
 
 
+# The rejection document is AWS's, field for field: {"statusCode": int, "errorCode": str, "errorMessage": str}
+# ("Device provisioning MQTT API", CreateCertificateFromCsr / CreateKeysAndCertificate / RegisterThing error
+# payload, https://docs.aws.amazon.com/iot/latest/developerguide/fleet-provision-api.html). AWS lists no error
+# codes there; the ones used here (400 InvalidPayload / InvalidCsr / InvalidParameters, 403 Forbidden,
+# 404 ResourceNotFound) are the local cloud's own. AWS documents only that a pre-provisioning hook that
+# refuses (or fails) fails the request "with ACCESS_DENIED"
+# (https://docs.aws.amazon.com/iot/latest/developerguide/pre-provisioning-hook.html); that is 403 Forbidden
+# here, which the agent's messages and tests name.
 def reject(status: int, code: str, message: str) -> Result:
     return False, {"statusCode": status, "errorCode": code, "errorMessage": message}
 

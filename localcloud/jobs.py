@@ -21,6 +21,7 @@ MAX_CLIENT_TOKEN = 64
 MAX_STATUS_DETAILS = 10
 MAX_DETAIL_LEN = 1024
 MAX_STEP_TIMEOUT_MIN = 10080
+MAX_DOCUMENT_BYTES = 32768  # AWS's limit for a job document
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -34,6 +35,42 @@ CREATE TABLE IF NOT EXISTS executions (
 );
 CREATE TABLE IF NOT EXISTS job_notify (thing TEXT PRIMARY KEY);
 """
+
+
+class RawDocument(str):
+    """A job document stored as the bytes it was given (AWS keeps documents as given, up to 32 KB), which
+    need not be JSON this service could build or re-encode (NaN, a 5,000-digit integer, a lone surrogate
+    escape, deep nesting). As a str it shows the text; `encode()` puts `body` into replies byte for byte."""
+
+    body: bytes
+
+    def __new__(cls, body: bytes) -> "RawDocument":
+        self = super().__new__(cls, body.decode("utf-8", "replace"))
+        self.body = bytes(body)
+        return self
+
+
+def encode(doc: dict) -> bytes:
+    """A reply or notification as compact JSON, with any raw job document spliced in as given."""
+    raws: dict[bytes, bytes] = {}
+
+    def swap(holder: Any, key: str) -> Any:
+        v = holder.get(key) if isinstance(holder, dict) else None
+        if not isinstance(v, RawDocument):
+            return holder
+        import uuid
+
+        mark = f"raw-document-{uuid.uuid4().hex}"
+        raws[json.dumps(mark).encode()] = v.body
+        return {**holder, key: mark}
+
+    doc = swap(doc, "jobDocument")  # UpdateJobExecution with includeJobDocument
+    if isinstance(doc, dict) and isinstance(doc.get("execution"), dict):
+        doc = {**doc, "execution": swap(doc["execution"], "jobDocument")}
+    out = json.dumps(doc, separators=(",", ":")).encode()
+    for mark, body in raws.items():
+        out = out.replace(mark, body, 1)
+    return out
 
 
 class JobError(Exception):
@@ -69,6 +106,22 @@ class Jobs:
             self.db.execute("INSERT INTO executions VALUES (?,?,?,?,?,?,?,?,?,?)",
                             (job_id, thing, "QUEUED", "{}", t, None, t, 1, 1, None))
             self._flag(thing)
+
+    def create_raw(self, job_id: str, thing: str, body: bytes, step_timeout_min: int | None = None) -> None:
+        """A job whose document is handed out exactly as these bytes (up to AWS's 32 KB), for devices that
+        must cope with documents they cannot parse: stored as a BLOB, never decoded by this service."""
+        if not isinstance(body, (bytes, bytearray)) or not 0 < len(body) <= MAX_DOCUMENT_BYTES:
+            raise ValueError(f"a raw job document is 1-{MAX_DOCUMENT_BYTES} bytes")
+        with self.lock:
+            self.db.execute("SAVEPOINT create_raw")
+            try:
+                self.create(job_id, thing, {}, step_timeout_min)
+                self.db.execute("UPDATE jobs SET document = ? WHERE job_id = ?", (bytes(body), job_id))
+            except BaseException:
+                self.db.execute("ROLLBACK TO create_raw")
+                self.db.execute("RELEASE create_raw")
+                raise
+            self.db.execute("RELEASE create_raw")
 
     def create_for_things(self, job_id: str, things: list[str], document: dict,
                           step_timeout_min: int | None = None) -> None:
@@ -251,7 +304,8 @@ class Jobs:
         if row[3] is not None:
             out["startedAt"] = row[3]
         if with_document:
-            out["jobDocument"] = self.resolve_document(json.loads(row[7]))
+            raw = row[7]  # bytes: a raw document (create_raw), else the JSON text create() stored
+            out["jobDocument"] = RawDocument(raw) if isinstance(raw, bytes) else self.resolve_document(json.loads(raw))
         return out
 
     def _summary(self, ex: dict) -> dict:

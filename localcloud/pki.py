@@ -23,9 +23,20 @@ def _now() -> dt.datetime:
 
 
 def _write_private(path: Path, data: bytes) -> None:
+    """A key: mode 0600 from creation (an existing file keeps its mode, so it is tightened too)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
+        if os.fstat(f.fileno()).st_mode & 0o077:
+            os.fchmod(f.fileno(), 0o600)
         f.write(data)
+
+
+def private_dir(path: Path) -> Path:
+    """A directory for keys: 0700 when created here; one made by an older version is tightened."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o700)
+    return path
 
 
 @dataclass
@@ -36,11 +47,11 @@ class Issued:
 
 
 class CertificateAuthority:
-    """A CA whose key and certificate live in `directory` (key mode 0600)."""
+    """A CA whose key and certificate live in `directory` (0700; keys 0600, certificates public)."""
 
     def __init__(self, directory: Path, name: str = "localcloud test root CA"):
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)
         self.name = name
         slug = name.replace(" ", "-")
         self.key_path = self.dir / f"{slug}.key"

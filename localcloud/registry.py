@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -84,10 +85,38 @@ def certificate_id(der: bytes) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
+SIDE_FILES = ("-wal", "-shm", "-journal")  # SQLite's companions of the database file
+
+
+def create_private_db(path: Path) -> None:
+    """The database file, mode 0600 from creation, before SQLite opens it.
+
+    The registry holds live certificate ownership tokens (and the jobs, shadows and Defender
+    tables share it). SQLite would create the file 0644 (less the umask); it creates its -wal,
+    -shm and -journal files with the database file's own mode, so creating that file 0600 first
+    keeps all of them private. A registry from an older version (0644) is tightened in place."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    except PermissionError:
+        pass  # not the owner: nothing this process may change
+    finally:
+        os.close(fd)
+    for suffix in SIDE_FILES:
+        side = path.with_name(path.name + suffix)
+        try:
+            if side.stat().st_mode & 0o077:
+                side.chmod(0o600)
+        except (FileNotFoundError, PermissionError):
+            pass
+
+
 class Registry:
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        create_private_db(self.path)
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")

@@ -26,6 +26,7 @@ from .defender import DefenderStore
 from .jobs import Jobs
 from .streams import Streams, encode_block_payload
 from .streams import route as streams_route
+from .jobs import encode as jobs_encode
 from .jobs import route as jobs_route
 from .shadows import Shadows
 from .shadows import route as shadows_route
@@ -180,8 +181,19 @@ class Service:
                         ok, doc = fleet.create_keys(req, username)
                     else:
                         ok, doc = fleet.register_thing(template, req, username)
+            if ok:
+                doc = self._tampered(op, doc)
             log.info("%s from %s (%s): %s", op, client_id, username, "accepted" if ok else doc.get("errorCode"))
             self.deliver(client_id, f"{original}/{'accepted' if ok else 'rejected'}", encode(doc, fmt))
+
+    def _tampered(self, op: str, doc: dict) -> dict:
+        """Tests only (setting tamper_answers): an accepted answer with fields replaced after the cloud
+        did its work, as a hostile network or a broken cloud would deliver it. Never set by default."""
+        overrides = (self.cloud.settings().get("tamper_answers") or {}).get(op)
+        if not overrides:
+            return doc
+        log.warning("%s: answer tampered with for a test (%s)", op, ", ".join(sorted(overrides)))
+        return {**doc, **overrides}
 
     def handle_rotation(self, topic: str, payload: bytes) -> None:
         """The cloud side of a certificate rotation (on AWS: an IoT rule on this topic and a Lambda).
@@ -252,7 +264,7 @@ class Service:
             else:
                 suffix, doc = self.jobs.handle(thing, op, job_id, req)
         log.info("jobs %s %s %s: %s", thing, op, job_id or "", suffix if suffix == "accepted" else doc.get("code"))
-        self.publish(f"{topic}/{suffix}", json.dumps(doc, separators=(",", ":")).encode())
+        self.publish(f"{topic}/{suffix}", jobs_encode(doc))  # a raw job document goes out as given
         self.send_job_notifications()
 
     def handle_defender(self, topic: str, payload: bytes) -> None:
@@ -323,7 +335,7 @@ class Service:
             next_id = nxt.get("execution", {}).get("jobId")
             if thing not in self._last_next or self._last_next[thing] != next_id:
                 self._last_next[thing] = next_id
-                self.publish(f"$aws/things/{thing}/jobs/notify-next", json.dumps(nxt).encode())
+                self.publish(f"$aws/things/{thing}/jobs/notify-next", jobs_encode(nxt))
 
     def publish(self, topic: str, body: bytes) -> None:
         import awscrt.mqtt5 as m5

@@ -54,6 +54,17 @@ CREATE TABLE IF NOT EXISTS shadow_outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, 
 """
 
 
+# Rejections: `{"code": <HTTP status>, "message", "timestamp", "clientToken"}` with AWS's messages, word for
+# word: "Device Shadow error messages", https://docs.aws.amazon.com/iot/latest/developerguide/device-shadow-error-messages.html
+# (400 Invalid JSON / Missing required node: state / State node must be an object / Desired node must be an
+# object / Reported node must be an object / Invalid version / Invalid clientToken / JSON contains too many
+# levels of nesting; maximum is 6 / State contains an invalid node; 404 No shadow exists with name: ...;
+# 409 Version conflict; 413 The payload exceeds the maximum size allowed; 415 Unsupported documented
+# encoding; supported encoding is UTF-8; 500 Internal service failure), and the error document of
+# https://docs.aws.amazon.com/iot/latest/developerguide/device-shadow-document.html. Not from that table:
+# the 400 for an invalid shadow name (the name rule is AWS's, the message ours). Not produced here: 401/403
+# (the broker's ACL refuses instead, as AWS's policy check does), 404 Thing not found (the ACL admits only
+# registered things), 429 (one request at a time).
 class ShadowError(Exception):
     def __init__(self, code: int, message: str):
         super().__init__(message)
@@ -319,8 +330,8 @@ class Shadows:
         except Exception as e:  # a bug must still be answered, as AWS would, and never kill the service
             import logging
 
-            logging.getLogger("localcloud.shadows").exception("shadow %s failed", op)
-            doc = {"code": 500, "message": f"Internal service failure ({e.__class__.__name__})", "timestamp": ts}
+            logging.getLogger("localcloud.shadows").exception("shadow %s failed (%s)", op, e.__class__.__name__)
+            doc = {"code": 500, "message": "Internal service failure", "timestamp": ts}
             if token is not None:
                 doc["clientToken"] = token
             return [(f"{base}/rejected", doc)]

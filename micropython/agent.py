@@ -59,6 +59,8 @@ class Agent:
         self.ident = store.load(IDENT)
         if self.ident and store.exists("state/prov.json"):  # cut after the identity was saved
             store.remove(board, "state/prov.json")
+            rare("identity").tidy(self)
+            drop()
         if boot.get("state") != "pending":  # leftovers of an update a power cut interrupted
             store.remove(board, "app.new")
             store.remove(board, "ota/download.bin")
@@ -70,6 +72,7 @@ class Agent:
         self.n = 0
         self.pending = []
         self.c = None
+        self.cid = None  # the id of the certificate the current connection was made with
         self.job = None
 
     @property
@@ -124,6 +127,7 @@ class Agent:
                 raise Exception("no answer on %s" % reply)
             t, p = m
             if t == reply + "/accepted":
+                self.board.cut("request.answered")
                 return json.loads(p)
             if t == reply + "/rejected":
                 raise Refused("%s: %s" % (reply, p[:300].decode()))
@@ -166,6 +170,9 @@ class Agent:
 
     async def session(self):
         rot = store.load(ROT)
+        if rot and rot.get("cert_id") == self.ident["cert_id"]:  # proven: identity.json already says so
+            store.remove(self.board, ROT)
+            rot = None
         new = rot is not None and rot.get("step") == "switch"
         ident = rot if new else self.ident
         try:
@@ -176,7 +183,7 @@ class Agent:
                 if self.rot_fails >= 3:
                     rare("identity").rotate_not_proven(self, str(e))
             raise
-        self.c = c
+        self.c, self.cid = c, ident["cert_id"]
         try:
             if new:
                 rare("identity").rotate_proven(self)
@@ -190,12 +197,9 @@ class Agent:
             self.fails = 0
             await self.mark("connected")
             await self.settle_boot(c)
-            r = store.load(ROT)
-            if r and r.get("step") in ("commit", "abandon"):
-                job, out = await rare("identity").rotate_finish(self, c)
+            if self.ident.get("old") or rot and rot.get("step") == "abandon":
+                await rare("identity").rotate_finish(self, c)
                 drop()
-                if job:
-                    await self.finish(c, job, out[0], out[1])
             await self.report(c)
             if await self.next_job(c):
                 return True
@@ -292,8 +296,7 @@ class Agent:
                     await identity.rotate_prepare(self, c, job)
                 except Refused as e:
                     identity.rotate_not_proven(self, str(e))
-                    jb, out = await identity.rotate_finish(self, c)
-                    await self.finish(c, job, out[0], out[1])
+                    await identity.rotate_finish(self, c)
                     return False
                 # Like provisioning: start afresh on the new certificate (step "switch" is on flash).
                 print("rotation: restarting to connect with the new certificate")

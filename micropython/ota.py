@@ -2,9 +2,11 @@
 # schema 1, ECDSA-P256-SHA256 over the artifact), delivered by an AWS IoT MQTT file stream. Blocks
 # go to flash as they arrive and into SHA-256 in order; the signature is checked against the pinned
 # code-signing key before one byte is unpacked. The artifact is a ustar archive of the app's files
-# plus a VERSION file that must match the document (the document's version is not signed; the
-# archive is). The new files are staged in app.new; loader.py swaps them in on reset, and the agent
-# commits after its self-test or the loader rolls back.
+# plus a VERSION file: that signed VERSION is the release's version (the document's is not signed: if
+# given, it must be the same and only lets a stale or broken release be refused before the download).
+# Versions have one spelling, MAJOR.MINOR.PATCH in ASCII digits without leading zeros, as on Linux,
+# so a release that failed here cannot come back under another. The new files are staged in app.new;
+# loader.py swaps them in on reset, and the agent commits after its self-test or the loader rolls back.
 import binascii
 import hashlib
 import json
@@ -18,14 +20,17 @@ NAME_OK = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
 
 
 def vkey(v):
-    parts = v.split(".")
-    if not 1 <= len(parts) <= 4 or not all(p.isdigit() and 0 < len(p) <= 9 for p in parts):
-        raise Reject("version must be dotted numbers such as 1.2.3")
-    return [int(p) for p in parts] + [0] * (4 - len(parts))
+    """[MAJOR, MINOR, PATCH] of a canonical version ("1.0.0", "10.2.33"); Reject for any other spelling."""
+    p = v.split(".") if isinstance(v, str) else ()
+    if len(p) != 3 or not all(0 < len(x) <= 9 and (x == "0" or x[0] != "0") and all(c in "0123456789" for c in x)
+                              for x in p):
+        raise Reject("version %r is not MAJOR.MINOR.PATCH in ASCII digits without leading zeros"
+                     % (v[:20] if isinstance(v, str) else type(v).__name__))
+    return [int(x) for x in p]
 
 
 def parse(a, doc):
-    """(version, size, sha256 bytes, signature DER, stream id, file id) or Reject."""
+    """(the document's version or None, size, sha256 bytes, signature DER, stream id, file id) or Reject."""
     if not isinstance(doc, dict) or doc.get("schema") != 1:
         raise Reject("schema must be 1")
     for k in doc:
@@ -34,9 +39,8 @@ def parse(a, doc):
     if doc.get("target") != a.cfg["target"]:
         raise Reject("unknown target %r (this board updates %r)" % (doc.get("target"), a.cfg["target"]))
     version = doc.get("version")
-    if not isinstance(version, str):
-        raise Reject("version must be a string")
-    vkey(version)
+    if version is not None:
+        vkey(version)
     art, sig = doc.get("artifact"), doc.get("signature")
     if not isinstance(art, dict) or not isinstance(sig, dict):
         raise Reject("artifact and signature must be objects")
@@ -62,10 +66,14 @@ def parse(a, doc):
 
 
 def check_version(a, version):
-    cur = a.version
+    cur, key = a.version, vkey(version)
     if version in store.load("state/broken.json", []):
         raise Reject("version %s failed on this device before" % version)
-    if vkey(version) <= vkey(cur) and not a.cfg.get("insecure_allow_downgrade"):
+    try:
+        old = vkey(cur)
+    except Reject:  # installed before versions were canonical: compare its numbers
+        old = ([int(x) for x in cur.split(".") if x.isdigit()] + [0, 0, 0])[:3]
+    if key <= old and not a.cfg.get("insecure_allow_downgrade"):
         raise Reject("version %s is not newer than the installed %s" % (version, cur))
 
 
@@ -123,8 +131,8 @@ def verify(a, digest, der):
         raise Reject("signature does not verify against the pinned code-signing key")
 
 
-def unpack(a, version):
-    """ustar -> app.new/, plain file names only; VERSION must match the document."""
+def unpack(a):
+    """ustar -> app.new/, plain file names only. Returns the archive's (signed) VERSION."""
     store.remove(a.board, NEW)
     os.mkdir(NEW)
     seen = 0
@@ -161,22 +169,25 @@ def unpack(a, version):
                     left -= len(chunk)
             f.read((512 - n % 512) % 512)
     try:
-        got = store.read(NEW + "/VERSION").strip()
+        got = store.read(NEW + "/VERSION")
     except OSError:
-        got = None
-    if got != version:
-        raise Reject("the archive's VERSION (%s) is not the document's version %s" % (got, version))
+        raise Reject("the archive has no VERSION")
     a.board.sync()
+    return got[:-1] if got.endswith("\n") else got  # the file's one line ending is not part of it
 
 
 async def run(a, c, job_id, doc):
-    version, size, digest, der, sid, fid = parse(a, doc)
-    check_version(a, version)
+    said, size, digest, der, sid, fid = parse(a, doc)
+    if said:
+        check_version(a, said)  # refuse a stale or broken release before downloading it
     await a.progress("downloading", "0%")
     await download(a, c, sid, fid, size, digest)
     verify(a, digest, der)
     await a.mark("verify")
-    unpack(a, version)
+    version = unpack(a)
+    if said and version != said:
+        raise Reject("the archive's VERSION (%r) is not the document's version %s" % (version[:20], said))
+    check_version(a, version)  # the signed VERSION decides
     a.board.cut("ota.after_unpack")
     await a.mark("unpack")
     store.remove(a.board, DL)

@@ -270,8 +270,13 @@ def pub_from_spki_pem(text):
 
 
 def pub_from_cert_pem(text):
-    b = unpem(text, "CERTIFICATE")
+    return pub_from_cert_der(unpem(text, "CERTIFICATE"))
+
+
+def pub_from_cert_der(b):
     s, e = _enter(b, 0, len(b), 0x30)
+    if e != len(b):
+        raise ValueError("trailing bytes")
     s, e = _enter(b, s, e, 0x30)  # tbsCertificate
     if _next(b, s, e)[0] == 0xA0:  # [0] version
         s = _next(b, s, e)[2]

@@ -54,16 +54,22 @@ def save(board, path, obj):
 
 
 def remove(board, path):
+    """Delete a file or a folder with what it holds; synced once, and not at all if there was nothing."""
+    if exists(path):
+        _rm(path)
+        board.sync()
+
+
+def _rm(path):
     try:
         if is_dir(path):
             for n in os.listdir(path):
-                remove(board, path + "/" + n)
+                _rm(path + "/" + n)
             os.rmdir(path)
         else:
             os.remove(path)
     except OSError:
         pass
-    board.sync()
 
 
 def mkdir(path):

@@ -41,6 +41,55 @@ def test_linux_config_reference_matches_the_dataclasses():
     assert cfg.broker.port == 8883
 
 
+def _documented_comments() -> dict[tuple[str, str], str]:
+    """(table, key) -> the comment on that key's line in the README's TOML reference."""
+    block = re.search(r"```toml\n(.*?)```", section("## Configuration"), re.S).group(1)
+    out, table = {}, ""
+    for line in block.splitlines():
+        head = re.match(r"^\[([\w.]+)\]", line)
+        if head:
+            table = head.group(1)
+            continue
+        m = re.match(r"^(\w+)\s*=\s*.*?#\s*(.*)$", line)
+        if m:
+            out[(table, m.group(1))] = m.group(2)
+    return out
+
+
+def _tables_of(cls) -> list[str]:
+    """The README tables a config dataclass's keys appear in."""
+    if cls is agent_config.OtaTargetConfig:
+        return ["ota.targets.app"]
+    return [f.name for f in dataclasses.fields(agent_config.Config)
+            if f.name != "path" and getattr(agent_config, f.type) is cls]
+
+
+RANGE = re.compile(r"^(\d+(?:\.\d+)?)-(\d+(?:\.\d+)?)\b")
+
+
+def test_config_reference_documents_each_numeric_range():
+    """Each number's comment starts with its range as the bounds table has it (`# 5-1200 s; ...`), numbers
+    without a range (your own metric values) say `finite numbers`, and no comment shows a range the code lacks."""
+    comments = _documented_comments()
+    checked = set()
+    for cls, bounds in agent_config.BOUNDS.items():
+        for table in _tables_of(cls):
+            for key, bound in bounds.items():
+                comment = comments.get((table, key))
+                assert comment is not None, f"[{table}] {key}: no comment in the README's reference"
+                want = "finite numbers" if bound is None else bound.text()
+                assert comment == want or comment.startswith(want + ";"), \
+                    f"[{table}] {key}: README says {comment!r}, the bounds table {want!r}"
+                checked.add((table, key))
+    stray = {k for k, c in comments.items() if RANGE.match(c) and k not in checked}
+    assert not stray, f"README shows ranges for keys without bounds: {stray}"
+
+
+def test_config_example_parses():
+    doc = tomllib.loads((REPO / "systemd" / "config.example.toml").read_text())
+    agent_config.parse(doc, REPO / "systemd" / "config.toml")
+
+
 def test_board_config_reference_matches_the_board_agent():
     src = (REPO / "micropython" / "agent.py").read_text()
     required = set(re.search(r"^REQUIRED = \((.*?)\)$", src, re.M | re.S).group(1).replace('"', "").replace(" ", "")

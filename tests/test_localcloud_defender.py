@@ -48,6 +48,18 @@ def test_report_fixtures_follow_the_specification():
     assert validate(report(1, False)) is None and validate(report(1, True)) is None
 
 
+def test_the_troubleshooting_guides_malformed_report_gets_its_documented_code():
+    # The example from AWS's Device Defender troubleshooting guide: a "number" custom metric not wrapped in
+    # a list is answered ErrorCode InvalidPayload, ErrorMessage "Malformed metrics report".
+    doc = {"header": {"report_id": 12334567, "version": "1.0"},
+           "metrics": {"network_stats": {"bytes_in": 30680, "bytes_out": 10652, "packets_in": 113, "packets_out": 118}},
+           "custom_metrics": {"my_custom_metric": {"number": 0}}}
+    code, message = validate(doc)
+    assert code == "InvalidPayload" and message.startswith("Malformed metrics report")
+    doc["custom_metrics"]["my_custom_metric"] = [{"number": 0}]
+    assert validate(doc) is None
+
+
 @pytest.fixture
 def cloud(tmp_path):
     c = LocalCloud(tmp_path / "cloud")
@@ -77,7 +89,11 @@ def test_reports_in_all_four_encodings_accepted_then_throttled_and_rejected(clou
         for fmt in ("json", "cbor"):
             for short in (False, True):
                 rid += 1
+                before = int(time.time() * 1000)
                 kind, doc = send(dev, fmt, report(rid, short))
+                # AWS's answer carries a timestamp in epoch milliseconds (Device Defender troubleshooting guide).
+                stamp = doc.pop("timestamp")
+                assert before <= stamp <= int(time.time() * 1000)
                 assert (kind, doc) == ("accepted", {"thingName": "gw-SN-0001", "status": "ACCEPTED", "reportId": rid})
                 time.sleep(0.6)
         kind, doc = send(dev, "json", report(rid + 1, False))
@@ -86,10 +102,15 @@ def test_reports_in_all_four_encodings_accepted_then_throttled_and_rejected(clou
         time.sleep(0.6)
         kind, doc = send(dev, "json", report(rid, False))  # not increasing
         assert kind == "rejected" and "not greater" in doc["statusDetails"]["ErrorMessage"]
+        assert doc["statusDetails"]["ErrorCode"] == "InvalidPayload"
         bad = report(rid + 9, False)
         bad["metrics"]["listening_tcp_ports"]["ports"][0]["port"] = 0
         kind, doc = send(dev, "json", bad)
-        assert kind == "rejected" and doc["statusDetails"]["ErrorCode"] == "InvalidValue" and "port" in doc["statusDetails"]["ErrorMessage"]
+        # AWS's code and message for a report that breaks the specification (troubleshooting guide):
+        # InvalidPayload, "Malformed metrics report" (here followed by what is wrong).
+        assert kind == "rejected" and doc["statusDetails"]["ErrorCode"] == "InvalidPayload"
+        assert doc["statusDetails"]["ErrorMessage"].startswith("Malformed metrics report") and "port" in doc["statusDetails"]["ErrorMessage"]
+        assert set(doc) == {"thingName", "status", "statusDetails", "timestamp", "reportId"}
         kind, doc = send(dev, "cbor", b"\xff\x00garbage")
         assert kind == "rejected" and doc["statusDetails"]["ErrorCode"] == "InvalidCbor"
         kind, doc = send(dev, "json", {"header": {"report_id": rid + 10, "version": "1.0"}, "hed": {}})

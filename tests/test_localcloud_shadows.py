@@ -411,3 +411,19 @@ def test_fuzzed_requests_get_exactly_one_aws_shaped_reply(cloud, tmp_path):
             assert len(json.dumps(state, separators=(",", ":"), ensure_ascii=False).encode()) <= 8 * 1024
     finally:
         dev.stop()
+
+
+def test_an_internal_failure_is_answered_with_aws_words():
+    """500 "Internal service failure", word for word as AWS's Device Shadow error messages have it."""
+    import sqlite3
+    import threading
+
+    s = Shadows(sqlite3.connect(":memory:"), threading.RLock(), now=lambda: 1000.0)
+
+    def broken(*_a, **_k):
+        raise ZeroDivisionError
+
+    s.get = broken
+    [(topic, doc)] = s.request("t1", "", "get", b'{"clientToken":"tk"}')
+    assert topic == "$aws/things/t1/shadow/get/rejected"
+    assert doc == {"code": 500, "message": "Internal service failure", "timestamp": 1000, "clientToken": "tk"}

@@ -1,6 +1,10 @@
 """Power cuts at every write-ahead step of the board agent (Mender's kill-in-every-state, for the
 board): the harness ends the interpreter at a named point without writing back anything unsynced,
-boots the board again, and the flow must finish with one working identity and one good release."""
+boots the board again, and the flow must finish with one working identity and one good release.
+
+The sweeps below do not rely on named points: the harness numbers every flash sync (each state write,
+rename or removal made durable) and every named point (the cloud's answers among them) across boots,
+and cuts the power after the Nth; N goes up until a run ends without reaching it."""
 
 from __future__ import annotations
 
@@ -19,13 +23,14 @@ UPDATE = ["ota.mid_download", "ota.after_unpack", "ota.after_pending", "loader.m
 ROLLBACK = ["loader.mid_rollback"]
 ROTATION = ["rot.after_key", "rot.after_certificate", "rot.after_registered", "rot.after_proven",
             "rot.after_commit_sent"]
+CLOUD = ["request.answered"]  # after any request the cloud accepted (the first is CreateCertificateFromCsr)
 
 
 def test_every_cut_point_in_the_code_is_tested():
     names = set()
     for f in MP.glob("*.py"):
         names |= set(re.findall(r'\bcut\("([a-z_.]+)"\)', f.read_text()))
-    assert names == set(PROVISIONING + UPDATE + ROLLBACK + ROTATION)
+    assert names == set(PROVISIONING + UPDATE + ROLLBACK + ROTATION + CLOUD)
 
 
 def one_identity(w: MpWorld) -> dict:
@@ -49,7 +54,7 @@ def clean_release(w: MpWorld, version: str) -> None:
     assert json.loads((w.flash / "state" / "boot.json").read_text()) == {}
 
 
-@pytest.mark.parametrize("point", PROVISIONING + UPDATE + ROLLBACK + ROTATION)
+@pytest.mark.parametrize("point", PROVISIONING + UPDATE + ROLLBACK + ROTATION + CLOUD)
 def test_power_cut(point, tmp_path, node):  # noqa: F811
     w = MpWorld(tmp_path, config={"self_test_s": 8} if point in ROLLBACK else None)
     try:
@@ -73,5 +78,172 @@ def test_power_cut(point, tmp_path, node):  # noqa: F811
         assert f"### power cut at {point}" in b.text(), "the cut never happened"
         one_identity(w)
         b.wait_for(r"connected as " + THING, 30, after=b.wait_for(r"### power cut at "))
+    finally:
+        w.close()
+
+
+# -- sweeps: a cut after every step ----------------------------------------------------------------
+# One Defender report at the first connection, then none, and jobs queued before the board boots: the
+# numbering of the sweep points is then the same from run to run.
+QUIET = {"defender_interval_s": 10 ** 9, "backoff_min_s": 0.2, "backoff_max_s": 0.5}
+
+
+def new_sweep_run(w: MpWorld) -> None:
+    """Number the sweep points from 1 again (the harness keeps the count and its cuts beside the flash)."""
+    for f in w.flash.parent.glob(f"{w.flash.name}.cut-sync-*"):
+        f.unlink()
+    Path(f"{w.flash}.syncs").unlink(missing_ok=True)
+
+
+def sweep_points(w: MpWorld) -> int:
+    f = Path(f"{w.flash}.syncs")
+    return int(f.read_text() or 0) if f.exists() else 0
+
+
+def settle(w: MpWorld, b, k: int, converged, timeout: float = 60) -> bool:
+    """Wait until the flow has converged and the board has passed no sweep point for a while (after a
+    cut: until it has connected again). True when the power was cut at point k."""
+    mark = f"### power cut at sync-{k} "
+    deadline = time.monotonic() + timeout
+    last, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        n = sweep_points(w)
+        if n != last:
+            last, since = n, time.monotonic()
+        lines = list(b.lines)
+        cut = [i for i, line in enumerate(lines) if line.startswith(mark)]
+        back = not cut or any(f"connected as {THING}" in line for line in lines[cut[0]:])
+        try:
+            ok = converged()
+        except (OSError, ValueError, KeyError):
+            ok = False
+        if ok and back and time.monotonic() - since > 1.5:
+            return bool(cut)
+        time.sleep(0.2)
+    raise AssertionError(f"no convergence after a cut at sweep point {k}:\n{b.text()[-6000:]}")
+
+
+def sweep(run) -> int:
+    """run(k) cuts at sweep point k and checks the outcome; True if the cut happened. Returns the count."""
+    k = 0
+    while run(k + 1):
+        k += 1
+        assert k < 80, "the sweep does not end"
+    return k
+
+
+def id_files(w: MpWorld) -> list[str]:
+    return sorted(p.name for p in (w.flash / "id").iterdir())
+
+
+def attached(w: MpWorld) -> list:
+    return [c for c in w.cloud.registry.certificates() if c.thing == THING]
+
+
+def ready(w: MpWorld) -> None:
+    """A provisioned board that has made its one Defender report, stopped between two sweep runs."""
+    b = w.boot()
+    b.wait_for(r"defender report \d+ accepted", 90)
+    b.stop()
+
+
+def test_provisioning_converges_after_a_power_cut_at_every_step(tmp_path, node):  # noqa: F811
+    def run(k: int) -> bool:
+        w = MpWorld(tmp_path / f"k{k}", config=QUIET)
+        try:
+            b = w.boot(max_boots=12, params={"cut_sync": k})
+
+            def converged() -> bool:
+                ident = w.identity()
+                return "defender report" in b.text() and not (w.flash / "state" / "prov.json").exists() \
+                    and id_files(w) == sorted([Path(ident["cert"]).name, Path(ident["key"]).name])
+
+            cut = settle(w, b, k, converged)
+            one_identity(w)
+            assert len(attached(w)) == 1, attached(w)  # one thing, one certificate: registered once
+            return cut
+        finally:
+            w.close()
+
+    n = sweep(run)
+    print("provisioning:", n, "sweep points")
+    assert n >= 8
+
+
+def test_rotation_converges_after_a_power_cut_at_every_step(tmp_path, node):  # noqa: F811
+    """Commit: every step from the job to the old certificate's retirement, then the same for a
+    rotation whose new certificate never connects (abandon). A cut between the decision and its
+    effects must never make the board retire the certificate it is connected with, or delete its files."""
+    w = MpWorld(tmp_path, config=QUIET)
+    try:
+        ready(w)
+
+        def rotation(outcome: str):
+            def run(k: int) -> bool:
+                new_sweep_run(w)
+                old, before = w.identity(), len(attached(w))
+                job = f"rotate-{outcome}-{k}"
+                w.jobs.create(job, THING, {"operation": "rotate-certificate"})
+                b = w.boot(max_boots=12, params={"cut_sync": k})
+                try:
+                    def converged() -> bool:
+                        ident = w.identity()
+                        ex = w.jobs.execution(job, THING)
+                        return ex["status"] == outcome and "old" not in ident \
+                            and not (w.flash / "state" / "rot.json").exists() \
+                            and id_files(w) == sorted([Path(ident["cert"]).name, Path(ident["key"]).name])
+
+                    cut = settle(w, b, k, converged)
+                    ident = one_identity(w)
+                    # One job, one rotation: exactly one more certificate was registered to the thing.
+                    assert len(attached(w)) == before + 1, (k, attached(w))
+                    if outcome == "SUCCEEDED":
+                        assert ident["cert_id"] != old["cert_id"] and ident["key"] != old["key"]
+                    else:
+                        assert ident == old
+                    return cut
+                finally:
+                    b.stop()
+            return run
+
+        n = sweep(rotation("SUCCEEDED"))
+        print("rotation (commit):", n, "sweep points")
+        assert n >= 12
+        w.cloud.configure(rotation_new_inactive=True)  # from now on the new certificate cannot connect
+        w.cloud.down()
+        w.cloud.up()
+        n = sweep(rotation("FAILED"))
+        print("rotation (abandon):", n, "sweep points")
+        assert n >= 8
+    finally:
+        w.close()
+
+
+def test_an_update_converges_after_a_power_cut_at_every_step(tmp_path, node):  # noqa: F811
+    w = MpWorld(tmp_path, config=QUIET)
+    try:
+        ready(w)
+
+        def run(k: int) -> bool:
+            new_sweep_run(w)
+            version = f"1.{k}.0"
+            job = f"ota-{k}"
+            w.jobs.create(job, THING, w.ota_doc(version, w.release(version)))
+            b = w.boot(max_boots=12, params={"cut_sync": k})
+            try:
+                def converged() -> bool:
+                    return w.jobs.execution(job, THING)["status"] == "SUCCEEDED" and w.app_version() == version \
+                        and json.loads((w.flash / "state" / "boot.json").read_text()) == {}
+
+                cut = settle(w, b, k, converged)
+                clean_release(w, version)
+                one_identity(w)
+                return cut
+            finally:
+                b.stop()
+
+        n = sweep(run)
+        print("update:", n, "sweep points")
+        assert n >= 12
     finally:
         w.close()

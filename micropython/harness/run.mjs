@@ -5,6 +5,8 @@
 //   node run.mjs SCRIPT.py [JSON params]      every micropython/*.py is importable from /lib; PARAMS is global
 //   node run.mjs --flash DIR [JSON params]    boot a board whose flash is DIR: runs loader.start() from it,
 //                                             as main.py does on a board. Exit code 75 = the board reset itself.
+//                                             params.cut = NAME: cut the power at the named point (board.cut);
+//                                             params.cut_sync = N: cut it after the Nth sweep point (below).
 import { loadMicroPython } from "@micropython/micropython-webassembly-pyscript";
 import crypto from "node:crypto";
 import dgram from "node:dgram";
@@ -146,17 +148,33 @@ function mirror(dir, host) {
     }
   }
 }
-globalThis.flashSync = () => { if (flash) mirror("/flash", flash); };
-// Power cut at a named point, once per flash (tests): the process ends without writing back what was
-// not synced, and the test boots the board again.
-const cutAt = JSON.parse(params).cut;
-globalThis.powerCut = (name) => {
-  if (!flash || name !== cutAt || fs.existsSync(flash + ".cut-" + name)) return;
+const writeBack = () => { if (flash) mirror("/flash", flash); };
+// Power cut, once per flash and name (tests): the process ends without writing back what was not
+// synced, and the test boots the board again.
+const { cut: cutAt, cut_sync: cutSync } = JSON.parse(params);
+const cutPower = (name, what = "") => {
+  if (fs.existsSync(flash + ".cut-" + name)) return;
   fs.writeFileSync(flash + ".cut-" + name, "");
-  process.stdout.write("### power cut at " + name + "\n");
+  process.stdout.write("### power cut at " + name + what + "\n");
   process.exit(RESET_EXIT);
 };
-globalThis.boardReset = () => { globalThis.flashSync(); process.exit(RESET_EXIT); };
+// The sweep (params.cut_sync, 0 = only count): every flash sync (each state write, rename or removal
+// made durable) and every named point is a sweep point, numbered across boots in FLASH.syncs; the power
+// is cut right after the Nth, so a test can cut after each step of a flow instead of at points named.
+const sweepPoint = (what) => {
+  if (!flash || cutSync === undefined) return;
+  const f = flash + ".syncs";
+  const n = (fs.existsSync(f) ? Number(fs.readFileSync(f, "utf8")) : 0) + 1;
+  fs.writeFileSync(f, String(n));
+  if (n === cutSync) cutPower("sync-" + n, " (after " + what + ")");
+};
+globalThis.flashSync = () => { writeBack(); sweepPoint("sync"); };
+globalThis.powerCut = (name) => {
+  if (!flash) return;
+  if (name === cutAt) cutPower(name);
+  sweepPoint(name);
+};
+globalThis.boardReset = () => { writeBack(); process.exit(RESET_EXIT); };
 
 mp.globals.set("PARAMS_JSON", params);
 const prelude = "import sys\nsys.path.insert(0, '/lib')\nimport json\nPARAMS = json.loads(PARAMS_JSON)\n";
@@ -168,10 +186,10 @@ try {
   } else {
     await mp.runPythonAsync(prelude + fs.readFileSync(script, "utf8"));
   }
-  globalThis.flashSync();
+  writeBack();
   process.exit(0);
 } catch (e) {
-  globalThis.flashSync();
+  writeBack();
   process.stderr.write(String(e && e.message || e) + "\n");
   process.exit(1);
 }

@@ -1,0 +1,164 @@
+"""The kill sweep: cut the power after every state-changing operation of a flow, restart, check.
+
+For N = 1, 2, ... a fresh device runs the flow with IOT_AGENT_TEST_KILL_AFTER=N (agent.killpoints):
+the process that performs the Nth operation (a rename, unlink, symlink, rmtree under the device's
+folder; a token key made or deleted; a cloud request answered) SIGKILLs its whole process group just
+after it. The device is then started again without a kill and must finish the flow; the flow's
+invariants are checked. The sweep ends at the first N the flow completes without reaching: every
+operation of the flow has then been a kill point. Runs go in parallel (they wait on the network more
+than they compute).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Run:
+    """One agent process in its own session (so the kill takes its children too); log in a file."""
+
+    cmd: list[str]
+    env: dict[str, str]
+    log: Path
+    cwd: Path | None = None
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> "Run":
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        out = open(self.log, "ab")
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True, cwd=self.cwd)
+        out.close()
+        return self
+
+    def text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for(self, pattern: str, timeout: float) -> bool:
+        """True when the log matches; False when the process ended first (or the time ran out)."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if rx.search(self.text()):
+                return True
+            if self.proc.poll() is not None:
+                return bool(rx.search(self.text()))
+            time.sleep(0.1)
+        return False
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.reap()
+        return self.proc.returncode
+
+    def reap(self) -> None:
+        """Whatever the process group left (a `keys` child): gone, like after a power cut."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def sweep_env(base: dict[str, str], ops_log: Path, root: Path, kill_after: int | None) -> dict[str, str]:
+    from agent import killpoints
+
+    env = {**base, killpoints.LOG_ENV: str(ops_log), killpoints.ROOT_ENV: str(root),
+           killpoints.GROUP_ENV: "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    if kill_after:
+        env[killpoints.KILL_ENV] = str(kill_after)
+    return env
+
+
+@dataclass
+class Outcome:
+    n: int
+    killed: bool
+    op: str = ""  # the operation after which it died
+    error: str = ""
+
+
+@dataclass
+class SweepResult:
+    flow: str
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def kill_points(self) -> int:
+        return sum(1 for o in self.outcomes if o.killed)
+
+    @property
+    def failures(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.error]
+
+    def summary(self) -> str:
+        ops = ", ".join(f"{o.n}:{o.op.split()[1] if o.op else '?'}" for o in self.outcomes if o.killed)
+        return (f"sweep {self.flow}: {self.kill_points} kill points, all recovered" if not self.failures else
+                f"sweep {self.flow}: {len(self.failures)} of {self.kill_points} kill points did not recover") + \
+            f" [{ops}]"
+
+
+def sweep(flow: str, case: Callable[[int], Outcome], workers: int = 3, limit: int = 150) -> SweepResult:
+    """Run case(N) for N = 1.. in parallel batches until one completes without being killed."""
+    result = SweepResult(flow)
+    n = 1
+    with ThreadPoolExecutor(workers) as pool:
+        while n <= limit:
+            batch = list(pool.map(case, range(n, n + workers)))
+            result.outcomes += batch
+            n += workers
+            if any(not o.killed and not o.error for o in batch):
+                break
+        else:
+            raise AssertionError(f"{flow}: still killed after {limit} operations; is the flow looping?")
+    # Beyond the first completed run, outcomes are runs that finished without a kill: not kill points.
+    last = min(o.n for o in result.outcomes if not o.killed and not o.error) if any(
+        not o.killed and not o.error for o in result.outcomes) else limit
+    result.outcomes = [o for o in result.outcomes if o.n <= last]
+    print(result.summary())
+    return result
+
+
+def op_at(ops_log: Path, n: int) -> str:
+    from agent import killpoints
+
+    ops = killpoints.count(str(ops_log))
+    return ops[n - 1] if 0 < n <= len(ops) else ""
+
+
+def flush_tpm(token) -> None:
+    """A device's kernel resource manager (/dev/tpmrm0) flushes a dead process's objects; swtpm has none."""
+    if token.tpm:
+        token.tpm.tools("tpm2_flushcontext", "-t")
+        token.tpm.tools("tpm2_flushcontext", "-s")
+
+
+_lock = threading.Lock()
+_serial = [0]
+
+
+def next_serial(prefix: str) -> str:
+    with _lock:
+        _serial[0] += 1
+        return f"{prefix}{os.getpid() % 1000:03d}{_serial[0]:04d}"
