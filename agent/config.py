@@ -184,6 +184,10 @@ class OtaConfig:
     ca_file: Path | None = None  # CA for HTTPS downloads; the system's trust store when unset
     max_artifact_bytes: int = 512 * 1024 * 1024
     insecure_allow_downgrade: bool = False  # lets an older version replace a newer one (re-opens fixed holes)
+    # Legacy documents (schema 1, afr_ota) sign the artifact only: without VERSION and TARGET files inside a
+    # signed tar, nothing binds what it installs as. True trusts the document's labels instead: a relabelled
+    # old release can then install as "newer" (a downgrade) or into another target.
+    insecure_trust_version_labels: bool = False
     download_attempts: int = 5  # per job, per agent run; a partial download resumes where it stopped
     self_update_deadline_s: float = 300.0  # the new agent must reconnect and confirm within this, or rolls back
     privileged_timeout_s: float = 600.0  # how long to wait for iot-agent-install to answer a request

@@ -509,7 +509,7 @@ class JobsEngine:
                 # An answer without a readable token is taken too: it names an execution whose answer is bad.
                 if kind == "start-next/accepted" and r.client_token in (token, None):
                     found = r
-            if found is not None and (found.problem or fut.done()):
+            if found is not None and (found.problem and found.job_id or fut.done()):
                 return found
             if fut.done():
                 if fut.exception() is None:
@@ -593,7 +593,8 @@ class JobsEngine:
                 if code in ("TerminalStateReached", "VersionMismatch", "ResourceNotFound", "InvalidStateTransition"):
                     # Already applied (a lost answer), or the cloud moved on (canceled, timed out): either
                     # way this update must not be sent again.
-                    log.info("job %s: %s not applied again (%s)", item["job_id"], item["status"], escape(str(code), 64))
+                    log.info("job %s: %s not applied again (%s)", item["job_id"], item["status"],
+                             escape(str(code), 64))
                 elif code in PERMANENT_REFUSALS and item.get("refused", 0) + 1 >= MAX_REFUSED_UPDATES:
                     # The cloud read it and keeps refusing it (InvalidRequest, say): sending it again cannot
                     # help, and it must not hold up every later update.
@@ -640,6 +641,9 @@ class JobsEngine:
             if self._next_bad:  # no copy of the answer: notify-next named the next job, and it is bad
                 job_id, problem = self._next_bad
                 return self._refuse(job_id, f"the job's message is not plain JSON: {problem}")
+            if raw is not None and raw.problem:
+                log.error("the next job's message is not plain JSON (%s) and holds no jobId of AWS's form: it "
+                          "cannot be rejected by its id", raw.problem)
             raise
         ex = resp.execution
         if ex is None:

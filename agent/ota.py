@@ -14,6 +14,12 @@ undoes cleanly when the job comes back (AWS hands an IN_PROGRESS execution out a
 An install interrupted in `activating` is undone at start-up (links restored, the release dropped),
 so no half-installed version is ever left running. A job whose result is in `done` gets the same
 answer again without doing anything: a repeated execution is never installed twice.
+
+What an update installs AS (target, version) comes from signed bytes only: a schema 2 document's
+manifest (agent.manifest), or for legacy documents the VERSION and TARGET files inside a signed tar.
+Each outcome is ONE state write (`done` with `installed` or `broken`, or a `rolling_back` record);
+the file work after it (prune, partial files, the helper's answer) is idempotent and redone at
+start-up from that record.
 """
 
 from __future__ import annotations
@@ -31,14 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import failpoints, install
+from . import durable, install, manifest
 from .release import clear_trial, read_trial, write_trial
-from .config import Config, OtaTargetConfig
+from .config import Config, OtaTargetConfig, read_regular_file
 from .download import DownloadError, https_download
 from .jobs import Outcome
-from .otadoc import VERSION_RE, DocumentError, UpdateSpec, parse, version_key
+from .otadoc import DocumentError, UpdateSpec, parse
 from .signing import load_pinned_key, sha256_file, verify_digest
 from .streamdl import StreamDownload
+from .versions import VersionError, installed_key, parse_version
 
 log = logging.getLogger("agent.ota")
 
@@ -55,24 +62,47 @@ class Failed(Exception):
     """The update could not be done now: FAILED, nothing installed."""
 
 
-def version_in_tar(path: Path) -> str | None:
-    """The VERSION file at the top of a tar artifact (signed with it), or None."""
+LEGACY_UNBOUND = ("a legacy update (schema 1 or afr_ota) binds no version or target: its artifact must be a tar "
+                  "with VERSION and TARGET files (signed with it), or send a schema 2 document (signed manifest); "
+                  "ota.insecure_trust_version_labels accepts the document's unsigned labels")
+
+
+def _small_member(tar: tarfile.TarFile, name: str) -> str | None:
+    for candidate in (name, "./" + name):
+        try:
+            m = tar.getmember(candidate)
+        except KeyError:
+            continue
+        if not m.isfile() or m.size > 80:
+            raise Refused(f"{name} in the artifact is not a small regular file")
+        raw = tar.extractfile(m).read()
+        text = raw[:-1] if raw.endswith(b"\n") else raw
+        try:
+            return text.decode("ascii")
+        except UnicodeDecodeError:
+            raise Refused(f"{name} in the artifact is not ASCII")
+    return None
+
+
+def release_labels_in_tar(path: Path) -> tuple[str | None, str | None]:
+    """(VERSION, TARGET) at the top of a tar artifact, signed with it; None where absent."""
     try:
         with tarfile.open(path) as tar:
-            for name in ("VERSION", "./VERSION"):
-                try:
-                    m = tar.getmember(name)
-                except KeyError:
-                    continue
-                if not m.isfile() or m.size > 64:
-                    raise Refused("VERSION in the artifact is not a small regular file")
-                text = tar.extractfile(m).read().decode("ascii", "replace").strip()
-                if not VERSION_RE.match(text):
-                    raise Refused(f"VERSION in the artifact ({text[:20]!r}) is not dotted numbers")
-                return text
+            version, target = _small_member(tar, "VERSION"), _small_member(tar, "TARGET")
     except tarfile.TarError as e:
-        raise Refused(f"artifact is not a tar archive: {e}")
-    return None
+        raise Refused(f"artifact is not a tar archive: {str(e)[:100]}")
+    if version is not None:
+        try:
+            parse_version(version)
+        except VersionError as e:
+            raise Refused(f"VERSION in the artifact: {e}")
+    if target is not None and not manifest.TARGET_RE.fullmatch(target):
+        raise Refused("TARGET in the artifact is not a plain name")
+    return version, target
+
+
+def version_in_tar(path: Path) -> str | None:
+    return release_labels_in_tar(path)[0]
 
 
 @dataclass(eq=False)
@@ -130,18 +160,36 @@ class OtaHandler:
 
     # -- start-up ---------------------------------------------------------------------------------
     def recover(self) -> None:
-        """Undo an install that a power cut interrupted between staging and a proven release."""
+        """At start-up, redo from the state record what a power cut may have left undone: undo an install
+        cut between staging and a proven release, finish a roll-back, close a trial already committed,
+        and drop what no record points at (unlinked releases, partial downloads)."""
         st = self._state()
         a = st.get("active")
-        if not a or a.get("target") not in self.targets:
-            return
-        tdir = self.target_dir(a["target"])
-        if a["phase"] == "activating":
-            install.restore(tdir, a.get("from_current"), a.get("from_previous"))
-            install.prune(tdir)
-            self._set_phase(a, "verified")
-            log.warning("update to %s %s was interrupted while switching; the previous release is restored and "
-                        "the install resumes with the job", a["target"], a["version"])
+        if a and a.get("target") in self.targets:
+            tdir = self.target_dir(a["target"])
+            if a["phase"] == "activating":
+                install.restore(tdir, a.get("from_current"), a.get("from_previous"))
+                install.prune(tdir)
+                self._set_phase(a, "verified")
+                log.warning("update to %s %s was interrupted while switching; the previous release is restored and "
+                            "the install resumes with the job", a["target"], a["version"])
+            elif a["phase"] == "rolling_back":
+                self._finish_roll_back(a)
+        for name, t in self.targets.items():
+            tdir = self.target_dir(name)
+            trial = read_trial(tdir) if t.self_update else None
+            if trial and trial.get("state") == "trial" and self._state()["installed"].get(name) == trial.get("version") \
+                    and install.slot(tdir, "current") == trial.get("version"):
+                clear_trial(tdir)  # committed before the cut: the launcher must not roll it back
+            if not t.privileged and tdir.is_dir():
+                install.prune(tdir)
+        keep = set()
+        a = self._state().get("active")
+        if a:
+            keep = {Path(a["partial"]).name, Path(a["partial"]).name + ".blocks"}
+        for f in self.work.iterdir():
+            if f.is_file() and f.name not in keep and (f.name.endswith((".part", ".blocks")) or ".tmp" in f.name):
+                durable.remove(f)
 
     def on_stream_message(self, topic: str, payload: bytes) -> None:
         dl = self._stream
@@ -160,6 +208,8 @@ class OtaHandler:
             active = None
         try:
             spec = parse(doc)
+            if spec.source == "signed":
+                spec = self._verified_manifest(spec)
             target = self._target_for(spec)
             if active is None:
                 active = self._accept(job_id, spec, target)
@@ -171,8 +221,19 @@ class OtaHandler:
         except Failed as e:
             return self._finish(job_id, "FAILED", {"reason": str(e)}, self._state().get("active"))
 
+    def _verified_manifest(self, spec: UpdateSpec) -> UpdateSpec:
+        """Schema 2: the manifest's signature first; then its fields are the update's facts."""
+        import dataclasses
+
+        try:
+            m = manifest.verify(self.pinned, spec.manifest, spec.signature)
+        except manifest.ManifestError as e:
+            raise Refused(str(e))
+        return dataclasses.replace(spec, target=m.target, version=m.version, name=m.name, size=m.size,
+                                   sha256=m.sha256, bound=True)
+
     def _target_for(self, spec: UpdateSpec) -> str:
-        if spec.source == "our":
+        if spec.source in ("our", "signed"):
             if spec.target not in self.targets:
                 raise Refused(f"unknown update target {spec.target!r} (targets on this device: "
                               f"{', '.join(sorted(self.targets)) or 'none'})")
@@ -183,22 +244,32 @@ class OtaHandler:
         raise Refused(f"no update target takes afr_ota file {spec.filepath!r} (set afr_ota_filepath on a target)")
 
     def _check_version(self, target: str, version: str) -> None:
+        """`version` is canonical (one spelling per version), so the broken list cannot be sidestepped."""
+        try:
+            key = parse_version(version)
+        except VersionError as e:
+            raise Refused(str(e))
         st = self._state()
-        if version in st["broken"].get(target, []) or install.slot(self.target_dir(target), "broken") == version:
+        broken = set(st["broken"].get(target, [])) | {install.slot(self.target_dir(target), "broken")}
+        if version in broken:
             raise Refused(f"version {version} of {target} failed on this device before; it is not retried")
         cur = self.installed_version(target)
         if cur is None:
             return
-        if version_key(version) == version_key(cur):
+        try:
+            cur_key = installed_key(cur)
+        except VersionError as e:
+            raise Refused(str(e))
+        if key + (0,) == cur_key:
             raise Refused(f"version {version} of {target} is already installed (a replayed or repeated update)")
-        if version_key(version) < version_key(cur) and not self.cfg.ota.insecure_allow_downgrade:
+        if key + (0,) < cur_key and not self.cfg.ota.insecure_allow_downgrade:
             raise Refused(f"downgrade of {target} from {cur} to {version} refused (ota.insecure_allow_downgrade is off)")
 
     def _accept(self, job_id: str, spec: UpdateSpec, target: str) -> dict:
         o = self.cfg.ota
         if spec.size > o.max_artifact_bytes:
             raise Refused(f"artifact of {spec.size} bytes exceeds ota.max_artifact_bytes ({o.max_artifact_bytes})")
-        if spec.version:
+        if spec.version:  # bound by a manifest, or a legacy label checked again against the signed VERSION
             self._check_version(target, spec.version)
         free = shutil.disk_usage(self.work).free
         if free < spec.size * 2 + (16 << 20):
@@ -208,7 +279,6 @@ class OtaHandler:
                   "partial": str(self.work / f"{key}.part")}
         self._put(active=active)
         log.info("job %s: update of %s to %s accepted", job_id, target, spec.version or "(version in artifact)")
-        failpoints.hit("ota.after_accept")
         return active
 
     def _run(self, a: dict, spec: UpdateSpec, progress) -> Outcome:
@@ -218,11 +288,9 @@ class OtaHandler:
             if phase == "accepted":
                 self._download(a, spec, progress)
                 a = self._set_phase(a, "downloaded")
-                failpoints.hit("ota.after_download")
             elif phase == "downloaded":
                 progress({"step": "verifying", "version": str(a.get("version"))})
                 a = self._set_phase(a, "verified", version=self._verify(a, spec, t))
-                failpoints.hit("ota.after_verify")
             elif phase == "verified":
                 out = self._install(a, spec, t, progress)
                 if out is not None:
@@ -235,6 +303,8 @@ class OtaHandler:
                 return self._confirm(a, t)
             elif phase == "handed_over":
                 return self._await_helper(a)
+            elif phase == "rolling_back":
+                return self._finish_roll_back(a)
             elif phase == "committed":
                 return self._finish(a["job_id"], "SUCCEEDED", {"result": "installed", "target": a["target"],
                                                                 "version": a["version"]}, a)
@@ -254,16 +324,12 @@ class OtaHandler:
     def _download(self, a: dict, spec: UpdateSpec, progress) -> None:
         partial = Path(a["partial"])
         last = [-1]
-        midway = [False]
 
         def report(done: int, total: int) -> None:
             pct = done * 100 // max(total, 1)
             if pct // 10 != last[0] // 10:
                 last[0] = pct
                 progress({"step": "downloading", "progress": f"{pct}%", "version": str(a.get("version"))})
-            if not midway[0] and done * 2 >= total:
-                midway[0] = True
-                failpoints.hit("ota.download_midway")
 
         delay, why, attempt = 0.5, "", 0
         for _ in range(self.cfg.ota.download_attempts + OUTAGE_RETRIES):
@@ -311,24 +377,39 @@ class OtaHandler:
         raise Failed(f"download failed after {self.cfg.ota.download_attempts} attempts: {why}")
 
     def _verify(self, a: dict, spec: UpdateSpec, t: OtaTargetConfig) -> str:
+        """The version to install as, from signed bytes only; Refused for anything that does not hold."""
         path = Path(a["partial"])
         if not path.is_file() or path.stat().st_size != spec.size:
             raise Refused("downloaded artifact has the wrong size")
         digest = sha256_file(path)
-        if spec.sha256 is not None and digest.hex() != spec.sha256:
-            raise Refused("artifact sha256 does not match the job document (tampered or corrupted)")
-        if not verify_digest(self.pinned, digest, spec.signature):
-            raise Refused("signature does not verify with the pinned code-signing certificate")
+        if spec.bound:
+            if digest.hex() != spec.sha256:
+                raise Refused("artifact sha256 does not match the signed manifest (tampered or corrupted)")
+        else:
+            if spec.sha256 is not None and digest.hex() != spec.sha256:
+                raise Refused("artifact sha256 does not match the job document (tampered or corrupted)")
+            if not verify_digest(self.pinned, digest, spec.signature):
+                raise Refused("signature does not verify with the pinned code-signing certificate")
         log.info("job %s: signature verified (sha256 %s)", a["job_id"], digest.hex()[:16])
-        inside = version_in_tar(path) if t.unpack else None
-        if spec.version is None:
-            if inside is None:
-                raise Refused("afr_ota updates need a VERSION file inside the (tar) artifact for the version check")
-            self._check_version(a["target"], inside)
-            return inside
-        if inside is not None and inside != spec.version:
-            raise Refused(f"VERSION inside the artifact ({inside}) differs from the job's version ({spec.version})")
-        return spec.version
+        inside, inside_target = release_labels_in_tar(path) if t.unpack else (None, None)
+        if inside_target is not None and inside_target != a["target"]:
+            raise Refused(f"the artifact is a release of {inside_target!r}, not of {a['target']!r}")
+        if spec.bound:
+            if inside is not None and inside != spec.version:
+                raise Refused(f"VERSION inside the artifact ({inside}) differs from the signed manifest ({spec.version})")
+            version = spec.version
+        elif inside is not None and (inside_target is not None or self.cfg.ota.insecure_trust_version_labels):
+            if spec.version is not None and inside != spec.version:
+                raise Refused(f"VERSION inside the artifact ({inside}) differs from the job's version ({spec.version})")
+            version = inside
+        elif self.cfg.ota.insecure_trust_version_labels and spec.version is not None:
+            log.warning("job %s: installing under the document's unsigned version label %s "
+                        "(ota.insecure_trust_version_labels)", a["job_id"], spec.version)
+            version = spec.version
+        else:
+            raise Refused(LEGACY_UNBOUND)
+        self._check_version(a["target"], version)
+        return version
 
     def _install(self, a: dict, spec: UpdateSpec, t: OtaTargetConfig, progress) -> Outcome | None:
         tdir = self.target_dir(a["target"])
@@ -341,17 +422,14 @@ class OtaHandler:
             release = install.stage(tdir, version, Path(a["partial"]), spec.name, t.unpack)
         except install.InstallError as e:
             raise Refused(str(e))
-        failpoints.hit("ota.after_stage")
         a = self._set_phase(a, "activating", from_current=install.slot(tdir, "current"),
                             from_previous=install.slot(tdir, "previous"))
         install.activate(tdir, version)
-        failpoints.hit("ota.after_activate")
         if t.self_update:
             deadline = time.time() + self.cfg.ota.self_update_deadline_s
             write_trial(tdir, {"state": "trial", "version": version, "from_current": a["from_current"],
                                "from_previous": a["from_previous"], "deadline": deadline, "attempts": 0})
             self._set_phase(a, "trial", deadline=deadline)
-            failpoints.hit("ota.before_restart")
             log.info("job %s: restarting into %s %s; it must confirm within %g s", a["job_id"], a["target"],
                      version, self.cfg.ota.self_update_deadline_s)
             self.request_restart()
@@ -360,7 +438,6 @@ class OtaHandler:
         healthy, reason = install.health_check(t.health_command, release, t.health_timeout_s)
         if not healthy:
             return self._roll_back(a, tdir, reason)
-        failpoints.hit("ota.after_health")
         self._commit(a, tdir)
         return None
 
@@ -370,55 +447,86 @@ class OtaHandler:
         d.mkdir(mode=0o700, exist_ok=True)
         return d
 
+    def _request_for(self, a: dict, spec: UpdateSpec) -> dict:
+        """What the root helper needs to check everything again from signed bytes."""
+        req = {"job_id": a["job_id"], "target": a["target"], "name": spec.name,
+               "signature": base64.b64encode(spec.signature).decode()}
+        if spec.bound:
+            req["manifest"] = base64.b64encode(spec.manifest).decode()
+        elif a.get("version"):
+            req["version_label"] = a["version"]  # honoured only under the helper's own insecure switch
+        return req
+
     def _hand_over(self, a: dict, spec: UpdateSpec) -> Outcome:
+        """Idempotent: every step is re-derived from what is on disk, so a cut anywhere is finished here.
+        A result the helper already wrote is never deleted before its outcome is recorded."""
         key = Path(a["partial"]).stem
         spool = self._spool()
-        (spool / f"{key}.result.json").unlink(missing_ok=True)
-        os.replace(a["partial"], spool / f"{key}.artifact")
-        request = {"job_id": a["job_id"], "target": a["target"], "version": a["version"], "name": spec.name,
-                   "signature": base64.b64encode(spec.signature).decode()}
-        tmp = spool / f".{key}.request.tmp"
-        tmp.write_text(json.dumps(request))
-        os.replace(tmp, spool / f"{key}.request.json")  # the helper's path unit fires on this name
-        a = self._set_phase(a, "handed_over", handed_at=time.time())
+        if not (spool / f"{key}.result.json").exists():
+            if Path(a["partial"]).exists():
+                durable.replace(Path(a["partial"]), spool / f"{key}.artifact")
+            if (spool / f"{key}.artifact").exists() and not (spool / f"{key}.claimed.json").exists():
+                durable.write_json(spool / f"{key}.request.json", self._request_for(a, spec), 0o644)
+        a = self._set_phase(a, "handed_over", handed_at=a.get("handed_at") or time.time())
         log.info("job %s: %s %s handed to iot-agent-install", a["job_id"], a["target"], a["version"])
         return self._await_helper(a)
+
+    def _read_result(self, path: Path) -> dict | None:
+        try:
+            raw = read_regular_file(path, 16 * 1024)
+            doc = json.loads(raw)
+        except (OSError, ValueError):
+            return None
+        return doc if isinstance(doc, dict) else None
 
     def _await_helper(self, a: dict) -> Outcome:
         key = Path(a["partial"]).stem
         spool = self._spool()
         result_path = spool / f"{key}.result.json"
-        deadline = float(a.get("handed_at", time.time())) + self.cfg.ota.privileged_timeout_s
-        while time.time() < deadline:
-            try:
-                result = json.loads(result_path.read_text())
+        limit = self.cfg.ota.privileged_timeout_s
+        deadline = float(a.get("handed_at", time.time())) + limit
+        result = None
+        while result is None:
+            result = self._read_result(result_path)
+            if result is not None:
                 break
-            except (OSError, ValueError):
-                time.sleep(0.25)
-        else:
-            for suffix in (".request.json", ".artifact"):
-                (spool / f"{key}{suffix}").unlink(missing_ok=True)
-            raise Failed(f"iot-agent-install did not answer within {self.cfg.ota.privileged_timeout_s:g} s "
-                         "(is its systemd path unit enabled?)")
-        result_path.unlink(missing_ok=True)
+            if time.time() > deadline:
+                try:  # withdraw the request, unless the helper has claimed it (then it answers)
+                    os.rename(spool / f"{key}.request.json", spool / f".{key}.withdrawn")
+                except FileNotFoundError:
+                    if (spool / f"{key}.claimed.json").exists() and time.time() < deadline + limit:
+                        time.sleep(0.25)
+                        continue
+                durable.remove(spool / f".{key}.withdrawn")
+                durable.remove(spool / f"{key}.artifact")
+                return self._finish(a["job_id"], "FAILED", {"reason": f"iot-agent-install did not answer within "
+                                                                      f"{limit:g} s (is its systemd path unit enabled?)"}, a)
+            time.sleep(0.25)
         status = result.get("status") if result.get("status") in ("SUCCEEDED", "FAILED", "REJECTED") else "FAILED"
         reason = str(result.get("reason", ""))[:500]
+        version = result.get("version")
+        st = self._state()
+        if status == "SUCCEEDED" and (result.get("target") != a["target"] or not isinstance(version, str)
+                                      or (a.get("version") and version != a["version"])):
+            status, reason = "FAILED", "iot-agent-install reported another release than the one handed over"
         if status == "SUCCEEDED":
-            st = self._state()
-            self._put(installed={**st["installed"], a["target"]: a["version"]})
-            return self._finish(a["job_id"], status, {"result": "installed", "target": a["target"],
-                                                      "version": a["version"], "by": "iot-agent-install"}, a)
-        if reason.startswith("rolled back"):
-            st = self._state()
-            self._put(broken={**st["broken"], a["target"]: sorted(set(st["broken"].get(a["target"], [])) | {a["version"]})})
-        return self._finish(a["job_id"], status, {"reason": f"iot-agent-install: {reason}"}, a)
+            out = self._finish(a["job_id"], status, {"result": "installed", "target": a["target"], "version": version,
+                                                      "by": "iot-agent-install"}, a,
+                               installed={**st["installed"], a["target"]: version})
+        elif reason.startswith("rolled back") and isinstance(version, str):
+            out = self._finish(a["job_id"], status, {"reason": f"iot-agent-install: {reason}"}, a,
+                               broken={**st["broken"], a["target"]: sorted(set(st["broken"].get(a["target"], []))
+                                                                           | {version})})
+        else:
+            out = self._finish(a["job_id"], status, {"reason": f"iot-agent-install: {reason}"}, a)
+        durable.remove(result_path)  # only now that the outcome is recorded
+        return out
 
     def _confirm(self, a: dict, t: OtaTargetConfig) -> Outcome:
         """Run by the agent after a self-update restart, once connected and taking jobs."""
         tdir = self.target_dir(a["target"])
         trial = read_trial(tdir) or {}
         if self.running_release == a["version"] and trial.get("state") != "rolled_back":
-            failpoints.hit("ota.before_confirm")
             healthy, reason = install.health_check(t.health_command, tdir / "releases" / a["version"], t.health_timeout_s)
             if not healthy:
                 return self._roll_back(a, tdir, reason, restart=True)
@@ -429,47 +537,56 @@ class OtaHandler:
         reason = trial.get("reason") if trial.get("state") == "rolled_back" else (
             f"the agent did not restart into {a['version']} (running {self.running_release or 'the base install'}); "
             "is it started by iot-agent-launch?")
-        if trial.get("state") != "rolled_back":
-            install.restore(tdir, a.get("from_current"), a.get("from_previous"), broken=a["version"])
-        clear_trial(tdir)
-        return self._roll_back(a, tdir, reason, already=True)
+        return self._roll_back(a, tdir, reason)
 
     def _commit(self, a: dict, tdir: Path) -> None:
         st = self._state()
         installed = {**st["installed"], a["target"]: a["version"]}
         self._put(installed=installed, active={**a, "phase": "committed"})
         install.prune(tdir)
-        Path(a["partial"]).unlink(missing_ok=True)
+        durable.remove(Path(a["partial"]))
         log.info("job %s: %s %s installed", a["job_id"], a["target"], a["version"])
 
-    def _roll_back(self, a: dict, tdir: Path, reason: str, restart: bool = False, already: bool = False) -> Outcome:
-        if not already:
-            install.restore(tdir, a.get("from_current"), a.get("from_previous"), broken=a["version"])
-        install.prune(tdir)
+    def _roll_back(self, a: dict, tdir: Path, reason: str, restart: bool = False) -> Outcome:
+        """Record the decision (broken version, the job's FAILED answer, the links to restore) in one
+        write; the links, prune and the restart follow from that record, also after a power cut."""
         st = self._state()
         broken = {**st["broken"], a["target"]: sorted(set(st["broken"].get(a["target"], [])) | {a["version"]})}
-        self._put(broken=broken)
+        why = f"rolled back to {a.get('from_current')}: {reason}"[:1000]
+        a = {**a, "phase": "rolling_back", "outcome": ["FAILED", {"reason": why, "version": a["version"]}],
+             "restart": restart}
+        self._put(broken=broken, active=a)
         log.warning("job %s: %s %s rolled back to %s: %s", a["job_id"], a["target"], a["version"],
                     a.get("from_current"), reason)
-        out = self._finish(a["job_id"], "FAILED", {"reason": f"rolled back to {a.get('from_current')}: {reason}"[:1000],
-                                                    "version": a["version"]}, a)
-        if restart:
+        return self._finish_roll_back(a)
+
+    def _finish_roll_back(self, a: dict) -> Outcome:
+        tdir = self.target_dir(a["target"])
+        install.restore(tdir, a.get("from_current"), a.get("from_previous"), broken=a["version"])
+        install.prune(tdir)
+        if self.targets[a["target"]].self_update:
+            clear_trial(tdir)
+        status, details = a["outcome"]
+        out = self._finish(a["job_id"], status, details, a)
+        if a.get("restart"):
             self.request_restart()  # the old release must run again
         return out
 
-    def _finish(self, job_id: str, status: str, details: dict[str, str], active: dict | None) -> Outcome:
-        if active and active.get("job_id") == job_id:
-            Path(active["partial"]).unlink(missing_ok=True)
-            Path(active["partial"] + ".blocks").unlink(missing_ok=True)
-            t = self.targets.get(active.get("target"))
-            if active.get("phase") in ("verified", "downloaded", "accepted") and t and not t.privileged:
-                install.prune(self.target_dir(active["target"]))
+    def _finish(self, job_id: str, status: str, details: dict[str, str], active: dict | None,
+                **record: Any) -> Outcome:
+        """The job's answer, with what it changed (installed or broken), in ONE write; then the files."""
         st = self._state()
         done = dict(st["done"])
         done[job_id] = [status, details]
         while len(done) > MAX_DONE:
             done.pop(next(iter(done)))
-        self._put(done=done, active=None)
+        self._put(done=done, active=None, **record)
+        if active and active.get("job_id") == job_id:
+            durable.remove(Path(active["partial"]))
+            durable.remove(Path(active["partial"] + ".blocks"))
+            t = self.targets.get(active.get("target"))
+            if active.get("phase") in ("verified", "downloaded", "accepted") and t and not t.privileged:
+                install.prune(self.target_dir(active["target"]))
         return Outcome(status, details)
 
     def _abandon(self, a: dict) -> None:
@@ -485,6 +602,6 @@ class OtaHandler:
                     install.restore(tdir, a.get("from_current"), a.get("from_previous"))
                 clear_trial(tdir)
             install.prune(tdir)
-        Path(a["partial"]).unlink(missing_ok=True)
-        Path(a["partial"] + ".blocks").unlink(missing_ok=True)
+        durable.remove(Path(a["partial"]))
+        durable.remove(Path(a["partial"] + ".blocks"))
         self._put(active=None)

@@ -4,7 +4,18 @@ Pure and hostile-input safe: `parse()` returns an UpdateSpec or raises DocumentE
 that goes into the job's REJECTED statusDetails. Nothing here trusts the document with anything
 but what to fetch: the signature is checked against the device's pinned certificate elsewhere.
 
-Our schema (version 1):
+What each format binds (what the signature makes the vendor's word rather than the job creator's):
+
+Schema 2 (recommended): the signature covers a release manifest (agent.manifest) naming the
+target, version, artifact name, size and SHA-256, so all of them are bound; only the location
+(URL or stream) is unsigned.
+    {"operation": "ota-update", "schema": 2, "manifest": "<base64 manifest bytes>",
+     "artifact": {"url": "https://…"  |  "stream": {"id": "fw-1", "file_id": 0}},
+     "signature": {"algorithm": "ECDSA-P256-SHA256", "value": "<base64 DER over the manifest>"}}
+
+Schema 1 and AWS's afr_ota (legacy): the signature covers the artifact's bytes only; target and
+version are unsigned labels. They install only a tar whose signed content carries VERSION and TARGET
+files (agent.ota checks them); anything else is refused unless ota.insecure_trust_version_labels.
     {"operation": "ota-update", "schema": 1, "target": "app", "version": "1.2.3",
      "artifact": {"name": "app-1.2.3.tar", "size": 12345, "sha256": "<64 hex>",
                   "url": "https://…"  |  "stream": {"id": "fw-1", "file_id": 0}},
@@ -20,11 +31,13 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .versions import VersionError, parse_version
+
 MAX_DOCUMENT_BYTES = 32 * 1024  # AWS IoT job documents are at most 32 kB
 MAX_ARTIFACT_BYTES = 2 * 1024 ** 3
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-VERSION_RE = re.compile(r"^\d{1,9}(\.\d{1,9}){0,3}$")
-STREAM_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", re.ASCII)  # always fullmatch
+STREAM_RE = re.compile(r"[A-Za-z0-9_-]{1,128}", re.ASCII)
+MAX_MANIFEST_B64 = 4096
 
 
 class DocumentError(ValueError):
@@ -44,11 +57,20 @@ class UpdateSpec:
     file_id: int | None
     signature: bytes  # DER
     filepath: str | None = None  # afr_ota: the file's path as the OTA job names it (maps to a target)
+    manifest: bytes | None = None  # schema 2: the signed manifest's bytes (fields above filled once verified)
+    bound: bool = False  # target, version, name, size and sha256 come from a verified manifest
 
 
 def version_key(v: str) -> tuple[int, ...]:
-    parts = tuple(int(x) for x in v.split("."))
-    return parts + (0,) * (4 - len(parts))
+    return parse_version(v)
+
+
+def _version(v: Any, what: str) -> str:
+    try:
+        parse_version(v)
+    except VersionError as e:
+        raise DocumentError(f"{what}: {e}")
+    return v
 
 
 def _int(v: Any, what: str, lo: int, hi: int) -> int:
@@ -76,7 +98,7 @@ def _signature(v: Any, what: str) -> bytes:
 
 def _https(url: Any, what: str) -> str:
     u = _str(url, what, 4096)
-    if not u.startswith("https://") or any(c in u for c in "\r\n\t "):
+    if not u.startswith("https://") or not u.isascii() or any(ord(c) < 0x21 or c == "\x7f" for c in u):
         raise DocumentError(f"{what} must be an https:// URL")
     return u
 
@@ -107,7 +129,7 @@ def parse(document: Any) -> UpdateSpec:
     if "afr_ota" in document:
         return _afr(document)
     if document.get("operation") == "ota-update":
-        return _ours(document)
+        return _signed(document) if document.get("schema") == 2 else _ours(document)
     raise DocumentError("not an OTA document (no operation \"ota-update\" and no afr_ota)")
 
 
@@ -116,22 +138,25 @@ def _ours(d: dict) -> UpdateSpec:
     if d.get("schema") != 1:
         raise DocumentError("schema must be 1")
     target = _str(d.get("target"), "target", 64)
-    if not NAME_RE.match(target):
+    if not NAME_RE.fullmatch(target):
         raise DocumentError("target must be a plain name")
-    version = _str(d.get("version"), "version", 40)
-    if not VERSION_RE.match(version):
-        raise DocumentError("version must be dotted numbers such as 1.2.3")
+    version = _version(d.get("version"), "version")
     a = d.get("artifact")
     if not isinstance(a, dict):
         raise DocumentError("artifact must be an object")
     _only(a, {"name", "size", "sha256", "url", "stream"}, "artifact")
     name = _str(a.get("name"), "artifact.name", 128)
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise DocumentError("artifact.name must be a plain file name (no paths)")
     size = _int(a.get("size"), "artifact.size", 1, MAX_ARTIFACT_BYTES)
     sha = _str(a.get("sha256"), "artifact.sha256", 64).lower()
     if not re.fullmatch(r"[0-9a-f]{64}", sha):
         raise DocumentError("artifact.sha256 must be 64 hex digits")
+    url, stream_id, file_id = _location(a)
+    return UpdateSpec("our", target, version, name, size, sha, url, stream_id, file_id, _signature_field(d))
+
+
+def _location(a: dict) -> tuple[str | None, str | None, int | None]:
     url = stream_id = file_id = None
     if ("url" in a) == ("stream" in a):
         raise DocumentError("artifact needs exactly one of url and stream")
@@ -143,17 +168,37 @@ def _ours(d: dict) -> UpdateSpec:
             raise DocumentError("artifact.stream must be an object")
         _only(s, {"id", "file_id"}, "artifact.stream")
         stream_id = _str(s.get("id"), "artifact.stream.id", 128)
-        if not STREAM_RE.match(stream_id):
+        if not STREAM_RE.fullmatch(stream_id):
             raise DocumentError("artifact.stream.id has invalid characters")
         file_id = _int(s.get("file_id", 0), "artifact.stream.file_id", 0, 255)
+    return url, stream_id, file_id
+
+
+def _signature_field(d: dict) -> bytes:
     sig = d.get("signature")
     if not isinstance(sig, dict):
         raise DocumentError("signature must be an object")
     _only(sig, {"algorithm", "value"}, "signature")
     if sig.get("algorithm") != "ECDSA-P256-SHA256":
         raise DocumentError("signature.algorithm must be ECDSA-P256-SHA256")
-    return UpdateSpec("our", target, version, name, size, sha, url, stream_id, file_id,
-                      _signature(sig.get("value"), "signature.value"))
+    return _signature(sig.get("value"), "signature.value")
+
+
+def _signed(d: dict) -> UpdateSpec:
+    """Schema 2: the manifest's bytes and where to fetch; its fields are read once its signature verifies."""
+    _only(d, {"operation", "schema", "manifest", "artifact", "signature"}, "document")
+    raw = _str(d.get("manifest"), "manifest", MAX_MANIFEST_B64)
+    try:
+        manifest = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        raise DocumentError("manifest is not base64")
+    a = d.get("artifact")
+    if not isinstance(a, dict):
+        raise DocumentError("artifact must be an object")
+    _only(a, {"url", "stream"}, "artifact")
+    url, stream_id, file_id = _location(a)
+    return UpdateSpec("signed", None, None, "", 0, None, url, stream_id, file_id, _signature_field(d),
+                      manifest=manifest)
 
 
 def _afr(d: dict) -> UpdateSpec:
@@ -169,7 +214,7 @@ def _afr(d: dict) -> UpdateSpec:
     f = files[0]
     path = _str(f.get("filepath"), "afr_ota.files[0].filepath", 255)
     name = path.replace("\\", "/").rsplit("/", 1)[-1]
-    if ".." in path.replace("\\", "/").split("/") or not NAME_RE.match(name):
+    if ".." in path.replace("\\", "/").split("/") or not NAME_RE.fullmatch(name):
         raise DocumentError("afr_ota.files[0].filepath must name a plain file (no '..')")
     size = _int(f.get("filesize"), "afr_ota.files[0].filesize", 1, MAX_ARTIFACT_BYTES)
     sig = _signature(f.get("sig-sha256-ecdsa"), "afr_ota.files[0].sig-sha256-ecdsa")
@@ -178,7 +223,7 @@ def _afr(d: dict) -> UpdateSpec:
         url = _https(f["update_data_url"], "afr_ota.files[0].update_data_url")
     elif "MQTT" in protocols:
         stream_id = _str(a.get("streamname"), "afr_ota.streamname", 128)
-        if not STREAM_RE.match(stream_id):
+        if not STREAM_RE.fullmatch(stream_id):
             raise DocumentError("afr_ota.streamname has invalid characters")
         file_id = _int(f.get("fileid", 0), "afr_ota.files[0].fileid", 0, 255)
     else:

@@ -35,3 +35,16 @@ def is_version(text: object) -> bool:
         return True
     except VersionError:
         return False
+
+
+def installed_key(text: str) -> tuple[int, ...]:
+    """An installed version's order key: canonical versions, and the dotted numbers (1-4 parts) that
+    older agents accepted, so what is on a device stays comparable. Only for what is already installed:
+    a new release must pass parse_version. Keys are padded to 4 parts so both kinds compare."""
+    try:
+        return parse_version(text) + (0,)
+    except VersionError:
+        parts = text.split(".") if isinstance(text, str) else []
+        if not 1 <= len(parts) <= 4 or not all(p.isascii() and p.isdigit() and len(p) <= 9 for p in parts):
+            raise VersionError(f"the installed version {str(text)[:20]!r} cannot be compared; reinstall the target")
+        return tuple(int(p) for p in parts) + (0,) * (4 - len(parts))

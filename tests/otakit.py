@@ -10,7 +10,7 @@ from localcloud.bench import fresh_device
 from localcloud.cloud import LocalCloud
 from localcloud.jobs import Jobs
 from localcloud.ntp import Chrony
-from localcloud.vendor import CodeSigner, make_tar, our_doc  # noqa: F401  (re-exported for the tests)
+from localcloud.vendor import CodeSigner, make_tar, our_doc, signed_doc  # noqa: F401  (re-exported for the tests)
 from localcloud.streams import Streams
 from localcloud.tokens import softhsm_token
 from test_jobs_engine import wait_status
@@ -43,8 +43,10 @@ def afr_doc(filepath: str, data: bytes, signature: str, *, url: str | None = Non
     return {"afr_ota": {"protocols": ["MQTT"], "streamname": stream, "files": [f]}}
 
 
-def release(version: str, text: str | None = None) -> bytes:
-    return make_tar({"app.txt": (text or f"app {version}\n").encode(), "bin/run": b"#!/bin/sh\necho hi\n"}, version)
+def release(version: str, text: str | None = None, target: str | None = "app") -> bytes:
+    """A release tar with VERSION and TARGET inside (what legacy documents need to bind them)."""
+    return make_tar({"app.txt": (text or f"app {version}\n").encode(), "bin/run": b"#!/bin/sh\necho hi\n"}, version,
+                    target)
 
 
 class World:
@@ -93,6 +95,11 @@ class World:
     def stream(self, data: bytes) -> str:
         p = self.file(data)
         return self.streams.create([p], f"ota-{p.name}")
+
+    def signed(self, target: str, version: str, name: str, data: bytes, *, stream: bool = False, **kw) -> dict:
+        """A schema 2 document (signed manifest) for `data`, served over HTTPS or an MQTT stream."""
+        where = {"stream": (self.stream(data), 0)} if stream else {"url": kw.pop("url", None) or self.https(data)}
+        return signed_doc(kw.pop("signer", self.signer), target, version, name, data, **where, **kw)
 
     def run(self, job_id: str, doc: dict, status: str) -> dict:
         self.jobs.create(job_id, self.thing, doc)

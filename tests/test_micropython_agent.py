@@ -137,6 +137,49 @@ def test_refused_updates_install_nothing(world):
     assert b.boots == boots, "a refused update must not reset the board"
 
 
+def test_versions_have_one_spelling_and_come_from_the_signed_archive(world):
+    """As on Linux: MAJOR.MINOR.PATCH in ASCII digits without leading zeros, compared as numbers, anything
+    else REJECTED, so a failed release cannot come back under another spelling. The version the board
+    installs as is the signed VERSION in the archive; the document's (unsigned) version, if any, must equal it."""
+    w = world
+    b = w.boot()
+    b.wait_for(r"connected as " + THING, 90)
+    boots = b.boots
+
+    def doc(version: str | None, signed: bytes) -> dict:
+        d = w.ota_doc(version or "0.0.0", w.release("2.0.0", extra={"VERSION": signed}))
+        if version is None:
+            del d["version"]
+        return d
+
+    canonical = "MAJOR.MINOR.PATCH"
+    cases = [
+        ("two-parts", doc("6.0", b"6.0\n"), canonical),
+        ("leading-zero", doc("06.0.0", b"06.0.0\n"), canonical),
+        ("arabic-indic-digit", doc("\u0666.0.0", "\u0666.0.0\n".encode()), canonical),
+        ("newline", doc("9.0.0\n", b"9.0.0\n"), canonical),
+        ("four-parts", doc("1.2.3.4", b"1.2.3.4\n"), canonical),
+        ("space", doc(" 3.0.0", b" 3.0.0\n"), canonical),
+        ("not-a-string", doc(None, b"3.0.0\n") | {"version": 3}, canonical),
+        # No version in the document: the signed VERSION alone decides, and is held to the same rules.
+        ("signed-four-parts", doc(None, b"3.0.0.0\n"), canonical),
+        ("signed-leading-zero", doc(None, b"03.0.0\n"), canonical),
+        ("signed-two-lines", doc(None, b"3.0.0\n\n"), canonical),
+        ("signed-not-newer", doc(None, b"1.0.0\n"), "not newer"),
+        ("document-disagrees", doc("3.0.0", b"3.0.1\n"), "VERSION"),
+    ]
+    for job_id, d, reason in cases:
+        ex = w.run_job(job_id, d, "REJECTED", timeout=45)
+        assert reason in ex["statusDetails"]["reason"], (job_id, ex)
+        assert w.app_version() == "1.0.0" and not (w.flash / "app.new").exists(), job_id
+    assert b.boots == boots, "a refused update must not reset the board"
+    # A document without a version: the release installs as its signed VERSION, compared as numbers.
+    ex = w.run_job("unlabelled", doc(None, b"10.0.0\n"), "SUCCEEDED", timeout=120)
+    assert ex["statusDetails"]["version"] == "10.0.0" and w.app_version() == "10.0.0", ex
+    ex = w.run_job("numeric", doc("9.9.9", b"9.9.9\n"), "REJECTED")
+    assert "not newer" in ex["statusDetails"]["reason"], ex
+
+
 def test_no_tls_before_the_clock_is_set(tmp_path, node):  # noqa: F811
     """The RTC starts in 2000. Untrustworthy SNTP answers (unsynchronised server, a time before this
     software was built, silence) keep the board off the network; a good answer lets it on."""

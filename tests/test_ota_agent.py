@@ -2,8 +2,9 @@
 cloud's jobs, HTTPS artifact server and MQTT streams.
 
 One agent runs for the whole module and takes the jobs as they are queued: the happy paths over
-HTTPS and streams for both document kinds, then every refusal, each followed by a check that
-nothing was installed and nothing was left behind.
+HTTPS and streams for the signed-manifest schema and the legacy kinds (schema 1 and afr_ota over a
+tar whose VERSION and TARGET bind it), then every refusal, each followed by a check that nothing was
+installed and nothing was left behind.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import threading
 import pytest
 
 from agent.install import slot
-from otakit import AFR_PATH, HEALTH, CodeSigner, World, afr_doc, make_tar, our_doc, release
+from agent.manifest import make as make_manifest
+from otakit import AFR_PATH, HEALTH, CodeSigner, World, afr_doc, make_tar, our_doc, release, signed_doc
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +41,11 @@ def agent(world):
     assert a.stop() == 0
 
 
-def test_happy_paths_https_and_streams_for_both_document_kinds(world, agent):
+def test_happy_paths_https_and_streams_for_every_document_kind(world, agent):
     s = world.signer
     cases = [
+        ("signed-https", "1.0.1", lambda d: world.signed("app", "1.0.1", "app.tar", d)),
+        ("signed-stream", "1.0.2", lambda d: world.signed("app", "1.0.2", "app.tar", d, stream=True)),
         ("our-https", "1.1.0", lambda d: our_doc("app", "1.1.0", "app.tar", d, s.sign(d), url=world.https(d))),
         ("our-stream", "1.2.0", lambda d: our_doc("app", "1.2.0", "app.tar", d, s.sign(d), stream=(world.stream(d), 0))),
         ("afr-https", "1.3.0", lambda d: afr_doc(AFR_PATH, d, s.sign(d), url=world.https(d))),
@@ -58,13 +62,13 @@ def test_happy_paths_https_and_streams_for_both_document_kinds(world, agent):
         world.assert_clean(version)
         previous = version
     # Progress went out as IN_PROGRESS updates while downloading (several per job).
-    delivered = [l for _, l in agent.lines if "job our-https: IN_PROGRESS delivered" in l]
+    delivered = [l for _, l in agent.lines if "job signed-https: IN_PROGRESS delivered" in l]
     assert len(delivered) >= 3, agent.text()[-2000:]
-    # A single-file target keeps the artifact as it is.
+    # A single-file target keeps the artifact as it is; its version is bound by the signed manifest.
     blob = os.urandom(200_000)
-    world.run("blob-1", our_doc("blob", "7", "firmware.bin", blob, s.sign(blob), url=world.https(blob)), "SUCCEEDED")
+    world.run("blob-1", world.signed("blob", "7.0.0", "firmware.bin", blob), "SUCCEEDED")
     assert (world.blob / "current" / "firmware.bin").read_bytes() == blob
-    world.assert_clean("7", world.blob)
+    world.assert_clean("7.0.0", world.blob)
 
 
 class Truncating(http.server.BaseHTTPRequestHandler):
@@ -100,33 +104,51 @@ def test_refusals_install_nothing(world, agent, truncating_server):
     assert base == "1.4.0"  # from the happy-path test
     good = release("2.0.0")
 
-    def doc(data=good, version="2.0.0", sig=None, **kw):
-        return our_doc("app", version, "app.tar", data, sig or s.sign(data), url=kw.pop("url", None) or world.https(data), **kw)
+    def doc(data=good, version="2.0.0", **kw):
+        return world.signed("app", version, "app.tar", data, **kw)
+
+    def legacy(data=good, version="2.0.0", sig=None, **kw):
+        return our_doc("app", version, "app.tar", data, sig or s.sign(data), url=kw.pop("url", None) or world.https(data),
+                       **kw)
 
     tampered = good[:-10] + b"X" * 10
     Truncating.data = good
     traversal = make_tar({"../evil.txt": b"owned", "app.txt": b"app 2.0.0\n"}, "2.0.0")
+    manifest = make_manifest("app", "2.0.0", "app.tar", len(good), __import__("hashlib").sha256(good).hexdigest())
     cases = [
-        ("bad-signature", doc(sig=s.sign(b"something else")), "REJECTED", "signature does not verify"),
-        ("other-key", doc(sig=other.sign(good)), "REJECTED", "signature does not verify"),
-        ("tampered", our_doc("app", "2.0.0", "app.tar", good, s.sign(good), url=world.https(tampered)),
-         "REJECTED", "sha256 does not match"),
-        ("tampered-hash-too", our_doc("app", "2.0.0", "app.tar", tampered, s.sign(good), url=world.https(tampered)),
-         "REJECTED", "signature does not verify"),
-        ("size-mismatch", doc(size=len(good) + 10), "REJECTED", "size mismatch"),
+        ("bad-signature", signed_doc(s, "app", "2.0.0", "app.tar", good, url=world.https(good),
+                                     manifest=(manifest, s.sign(b"something else"))), "REJECTED",
+         "manifest signature does not verify"),
+        ("other-key", doc(signer=other), "REJECTED", "manifest signature does not verify"),
+        ("tampered", doc(url=world.https(tampered)), "REJECTED", "sha256 does not match the signed manifest"),
+        ("size-mismatch", doc(url=world.https(good + b"extra")), "REJECTED", "size mismatch"),
         ("truncated", doc(url=f"https://localhost:{truncating_server.server_address[1]}/app.tar"),
          "FAILED", "download failed after 2 attempts"),
         ("downgrade", doc(data=release("1.0.0"), version="1.0.0"), "REJECTED", "downgrade of app from 1.4.0 to 1.0.0"),
         ("replay", doc(data=release("1.4.0"), version="1.4.0"), "REJECTED", "already installed"),
         ("version-lie", doc(data=release("1.0.0"), version="2.0.0"), "REJECTED",
-         "VERSION inside the artifact (1.0.0) differs"),
+         "VERSION inside the artifact (1.0.0) differs from the signed manifest"),
+        ("other-target", doc(data=release("2.0.0", target="firmware")), "REJECTED",
+         "a release of 'firmware', not of 'app'"),
+        ("not-canonical", doc(version="02.0.0"), "REJECTED", "not MAJOR.MINOR.PATCH"),
         ("traversal", doc(data=traversal), "REJECTED", "not a safe tar archive"),
+        ("unknown-target", world.signed("kernel", "2.0.0", "app.tar", good), "REJECTED",
+         "unknown update target 'kernel'"),
+        ("oversized-doc", {**doc(), "padding": "x" * 40_000}, "REJECTED", "limit is 32768"),
+        ("oversized-artifact", doc(size=5 * 1024 * 1024), "REJECTED", "exceeds ota.max_artifact_bytes"),
+        ("malformed", {"operation": "ota-update", "schema": 2, "artifact": {}}, "REJECTED", "manifest must be"),
+        # Legacy documents: the signature covers the artifact, which must say what it is.
+        ("legacy-bad-signature", legacy(sig=s.sign(b"something else")), "REJECTED", "signature does not verify"),
+        ("legacy-tampered", our_doc("app", "2.0.0", "app.tar", good, s.sign(good), url=world.https(tampered)),
+         "REJECTED", "sha256 does not match"),
+        ("legacy-tampered-hash-too", our_doc("app", "2.0.0", "app.tar", tampered, s.sign(good),
+                                             url=world.https(tampered)), "REJECTED", "signature does not verify"),
+        ("legacy-no-target-file", legacy(data=release("2.0.0", target=None)), "REJECTED", "binds no version or target"),
+        ("legacy-version-lie", legacy(data=release("1.0.0"), version="2.0.0"), "REJECTED",
+         "VERSION inside the artifact (1.0.0) differs"),
         ("afr-traversal", afr_doc("/opt/app/../../etc/passwd", good, s.sign(good), url=world.https(good)),
          "REJECTED", "filepath must name a plain file"),
-        ("oversized-doc", {**doc(), "padding": "x" * 40_000}, "REJECTED", "document larger than"),
-        ("oversized-artifact", doc(size=5 * 1024 * 1024), "REJECTED", "exceeds ota.max_artifact_bytes"),
-        ("malformed", {"operation": "ota-update", "schema": 1, "target": "app"}, "REJECTED", "version must be"),
-        ("unknown-target", {**doc(), "target": "kernel"}, "REJECTED", "unknown update target 'kernel'"),
+        ("legacy-malformed", {"operation": "ota-update", "schema": 1, "target": "app"}, "REJECTED", "version"),
         ("unhealthy", doc(data=release("2.1.0", "unhealthy\n"), version="2.1.0"), "FAILED",
          "rolled back to 1.4.0: health check exited 1"),
         ("broken-again", doc(data=release("2.1.0", "unhealthy\n"), version="2.1.0"), "REJECTED",
@@ -140,6 +162,12 @@ def test_refusals_install_nothing(world, agent, truncating_server):
         world.assert_clean(base)
         assert not (world.root / "device" / "evil.txt").exists() and not (world.app / "evil.txt").exists()
     assert slot(world.app, "broken") == "2.1.0"
+    # A single-file target cannot carry VERSION: a legacy document cannot bind its version.
+    blob = os.urandom(1000)
+    ex = world.run("blob-legacy", our_doc("blob", "8.0.0", "firmware.bin", blob, s.sign(blob), url=world.https(blob)),
+                   "REJECTED")
+    assert "binds no version or target" in ex["statusDetails"]["reason"]
+    world.assert_clean("7.0.0", world.blob)
     # After all that, a good update still goes through.
     world.run("good-after-refusals", doc(), "SUCCEEDED")
     world.assert_clean("2.0.0")
@@ -151,7 +179,7 @@ def test_a_stream_download_survives_a_broker_restart(world, agent):
     import time
 
     data = release("3.0.0") + os.urandom(3_000_000)
-    doc = our_doc("app", "3.0.0", "app.tar", data, world.signer.sign(data), stream=(world.stream(data), 0))
+    doc = world.signed("app", "3.0.0", "app.tar", data, stream=True)
     world.jobs.create("through-restart", world.thing, doc)
     i = agent.wait_for(r"job through-restart: IN_PROGRESS delivered", timeout=60)
     world.cloud.down()
