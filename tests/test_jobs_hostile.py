@@ -417,8 +417,6 @@ def test_escape_property_keeps_safe_text_and_is_bounded(text):
 
 
 def test_engine_never_dies_on_a_raw_message():
-    from agent.jobs import scan_execution  # noqa: F401  (the engine's raw path)
-
     eng = JobsEngine("gw-1", conn=None, load_state=dict, save_state=lambda d: None)
     for topic in ("$aws/things/gw-1/jobs/notify-next", "$aws/things/gw-1/jobs/start-next/accepted",
                   "$aws/things/gw-1/jobs/notify", "$aws/things/gw-2/jobs/notify-next", "other"):

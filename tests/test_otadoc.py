@@ -39,7 +39,23 @@ def test_valid_documents_parse():
     http["afr_ota"]["protocols"] = ["HTTP"]
     http["afr_ota"]["files"][0]["update_data_url"] = "https://s3.example/app.bin"
     assert parse(http).url == "https://s3.example/app.bin"
-    assert version_key("1.10") > version_key("1.9.9") and version_key("2") == version_key("2.0.0")
+    assert version_key("1.10.0") > version_key("1.9.9")
+    with pytest.raises(ValueError):
+        version_key("2")  # one spelling per version: 2.0.0
+
+
+def test_signed_documents_carry_the_manifest_bytes():
+    from localcloud.vendor import CodeSigner, signed_doc
+
+    signer = CodeSigner.__new__(CodeSigner)
+    signer.key = KEY
+    doc = signed_doc(signer, "app", "1.2.3", "app.tar", DATA, url="https://localhost/x")
+    s = parse(doc)
+    assert s.source == "signed" and s.manifest and s.target is None and s.version is None and not s.bound
+    with pytest.raises(DocumentError, match="unknown field"):
+        parse({**doc, "version": "99.0.0"})  # labels have no place next to a signed manifest
+    with pytest.raises(DocumentError, match="manifest is not base64"):
+        parse({**doc, "manifest": "***"})
 
 
 def mutate(doc, path, value):
@@ -67,9 +83,10 @@ def mutate(doc, path, value):
     (("signature", "value"), "not base64!", "base64"),
     (("signature", "value"), base64.b64encode(b"\x01" * 40).decode(), "DER ECDSA"),
     (("signature", "algorithm"), "RSA", "ECDSA-P256-SHA256"),
-    (("version",), "1.2.3-beta", "dotted numbers"),
+    (("version",), "1.2.3-beta", "MAJOR.MINOR.PATCH"),
+    (("version",), "1.2", "MAJOR.MINOR.PATCH"),
     (("target",), "../app", "plain name"),
-    (("schema",), 2, "schema must be 1"),
+    (("schema",), 3, "schema must be 1"),
     (("artifact", "extra"), 1, "unknown field"),
     (("artifact", "url"), KeyError, "exactly one of url and stream"),
 ])
