@@ -39,9 +39,10 @@ class IssuedCertificate:
 
 def _shown(value: Any) -> str:
     """A short, escaped picture of a hostile value for the reason text."""
-    text = value if isinstance(value, str) else type(value).__name__
-    return repr(text[:40].encode("ascii", "backslashreplace").decode()) + ("..." if isinstance(value, str)
-                                                                              and len(value) > 40 else "")
+    if not isinstance(value, str):
+        return type(value).__name__
+    shown = value[:40].encode("ascii", "backslashreplace").decode()
+    return repr(shown[:60]) + ("..." if len(value) > 40 or len(shown) > 60 else "")
 
 
 def thing_name(value: Any) -> str:

@@ -31,6 +31,8 @@ from typing import Any, Callable
 
 from .logfmt import escape
 
+from . import killpoints
+
 log = logging.getLogger("agent.jobs")
 
 TERMINAL = ("SUCCEEDED", "FAILED", "REJECTED")
@@ -587,6 +589,7 @@ class JobsEngine:
                 self._client.update_job_execution(iotjobs.UpdateJobExecutionRequest(
                     thing_name=self.thing, job_id=item["job_id"], status=item["status"],
                     status_details=item["details"])).result(REQUEST_TIMEOUT_S + 5)
+                killpoints.op("cloud:update-job", item["status"])
                 log.info("job %s: %s delivered", item["job_id"], item["status"])
             except V2ServiceException as e:
                 code = getattr(e.modeled_error, "code", None)
@@ -649,6 +652,7 @@ class JobsEngine:
         if ex is None:
             log.debug("no pending job")
             return False
+        killpoints.op("cloud:start-next-job")
         job_id, doc = ex.job_id, ex.job_document
         if not valid_job_id(job_id):
             raise ValueError(f"the cloud sent a job id that is not AWS's: {escape(repr(job_id), 100)}")

@@ -152,6 +152,11 @@ class OtaHandler:
         self._put(active=active)
         return active
 
+    @staticmethod
+    def _key(job_id: str) -> str:
+        """A job's file names in the work folder and the spool (job ids are network text: never a path)."""
+        return hashlib.sha256(job_id.encode()).hexdigest()[:24]
+
     def target_dir(self, name: str) -> Path:
         return self.cfg.resolve(self.targets[name].directory)
 
@@ -184,9 +189,16 @@ class OtaHandler:
             if not t.privileged and tdir.is_dir():
                 install.prune(tdir)
         keep = set()
-        a = self._state().get("active")
+        st = self._state()
+        a = st.get("active")
         if a:
             keep = {Path(a["partial"]).name, Path(a["partial"]).name + ".blocks"}
+        spool = self.work / "spool"
+        if spool.is_dir():  # the helper's answer to a job whose outcome is recorded has served its purpose
+            recorded = {self._key(job_id) for job_id in st["done"]} - ({Path(a["partial"]).stem} if a else set())
+            for f in spool.iterdir():
+                if f.name.split(".", 1)[0] in recorded and f.is_file():
+                    durable.remove(f)
         for f in self.work.iterdir():
             if f.is_file() and f.name not in keep and (f.name.endswith((".part", ".blocks")) or ".tmp" in f.name):
                 durable.remove(f)
@@ -274,7 +286,7 @@ class OtaHandler:
         free = shutil.disk_usage(self.work).free
         if free < spec.size * 2 + (16 << 20):
             raise Failed(f"not enough disk space: {free} bytes free, the update needs {spec.size * 2} plus a margin")
-        key = hashlib.sha256(job_id.encode()).hexdigest()[:24]
+        key = self._key(job_id)
         active = {"job_id": job_id, "target": target, "version": spec.version, "phase": "accepted",
                   "partial": str(self.work / f"{key}.part")}
         self._put(active=active)
@@ -519,7 +531,8 @@ class OtaHandler:
                                                                            | {version})})
         else:
             out = self._finish(a["job_id"], status, {"reason": f"iot-agent-install: {reason}"}, a)
-        durable.remove(result_path)  # only now that the outcome is recorded
+        for suffix in (".result.json", ".claimed.json", ".request.json", ".artifact"):
+            durable.remove(spool / f"{key}{suffix}")  # only now that the outcome is recorded
         return out
 
     def _confirm(self, a: dict, t: OtaTargetConfig) -> Outcome:

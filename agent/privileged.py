@@ -20,7 +20,8 @@ there.
   then hashed and verified from that private copy.
 - Hand-over protocol: `<key>.request.json` is claimed (renamed `<key>.claimed.json`) before any work,
   so the agent can tell a request not yet taken (it may withdraw it) from one being installed. The
-  answer `<key>.result.json` is written before the claim and the artifact are removed.
+  answer `<key>.result.json` is written before the claim and the artifact are removed; the agent,
+  once it has recorded the outcome, removes the answer and whatever is left of the claim.
 - It installs with the agent's release slots, health check and rollback, behind its own write-ahead
   record per target (`.install.json`): "activating" is undone at the next start (the claimed request
   is then installed again); "committed" holds the answer, which is written out if a cut lost it.
@@ -330,8 +331,9 @@ def handle(cfg: HelperConfig, pinned, dir_fd: int, key: str) -> dict:
 
 def recover(cfg: HelperConfig, dir_fd: int) -> None:
     """A cut mid-install: "activating" is undone (the claimed request is installed again);
-    "committed" gets its answer written out if the cut lost it."""
+    "committed" gets its answer written out if the cut lost it. A private copy a cut left is dropped."""
     for name, t in cfg.targets.items():
+        shutil.rmtree(t.directory / ".incoming", ignore_errors=True)
         path = t.directory / WAL
         try:
             rec = json.loads(path.read_text())
@@ -342,7 +344,8 @@ def recover(cfg: HelperConfig, dir_fd: int) -> None:
             durable.remove(path)
             continue
         if rec.get("phase") == "committed" and isinstance(rec.get("result"), dict):
-            if not _exists(dir_fd, f"{key}.result.json"):
+            # The claim is gone once the agent has taken the answer (it removes both): then nothing is owed.
+            if _exists(dir_fd, f"{key}.claimed.json") and not _exists(dir_fd, f"{key}.result.json"):
                 _write_result(dir_fd, key, rec["result"])
             _remove(dir_fd, f"{key}.artifact")
             _remove(dir_fd, f"{key}.claimed.json")

@@ -101,10 +101,10 @@ def sweep_points(w: MpWorld) -> int:
     return int(f.read_text() or 0) if f.exists() else 0
 
 
-def settle(w: MpWorld, b, k: int, converged, timeout: float = 60) -> bool:
+def settle(w: MpWorld, b, k: int | str, converged, timeout: float = 60) -> bool:
     """Wait until the flow has converged and the board has passed no sweep point for a while (after a
-    cut: until it has connected again). True when the power was cut at point k."""
-    mark = f"### power cut at sync-{k} "
+    cut: until it has connected again). True when the power was cut at sweep point k (or named cut k)."""
+    mark = f"### power cut at {k if isinstance(k, str) else f'sync-{k}'} "
     deadline = time.monotonic() + timeout
     last, since = -1, time.monotonic()
     while time.monotonic() < deadline:
@@ -121,7 +121,7 @@ def settle(w: MpWorld, b, k: int, converged, timeout: float = 60) -> bool:
         if ok and back and time.monotonic() - since > 1.0:
             return bool(cut)
         time.sleep(0.1)
-    raise AssertionError(f"no convergence after a cut at sweep point {k}:\n{b.text()[-6000:]}")
+    raise AssertionError(f"no convergence after a cut at {mark[17:]}:\n{b.text()[-6000:]}")
 
 
 def sweep(prepare, run, workers: int = 2) -> int:
@@ -279,3 +279,24 @@ def test_an_update_converges_after_a_power_cut_at_every_step(tmp_path, node):  #
     n = sweep(lambda: provisioned(tmp_path / f"w{next(worlds)}"), run)
     print("update:", n, "sweep points")
     assert n >= 15
+
+
+def test_a_cut_right_after_the_new_certificate_is_proven_keeps_the_identity(tmp_path, node):  # noqa: F811
+    """Whatever the board writes first once its new certificate has connected is where the decision "the new
+    certificate is proven" must be complete: cut the power right after that write, and the board still ends on
+    one identity whose files exist, with the old certificate retired (told only over a connection made with
+    the new one) and the job settled."""
+    w = provisioned(tmp_path)
+    try:
+        old = w.identity()
+        w.jobs.create("rotate", THING, {"operation": "rotate-certificate"})
+        b = w.boot(max_boots=1)  # new key, certificate, registration; then the reset onto it, where this stops
+        b.wait_for(r"### exit 75", 60)
+        assert json.loads((w.flash / "state" / "rot.json").read_text())["step"] == "switch"
+        b = w.boot(max_boots=8, params={"cut_on_change": ["state/identity.json", "state/rot.json"]})
+        settle(w, b, "change", lambda: w.jobs.execution("rotate", THING)["status"] == "SUCCEEDED" and on_identity(w)
+               and "old" not in w.identity() and not (w.flash / "state" / "rot.json").exists())
+        ident = one_identity(w)
+        assert ident["cert_id"] != old["cert_id"] and len(attached(w)) == 2
+    finally:
+        w.close()

@@ -183,7 +183,7 @@ def update_case(world, kind: str, root: Path, flow: str):
                 data = release("2.0.0", "unhealthy\n" if flow == "rollback" else None)
                 cmd = agent_cmd(dev.config_path, "run")
             want = "FAILED" if flow == "rollback" else "SUCCEEDED"
-            job = f"upd-{n}"
+            job = f"upd-{flow}-{n}"
             world.jobs.create(job, thing, signed_doc(world.signer, name, "2.0.0", f"{name}.tar", data,
                                                      url=world.https(data)))
             ops = d / "ops.log"
