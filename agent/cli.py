@@ -281,7 +281,9 @@ def _keys(cfg: Config, args) -> int:
         elif args.keys_command == "csr":
             pem = ks.make_csr(args.label, args.cn)
             if args.out:
-                args.out.write_bytes(pem)
+                from .durable import write_atomic
+
+                write_atomic(args.out, pem, 0o644)
             else:
                 sys.stdout.write(pem.decode())
     return 0

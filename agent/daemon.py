@@ -135,7 +135,9 @@ def _run(cfg: Config, stop: threading.Event) -> int:
                 fast += 1
         return 0
     finally:
-        pid_file.unlink(missing_ok=True)
+        from .durable import remove
+
+        remove(pid_file)
 
 
 SESSION_RESTART = -1

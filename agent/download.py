@@ -45,7 +45,9 @@ def https_download(url: str, partial: Path, expected_size: int, *, ca_file: Path
         raise DownloadError("only https:// URLs are downloaded")
     have = partial.stat().st_size if partial.exists() else 0
     if have > expected_size:
-        partial.unlink()
+        from .durable import remove
+
+        remove(partial)
         have = 0
     h = hashlib.sha256()
     if have:

@@ -17,8 +17,9 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+from . import durable
+from .durable import fsync_dir as _fsync_dir
 from .errors import AgentError
-from .release import _fsync_dir  # one helper for every atomic switch
 
 
 class InstallError(AgentError):
@@ -28,15 +29,7 @@ class InstallError(AgentError):
 
 
 def _link(target_dir: Path, name: str, release: str | None) -> None:
-    link = target_dir / name
-    if release is None:
-        link.unlink(missing_ok=True)
-    else:
-        tmp = target_dir / f".{name}.tmp"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(Path("releases") / release)
-        os.replace(tmp, link)
-    _fsync_dir(target_dir)
+    durable.symlink(target_dir / name, Path("releases") / release if release else None)
 
 
 def slot(target_dir: Path, name: str) -> str | None:
@@ -55,9 +48,9 @@ def stage(target_dir: Path, version: str, artifact: Path, name: str, unpack: boo
     if final.exists():
         if slot(target_dir, "current") == version:
             raise InstallError(f"version {version} is already installed")
-        shutil.rmtree(final)  # a leftover from an interrupted install: stage it again
+        durable.remove_tree(final)  # a leftover from an interrupted install: stage it again
     staging = releases / f".{version}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
+    durable.remove_tree(staging)
     staging.mkdir()
     try:
         if unpack:
@@ -80,10 +73,10 @@ def stage(target_dir: Path, version: str, artifact: Path, name: str, unpack: boo
                 raise InstallError(f"artifact is not a safe tar archive: {e}")
         else:
             shutil.copyfile(artifact, staging / name)
-        os.replace(staging, final)
+        os.replace(staging, final)  # durable: a folder renamed into place; fsync'd below
         _fsync_dir(releases)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        durable.remove_tree(staging)
         raise
     return final
 
@@ -125,9 +118,9 @@ def prune(target_dir: Path) -> None:
         return
     for d in releases.iterdir():
         if d.name not in keep:
-            shutil.rmtree(d, ignore_errors=True) if d.is_dir() and not d.is_symlink() else d.unlink(missing_ok=True)
+            durable.remove_tree(d)
     for n in ("current", "previous", "broken"):
-        (target_dir / f".{n}.tmp").unlink(missing_ok=True)
+        durable.remove(target_dir / f".{n}.tmp")
     _fsync_dir(releases)
 
 

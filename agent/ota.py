@@ -504,7 +504,7 @@ class OtaHandler:
                 break
             if time.time() > deadline:
                 try:  # withdraw the request, unless the helper has claimed it (then it answers)
-                    os.rename(spool / f"{key}.request.json", spool / f".{key}.withdrawn")
+                    os.rename(spool / f"{key}.request.json", spool / f".{key}.withdrawn")  # durable: test-and-take
                 except FileNotFoundError:
                     if (spool / f"{key}.claimed.json").exists() and time.time() < deadline + limit:
                         time.sleep(0.25)
@@ -531,8 +531,8 @@ class OtaHandler:
                                                                            | {version})})
         else:
             out = self._finish(a["job_id"], status, {"reason": f"iot-agent-install: {reason}"}, a)
-        for suffix in (".result.json", ".claimed.json", ".request.json", ".artifact"):
-            durable.remove(spool / f"{key}{suffix}")  # only now that the outcome is recorded
+        for suffix in (".claimed.json", ".request.json", ".artifact", ".result.json"):  # claim before answer:
+            durable.remove(spool / f"{key}{suffix}")  # agent.privileged.recover relies on it
         return out
 
     def _confirm(self, a: dict, t: OtaTargetConfig) -> Outcome:

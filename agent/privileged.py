@@ -41,7 +41,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import stat
 import sys
 import tomllib
@@ -270,7 +269,7 @@ def handle(cfg: HelperConfig, pinned, dir_fd: int, key: str) -> dict:
         raise Refusal("artifact name must be a plain file name")
     t.directory.mkdir(parents=True, exist_ok=True)
     incoming = t.directory / ".incoming"
-    shutil.rmtree(incoming, ignore_errors=True)
+    durable.remove_tree(incoming)
     incoming.mkdir(mode=0o700)
     copy = incoming / name
     try:
@@ -326,14 +325,14 @@ def handle(cfg: HelperConfig, pinned, dir_fd: int, key: str) -> dict:
         install.prune(t.directory)
         return result
     finally:
-        shutil.rmtree(incoming, ignore_errors=True)
+        durable.remove_tree(incoming)
 
 
 def recover(cfg: HelperConfig, dir_fd: int) -> None:
     """A cut mid-install: "activating" is undone (the claimed request is installed again);
     "committed" gets its answer written out if the cut lost it. A private copy a cut left is dropped."""
     for name, t in cfg.targets.items():
-        shutil.rmtree(t.directory / ".incoming", ignore_errors=True)
+        durable.remove_tree(t.directory / ".incoming")
         path = t.directory / WAL
         try:
             rec = json.loads(path.read_text())
@@ -344,8 +343,9 @@ def recover(cfg: HelperConfig, dir_fd: int) -> None:
             durable.remove(path)
             continue
         if rec.get("phase") == "committed" and isinstance(rec.get("result"), dict):
-            # The claim is gone once the agent has taken the answer (it removes both): then nothing is owed.
-            if _exists(dir_fd, f"{key}.claimed.json") and not _exists(dir_fd, f"{key}.result.json"):
+            # The agent takes an answer by removing the claim first, then the answer: an answer that is
+            # missing while the claim is still there (checked in that order) was never written.
+            if not _exists(dir_fd, f"{key}.result.json") and _exists(dir_fd, f"{key}.claimed.json"):
                 _write_result(dir_fd, key, rec["result"])
             _remove(dir_fd, f"{key}.artifact")
             _remove(dir_fd, f"{key}.claimed.json")

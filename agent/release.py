@@ -22,14 +22,6 @@ RESTART_EXIT = 75  # the agent exits with this to be started again at once (EX_T
 TRIAL_FILE = "trial.json"
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def read_trial(target_dir: Path) -> dict | None:
     try:
         doc = json.loads((target_dir / TRIAL_FILE).read_text())
@@ -39,16 +31,12 @@ def read_trial(target_dir: Path) -> dict | None:
 
 
 def write_trial(target_dir: Path, doc: dict) -> None:
-    tmp = target_dir / f".{TRIAL_FILE}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target_dir / TRIAL_FILE)
-    _fsync_dir(target_dir)
+    from .durable import write_json
+
+    write_json(target_dir / TRIAL_FILE, doc, 0o600)
 
 
 def clear_trial(target_dir: Path) -> None:
-    (target_dir / TRIAL_FILE).unlink(missing_ok=True)
-    _fsync_dir(target_dir)
+    from .durable import remove
+
+    remove(target_dir / TRIAL_FILE)

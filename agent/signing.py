@@ -19,10 +19,14 @@ def load_pinned_key(cert_path: Path):
     """The awscrt EC key of the pinned code-signing certificate; refuses anything unusable."""
     import awscrt.crypto
 
+    from .config import read_regular_file  # never blocks on a FIFO
+
     try:
-        spki = subject_public_key_info(cert_path.read_bytes())
+        spki = subject_public_key_info(read_regular_file(cert_path, 64 * 1024))
     except OSError as e:
         raise SignatureError(f"{cert_path}: cannot read the pinned code-signing certificate ({e.strerror})")
+    except ValueError as e:
+        raise SignatureError(f"{cert_path}: the pinned code-signing certificate {e}")
     if spki is None:
         raise SignatureError(f"{cert_path}: not a valid code-signing certificate")
     try:

@@ -23,6 +23,7 @@ from .errors import StateError
 SCHEMA_VERSION = 1
 FILE_NAME = "state.json"
 LOCK_NAME = "state.lock"
+MAX_STATE_BYTES = 16 * 1024 * 1024
 _FOLDER_LOCKS: dict[str, "_FolderLock"] = {}
 _FOLDER_LOCKS_GUARD = threading.Lock()
 
@@ -64,12 +65,16 @@ class StateStore:
 
     def load(self) -> dict[str, Any]:
         """The stored state, or {} when none was ever written."""
+        from .config import read_regular_file  # never blocks on a FIFO where the file should be
+
         try:
-            raw = self.path.read_bytes()
+            raw = read_regular_file(self.path, MAX_STATE_BYTES)
         except FileNotFoundError:
             return {}
         except OSError as e:
             raise StateError(f"{self.path}: cannot read the state file ({e.strerror}); check its owner and mode")
+        except ValueError as e:
+            raise StateError(f"{self.path}: the state file {e}; move it aside and restore the real one")
         hint = "it was left untouched; restore it from a backup or move it aside to start over (the device may need re-provisioning)"
         try:
             doc = json.loads(raw)

@@ -64,9 +64,9 @@ class StreamDownload:
         return bytearray((n + 7) // 8)
 
     def _save_bitmap(self, bm: bytearray) -> None:
-        tmp = self.bitmap_path.with_name(self.bitmap_path.name + ".tmp")
-        tmp.write_bytes(bytes(bm))
-        os.replace(tmp, self.bitmap_path)
+        from .durable import write_atomic
+
+        write_atomic(self.bitmap_path, bytes(bm), 0o600)
 
     def _expect(self, kinds: tuple[str, ...], token: str) -> tuple[str, dict]:
         deadline = time.monotonic() + self.timeout_s
@@ -121,7 +121,7 @@ class StreamDownload:
                 token = secrets.token_hex(8)
                 self.publish(f"{self.base}/get/json", json.dumps({
                     "c": token, "s": version, "f": self.file_id, "l": self.block_size, "o": start,
-                    "b": base64.b64encode(bytes(req_bm)).decode()}).encode())
+                    "b": "0x" + bytes(req_bm).hex()}).encode())  # AWS: a hex string in JSON
                 for _ in want:
                     kind, blk = self._expect(("data", "rejected"), token)
                     if kind == "rejected":
@@ -144,5 +144,7 @@ class StreamDownload:
                     self.progress(min(self.expected_size, have * self.block_size), self.expected_size)
             else:
                 raise DownloadError("stream download made no progress")
-        self.bitmap_path.unlink(missing_ok=True)
+        from .durable import remove
+
+        remove(self.bitmap_path)
         return self.partial

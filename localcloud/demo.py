@@ -37,7 +37,7 @@ from .ntp import Chrony
 from .observer import Observer
 from .streams import Streams
 from .tokens import softhsm_token
-from .vendor import CodeSigner, make_tar, our_doc
+from .vendor import CodeSigner, make_tar, signed_doc
 
 T0 = time.monotonic()
 
@@ -136,24 +136,25 @@ def main(argv: list[str] | None = None) -> int:
         release = make_tar({"app.txt": b"app 1.1.0\n"}, "1.1.0")
         (work / "app-1.1.0.tar").write_bytes(release)
         sid = streams.create([work / "app-1.1.0.tar"], "app-1-1-0")
-        jobs.create("update-1-1-0", thing, our_doc("app", "1.1.0", "app-1.1.0.tar", release, signer.sign(release),
-                                                   stream=(sid, 0)))
-        say("cloud: job update-1-1-0: release 1.1.0, signed by the vendor, delivered by MQTT file stream")
+        jobs.create("update-1-1-0", thing, signed_doc(signer, "app", "1.1.0", "app-1.1.0.tar", release,
+                                                      stream=(sid, 0)))
+        say("cloud: job update-1-1-0: release 1.1.0, its manifest (target, version, size, SHA-256) signed by the "
+            "vendor, delivered by MQTT file stream")
         ex = wait_until("update 1.1.0", lambda: job_status(jobs, "update-1-1-0", thing, ("SUCCEEDED", "FAILED",
                                                                                            "REJECTED")), 90)
         current = (app_dir / "current").resolve().name if (app_dir / "current").exists() else None
         say(f"cloud: job update-1-1-0 {ex['status']} {ex.get('statusDetails')}; device app/current -> {current}")
         if ex["status"] != "SUCCEEDED" or current != "1.1.0":
             raise SystemExit("demo: the signed update was not installed")
-        verified.append("signed update (stream, ECDSA P-256) verified, installed, health-checked: SUCCEEDED")
+        verified.append("signed update (stream, ECDSA P-256 manifest) verified, installed, health-checked: SUCCEEDED")
 
         tampered = bytearray(make_tar({"app.txt": b"app 1.2.0\n"}, "1.2.0"))
-        signature = signer.sign(bytes(tampered))
-        tampered[700] ^= 0x01  # one bit flipped after signing, in a document that states the tampered hash
+        manifest = signer.manifest("app", "1.2.0", "app-1.2.0.tar", bytes(tampered))
+        tampered[700] ^= 0x01  # one bit flipped after signing
         (work / "app-1.2.0.tar").write_bytes(bytes(tampered))
         sid = streams.create([work / "app-1.2.0.tar"], "app-1-2-0")
-        jobs.create("update-1-2-0", thing, our_doc("app", "1.2.0", "app-1.2.0.tar", bytes(tampered), signature,
-                                                   stream=(sid, 0)))
+        jobs.create("update-1-2-0", thing, signed_doc(signer, "app", "1.2.0", "app-1.2.0.tar", bytes(tampered),
+                                                      stream=(sid, 0), manifest=manifest))
         say("cloud: job update-1-2-0: a release tampered with after signing")
         ex = wait_until("the tampered update's refusal", lambda: job_status(
             jobs, "update-1-2-0", thing, ("SUCCEEDED", "FAILED", "REJECTED")), 90)
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             f"device app/current -> {current}")
         if ex["status"] != "REJECTED" or current != "1.1.0":
             raise SystemExit("demo: the tampered update was not refused")
-        verified.append("tampered update REJECTED by its signature; the running release untouched")
+        verified.append("tampered update REJECTED (its SHA-256 is not the signed manifest's); the running release "
+                        "untouched")
 
         jobs.create("rotate-1", thing, {"operation": "rotate-certificate"})
         say("cloud: job rotate-1: rotate the device certificate")

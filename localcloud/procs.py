@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import socket
+import threading
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -31,12 +32,28 @@ def find_binary(name: str) -> str:
     raise FileNotFoundError(f"{name} not found; run scripts/sysdeps.sh (make test does) to install the bench's packages")
 
 
+_handed_out: dict[int, float] = {}
+_handed_lock = threading.Lock()
+
+
 def free_port(kind: int = socket.SOCK_STREAM, pairs: bool = False) -> int:
-    """A port free on 127.0.0.1 now (and its successor, when `pairs`)."""
+    """A port free on 127.0.0.1 now (and its successor, when `pairs`). A port handed out in the last
+    minute is not handed out again: threads that start servers side by side (the kill sweeps) would
+    otherwise race for the same port between this check and their server's bind."""
     for _ in range(200):
         with socket.socket(socket.AF_INET, kind) as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
+        with _handed_lock:
+            now = time.monotonic()
+            for p, at in list(_handed_out.items()):
+                if now - at > 60:
+                    del _handed_out[p]
+            if port in _handed_out or (pairs and port + 1 in _handed_out):
+                continue
+            _handed_out[port] = now
+            if pairs:
+                _handed_out[port + 1] = now
         if not pairs:
             return port
         if port < 65535:

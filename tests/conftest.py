@@ -69,6 +69,7 @@ class AgentProcess:
     args: tuple[str, ...] = ("run",)
     env_extra: dict[str, str] = field(default_factory=dict)
     cmd: list[str] | None = None  # instead of `iot-agent <args>` (e.g. the launcher)
+    session: bool = False  # its own process group, so a kill sweep's cut takes its children too
     proc: subprocess.Popen | None = None
     lines: list[tuple[float, str]] = field(default_factory=list)  # (monotonic time seen, text)
     _reader: threading.Thread | None = None
@@ -76,7 +77,7 @@ class AgentProcess:
     def start(self) -> "AgentProcess":
         self.proc = subprocess.Popen(
             self.cmd or agent_cmd(self.device.config_path, *self.args), env={**self.device.token.full_env(), **self.env_extra},
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=self.session,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -127,8 +128,8 @@ def agents():
     started: list[AgentProcess] = []
 
     def launch(device: Device, *args: str, env: dict[str, str] | None = None,
-               cmd: list[str] | None = None) -> AgentProcess:
-        a = AgentProcess(device, args or ("run",), dict(env or {}), cmd).start()
+               cmd: list[str] | None = None, session: bool = False) -> AgentProcess:
+        a = AgentProcess(device, args or ("run",), dict(env or {}), cmd, session=session).start()
         started.append(a)
         return a
 

@@ -10,7 +10,7 @@ from agent.install import slot
 from localcloud.bench import fresh_device
 from localcloud.shadows import Shadows
 from localcloud.tokens import softhsm_token
-from otakit import HEALTH, World, our_doc, release
+from otakit import HEALTH, World, release
 from test_jobs_engine import wait_status
 
 TARGETS = {"app": {"directory": "app", "health_command": HEALTH, "health_timeout_s": 10.0}}
@@ -57,7 +57,7 @@ def test_inventory_follows_the_device_and_drives_a_query_job(tmp_path, agents):
 
         def update(thing: str, job: str, version: str, status: str, text: str | None = None):
             data = release(version, text)
-            w.jobs.create(job, thing, our_doc("app", version, "app.tar", data, w.signer.sign(data), url=w.https(data)))
+            w.jobs.create(job, thing, w.signed("app", version, "app.tar", data))
             wait_status(w.jobs, job, thing, status, timeout=90)
 
         update(w.thing, "a-1", "1.1.0", "SUCCEEDED")
@@ -84,8 +84,7 @@ def test_inventory_follows_the_device_and_drives_a_query_job(tmp_path, agents):
         assert below == ["gw-INVB"], below
         data = release("1.3.0")
         for thing in below:
-            w.jobs.create(f"fleet-{thing}", thing, our_doc("app", "1.3.0", "app.tar", data, w.signer.sign(data),
-                                                           url=w.https(data)))
+            w.jobs.create(f"fleet-{thing}", thing, w.signed("app", "1.3.0", "app.tar", data))
         wait_status(w.jobs, "fleet-gw-INVB", "gw-INVB", "SUCCEEDED", timeout=90)
         assert w.jobs.execution("fleet-gw-INVA", w.thing) is None
         assert slot(tmp_path / "b" / "app", "current") == "1.3.0"

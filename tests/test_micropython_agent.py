@@ -180,6 +180,43 @@ def test_versions_have_one_spelling_and_come_from_the_signed_archive(world):
     assert "not newer" in ex["statusDetails"]["reason"], ex
 
 
+JOB_RECORD = """
+import json, os, store, agent
+
+class Board:
+    def sync(self):
+        pass
+
+class Agent(agent.Agent):
+    thing = "gw-1"
+
+    def __init__(self):
+        self.board, self.job = Board(), None
+
+    async def request(self, c, topic, body, reply=None):
+        raise agent.Refused("the cut comes before the cloud hears")
+
+os.mkdir("/w")
+os.chdir("/w")
+os.mkdir("state")
+store.save(Board(), agent.JOBS, {"job-%d" % i: ["SUCCEEDED", {}] for i in range(2, 10)})
+await Agent().finish(None, "job-10", "SUCCEEDED", {})
+print(json.dumps(sorted(store.load(agent.JOBS))))
+"""
+
+
+def test_the_outcome_of_the_job_just_finished_is_kept(node, tmp_path):  # noqa: F811
+    """The board records a job's outcome before telling the cloud, so that a job handed out again after a
+    power cut gets the same answer instead of running twice (a second update or rotation). The record keeps
+    the last 8 jobs; the one just finished must never be the one it forgets."""
+    from mpkit import run_mp
+
+    r = run_mp(node, JOB_RECORD, tmp_path, {})
+    assert r.returncode == 0, r.stdout + r.stderr
+    kept = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "job-10" in kept and len(kept) == 8, kept
+
+
 def test_no_tls_before_the_clock_is_set(tmp_path, node):  # noqa: F811
     """The RTC starts in 2000. Untrustworthy SNTP answers (unsynchronised server, a time before this
     software was built, silence) keep the board off the network; a good answer lets it on."""

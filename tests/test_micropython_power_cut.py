@@ -121,7 +121,7 @@ def settle(w: MpWorld, b, k: int | str, converged, timeout: float = 60) -> bool:
         if ok and back and time.monotonic() - since > 1.0:
             return bool(cut)
         time.sleep(0.1)
-    raise AssertionError(f"no convergence after a cut at {mark[17:]}:\n{b.text()[-6000:]}")
+    raise AssertionError(f"no convergence after a cut at {mark[17:].strip()}:\n{b.text()[-6000:]}")
 
 
 def sweep(prepare, run, workers: int = 2) -> int:

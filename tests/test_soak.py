@@ -1,6 +1,6 @@
 """Soak and fault campaign: the agent runs with every feature on while the test restarts the broker,
-kills the agent with SIGKILL at random fail points of updates and rotations, fills the job queue and
-rotates the certificate. At the end no job status is lost, the device is connected with exactly one
+kills the agent with SIGKILL after a random state-changing operation (agent.killpoints) of updates
+and rotations, fills the job queue and rotates the certificate. At the end no job status is lost, the device is connected with exactly one
 identity, and the state store is valid.
 
 Sized for CI (12 rounds, about a minute); `IOT_AGENT_SOAK_ROUNDS=100` runs a longer campaign locally, and
@@ -17,13 +17,11 @@ from collections import Counter
 
 import pytest
 
-from agent.failpoints import ENV, ONCE_ENV
 from agent.install import slot
 from agent.state import StateStore
-from otakit import HEALTH, World, our_doc, release
+from otakit import HEALTH, World, release, signed_doc
+from sweep import sweep_env
 from test_jobs_engine import wait_status
-from test_ota_kill import INSTALL_POINTS
-from test_rotation_kill import FAIL_POINTS as ROTATION_POINTS
 
 ROUNDS = int(os.environ.get("IOT_AGENT_SOAK_ROUNDS", "12"))
 SEED = int(os.environ.get("IOT_AGENT_SOAK_SEED", str(int(time.time()))))
@@ -42,30 +40,30 @@ def test_soak_under_faults(tmp_path, agents):
 
     def start(env: dict | None = None):
         counts["agent starts"] += 1
-        return agents(w.dev, env=env)
+        return agents(w.dev, env=env, session=True)
 
     def update_job(good: bool = True) -> str:
         n[0] += 1
         version = f"1.{n[0]}.0"
         data = release(version) + os.urandom(rnd.choice([1000, 600_000]))
-        sig = w.signer.sign(data)
+        manifest = w.signer.manifest("app", version, "app.tar", data)
         if not good:
             data = data[:-1] + bytes([data[-1] ^ 1])
         via_stream = rnd.random() < 0.5
-        doc = our_doc("app", version, "app.tar", data, sig, url=None if via_stream else w.https(data),
-                      stream=(w.stream(data), 0) if via_stream else None)
+        doc = signed_doc(w.signer, "app", version, "app.tar", data, url=None if via_stream else w.https(data),
+                         stream=(w.stream(data), 0) if via_stream else None, manifest=manifest)
         job = f"soak-{n[0]}"
         w.jobs.create(job, w.thing, doc)
         expected[job] = "SUCCEEDED" if good else "REJECTED"
         counts["update jobs"] += 1
         return job
 
-    def restart_with_fail_point(a, point: str, job: str):
+    def restart_with_kill(a, job: str, most: int):
         a.proc.kill()  # SIGKILL: the agent is down as after a power cut
         a.wait_exit(15)
         counts["SIGKILLs"] += 1
-        once = tmp_path / f"once-{job}"
-        b = start({ENV: point, ONCE_ENV: str(once)})
+        point = rnd.randint(1, most)  # cut after this many state-changing operations of the next run
+        b = start(sweep_env({}, tmp_path / f"ops-{job}.log", w.dev.directory, point))
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and b.proc.poll() is None:
             ex = w.jobs.execution(job, w.thing)
@@ -74,8 +72,7 @@ def test_soak_under_faults(tmp_path, agents):
             time.sleep(0.2)
         if b.proc.poll() is not None:
             assert b.wait_exit(5) == -9, b.text()[-3000:]
-            assert f"test fail point {point} reached" in b.text()
-            counts["SIGKILLs at fail points"] += 1
+            counts["SIGKILLs after an operation"] += 1
             return start()
         return b
 
@@ -94,18 +91,16 @@ def test_soak_under_faults(tmp_path, agents):
                 counts["broker restarts"] += 1
                 wait_status(w.jobs, job, w.thing, "SUCCEEDED", timeout=120)
             elif kind == "kill-update":
-                point = rnd.choice(INSTALL_POINTS)
                 job = update_job()
-                a = restart_with_fail_point(a, point, job)
+                a = restart_with_kill(a, job, 35)
                 wait_status(w.jobs, job, w.thing, "SUCCEEDED", timeout=120)
             elif kind == "kill-rotation":
-                point = rnd.choice(ROTATION_POINTS)
                 n[0] += 1
                 job = f"soak-rotate-{n[0]}"
                 w.jobs.create(job, w.thing, {"operation": "rotate-certificate"})
                 expected[job] = "SUCCEEDED"
                 counts["rotation jobs"] += 1
-                a = restart_with_fail_point(a, point, job)
+                a = restart_with_kill(a, job, 20)
                 wait_status(w.jobs, job, w.thing, "SUCCEEDED", timeout=120)
             else:  # a burst of jobs at once: refusals, a tampered update and a good one, in one queue
                 for _ in range(rnd.randint(2, 4)):
