@@ -243,8 +243,8 @@ class Agent:
         done = store.load(JOBS, {})
         if job not in done:
             done[job] = [status, details]
-            while len(done) > 8:
-                done.pop(sorted(done)[0])
+            while len(done) > 8:  # forget another job's: this one's record must outlive a cut before the cloud hears
+                done.pop(min(k for k in done if k != job))
             store.save(self.board, JOBS, done)
         try:
             await self.request(c, "$aws/things/%s/jobs/%s/update" % (self.thing, job),

@@ -119,6 +119,7 @@ async def provision(a):
             await a.mark("csr")
             resp = await a.request(c, "$aws/certificates/create-from-csr/json", {"certificateSigningRequest": csr})
             st.update(_certificate(a, resp, pub, "dev"))
+            csr = resp = None
             store.save(b, PROV, st)
             b.cut("prov.after_certificate")
         try:
@@ -155,6 +156,7 @@ async def rotate_prepare(a, c, job_id):
         csr, pub = _csr(r["key"], a.thing)
         resp = await a.request(c, "$aws/certificates/create-from-csr/json", {"certificateSigningRequest": csr})
         r.update(_certificate(a, resp, pub, "rot"))
+        csr = resp = None  # the heap is short: no second copy of the certificate through the next round trip
         store.save(b, ROT, r)
         b.cut("rot.after_certificate")
         await a.mark("rot-certificate")

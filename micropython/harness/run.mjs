@@ -6,7 +6,9 @@
 //   node run.mjs --flash DIR [JSON params]    boot a board whose flash is DIR: runs loader.start() from it,
 //                                             as main.py does on a board. Exit code 75 = the board reset itself.
 //                                             params.cut = NAME: cut the power at the named point (board.cut);
-//                                             params.cut_sync = N: cut it after the Nth sweep point (below).
+//                                             params.cut_sync = N: cut it after the Nth sweep point (below);
+//                                             params.cut_on_change = [PATH, ...]: right after the first sync
+//                                             that changed one of these flash files since this boot began.
 import { loadMicroPython } from "@micropython/micropython-webassembly-pyscript";
 import crypto from "node:crypto";
 import dgram from "node:dgram";
@@ -151,7 +153,7 @@ function mirror(dir, host) {
 const writeBack = () => { if (flash) mirror("/flash", flash); };
 // Power cut, once per flash and name (tests): the process ends without writing back what was not
 // synced, and the test boots the board again.
-const { cut: cutAt, cut_sync: cutSync } = JSON.parse(params);
+const { cut: cutAt, cut_sync: cutSync, cut_on_change: watch = [] } = JSON.parse(params);
 const cutPower = (name, what = "") => {
   if (fs.existsSync(flash + ".cut-" + name)) return;
   fs.writeFileSync(flash + ".cut-" + name, "");
@@ -168,7 +170,13 @@ const sweepPoint = (what) => {
   fs.writeFileSync(f, String(n));
   if (n === cutSync) cutPower("sync-" + n, " (after " + what + ")");
 };
-globalThis.flashSync = () => { writeBack(); sweepPoint("sync"); };
+const onHost = (p) => { try { return fs.readFileSync(path.join(flash, p)).toString("hex"); } catch (e) { return null; } };
+const watched = flash ? watch.map((p) => [p, onHost(p)]) : [];
+globalThis.flashSync = () => {
+  writeBack();
+  for (const [p, was] of watched) if (onHost(p) !== was) cutPower("change", " (" + p + " changed)");
+  sweepPoint("sync");
+};
 globalThis.powerCut = (name) => {
   if (!flash) return;
   if (name === cutAt) cutPower(name);
