@@ -44,13 +44,19 @@ def on_crl(c, serial: str) -> bool:
     return str(serial).upper().lstrip("0") in text.replace(":", "").upper()
 
 
+def snapshot(dev) -> dict:
+    """`status --json` with the certificate's text (the old file is removed once a rotation is done)."""
+    st = json.loads(dev.cli("status", "--json").stdout)
+    return {**st, "certificate_pem": open(st["certificate_file"]).read()}
+
+
 def check_rotated(c, dev, thing: str, before: dict) -> dict:
     status = json.loads(dev.cli("status", "--json").stdout)
     assert status["certificate_file"] != before["certificate_file"] and status["key_label"] != before["key_label"]
     certs = [x for x in c.registry.certificates() if x.thing == thing]
     active = [x for x in certs if x.status == "ACTIVE"]
     assert len(active) == 1 and open(status["certificate_file"]).read().strip() == active[0].pem.strip()
-    old = next(x for x in certs if x.pem.strip() == open(before["certificate_file"]).read().strip())
+    old = next(x for x in certs if x.pem.strip() == before["certificate_pem"].strip())
     assert old.status == "INACTIVE" and on_crl(c, old.serial)  # the broker refuses the old certificate
     assert device_keys(dev) == [status["key_label"]]  # exactly one device key (listed while the agent is stopped)
     return status
@@ -63,7 +69,7 @@ def test_rotation_by_command(world, token, agents, tmp_path):
     thing = f"gw-{serial}"
     a = agents(dev)
     a.wait_for(rf"connected to localhost:\d+ as {thing}", timeout=90)
-    before = json.loads(dev.cli("status", "--json").stdout)
+    before = snapshot(dev)
     r = dev.cli("rotate")
     assert r.returncode == 0 and "starts it now" in r.stdout, r.stderr
     i = a.wait_for(r"certificate rotation started: requested by iot-agent rotate", timeout=30)
@@ -86,7 +92,7 @@ def test_rotation_by_job_and_by_expiry_window(world, token, agents, tmp_path):
     # ...so the first start rotates at once (365-day certificates inside a 400-day window) and then waits.
     a.wait_for(r"certificate rotation started: certificate expires in 36\d\.\d days \(window 400\)", timeout=90)
     a.wait_for(r"certificate rotation done", timeout=90)
-    before = json.loads(dev.cli("status", "--json").stdout)
+    before = snapshot(dev)
     jobs = Jobs(c.registry.db, c.registry.lock)
     jobs.create("rotate-1", thing, {"operation": "rotate-certificate"})
     ex = wait_status(jobs, "rotate-1", thing, "SUCCEEDED", timeout=90)
@@ -105,7 +111,7 @@ def test_refused_rotation_keeps_the_old_certificate_and_retries(world, softhsm, 
     thing = "gw-R4"
     a = agents(dev)
     a.wait_for(rf"connected to localhost:\d+ as {thing}", timeout=90)
-    before = json.loads(dev.cli("status", "--json").stdout)
+    before = snapshot(dev)
     i = -1
     for _ in range(3):
         i = a.wait_for(r"certificate rotation failed: .*Forbidden.*; the old certificate stays; next try in", after=i + 1,
@@ -133,7 +139,7 @@ def test_a_new_certificate_that_cannot_connect_falls_back_to_the_old_one(world, 
     thing = "gw-R5"
     a = agents(dev)
     a.wait_for(rf"connected to localhost:\d+ as {thing}", timeout=90)
-    before = json.loads(dev.cli("status", "--json").stdout)
+    before = snapshot(dev)
     jobs = Jobs(c.registry.db, c.registry.lock)
     jobs.create("rotate-bad", thing, {"operation": "rotate-certificate"})
     ex = wait_status(jobs, "rotate-bad", thing, "FAILED", timeout=120)
@@ -149,7 +155,7 @@ def test_a_new_certificate_that_cannot_connect_falls_back_to_the_old_one(world, 
     assert time.time() - 60 < after["rotation"]["next_attempt_at"] <= time.time() + 1200
     assert device_keys(dev) == [before["key_label"]]
     active = [x for x in c.registry.certificates() if x.thing == thing and x.status == "ACTIVE"]
-    assert len(active) == 1 and active[0].pem.strip() == open(before["certificate_file"]).read().strip()
+    assert len(active) == 1 and active[0].pem.strip() == before["certificate_pem"].strip()
 
 
 def test_an_expired_certificate_gives_a_clear_status_not_a_crash_loop(world, softhsm, agents, tmp_path):
