@@ -170,8 +170,8 @@ class Jobs:
         if isinstance(token, str) and len(token) <= MAX_CLIENT_TOKEN:
             base["clientToken"] = token
         try:
-            if not isinstance(req, dict):
-                raise JobError("InvalidJson", "request must be a JSON object")
+            if not isinstance(req, dict):  # valid JSON, not an object: AWS's InvalidJson is for unreadable JSON
+                raise JobError("InvalidRequest", "request must be a JSON object")
             if token is not None and (not isinstance(token, str) or len(token) > MAX_CLIENT_TOKEN):
                 raise JobError("InvalidRequest", f"clientToken must be a string of at most {MAX_CLIENT_TOKEN} characters")
             with self.lock:
@@ -250,12 +250,14 @@ class Jobs:
         if ex is None:
             raise JobError("ResourceNotFound", f"job execution {job_id} not found for {thing}")
         state = {"status": ex["status"], "statusDetails": ex["statusDetails"], "versionNumber": ex["versionNumber"]}
+        # Error codes and when executionState comes with them (InvalidStateTransition, VersionMismatch only):
+        # https://docs.aws.amazon.com/iot/latest/developerguide/jobs-api.html ("Jobs device MQTT API", errors)
         if req.get("executionNumber") is not None and req["executionNumber"] != ex["executionNumber"]:
-            raise JobError("InvalidRequest", "executionNumber does not match", state)
+            raise JobError("ResourceNotFound", f"job execution {job_id} number {req['executionNumber']} not found")
         if req.get("expectedVersion") is not None and req["expectedVersion"] != ex["versionNumber"]:
             raise JobError("VersionMismatch", f"expected version {req['expectedVersion']}, current {ex['versionNumber']}", state)
-        if ex["status"] in TERMINAL:
-            raise JobError("TerminalStateReached", f"job execution is already {ex['status']}", state)
+        if ex["status"] in TERMINAL:  # an update the current state does not allow
+            raise JobError("InvalidStateTransition", f"job execution is already {ex['status']}", state)
         self._set(job_id, thing, status=status, details=details if details is not None else None,
                   start=ex["status"] == "QUEUED", step_timeout=timeout)
         after = self.execution(job_id, thing, with_document=True)

@@ -272,16 +272,19 @@ class Service:
         if len(p) != 6 or p[3:5] != ["defender", "metrics"] or p[5] not in ("json", "cbor"):
             return  # our own replies (…/accepted) never come back (no_local); anything else is not an API
         thing, fmt = p[2], p[5]
+        # AWS answers a report it cannot read with InvalidPayload, "Malformed metrics report", and a timestamp
+        # in epoch ms: https://docs.aws.amazon.com/iot/latest/developerguide/device-defender-troubleshoot.html
+        rejected = {"thingName": thing, "status": "REJECTED", "timestamp": int(time.time() * 1000)}
         if len(payload) > MAX_REQUEST_BYTES:
-            ok, doc = False, {"thingName": thing, "status": "REJECTED",
-                              "statusDetails": {"ErrorCode": "InvalidValue", "ErrorMessage": "report too large"}}
+            ok, doc = False, {**rejected, "statusDetails": {"ErrorCode": "InvalidPayload",
+                                                            "ErrorMessage": "Malformed metrics report: too large"}}
         else:
             try:
                 report = decode(payload, fmt)
             except Exception as e:
-                ok, doc = False, {"thingName": thing, "status": "REJECTED", "statusDetails": {
-                    "ErrorCode": "InvalidJson" if fmt == "json" else "InvalidCbor",
-                    "ErrorMessage": f"payload is not valid {fmt.upper()} ({e.__class__.__name__})"}}
+                ok, doc = False, {**rejected, "statusDetails": {
+                    "ErrorCode": "InvalidPayload",
+                    "ErrorMessage": f"Malformed metrics report: not valid {fmt.upper()} ({e.__class__.__name__})"}}
             else:
                 ok, doc = self.defender.receive(thing, fmt, report)
         log.info("defender report from %s (%s): %s", thing, fmt, doc["status"])

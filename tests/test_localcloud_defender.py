@@ -112,7 +112,7 @@ def test_reports_in_all_four_encodings_accepted_then_throttled_and_rejected(clou
         assert doc["statusDetails"]["ErrorMessage"].startswith("Malformed metrics report") and "port" in doc["statusDetails"]["ErrorMessage"]
         assert set(doc) == {"thingName", "status", "statusDetails", "timestamp", "reportId"}
         kind, doc = send(dev, "cbor", b"\xff\x00garbage")
-        assert kind == "rejected" and doc["statusDetails"]["ErrorCode"] == "InvalidCbor"
+        assert kind == "rejected" and doc["statusDetails"]["ErrorCode"] == "InvalidPayload"
         kind, doc = send(dev, "json", {"header": {"report_id": rid + 10, "version": "1.0"}, "hed": {}})
         assert kind == "rejected"
     finally:

@@ -226,13 +226,17 @@ def test_the_path_unit_runs_the_privileged_install_step(device, tmp_path):
     box.run("systemctl", "start", "iot-agent-install.path")
     spool = "/var/lib/iot-agent/ota/spool"
     box.run("install", "-d", "-o", "iot-agent", "-g", "iot-agent", "-m", "0700", "/var/lib/iot-agent/ota", spool)
-    good, bad = release("1.0.0"), release("2.0.0", "tampered\n")
-    for key, data, sig, version in (("00000000000000a1", good, signer.sign(good), "1.0.0"),
-                                    ("00000000000000b2", bad, signer.sign(good), "2.0.0")):
+    import base64
+
+    good, bad = release("1.0.0", target="firmware"), release("2.0.0", "tampered\n", target="firmware")
+    manifests = {v: signer.manifest("firmware", v, "fw.tar", d) for v, d in (("1.0.0", good), ("2.0.0", good))}
+    for key, data, version in (("00000000000000a1", good, "1.0.0"), ("00000000000000b2", bad, "2.0.0")):
+        raw, sig = manifests[version]  # 2.0.0: the manifest of other bytes than those in the spool
         xfer = Path(f"/proc/{box.pid1}/root/xchg/{key}.artifact")  # the shared folder, seen from the host
         xfer.write_bytes(data)
         box.run("runuser", "-u", "iot-agent", "--", "cp", f"/xchg/{key}.artifact", f"{spool}/{key}.artifact")
-        req = json.dumps({"job_id": key, "target": "firmware", "version": version, "name": "fw.tar", "signature": sig})
+        req = json.dumps({"job_id": key, "target": "firmware", "name": "fw.tar", "signature": sig,
+                          "manifest": base64.b64encode(raw).decode()})
         box.run("runuser", "-u", "iot-agent", "--", "sh", "-c", f"cat > {spool}/{key}.request.json", input=req)
         deadline, result = time.monotonic() + 60, None
         while time.monotonic() < deadline and result is None:
@@ -243,6 +247,6 @@ def test_the_path_unit_runs_the_privileged_install_step(device, tmp_path):
         if version == "1.0.0":
             assert result["status"] == "SUCCEEDED", result
         else:
-            assert result["status"] == "REJECTED" and "signature does not verify" in result["reason"], result
+            assert result["status"] == "REJECTED" and "signed manifest" in result["reason"], result
     assert box.run("readlink", "/opt/firmware/current").stdout.strip() == "releases/1.0.0"
     assert box.run("stat", "-c", "%U", "/opt/firmware/releases/1.0.0").stdout.strip() == "root"
