@@ -136,3 +136,13 @@ def agents():
     yield launch
     for a in started:
         a.stop()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The kill sweeps' figures (kill points per flow and token), whatever -q hides."""
+    mod = sys.modules.get("sweep")
+    lines = list(getattr(mod, "SUMMARIES", []))
+    if lines:
+        terminalreporter.section("kill sweeps")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -119,6 +119,9 @@ class SweepResult:
             f" [{ops}]"
 
 
+SUMMARIES: list[str] = []  # printed at the end of the test run (conftest.pytest_terminal_summary)
+
+
 def sweep(flow: str, case: Callable[[int], Outcome], workers: int = 3, limit: int = 150) -> SweepResult:
     """Run case(N) for N = 1.. in parallel batches until one completes without being killed."""
     result = SweepResult(flow)
@@ -137,6 +140,7 @@ def sweep(flow: str, case: Callable[[int], Outcome], workers: int = 3, limit: in
         not o.killed and not o.error for o in result.outcomes) else limit
     result.outcomes = [o for o in result.outcomes if o.n <= last]
     print(result.summary())
+    SUMMARIES.append(result.summary().split(" [")[0])
     return result
 
 

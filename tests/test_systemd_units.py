@@ -170,3 +170,14 @@ def test_the_agent_speaks_the_notify_protocol_and_stops_feeding_a_hung_watchdog(
     finally:
         stop.set()
         srv.close()
+
+
+def test_the_privileged_install_step_is_bounded_and_finishes_what_a_cut_left():
+    """Item 5 of the review: the helper's unit had no start timeout (a stuck step ran for ever), and a
+    request it had claimed when the power went must start it again."""
+    service = (REPO / "systemd" / "iot-agent-install.service").read_text()
+    m = re.search(r"^TimeoutStartSec=(\d+)$", service, re.M)
+    assert m and 0 < int(m.group(1)) <= 3600, "iot-agent-install.service needs a bounded TimeoutStartSec"
+    path = (REPO / "systemd" / "iot-agent-install.path").read_text()
+    globs = re.findall(r"^PathExistsGlob=(.*)$", path, re.M)
+    assert sorted(g.rsplit("/", 1)[1] for g in globs) == ["*.claimed.json", "*.request.json"]
