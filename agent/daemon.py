@@ -100,6 +100,9 @@ def run(cfg: Config, stop: threading.Event) -> int:
 def _run(cfg: Config, stop: threading.Event) -> int:
     pin = read_pin(cfg)
     store = StateStore(cfg.resolve(cfg.device.state_dir))
+    from .durable import remove_stale_temps
+
+    remove_stale_temps(store.directory)  # what a power cut left half-written: never read, now gone
     clock_trusted = False
     mode = identity_mode(cfg)
     if not has_identity(cfg, store.load()) and mode == "jitp":

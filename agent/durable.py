@@ -92,3 +92,20 @@ def symlink(link: Path, target: str | Path | None) -> None:
     tmp.symlink_to(target)
     os.replace(tmp, link)
     fsync_dir(link.parent)
+
+
+def remove_stale_temps(directory: Path) -> int:
+    """Temporary files write_atomic left when the power went (named .<name>.<pid>.<thread>.tmp), of
+    processes that no longer run; returns how many were removed."""
+    n = 0
+    try:
+        entries = list(Path(directory).iterdir())
+    except OSError:
+        return 0
+    for p in entries:
+        parts = p.name.split(".")
+        if len(parts) >= 5 and p.name.startswith(".") and parts[-1] == "tmp" and parts[-3].isdigit():
+            if not os.path.exists(f"/proc/{parts[-3]}") and p.is_file() and not p.is_symlink():
+                remove(p)
+                n += 1
+    return n

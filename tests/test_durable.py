@@ -50,3 +50,12 @@ def test_symlink_switch_is_atomic_and_removable(tmp_path):
     (tmp_path / "d" / "e").mkdir(parents=True)
     durable.remove_tree(tmp_path / "d")
     assert not (tmp_path / "d").exists()
+
+
+def test_stale_temporary_files_of_dead_processes_are_removed(tmp_path):
+    (tmp_path / ".state.json.999999999.1.tmp").write_text("half")  # no such process
+    mine = tmp_path / f".state.json.{os.getpid()}.1.tmp"
+    mine.write_text("in progress")
+    (tmp_path / "state.json").write_text("{}")
+    assert durable.remove_stale_temps(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, "state.json"])

@@ -66,6 +66,9 @@ def identity_problems(cloud, dev, thing: str, key_prefix: str = "device") -> lis
     leaked = subprocess.run(["grep", "-rl", "PRIVATE KEY", str(dev.directory)], capture_output=True, text=True).stdout
     if leaked:
         out.append(f"private key on disk: {leaked.strip()}")
+    temps = [p.name for p in (dev.directory / "state").iterdir() if p.name.endswith(".tmp")]
+    if temps:
+        out.append(f"half-written files left: {temps}")
     return out
 
 
