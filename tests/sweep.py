@@ -97,12 +97,14 @@ class Outcome:
     killed: bool
     op: str = ""  # the operation after which it died
     error: str = ""
+    crash: str = ""  # the swept run died by itself (a signal other than the sweep's): recovery is still checked
 
 
 @dataclass
 class SweepResult:
     flow: str
     outcomes: list[Outcome] = field(default_factory=list)
+    crashes: list[Outcome] = field(default_factory=list)  # runs that died by themselves (then run again)
 
     @property
     def kill_points(self) -> int:
@@ -113,22 +115,29 @@ class SweepResult:
         return [o for o in self.outcomes if o.error]
 
     def summary(self) -> str:
-        ops = ", ".join(f"{o.n}:{o.op.split()[1] if o.op else '?'}" for o in self.outcomes if o.killed)
+        ops = ", ".join(f"{o.n}:{o.op.split()[1] if len(o.op.split()) > 1 else '?'}" for o in self.outcomes if o.killed)
+        crashes = self.crashes + [o for o in self.outcomes if o.crash]
+        extra = (f"; {len(crashes)} run(s) crashed by themselves ({', '.join(sorted({o.crash for o in crashes}))}) "
+                 "and recovered") if crashes else ""
         return (f"sweep {self.flow}: {self.kill_points} kill points, all recovered" if not self.failures else
                 f"sweep {self.flow}: {len(self.failures)} of {self.kill_points} kill points did not recover") + \
-            f" [{ops}]"
+            extra + f" [{ops}]"
 
 
 SUMMARIES: list[str] = []  # printed at the end of the test run (conftest.pytest_terminal_summary)
 
 
-def sweep(flow: str, case: Callable[[int], Outcome], workers: int = 3, limit: int = 150) -> SweepResult:
+def sweep(flow: str, case: Callable[[int], Outcome], workers: int = 4, limit: int = 150) -> SweepResult:
     """Run case(N) for N = 1.. in parallel batches until one completes without being killed."""
     result = SweepResult(flow)
     n = 1
     with ThreadPoolExecutor(workers) as pool:
         while n <= limit:
             batch = list(pool.map(case, range(n, n + workers)))
+            for i, o in enumerate(batch):
+                if o.crash:  # it never reached its cut point: run that point again, so it is still covered
+                    result.crashes.append(o)
+                    batch[i] = case(o.n)
             result.outcomes += batch
             n += workers
             if any(not o.killed and not o.error for o in batch):

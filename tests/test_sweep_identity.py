@@ -73,7 +73,9 @@ def identity_problems(cloud, dev, thing: str, key_prefix: str = "device") -> lis
 
 
 def _finish(run: Run, pattern: str, timeout: float = 90) -> tuple[bool, str]:
-    """(killed, error) for the swept run: it either reached `pattern` or died by SIGKILL."""
+    """(killed, error) for the swept run: it either reached `pattern` or died by SIGKILL. A run that died of
+    another signal (a native crash) counts as cut there, with the error text "crash:<signal>" so the
+    sweep reports it; the restart must recover from it like from a cut."""
     if run.wait_for(pattern, timeout):
         run.stop()
         return False, ""
@@ -83,7 +85,11 @@ def _finish(run: Run, pattern: str, timeout: float = 90) -> tuple[bool, str]:
         run.stop()
         return False, "neither finished nor killed"
     run.reap()
-    return (True, "") if rc == -9 else (False, f"exited {rc} before finishing:\n{run.text()[-2000:]}")
+    if rc == -9:
+        return True, ""
+    if rc < 0:
+        return True, f"crash:{rc}"
+    return False, f"exited {rc} before finishing:\n{run.text()[-2000:]}"
 
 
 def provisioning_case(world, kind: str, root: Path):
@@ -103,7 +109,9 @@ def provisioning_case(world, kind: str, root: Path):
                                                                                       dev.directory, n),
                                         d / "run1.log").start(), connected)
             out = Outcome(n, killed, op_at(ops, n) if killed else "", error)
-            if error:
+            if error.startswith("crash:"):
+                out.error, out.crash, out.op = "", error, f"- {error}"
+            elif error:
                 return out
             flush_tpm(token)
             again = Run(agent_cmd(dev.config_path, "run"), _plain_env(token), d / "run2.log").start()
@@ -146,7 +154,9 @@ def rotation_case(world, kind: str, root: Path):
                                                                                       dev.directory, n),
                                         d / "run1.log").start(), r"certificate rotation done")
             out = Outcome(n, killed, op_at(ops, n) if killed else "", error)
-            if error:
+            if error.startswith("crash:"):
+                out.error, out.crash, out.op = "", error, f"- {error}"
+            elif error:
                 return out
             flush_tpm(token)
             again = Run(agent_cmd(dev.config_path, "run"), _plain_env(token), d / "run2.log").start()

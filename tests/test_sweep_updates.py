@@ -183,7 +183,7 @@ def update_case(world, kind: str, root: Path, flow: str):
                 data = release("2.0.0", "unhealthy\n" if flow == "rollback" else None)
                 cmd = agent_cmd(dev.config_path, "run")
             want = "FAILED" if flow == "rollback" else "SUCCEEDED"
-            job = f"upd-{flow}-{n}"
+            job = f"upd-{flow}-{kind}-{n}"
             world.jobs.create(job, thing, signed_doc(world.signer, name, "2.0.0", f"{name}.tar", data,
                                                      url=world.https(data)))
             ops = d / "ops.log"
@@ -209,9 +209,11 @@ def update_case(world, kind: str, root: Path, flow: str):
                 return Outcome(n, False, "", f"neither finished nor killed:\n{run.text()[-3000:]}")
             else:
                 run.reap()
-                if run.proc.returncode != -9:
+                if run.proc.returncode >= 0:
                     return Outcome(n, False, "", f"exited {run.proc.returncode}:\n{run.text()[-3000:]}")
             out = Outcome(n, killed, op_at(ops, n) if killed else "")
+            if killed and run.proc.returncode != -9:  # a native crash: recovery is checked all the same
+                out.crash, out.op = f"crash:{run.proc.returncode}", f"- crash:{run.proc.returncode}"
             if unit:
                 unit.env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
             flush_tpm(token)
