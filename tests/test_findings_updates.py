@@ -26,17 +26,10 @@ import pytest
 from agent.install import slot
 from otakit import HEALTH, World, make_tar, our_doc, release
 from sweep import Run
+from test_ota_privileged import helper_config
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-
-
-def helper_config(path: Path, cert: Path, spool: Path, fw: Path) -> Path:
-    path.write_text(f'code_signing_certificate = "{cert}"\nspool = "{spool}"\n'
-                    f'[targets.fw]\ndirectory = "{fw}"\n'
-                    'health_command = ["sh", "-c", "test -f app.txt && ! grep -q unhealthy app.txt"]\n')
-    path.chmod(0o600)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -92,19 +92,28 @@ def _finish(run: Run, pattern: str, timeout: float = 90) -> tuple[bool, str]:
     return False, f"exited {rc} before finishing:\n{run.text()[-2000:]}"
 
 
+def _new_device(world, kind: str, d: Path, prefix: str):
+    """A factory-fresh device on its own token: (token, device, thing, the log line of its connection)."""
+    cloud, ntp = world
+    token = _token(kind, d / "token")
+    try:
+        serial = next_serial(prefix)
+        cloud.registry.allow_serials([serial])
+        dev = fresh_device(cloud, token, serial, d / "device", [ntp.server], extra=QUIET)
+    except BaseException:
+        token.stop()
+        raise
+    return token, dev, f"gw-{serial}", rf"connected to localhost:\d+ as gw-{serial}"
+
+
 def provisioning_case(world, kind: str, root: Path):
     cloud, ntp = world
 
     def case(n: int) -> Outcome:
         d = root / f"prov-{n}"
-        token = _token(kind, d / "token")
+        token, dev, thing, connected = _new_device(world, kind, d, "SWP")
         try:
-            serial = next_serial("SWP")
-            cloud.registry.allow_serials([serial])
-            thing = f"gw-{serial}"
-            dev = fresh_device(cloud, token, serial, d / "device", [ntp.server], extra=QUIET)
             ops = d / "ops.log"
-            connected = rf"connected to localhost:\d+ as {thing}"
             killed, error = _finish(Run(agent_cmd(dev.config_path, "run"), sweep_env(token.full_env(), ops,
                                                                                       dev.directory, n),
                                         d / "run1.log").start(), connected)
@@ -135,13 +144,8 @@ def rotation_case(world, kind: str, root: Path):
 
     def case(n: int) -> Outcome:
         d = root / f"rot-{n}"
-        token = _token(kind, d / "token")
+        token, dev, thing, connected = _new_device(world, kind, d, "SWR")
         try:
-            serial = next_serial("SWR")
-            cloud.registry.allow_serials([serial])
-            thing = f"gw-{serial}"
-            dev = fresh_device(cloud, token, serial, d / "device", [ntp.server], extra=QUIET)
-            connected = rf"connected to localhost:\d+ as {thing}"
             first = Run(agent_cmd(dev.config_path, "run"), _plain_env(token), d / "run0.log").start()
             if not first.wait_for(connected, 90):
                 first.stop()
