@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -36,34 +37,48 @@ _handed_out: dict[int, float] = {}
 _handed_lock = threading.Lock()
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(kind: int = socket.SOCK_STREAM, pairs: bool = False) -> int:
-    """A port free on 127.0.0.1 now (and its successor, when `pairs`). A port handed out in the last
-    minute is not handed out again: threads that start servers side by side (the kill sweeps) would
-    otherwise race for the same port between this check and their server's bind."""
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, kind) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+    """A port free on 127.0.0.1 now (and its successor, when `pairs`), chosen outside the kernel's
+    ephemeral range: a port from bind(0) is also what the kernel hands to outgoing connections, so a
+    client socket opened between this check and the server's bind could take it (seen: swtpm's control
+    port lost to a concurrent connection during the kill sweeps). A port handed out in the last ten
+    minutes is not handed out again, so threads that start servers side by side never race for one."""
+    lo, _ = _ephemeral_range()
+    low, high = (10000, lo - 2) if lo > 12000 else (61000, 65533)
+    rng = random.SystemRandom()
+    for _ in range(500):
+        port = rng.randint(low, high)
+        wanted = (port, port + 1) if pairs else (port,)
         with _handed_lock:
             now = time.monotonic()
             for p, at in list(_handed_out.items()):
-                if now - at > 60:
+                if now - at > 600:
                     del _handed_out[p]
-            if port in _handed_out or (pairs and port + 1 in _handed_out):
+            if any(p in _handed_out for p in wanted):
                 continue
-            _handed_out[port] = now
-            if pairs:
-                _handed_out[port + 1] = now
-        if not pairs:
+            if not all(_bindable(kind, p) for p in wanted):
+                continue
+            for p in wanted:
+                _handed_out[p] = now
             return port
-        if port < 65535:
-            try:
-                with socket.socket(socket.AF_INET, kind) as s2:
-                    s2.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
     raise RuntimeError("no free loopback port found")
+
+
+def _bindable(kind: int, port: int) -> bool:
+    with socket.socket(socket.AF_INET, kind) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def wait_port(port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
