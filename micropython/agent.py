@@ -21,6 +21,18 @@ IDENT = "state/identity.json"
 ROT = "state/rot.json"
 
 
+def restart(board, why):
+    """Reset the board; never returns. Where reset() returns or raises (a port without
+    machine.reset()), start over in-process rather than carry on as if the reset had happened."""
+    print(why + "; resetting")
+    try:
+        board.reset()
+    except Exception as e:
+        print("reset failed:", repr(e))
+    import loader
+    raise loader.Restart(why)
+
+
 class Reject(Exception):
     """The job is REJECTED with this reason; nothing was installed."""
 
@@ -87,6 +99,9 @@ class Agent:
                 self.hw = n
                 print("heap high-water", n, where)
 
+    def restart(self, why):
+        restart(self.board, why)
+
     def token(self):
         self.n += 1
         return "%d-%d" % (self.board.now(), self.n)
@@ -147,13 +162,13 @@ class Agent:
         while not self.ident:
             try:
                 await rare("identity").provision(self)
-                # A fresh start drops the claim credentials and the provisioning code from RAM.
-                print("provisioned; restarting on the new identity")
-                self.board.reset()
             except Exception as e:
                 print("provisioning failed:", repr(e))
                 sys.print_exception(e)
                 await self.backoff()
+                continue
+            # A fresh start drops the claim credentials and the provisioning code from RAM.
+            restart(self.board, "provisioned: restarting on the new identity")
         trial = self.boot.get("state") == "trial"
         while True:
             try:
@@ -164,8 +179,7 @@ class Agent:
             self.reconnects += 1
             if trial and self.boot.get("state") == "trial" and \
                     time.ticks_diff(time.ticks_ms(), self.t0) > self.cfg["self_test_s"] * 1000:
-                print("self-test failed: no connection within", self.cfg["self_test_s"], "s; resetting to roll back")
-                self.board.reset()
+                restart(self.board, "self-test failed: no connection within %d s" % self.cfg["self_test_s"])
             await self.backoff()
 
     async def session(self):
@@ -299,10 +313,8 @@ class Agent:
                     await identity.rotate_finish(self, c)
                     return False
                 # Like provisioning: start afresh on the new certificate (step "switch" is on flash).
-                print("rotation: restarting to connect with the new certificate")
                 c.close()
-                self.board.reset()
-                return True
+                restart(self.board, "rotation: the new certificate is ready")
             else:
                 raise Reject("unsupported operation %r" % op)
         except Reject as e:
@@ -313,7 +325,8 @@ class Agent:
             out = ("FAILED", {"reason": str(e)[:200]})
         finally:  # nothing of a refused update stays on flash, before the cloud hears the outcome
             store.remove(self.board, "ota/download.bin")
-            store.remove(self.board, "app.new")
+            if store.load("state/boot.json", {}).get("state") != "pending":  # a staged release waits for the loader
+                store.remove(self.board, "app.new")
             ota = identity = None
             drop()
             await self.mark("job done")

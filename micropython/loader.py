@@ -90,17 +90,38 @@ def decide(board):
     return st
 
 
+class Restart(BaseException):
+    """Raised by the agent when board.reset() returned (a port without machine.reset()): start over
+    in-process. A BaseException, so no `except Exception` in the app carries on past it."""
+
+
+APP = ("agent", "identity", "mqtt", "ota", "p256", "sntp", "store")
+
+
+def _reset(board):
+    try:
+        board.reset()
+    except Exception as e:
+        print("loader: reset failed:", repr(e))
+
+
 async def start():
     import board
-    st = decide(board)
     if "app" not in sys.path:
         sys.path.insert(0, "app")
-    try:
-        import agent
-        await agent.main(board, st)
-    except Exception as e:
-        sys.print_exception(e)
-        if st.get("state") != "trial":
-            import asyncio
-            await asyncio.sleep(10)  # a crash loop should not hammer the broker
-        board.reset()
+    while True:
+        st = decide(board)
+        try:
+            import agent
+            await agent.main(board, st)
+            return
+        except Restart as e:
+            print("loader: restarting in-process:", e)
+        except Exception as e:
+            sys.print_exception(e)
+            if st.get("state") != "trial":
+                import asyncio
+                await asyncio.sleep(10)  # a crash loop should not hammer the broker
+            _reset(board)
+        for n in APP:  # the next round imports the app afresh (a swap may have replaced it)
+            sys.modules.pop(n, None)

@@ -195,5 +195,4 @@ async def run(a, c, job_id, doc):
     store.save(a.board, "state/boot.json", {"state": "pending", "version": version, "job": job_id, "from": a.version})
     a.board.cut("ota.after_pending")
     await a.progress("restarting", "100%", version)
-    print("ota: release", version, "staged; resetting")
-    a.board.reset()
+    a.restart("ota: release %s staged" % version)

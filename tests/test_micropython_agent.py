@@ -17,7 +17,7 @@ from mpkit import node  # noqa: F401  (fixture: Node and the npm interpreter)
 from otakit import CodeSigner
 
 @pytest.fixture
-def world(tmp_path, node):  # noqa: F811
+def world(tmp_path):
     w = MpWorld(tmp_path)
     yield w
     w.close()
@@ -352,3 +352,25 @@ def test_keepalive_and_reconnect_with_backoff(tmp_path, node):  # noqa: F811
         b.wait_for(r"connected as " + THING, 60, after=i)
     finally:
         w.close()
+
+
+def test_a_reset_that_returns_never_provisions_twice(world):
+    """Bug 5: on a port where board.reset() does not reset (the unix port has no machine.reset(), so the
+    shipped board.py raises), the agent carried on in its provisioning loop. Now it restarts in-process
+    (loader.Restart) on the identity it saved: one certificate in the cloud, whatever reset() does, and
+    the later flows that reset (a staged update, a rotation) finish the same way."""
+    w = world
+    b = w.boot(max_boots=1, params={"reset": "real"})
+    b.wait_for(r"connected as " + THING, 60)
+    b.wait_for(r"defender report \d+ accepted", 30)
+    assert b.count(r"reset failed: AttributeError") == 1 and b.count(r"loader: restarting in-process") == 1
+    assert b.count(r"provisioned as ") == 1, b.text()[-3000:]
+    active = [c for c in w.cloud.registry.certificates() if c.status == "ACTIVE" and not c.cn.startswith("claim-")]
+    assert len(active) == 1 and active[0].id == w.identity()["cert_id"], active
+    ex = w.run_job("ota-noreset", w.ota_doc("1.1.0", w.release("1.1.0")), "SUCCEEDED", timeout=120)
+    assert ex["statusDetails"]["version"] == "1.1.0" and w.app_version() == "1.1.0", ex
+    old = w.identity()
+    w.run_job("rotate-noreset", {"operation": "rotate-certificate"}, "SUCCEEDED", timeout=120)
+    status = {c.id: c.status for c in w.cloud.registry.certificates()}
+    assert status[old["cert_id"]] == "INACTIVE" and status[w.identity()["cert_id"]] == "ACTIVE", status
+    assert b.boots == 1 and b.count(r"loader: restarting in-process") == 3, b.text()[-3000:]
