@@ -60,14 +60,19 @@ class Client:
             raise MQTTError("packet of %d bytes is over the limit" % n)
         if len(b) < i + n:
             return None
+        p = b[i:i + n]
         self.buf = b[i + n:]
-        return b[0], b[i:i + n]
+        return b[0], p
 
     async def _packet(self, timeout_ms):
         """The next packet, or None when none completes within timeout_ms."""
         t0 = time.ticks_ms()
         while True:
-            p = self._parse()
+            try:
+                p = self._parse()
+            except MemoryError:
+                self.buf = b""
+                raise MQTTError("out of memory while receiving")
             if p:
                 self.rx = time.ticks_ms()
                 self.ping_out = False
@@ -80,7 +85,12 @@ class Client:
                 return None
             if not chunk:
                 raise MQTTError("connection closed")
-            self.buf += chunk
+            try:
+                self.buf += chunk
+            except MemoryError:
+                # The chunk is lost, so the byte stream no longer lines up with packets: end the session.
+                self.buf = b""
+                raise MQTTError("out of memory while receiving")
 
     def _send(self, head, body):
         self.s.write(bytes((head,)) + _varlen(len(body)) + body)

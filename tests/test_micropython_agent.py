@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 
 from boardkit import SERIAL, THING, MpWorld
 from localcloud.defender import DefenderStore
-from mpkit import node  # noqa: F401  (fixture: Node and the npm interpreter)
+from mpkit import run_unix
 from otakit import CodeSigner
 
 @pytest.fixture
@@ -196,28 +196,26 @@ class Agent(agent.Agent):
     async def request(self, c, topic, body, reply=None):
         raise agent.Refused("the cut comes before the cloud hears")
 
-os.mkdir("/w")
-os.chdir("/w")
+os.mkdir("w")
+os.chdir("w")
 os.mkdir("state")
 store.save(Board(), agent.JOBS, {"job-%d" % i: ["SUCCEEDED", {}] for i in range(2, 10)})
-await Agent().finish(None, "job-10", "SUCCEEDED", {})
+asyncio.run(Agent().finish(None, "job-10", "SUCCEEDED", {}))
 print(json.dumps(sorted(store.load(agent.JOBS))))
 """
 
 
-def test_the_outcome_of_the_job_just_finished_is_kept(node, tmp_path):  # noqa: F811
+def test_the_outcome_of_the_job_just_finished_is_kept(tmp_path):
     """The board records a job's outcome before telling the cloud, so that a job handed out again after a
     power cut gets the same answer instead of running twice (a second update or rotation). The record keeps
     the last 8 jobs; the one just finished must never be the one it forgets."""
-    from mpkit import run_mp
-
-    r = run_mp(node, JOB_RECORD, tmp_path, {})
+    r = run_unix(JOB_RECORD, tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     kept = json.loads(r.stdout.strip().splitlines()[-1])
     assert "job-10" in kept and len(kept) == 8, kept
 
 
-def test_no_tls_before_the_clock_is_set(tmp_path, node):  # noqa: F811
+def test_no_tls_before_the_clock_is_set(tmp_path):
     """The RTC starts in 2000. Untrustworthy SNTP answers (unsynchronised server, a time before this
     software was built, silence) keep the board off the network; a good answer lets it on."""
     from localcloud.ntp import NtpResponder
@@ -277,8 +275,10 @@ def version(name):
         return None
 
 out = {}
+top = os.getcwd()
 for case in PARAMS["cases"]:
-    d = "/tmp/" + case["name"]
+    os.chdir(top)
+    d = case["name"]
     os.mkdir(d)
     os.chdir(d)
     os.mkdir("state")
@@ -294,12 +294,10 @@ print(json.dumps(out))
 """
 
 
-def test_loader_finishes_a_swap_or_rollback_cut_at_any_step(node, tmp_path):  # noqa: F811
+def test_loader_finishes_a_swap_or_rollback_cut_at_any_step(tmp_path):
     """Power cut between any two steps of the swap or the rollback: the next boot runs exactly one
     release, the right one, and the boot state says which (checked on the interpreter's file system)."""
     import json as _json
-
-    from mpkit import run_mp
 
     pending = {"state": "pending", "version": "2", "job": "j", "from": "1"}
     trial = {"state": "trial", "version": "2", "job": "j", "from": "1", "boots": 1}
@@ -316,7 +314,7 @@ def test_loader_finishes_a_swap_or_rollback_cut_at_any_step(node, tmp_path):  # 
         ("rollback-done", {"app.broken": "2", "app": "1"}, trial, "rolledback", {"app": "1"}),
         ("idle", {"app": "1"}, {}, None, {"app": "1"}),
     ]
-    r = run_mp(node, LOADER_CASES, tmp_path, {"cases": [{"name": c[0], "slots": c[1], "boot": c[2]} for c in cases]})
+    r = run_unix(LOADER_CASES, tmp_path, {"cases": [{"name": c[0], "slots": c[1], "boot": c[2]} for c in cases]})
     assert r.returncode == 0, r.stdout + r.stderr
     got = _json.loads(r.stdout.strip().splitlines()[-1])
     for name, _slots, _boot, state, slots in cases:
@@ -326,7 +324,7 @@ def test_loader_finishes_a_swap_or_rollback_cut_at_any_step(node, tmp_path):  # 
             assert got[name]["saved"] == state, (name, got[name])
 
 
-def test_keepalive_and_reconnect_with_backoff(tmp_path, node):  # noqa: F811
+def test_keepalive_and_reconnect_with_backoff(tmp_path):
     """PINGREQ keeps an idle session up (mosquitto drops a client silent for 1.5 keepalives); a broker
     that stops answering is noticed by the missing PINGRESP, and the board reconnects with backoff
     once it is back."""

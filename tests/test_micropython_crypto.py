@@ -1,7 +1,8 @@
 """micropython/p256.py (P-256 ECDSA, CSRs, SEC1 keys, SPKI/certificate parsing) under the real MicroPython
-interpreter (WebAssembly, in Node) and under CPython, cross-checked with `cryptography`, OpenSSL and Node's TLS.
+interpreter (its unix port) and under CPython, cross-checked with `cryptography` and OpenSSL; the key and a
+certificate for its CSR then authenticate a TLS session made by the shipped board.tls() (Mbed TLS) to OpenSSL.
 
-One interpreter run per implementation does every case (a Node start costs time); the tests below read its results.
+One interpreter run per implementation does every case; the tests below read its results.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import hashlib
 import json
 import os
 import random
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 
 import pytest
 from cryptography import x509
@@ -23,7 +27,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, utils
 from cryptography.x509.oid import NameOID
 from hypothesis import given, settings, strategies as st
 
-from mpkit import REPO, node, run_mp  # noqa: F401  (node is a fixture)
+from localcloud import procs
+from localcloud.pki import CertificateAuthority
+from mpkit import REPO, run_unix
 
 N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 PREHASHED = ec.ECDSA(utils.Prehashed(hashes.SHA256()))
@@ -40,13 +46,10 @@ RFC_RS = {
              0x019F4113742A2B14BD25926B49C649155F267E60D3814B4C0CC84250E46F0083),
 }
 
-# The same script runs in both interpreters; each prelude supplies rnd(n) and ms().
+# The same script runs in both interpreters; each prelude supplies rnd(n) and ms() (mpkit's supplies PARAMS).
 PRELUDE_MP = """
-import js, time
-def rnd(n):
-    u = js.Uint8Array.new(n)
-    js.crypto.getRandomValues(u)
-    return bytes(u)
+import os, time
+rnd = os.urandom
 def ms():
     return time.ticks_ms()
 """
@@ -335,7 +338,7 @@ def batch(request, tmp_path_factory):
     params, expect = _params_and_expectations()
     tmp = tmp_path_factory.mktemp(request.param)
     if request.param == "micropython":
-        r = run_mp(request.getfixturevalue("node"), PRELUDE_MP + BATCH, tmp, params, timeout=120)
+        r = run_unix(PRELUDE_MP + BATCH, tmp, params, timeout=120)
     else:
         (tmp / "batch.py").write_text(PRELUDE_CPY + BATCH)
         r = subprocess.run([sys.executable, str(tmp / "batch.py"), json.dumps(params)], capture_output=True,
@@ -404,40 +407,100 @@ def test_the_csr_verifies_in_cryptography_and_openssl(batch):
     assert "verify failure" in r.stderr and "verify OK" not in r.stdout + r.stderr, r.stdout + r.stderr
 
 
-NODE_TLS = """
-const tls = require("node:tls"), fs = require("node:fs");
-const [ca, srvCert, srvKey, cert, key, version] = process.argv.slice(1);
-const server = tls.createServer({ cert: fs.readFileSync(srvCert), key: fs.readFileSync(srvKey), ca: fs.readFileSync(ca),
-                                  requestCert: true, rejectUnauthorized: true,
-                                  minVersion: version, maxVersion: version },
-  (s) => { console.log("server saw", s.authorized, s.getPeerCertificate().subject.CN); s.end(); });
-server.listen(0, "127.0.0.1", () => {
-  const c = tls.connect({ host: "127.0.0.1", port: server.address().port, servername: "localhost",
-                          ca: fs.readFileSync(ca), cert: fs.readFileSync(cert), key: fs.readFileSync(key),
-                          minVersion: version, maxVersion: version });
-  c.on("secureConnect", () => console.log("client", c.getProtocol()));
-  c.on("data", () => {});
-  c.on("end", () => server.close());
-  c.on("error", (e) => { console.log("error", e.message); server.close(); process.exitCode = 1; });
-});
+TLS_CLIENT = """
+import board
+
+async def main():
+    p = PARAMS
+    s = await board.tls("localhost", p["port"], p["ca"], p["cert"], p["key"])
+    print("handshake done")
+    s.write(b"HELLO FROM " + p["cn"].encode())
+    print("reply", await s.read(10000))
+    s.close()
+
+asyncio.run(main())
 """
 
 
-@pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
-def test_node_tls_authenticates_with_the_key_and_a_certificate_for_its_csr(batch, node, version):
-    from localcloud.pki import CertificateAuthority
+class MutualTLSServer:
+    """One connection on loopback, `version` only, a client certificate of `ca` required (OpenSSL verifies
+    its chain and the client's CertificateVerify, made with the key the certificate names); records the
+    client certificate, the protocol, the bytes that arrived until the client's greeting ended, and answers."""
 
-    _, out, _, tmp = batch
-    ca = CertificateAuthority(tmp / "ca")
-    server = ca.issue_server("server", ["localhost", "127.0.0.1"])
-    cert = ca.sign_csr(out["own"]["csr_pem"].encode())
-    (tmp / "client.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp / "client.key").write_text(out["own"]["key_pem"])
-    r = subprocess.run([node, "-e", NODE_TLS, str(ca.cert_path), str(server.cert_path), str(server.key_path),
-                        str(tmp / "client.pem"), str(tmp / "client.key"), version], capture_output=True, text=True,
-                       timeout=60)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert f"client {version}" in r.stdout and f"server saw true {CN}" in r.stdout, r.stdout + r.stderr
+    def __init__(self, ca: CertificateAuthority, server, version: str, expect: bytes):
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.minimum_version = self.ctx.maximum_version = getattr(ssl.TLSVersion, version.replace(".", "_"))
+        self.ctx.load_cert_chain(server.cert_path, server.key_path)
+        self.ctx.load_verify_locations(cafile=str(ca.cert_path))
+        self.ctx.verify_mode = ssl.CERT_REQUIRED
+        self.expect = expect
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", procs.free_port()))
+        self.sock.listen()
+        self.sock.settimeout(30)
+        self.port = self.sock.getsockname()[1]
+        self.outcome, self.peer_der, self.version, self.cipher, self.received = None, None, None, None, b""
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            raw, _ = self.sock.accept()
+        except OSError as e:
+            self.outcome = f"no connection: {e}"
+            return
+        raw.settimeout(15)
+        try:
+            conn = self.ctx.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            self.outcome = f"handshake failed: {e}"
+            raw.close()
+            return
+        self.outcome = "handshake completed"
+        self.peer_der, self.version, self.cipher = conn.getpeercert(binary_form=True), conn.version(), conn.cipher()
+        try:
+            while len(self.received) < len(self.expect) and (chunk := conn.recv(4096)):
+                self.received += chunk
+            conn.sendall(b"WELCOME " + self.received)
+            while conn.recv(4096):  # until the client closes
+                pass
+        except (ssl.SSLError, OSError):
+            pass
+        conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        self.thread.join(20)
+
+
+# MicroPython's Mbed TLS (its unix port, as on the boards) speaks TLS 1.2 only: no TLS 1.3 case.
+@pytest.mark.parametrize("version", ["TLSv1.2"])
+def test_board_tls_authenticates_with_the_key_and_a_certificate_for_its_csr(batch, version, tmp_path):
+    """The key p256.py made (SEC1 PEM) and a certificate a CA issued for its CSR are what the shipped
+    board.tls() presents on MicroPython's unix port; an OpenSSL server that requires a client certificate of
+    that CA accepts them, sees the CSR's public key in the client certificate, and gets the client's bytes."""
+    _, out, _, _ = batch
+    own = out["own"]
+    ca = CertificateAuthority(tmp_path / "ca")
+    server = ca.issue_server("server", ["localhost"])
+    cert_pem = ca.sign_csr(own["csr_pem"].encode(), CN).public_bytes(serialization.Encoding.PEM).decode()
+    greeting = b"HELLO FROM " + CN.encode()
+    srv = MutualTLSServer(ca, server, version, greeting)
+    try:
+        r = run_unix(TLS_CLIENT, tmp_path, {"port": srv.port, "ca": ca.cert_path.read_text(), "cert": cert_pem,
+                                            "key": own["key_pem"], "cn": CN}, timeout=60)
+    finally:
+        srv.close()
+    seen = (srv.outcome, srv.version, srv.cipher, srv.received, r.stdout, r.stderr)
+    assert r.returncode == 0, seen
+    assert srv.outcome == "handshake completed" and srv.version == version, seen
+    peer = x509.load_der_x509_certificate(srv.peer_der)
+    csr = x509.load_pem_x509_csr(own["csr_pem"].encode())
+    assert _pub_bytes(peer.public_key()) == _pub_bytes(csr.public_key()) == bytes.fromhex(own["pub"])
+    assert peer.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == CN
+    assert srv.received == greeting, seen
+    assert f"reply {b'WELCOME ' + greeting!r}" in r.stdout, seen
+    print(f"{version} {srv.cipher[0]}: the server saw {CN}")
 
 
 def test_its_signatures_verify_in_cryptography(batch):

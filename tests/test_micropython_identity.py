@@ -1,5 +1,5 @@
 """What the board accepts from the provisioning service (micropython/identity.py), under the real MicroPython
-interpreter (WebAssembly, in Node): every field of a CreateCertificateFromCsr or RegisterThing answer is checked
+interpreter (its unix port): every field of a CreateCertificateFromCsr or RegisterThing answer is checked
 against AWS's formats and the board's own key before anything is written, and a certificate is never saved over
 a file the board's identity uses. The local cloud answers honestly, so the hostile answers are made here."""
 
@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from mpkit import node, run_mp  # noqa: F401  (node is a fixture)
+from mpkit import run_unix
 
 CERTIFICATE_CASES = """
 import os, json, identity, store
@@ -41,8 +41,9 @@ def files():
 
 out = {}
 pub = bytes.fromhex(PARAMS["pub"])
+top = os.getcwd()  # the test's tmp_path: each case gets a folder of its own there, as its flash
 for case in PARAMS["cases"]:
-    d = "/w-" + case["name"]
+    d = top + "/w-" + case["name"]
     os.mkdir(d)
     os.chdir(d)
     for path, text in case.get("files", {}).items():
@@ -85,7 +86,7 @@ def pem_block(data: bytes) -> str:
     return "-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(data).decode() + "-----END CERTIFICATE-----\n"
 
 
-def test_certificate_answers_are_checked_before_anything_is_saved(node, tmp_path):  # noqa: F811
+def test_certificate_answers_are_checked_before_anything_is_saved(tmp_path):
     ca = ec.generate_private_key(ec.SECP256R1())
     key, other = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     der, der_other = certificate(key, ca), certificate(other, ca)
@@ -118,8 +119,8 @@ def test_certificate_answers_are_checked_before_anything_is_saved(node, tmp_path
         "pem-missing": {"resp": {**good, "certificatePem": None}},
     }
     pub = key.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
-    r = run_mp(node, CERTIFICATE_CASES, tmp_path, {"pub": pub.hex(), "cases": [{"name": n, **c} for n, c in
-                                                                                 cases.items()]})
+    r = run_unix(CERTIFICATE_CASES, tmp_path, {"pub": pub.hex(), "cases": [{"name": n, **c} for n, c in
+                                                                             cases.items()]})
     assert r.returncode == 0, r.stdout + r.stderr
     got = json.loads(r.stdout.strip().splitlines()[-1])
     wrong = []
@@ -142,7 +143,7 @@ def test_certificate_answers_are_checked_before_anything_is_saved(node, tmp_path
     assert not wrong, "\n".join(repr(w)[:200] for w in wrong)
 
 
-def test_register_thing_answers_name_a_valid_thing_and_on_rotation_the_boards_own(node, tmp_path):  # noqa: F811
+def test_register_thing_answers_name_a_valid_thing_and_on_rotation_the_boards_own(tmp_path):
     ok = "gw-SN:00_1"
     cases = [
         ({"thingName": ok}, None, ok),
@@ -159,7 +160,7 @@ def test_register_thing_answers_name_a_valid_thing_and_on_rotation_the_boards_ow
         ({"thingName": ok}, ok, ok),
         ({"thingName": "gw-other"}, ok, None),  # ...but must not name another thing
     ]
-    r = run_mp(node, THING_CASES, tmp_path, {"cases": [[resp, want] for resp, want, _ in cases]})
+    r = run_unix(THING_CASES, tmp_path, {"cases": [[resp, want] for resp, want, _ in cases]})
     assert r.returncode == 0, r.stdout + r.stderr
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got == [want for _, _, want in cases]

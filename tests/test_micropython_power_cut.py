@@ -1,10 +1,13 @@
 """Power cuts at every write-ahead step of the board agent (Mender's kill-in-every-state, for the
-board): the harness ends the interpreter at a named point without writing back anything unsynced,
+board), on MicroPython's unix port running the .mpy bundle users flash: micropython/unix/hostboard.py
+SIGKILLs the interpreter at a named point (no `finally` runs, no socket is closed politely), the test
 boots the board again, and the flow must finish with one working identity and one good release.
 
 The sweeps below do not rely on named points: the harness numbers every flash sync (each state write,
 rename or removal made durable) and every named point (the cloud's answers among them) across boots,
-and cuts the power after the Nth; N goes up until a run ends without reaching it."""
+and cuts the power after the Nth; N goes up until a run ends without reaching it. The flash is a host
+folder: what a flash file system loses of a file being written when the power goes is not simulated
+(each state file is written whole to a temporary name and renamed, the step LittleFS makes atomic)."""
 
 from __future__ import annotations
 
@@ -17,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from boardkit import MP, THING, MpWorld
-from mpkit import node  # noqa: F401  (fixture)
 
 PROVISIONING = ["prov.after_key", "prov.after_certificate", "prov.after_identity"]
 UPDATE = ["ota.mid_download", "ota.after_unpack", "ota.after_pending", "loader.mid_swap", "ota.after_commit_saved"]
@@ -56,7 +58,7 @@ def clean_release(w: MpWorld, version: str) -> None:
 
 
 @pytest.mark.parametrize("point", PROVISIONING + UPDATE + ROLLBACK + ROTATION + CLOUD)
-def test_power_cut(point, tmp_path, node):  # noqa: F811
+def test_power_cut(point, tmp_path):
     w = MpWorld(tmp_path, config={"self_test_s": 8} if point in ROLLBACK else None)
     try:
         b = w.boot(max_boots=10, params={"cut": point})
@@ -194,7 +196,7 @@ def provisioned(root: Path, settings: dict | None = None) -> MpWorld:
         raise
 
 
-def test_provisioning_converges_after_a_power_cut_at_every_step(tmp_path, node):  # noqa: F811
+def test_provisioning_converges_after_a_power_cut_at_every_step(tmp_path):
     def run(_ctx, k: int) -> bool:
         w = MpWorld(tmp_path / f"k{k}", config=QUIET)
         try:
@@ -213,7 +215,7 @@ def test_provisioning_converges_after_a_power_cut_at_every_step(tmp_path, node):
 
 
 @pytest.mark.parametrize("outcome", ["SUCCEEDED", "FAILED"])
-def test_rotation_converges_after_a_power_cut_at_every_step(outcome, tmp_path, node):  # noqa: F811
+def test_rotation_converges_after_a_power_cut_at_every_step(outcome, tmp_path):
     """SUCCEEDED: every step from the job to the old certificate's retirement. FAILED: the same for a
     rotation whose new certificate cannot connect (the cloud leaves it INACTIVE), which is abandoned.
     Wherever the power is cut, the board ends on one identity with its files, one ACTIVE certificate,
@@ -246,7 +248,7 @@ def test_rotation_converges_after_a_power_cut_at_every_step(outcome, tmp_path, n
     assert n >= 15
 
 
-def test_an_update_converges_after_a_power_cut_at_every_step(tmp_path, node):  # noqa: F811
+def test_an_update_converges_after_a_power_cut_at_every_step(tmp_path):
     """The release is installed, or, when the power goes during its trial boot (which the board cannot
     tell from a crash), rolled back and remembered as failed; never half of either."""
     worlds = iter(range(100))
@@ -281,7 +283,7 @@ def test_an_update_converges_after_a_power_cut_at_every_step(tmp_path, node):  #
     assert n >= 15
 
 
-def test_a_cut_right_after_the_new_certificate_is_proven_keeps_the_identity(tmp_path, node):  # noqa: F811
+def test_a_cut_right_after_the_new_certificate_is_proven_keeps_the_identity(tmp_path):
     """Whatever the board writes first once its new certificate has connected is where the decision "the new
     certificate is proven" must be complete: cut the power right after that write, and the board still ends on
     one identity whose files exist, with the old certificate retired (told only over a connection made with
