@@ -12,8 +12,11 @@ PY     := $(VENV)/bin/python
 demo: sysdeps venv
 	$(PY) -m localcloud.demo
 
+# Tests mostly wait (handshakes, daemons, timeouts), so more workers than cores pays off.
+TEST_WORKERS ?= 4
+
 test: sysdeps venv
-	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+	$(PY) scripts/timed.py $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
 bench: sysdeps venv
 	$(PY) bench/startup.py

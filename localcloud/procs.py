@@ -53,6 +53,7 @@ def free_port(kind: int = socket.SOCK_STREAM, pairs: bool = False) -> int:
     minutes is not handed out again, so threads that start servers side by side never race for one."""
     lo, _ = _ephemeral_range()
     low, high = (10000, lo - 2) if lo > 12000 else (61000, 65533)
+    low, high = _worker_slice(low, high)
     rng = random.SystemRandom()
     for _ in range(500):
         port = rng.randint(low, high)
@@ -70,6 +71,17 @@ def free_port(kind: int = socket.SOCK_STREAM, pairs: bool = False) -> int:
                 _handed_out[p] = now
             return port
     raise RuntimeError("no free loopback port found")
+
+
+def _worker_slice(low: int, high: int) -> tuple[int, int]:
+    """Test processes run side by side (pytest-xdist) each take ports from their own slice, so two
+    of them never pick the same port between the check and the bind."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if not (worker.startswith("gw") and worker[2:].isdigit() and count.isdigit() and int(count) > 1):
+        return low, high
+    size = (high - low) // int(count)
+    start = low + size * (int(worker[2:]) % int(count))
+    return start, start + size - 2
 
 
 def _bindable(kind: int, port: int) -> bool:

@@ -138,11 +138,40 @@ def agents():
         a.stop()
 
 
+_SWEEP_LINES: list[str] = []
+# Modules whose tests are independent of each other and long: pytest-xdist spreads them over its
+# workers. Every other module runs whole on one worker (its module fixtures and the order of its tests
+# are shared, e.g. a happy path that a later test builds on).
+SPREAD = {"test_sweep_updates", "test_sweep_identity"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.module.__name__.rsplit(".", 1)[-1]
+        if name not in SPREAD and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(name))
+
+
+@pytest.fixture(autouse=True)
+def _sweep_figures(request):
+    """Hands the kill sweeps' figures to the report, which reaches the main process under pytest-xdist too."""
+    mod = sys.modules.get("sweep")
+    before = len(getattr(mod, "SUMMARIES", []))
+    yield
+    mod = sys.modules.get("sweep")
+    for line in list(getattr(mod, "SUMMARIES", []))[before:]:
+        request.node.user_properties.append(("sweep", line))
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "teardown":
+        _SWEEP_LINES.extend(v for k, v in report.user_properties if k == "sweep")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """The kill sweeps' figures (kill points per flow and token), whatever -q hides."""
-    mod = sys.modules.get("sweep")
-    lines = list(getattr(mod, "SUMMARIES", []))
-    if lines:
+    if _SWEEP_LINES:
         terminalreporter.section("kill sweeps")
-        for line in lines:
+        for line in sorted(_SWEEP_LINES):
             terminalreporter.write_line(line)

@@ -18,6 +18,8 @@ from localcloud.cloud import LocalCloud
 from localcloud.ntp import Chrony
 
 REPO = Path(__file__).resolve().parent.parent
+# One worker runs this module: its image fixture builds .deps/nspawn, which two builders must not share.
+pytestmark = pytest.mark.xdist_group("nspawn")
 SERIAL = "NSPAWN-1"
 THING = f"gw-{SERIAL}"
 
@@ -30,6 +32,13 @@ class Container:
              "--boot", "--console=pipe", f"--bind={xchg}:/xchg"],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
         self.pid1 = None
+        try:
+            self._wait_booted()
+        except BaseException:
+            self.stop()  # a container that did not boot must not outlive the test (it holds the image)
+            raise
+
+    def _wait_booted(self) -> None:
         deadline = time.monotonic() + 30
         while self.pid1 is None and time.monotonic() < deadline:
             for p in Path("/proc").iterdir():
