@@ -25,40 +25,54 @@ def _setup_logging(level: str) -> None:
                  stream=sys.stderr)
 
 
+def _global_options(p: argparse.ArgumentParser, default: object) -> argparse.ArgumentParser:
+    p.add_argument("--config", type=Path, default=default, help=f"config file (default {DEFAULT_CONFIG_PATH})")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=default,
+                   help="overrides log.level")
+    return p
+
+
+# The global options are accepted after the subcommand too (`iot-agent run --config X`); there they
+# default to SUPPRESS, so a subcommand that does not repeat them keeps what came before it.
+_COMMON = _global_options(argparse.ArgumentParser(add_help=False), argparse.SUPPRESS)
+
+
+def _add(sub: argparse._SubParsersAction, name: str, **kw: object) -> argparse.ArgumentParser:
+    return sub.add_parser(name, parents=[_COMMON], **kw)  # type: ignore[arg-type]
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="iot-agent", description="AWS IoT Core device agent")
-    p.add_argument("--config", type=Path, default=None, help=f"config file (default {DEFAULT_CONFIG_PATH})")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides log.level")
+    p = _global_options(argparse.ArgumentParser(prog="iot-agent", description="AWS IoT Core device agent"), None)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="wait for a trustworthy clock, connect, stay connected until SIGTERM")
-    sub.add_parser("check-config", help="print every problem with the configuration; non-zero exit if any")
-    sub.add_parser("version", help="print the agent's version")
-    keys = sub.add_parser("keys", help="keys on the PKCS#11 token")
+    _add(sub, "run", help="wait for a trustworthy clock, connect, stay connected until SIGTERM")
+    _add(sub, "check-config", help="print every problem with the configuration; non-zero exit if any")
+    _add(sub, "version", help="print the agent's version")
+    keys = _add(sub, "keys", help="keys on the PKCS#11 token")
     ks = keys.add_subparsers(dest="keys_command", required=True)
-    ks.add_parser("list", help="list private keys on the token")
-    g = ks.add_parser("generate", help="generate an EC P-256 key pair on the token")
+    _add(ks, "list", help="list private keys on the token")
+    g = _add(ks, "generate", help="generate an EC P-256 key pair on the token")
     g.add_argument("label")
     g.add_argument("--if-missing", action="store_true", help="keep an existing key with this label (for resuming)")
-    d = ks.add_parser("delete", help="delete the key pair with this label")
+    d = _add(ks, "delete", help="delete the key pair with this label")
     d.add_argument("label")
-    c = ks.add_parser("csr", help="write a CSR for a token key, signed on the token")
+    c = _add(ks, "csr", help="write a CSR for a token key, signed on the token")
     c.add_argument("label")
     c.add_argument("--cn", required=True, help="subject common name (the thing name)")
     c.add_argument("--out", type=Path, help="file to write (default: stdout)")
-    f = sub.add_parser("factory", help="production-line steps: claim key on the token, claim certificate")
+    f = _add(sub, "factory", help="production-line steps: claim key on the token, claim certificate")
     fs = f.add_subparsers(dest="factory_command", required=True)
-    fi = fs.add_parser("init", help="record the serial number, generate the claim key on the token, write its CSR")
+    fi = _add(fs, "init", help="record the serial number, generate the claim key on the token, write its CSR")
     fi.add_argument("--serial", required=True)
     fi.add_argument("--csr-out", type=Path, required=True)
-    fc = fs.add_parser("claim-cert", help="install the claim certificate the manufacturer's CA issued for that CSR")
+    fc = _add(fs, "claim-cert", help="install the claim certificate the manufacturer's CA issued for that CSR")
     fc.add_argument("certificate", type=Path)
-    fk = fs.add_parser("device-key", help="JITP: the device key on the token and a CSR with the thing name as CN")
+    fk = _add(fs, "device-key", help="JITP: the device key on the token and a CSR with the thing name as CN")
     fk.add_argument("--thing", required=True)
     fk.add_argument("--csr-out", type=Path, required=True)
-    fd = fs.add_parser("device-cert", help="JITP: install the device certificate the manufacturer's CA issued")
+    fd = _add(fs, "device-cert", help="JITP: install the device certificate the manufacturer's CA issued")
     fd.add_argument("certificate", type=Path)
-    sub.add_parser("rotate", help="ask the running agent to rotate the device certificate now (new key on the token)")
-    st = sub.add_parser("status", help="the device's identity and provisioning state")
+    _add(sub, "rotate", help="ask the running agent to rotate the device certificate now (new key on the token)")
+    st = _add(sub, "status", help="the device's identity and provisioning state")
     st.add_argument("--json", action="store_true")
     return p
 
