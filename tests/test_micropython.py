@@ -7,16 +7,14 @@ from __future__ import annotations
 import datetime as dt
 import re
 import socket
-import ssl
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 
 from localcloud import procs
 from localcloud.pki import CertificateAuthority
-from mpkit import REPO, run_unix
+from mpkit import REPO, LoopbackTLSServer, run_unix
 
 CONNECT = """
 import board, mqtt, gc, time
@@ -107,48 +105,6 @@ def test_now_is_an_integer(tmp_path):
     assert r.stdout.split() == ["int", "True"], r.stdout
 
 
-class Recorder:
-    """A TLS server on loopback with a chosen certificate; records, per connection, whether the
-    handshake completed and every application byte that arrived."""
-
-    def __init__(self, cert: Path, key: Path):
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(cert, key)
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", procs.free_port()))
-        self.sock.listen()
-        self.sock.settimeout(20)
-        self.port = self.sock.getsockname()[1]
-        self.handshakes: list[str] = []
-        self.received = b""
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        try:
-            raw, _ = self.sock.accept()
-        except OSError:
-            return
-        raw.settimeout(10)
-        try:
-            conn = self.ctx.wrap_socket(raw, server_side=True)
-        except (ssl.SSLError, OSError) as e:
-            self.handshakes.append(f"failed: {e}")
-            raw.close()
-            return
-        self.handshakes.append("completed")
-        try:
-            while chunk := conn.recv(4096):
-                self.received += chunk
-        except (ssl.SSLError, OSError):
-            pass
-        conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
-        self.thread.join(15)
-
-
 TLS_ONLY = """
 import board
 
@@ -189,7 +145,7 @@ def test_tls_verifies_the_server_before_returning(pki, case, tmp_path):
     handshake and its verification happen inside tls(): a foreign CA, a wrong host name and an expired
     certificate are refused there, and the server never sees an application byte."""
     server = pki[case]
-    rec = Recorder(server.cert_path, server.key_path)
+    rec = LoopbackTLSServer(server.cert_path, server.key_path)
     try:
         r = run_unix(TLS_ONLY, tmp_path, {"host": "localhost", "port": rec.port, "ca": pki["ca"].cert_path.read_text(),
                                           "cert": pki["client"].cert_path.read_text(),

@@ -14,11 +14,8 @@ import hashlib
 import json
 import os
 import random
-import socket
-import ssl
 import subprocess
 import sys
-import threading
 
 import pytest
 from cryptography import x509
@@ -27,9 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, utils
 from cryptography.x509.oid import NameOID
 from hypothesis import given, settings, strategies as st
 
-from localcloud import procs
 from localcloud.pki import CertificateAuthority
-from mpkit import REPO, run_unix
+from mpkit import REPO, LoopbackTLSServer, run_unix
 
 N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 PREHASHED = ec.ECDSA(utils.Prehashed(hashes.SHA256()))
@@ -422,57 +418,6 @@ asyncio.run(main())
 """
 
 
-class MutualTLSServer:
-    """One connection on loopback, `version` only, a client certificate of `ca` required (OpenSSL verifies
-    its chain and the client's CertificateVerify, made with the key the certificate names); records the
-    client certificate, the protocol, the bytes that arrived until the client's greeting ended, and answers."""
-
-    def __init__(self, ca: CertificateAuthority, server, version: str, expect: bytes):
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.minimum_version = self.ctx.maximum_version = getattr(ssl.TLSVersion, version.replace(".", "_"))
-        self.ctx.load_cert_chain(server.cert_path, server.key_path)
-        self.ctx.load_verify_locations(cafile=str(ca.cert_path))
-        self.ctx.verify_mode = ssl.CERT_REQUIRED
-        self.expect = expect
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", procs.free_port()))
-        self.sock.listen()
-        self.sock.settimeout(30)
-        self.port = self.sock.getsockname()[1]
-        self.outcome, self.peer_der, self.version, self.cipher, self.received = None, None, None, None, b""
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        try:
-            raw, _ = self.sock.accept()
-        except OSError as e:
-            self.outcome = f"no connection: {e}"
-            return
-        raw.settimeout(15)
-        try:
-            conn = self.ctx.wrap_socket(raw, server_side=True)
-        except (ssl.SSLError, OSError) as e:
-            self.outcome = f"handshake failed: {e}"
-            raw.close()
-            return
-        self.outcome = "handshake completed"
-        self.peer_der, self.version, self.cipher = conn.getpeercert(binary_form=True), conn.version(), conn.cipher()
-        try:
-            while len(self.received) < len(self.expect) and (chunk := conn.recv(4096)):
-                self.received += chunk
-            conn.sendall(b"WELCOME " + self.received)
-            while conn.recv(4096):  # until the client closes
-                pass
-        except (ssl.SSLError, OSError):
-            pass
-        conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
-        self.thread.join(20)
-
-
 # MicroPython's Mbed TLS (its unix port, as on the boards) speaks TLS 1.2 only: no TLS 1.3 case.
 @pytest.mark.parametrize("version", ["TLSv1.2"])
 def test_board_tls_authenticates_with_the_key_and_a_certificate_for_its_csr(batch, version, tmp_path):
@@ -485,15 +430,16 @@ def test_board_tls_authenticates_with_the_key_and_a_certificate_for_its_csr(batc
     server = ca.issue_server("server", ["localhost"])
     cert_pem = ca.sign_csr(own["csr_pem"].encode(), CN).public_bytes(serialization.Encoding.PEM).decode()
     greeting = b"HELLO FROM " + CN.encode()
-    srv = MutualTLSServer(ca, server, version, greeting)
+    srv = LoopbackTLSServer(server.cert_path, server.key_path, client_ca=ca.cert_path, version=version,
+                           expect=greeting)
     try:
         r = run_unix(TLS_CLIENT, tmp_path, {"port": srv.port, "ca": ca.cert_path.read_text(), "cert": cert_pem,
                                             "key": own["key_pem"], "cn": CN}, timeout=60)
     finally:
         srv.close()
-    seen = (srv.outcome, srv.version, srv.cipher, srv.received, r.stdout, r.stderr)
+    seen = (srv.handshakes, srv.version, srv.cipher, srv.received, r.stdout, r.stderr)
     assert r.returncode == 0, seen
-    assert srv.outcome == "handshake completed" and srv.version == version, seen
+    assert srv.handshakes == ["completed"] and srv.version == version, seen
     peer = x509.load_der_x509_certificate(srv.peer_der)
     csr = x509.load_pem_x509_csr(own["csr_pem"].encode())
     assert _pub_bytes(peer.public_key()) == _pub_bytes(csr.public_key()) == bytes.fromhex(own["pub"])

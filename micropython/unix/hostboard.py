@@ -32,14 +32,6 @@ def _kill(marker):
         time.sleep(1)
 
 
-def _exists(p):
-    try:
-        os.stat(p)
-        return True
-    except OSError:
-        return False
-
-
 def _read(p):
     try:
         with open(p, "rb") as f:
@@ -50,7 +42,7 @@ def _read(p):
 
 def _cut(name, what=""):
     mark = P["flash"] + ".cut-" + name
-    if _exists(mark):
+    if _read(mark) is not None:  # each named cut happens once per flash
         return
     with open(mark, "w"):
         pass
