@@ -21,18 +21,6 @@ IDENT = "state/identity.json"
 ROT = "state/rot.json"
 
 
-def restart(board, why):
-    """Reset the board; never returns. Where reset() returns or raises (a port without
-    machine.reset()), start over in-process rather than carry on as if the reset had happened."""
-    print(why + "; resetting")
-    try:
-        board.reset()
-    except Exception as e:
-        print("reset failed:", repr(e))
-    import loader
-    raise loader.Restart(why)
-
-
 class Reject(Exception):
     """The job is REJECTED with this reason; nothing was installed."""
 
@@ -100,7 +88,9 @@ class Agent:
                 print("heap high-water", n, where)
 
     def restart(self, why):
-        restart(self.board, why)
+        """Reset; never returns (loader.reset: a reset that returns restarts in-process)."""
+        import loader
+        loader.reset(self.board, why)
 
     def token(self):
         self.n += 1
@@ -168,7 +158,7 @@ class Agent:
                 await self.backoff()
                 continue
             # A fresh start drops the claim credentials and the provisioning code from RAM.
-            restart(self.board, "provisioned: restarting on the new identity")
+            self.restart("provisioned: restarting on the new identity")
         trial = self.boot.get("state") == "trial"
         while True:
             try:
@@ -179,7 +169,7 @@ class Agent:
             self.reconnects += 1
             if trial and self.boot.get("state") == "trial" and \
                     time.ticks_diff(time.ticks_ms(), self.t0) > self.cfg["self_test_s"] * 1000:
-                restart(self.board, "self-test failed: no connection within %d s" % self.cfg["self_test_s"])
+                self.restart("self-test failed: no connection within %d s" % self.cfg["self_test_s"])
             await self.backoff()
 
     async def session(self):
@@ -314,7 +304,7 @@ class Agent:
                     return False
                 # Like provisioning: start afresh on the new certificate (step "switch" is on flash).
                 c.close()
-                restart(self.board, "rotation: the new certificate is ready")
+                self.restart("rotation: the new certificate is ready")
             else:
                 raise Reject("unsupported operation %r" % op)
         except Reject as e:

@@ -98,11 +98,16 @@ class Restart(BaseException):
 APP = ("agent", "identity", "mqtt", "ota", "p256", "sntp", "store")
 
 
-def _reset(board):
+def reset(board, why):
+    """Reset the board; never returns. Where board.reset() returns or raises (a port without
+    machine.reset()), raise Restart: start() begins again in-process, and the caller never carries on
+    as if the reset had happened."""
+    print(why + "; resetting")
     try:
         board.reset()
     except Exception as e:
-        print("loader: reset failed:", repr(e))
+        print("reset failed:", repr(e))
+    raise Restart(why)
 
 
 async def start():
@@ -122,6 +127,9 @@ async def start():
             if st.get("state") != "trial":
                 import asyncio
                 await asyncio.sleep(10)  # a crash loop should not hammer the broker
-            _reset(board)
+            try:
+                reset(board, "loader: the app crashed")
+            except Restart:
+                pass
         for n in APP:  # the next round imports the app afresh (a swap may have replaced it)
             sys.modules.pop(n, None)

@@ -71,8 +71,7 @@ class Client:
             try:
                 p = self._parse()
             except MemoryError:
-                self.buf = b""
-                raise MQTTError("out of memory while receiving")
+                raise self._lost()
             if p:
                 self.rx = time.ticks_ms()
                 self.ping_out = False
@@ -88,9 +87,12 @@ class Client:
             try:
                 self.buf += chunk
             except MemoryError:
-                # The chunk is lost, so the byte stream no longer lines up with packets: end the session.
-                self.buf = b""
-                raise MQTTError("out of memory while receiving")
+                raise self._lost()
+
+    def _lost(self):
+        # A chunk or packet was lost, so the byte stream no longer lines up with packets: end the session.
+        self.buf = b""
+        return MQTTError("out of memory while receiving")
 
     def _send(self, head, body):
         self.s.write(bytes((head,)) + _varlen(len(body)) + body)
