@@ -10,16 +10,16 @@ import sys
 import threading
 from pathlib import Path
 
-from . import __version__
-from .config import DEFAULT_CONFIG_PATH, Config, check_files, load
-from .errors import AgentError, ConfigError
+from agent import __version__
+from agent.base.config import DEFAULT_CONFIG_PATH, Config, check_files, load
+from agent.base.errors import AgentError, ConfigError
 
 
 def _setup_logging(level: str) -> None:
     # Under systemd the journal adds its own timestamps.
     fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
         "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s"
-    from .logfmt import basic_config  # one record, one bounded line: network text cannot forge log lines
+    from agent.base.logfmt import basic_config  # one record, one bounded line: network text cannot forge log lines
 
     basic_config(level=getattr(logging, level.upper(), logging.INFO), format=fmt, datefmt="%Y-%m-%dT%H:%M:%S",
                  stream=sys.stderr)
@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import killpoints
+    from agent.base import killpoints
 
     killpoints.install()  # a no-op unless a test sweeps kill points
     args = _parser().parse_args(argv)
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         if problems:
             raise ConfigError(problems)
         if args.command == "run":
-            from .daemon import install_stop_signals, run
+            from agent.runtime.daemon import install_stop_signals, run
 
             stop = threading.Event()
             install_stop_signals(stop)
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "keys":
             return _keys(cfg, args)
         if args.command == "factory":
-            from .factory import claim_cert, device_cert, device_key, init
+            from agent.identity.factory import claim_cert, device_cert, device_key, init
 
             if args.factory_command == "init":
                 print(init(cfg, args.serial, args.csr_out))
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "rotate":
             return _rotate(cfg)
         if args.command == "status":
-            from .status import show
+            from agent.runtime.status import show
 
             return show(cfg, as_json=args.json)
     except AgentError as e:
@@ -131,9 +131,9 @@ def _rotate(cfg) -> int:
     import os
     import signal
 
-    from .daemon import current_identity
-    from .rotation import Rotator
-    from .state import StateStore
+    from agent.runtime.daemon import current_identity
+    from agent.identity.rotation import Rotator
+    from agent.base.state import StateStore
 
     store = StateStore(cfg.resolve(cfg.device.state_dir))
     identity = current_identity(cfg, store.load())
@@ -150,7 +150,7 @@ def _rotate(cfg) -> int:
 def _check_config(path: Path | None) -> int:
     """Every problem `run` would stop on at start, one line each, exit 2 if any: the config (types, ranges),
     its files (the CA parsed), the PIN file, then what run checks next (_startup_problems)."""
-    from .pin import read_pin
+    from agent.base.pin import read_pin
 
     try:
         cfg = load(path)
@@ -178,11 +178,11 @@ def _startup_problems(cfg: Config) -> list[str]:
     device certificate that parses and has not expired; in claim mode the serial number and a claim certificate
     that parses; jitp needs its factory certificate); the pinned code-signing certificate (loaded by the OTA
     handler at every session start). Imports here stay out of the daemon's start."""
-    from .config import MISSING_FILE, MAX_CERTIFICATE_FILE_BYTES, certificate_file_problem, identity_mode, \
+    from agent.base.config import MISSING_FILE, MAX_CERTIFICATE_FILE_BYTES, certificate_file_problem, identity_mode, \
         read_regular_file
-    from .daemon import current_identity, has_identity
-    from .rotation import check_not_expired
-    from .state import StateStore
+    from agent.runtime.daemon import current_identity, has_identity
+    from agent.identity.rotation import check_not_expired
+    from agent.base.state import StateStore
 
     out: list[str] = []
     signing: list[str] = []  # the session's last start-up step: reported last
@@ -196,7 +196,7 @@ def _startup_problems(cfg: Config) -> list[str]:
             signing.append(f"ota.code_signing_certificate: {cs} {e}; install the code-signing certificate that signs "
                        "your updates")
         else:
-            from .signing import load_pinned_key
+            from agent.update.signing import load_pinned_key
 
             try:
                 load_pinned_key(cs)
@@ -249,7 +249,7 @@ def _startup_problems(cfg: Config) -> list[str]:
         out.append("identity.mode is jitp but there is no device certificate yet: run `iot-agent factory "
                    "device-key` and `factory device-cert` at the factory (README, 'Just-in-time provisioning')")
     elif mode == "claim":  # Provisioner.run's checks, its words
-        from .provisioning import claim_certificate, serial_number
+        from agent.identity.provisioning import claim_certificate, serial_number
 
         if not serial_number(cfg, state):
             out.append("provisioning: no serial number; run `iot-agent factory init --serial ...` or set "
@@ -270,9 +270,9 @@ def _startup_problems(cfg: Config) -> list[str]:
 
 
 def _keys(cfg: Config, args) -> int:
-    from . import killpoints
-    from .keystore import open_token
-    from .pin import read_pin
+    from agent.base import killpoints
+    from agent.identity.keystore import open_token
+    from agent.base.pin import read_pin
 
     with open_token(cfg.resolve(cfg.pkcs11.library), cfg.pkcs11.token_label, read_pin(cfg)) as ks:
         if args.keys_command == "list":
@@ -295,7 +295,7 @@ def _keys(cfg: Config, args) -> int:
         elif args.keys_command == "csr":
             pem = ks.make_csr(args.label, args.cn)
             if args.out:
-                from .durable import write_atomic
+                from agent.base.durable import write_atomic
 
                 write_atomic(args.out, pem, 0o644)
             else:

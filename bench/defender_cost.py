@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 
 import psutil  # noqa: E402
 
-from agent.config import DefenderConfig  # noqa: E402
-from agent.defender import Collector, build_report  # noqa: E402
+from agent.base.config import DefenderConfig  # noqa: E402
+from agent.defender.reporter import Collector, build_report  # noqa: E402
 
 
 def old_agent_style_collect(cap: int = 50) -> dict:

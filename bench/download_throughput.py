@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent.download import https_download  # noqa: E402
+from agent.update.download import https_download  # noqa: E402
 from localcloud.artifacts import Artifacts  # noqa: E402
 from localcloud.pki import CertificateAuthority  # noqa: E402
 

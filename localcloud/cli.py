@@ -20,7 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--port", type=int, default=0)
     up.add_argument("--defender-min-interval", type=float, help="seconds between accepted Defender reports "
                     "(AWS: 300; lower it only for tests)")
-    sub.add_parser("down", help="stop them; state is kept")
+    up.add_argument("--ntp-port", type=int, default=0, metavar="PORT",
+                    help="also serve NTP on 127.0.0.1:PORT (UDP) with chronyd, the trusted clock for agents offline "
+                         "(clock.ntp_servers = [\"127.0.0.1:PORT\"]); chronyd runs with -x and never sets this "
+                         "machine's clock; `down` stops it")
+    sub.add_parser("down", help="stop them (and the NTP server of up --ntp-port); state is kept")
     sub.add_parser("status", help="running or not, and the endpoint")
     certs = sub.add_parser("certs", help="certificates")
     cs = certs.add_subparsers(dest="certs_cmd", required=True)
@@ -100,9 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "up":
             if args.defender_min_interval is not None:
                 cloud.configure(defender_min_interval_s=args.defender_min_interval)
-            print(json.dumps(cloud.up(args.port), indent=1))
+            info = cloud.up(args.port)
+            if args.ntp_port:
+                info["ntp_server"] = _ntp_up(cloud.directory / "ntp", args.ntp_port)
+            print(json.dumps(info, indent=1))
         elif args.cmd == "down":
             cloud.down()
+            _ntp_down(cloud.directory / "ntp")
             print("stopped")
         elif args.cmd == "status":
             print(json.dumps({"running": cloud.running(), **(cloud.endpoint() if cloud.endpoint_file.exists() else {})}, indent=1))
@@ -227,6 +235,43 @@ def main(argv: list[str] | None = None) -> int:
         print(f"localcloud: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _ntp_pid(directory: Path) -> int | None:
+    """chronyd's PID from the pidfile it writes, if that process is still a chronyd."""
+    try:
+        pid = int((directory / "chronyd.pid").read_text().strip())
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    comm, _, rest = stat.partition("(")[2].rpartition(")")
+    return pid if comm == "chronyd" and rest.split()[:1] != ["Z"] else None  # a zombie counts as gone
+
+
+def _ntp_up(directory: Path, port: int) -> str:
+    """chronyd serving this machine's time on 127.0.0.1:port (localcloud.ntp.Chrony), left running like
+    the broker; `down` stops it by the PID in its pidfile."""
+    from .ntp import Chrony
+
+    if _ntp_pid(directory) is None:
+        Chrony(directory, port).start()
+    return f"127.0.0.1:{port}"
+
+
+def _ntp_down(directory: Path, timeout: float = 10.0) -> None:
+    import os
+    import signal
+    import time
+
+    pid = _ntp_pid(directory)
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _ntp_pid(directory) == pid and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _ntp_pid(directory) == pid:
+        os.kill(pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,11 @@ import threading
 import time
 from pathlib import Path
 
-from agent.config import load
-from agent.connection import PUBACK_ACCEPTED, Connection
-from agent.daemon import current_identity, settings_for
-from agent.pin import read_pin
-from agent.state import StateStore
+from agent.base.config import load
+from agent.session.connection import PUBACK_ACCEPTED, Connection
+from agent.runtime.daemon import current_identity, settings_for
+from agent.base.pin import read_pin
+from agent.base.state import StateStore
 
 from .bench import agent_cmd, fresh_device, run_agent_cli
 from .cloud import LocalCloud

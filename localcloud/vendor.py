@@ -34,7 +34,7 @@ class CodeSigner:
                  sha256: str | None = None) -> tuple[bytes, str]:
         """A release manifest for `data` (agent.manifest) and its signature: what a vendor's signing step
         produces once per release, for every device target kind."""
-        from agent.manifest import make
+        from agent.update.manifest import make
 
         raw = make(target, version, name, len(data) if size is None else size,
                    sha256 or hashlib.sha256(data).hexdigest())

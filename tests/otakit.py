@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.install import slot
+from agent.update.install import slot
 from localcloud.artifacts import Artifacts
 from localcloud.bench import fresh_device
 from localcloud.cloud import LocalCloud

@@ -82,7 +82,7 @@ class Run:
 
 
 def sweep_env(base: dict[str, str], ops_log: Path, root: Path, kill_after: int | None) -> dict[str, str]:
-    from agent import killpoints
+    from agent.base import killpoints
 
     env = {**base, killpoints.LOG_ENV: str(ops_log), killpoints.ROOT_ENV: str(root),
            killpoints.GROUP_ENV: "1", "PYTHONDONTWRITEBYTECODE": "1"}
@@ -154,7 +154,7 @@ def sweep(flow: str, case: Callable[[int], Outcome], workers: int = 4, limit: in
 
 
 def op_at(ops_log: Path, n: int) -> str:
-    from agent import killpoints
+    from agent.base import killpoints
 
     ops = killpoints.count(str(ops_log))
     return ops[n - 1] if 0 < n <= len(ops) else ""

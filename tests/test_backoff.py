@@ -1,6 +1,6 @@
 import random
 
-from agent.backoff import Backoff
+from agent.base.backoff import Backoff
 
 
 def test_full_jitter_grows_to_the_cap_and_stays_within_it():

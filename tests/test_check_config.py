@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from agent.config import load
-from agent.errors import SecretError
-from agent.pin import read_pin
-from agent.state import StateStore
+from agent.base.config import load
+from agent.base.errors import SecretError
+from agent.base.pin import read_pin
+from agent.base.state import StateStore
 from test_config import GOOD, certificate_pem, cfgdir, cli  # noqa: F401  (cfgdir is a fixture)
 
 QUICK = 20  # seconds: generous for a CLI run on a loaded machine, far below "hangs"

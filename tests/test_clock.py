@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from agent.clock import FLOOR, ClockGate, NtpAnswer, judge_answer, judge_floor, query_ntp
-from agent.config import ClockConfig
-from agent.errors import ClockError
+from agent.session.clock import FLOOR, ClockGate, NtpAnswer, judge_answer, judge_floor, query_ntp
+from agent.base.config import ClockConfig
+from agent.base.errors import ClockError
 from localcloud.ntp import Chrony, NtpResponder
 
 
@@ -136,7 +136,7 @@ def test_system_source_trusts_the_host_daemon_only_once_synchronised():
 
 
 def test_kernel_sync_query_runs_unprivileged():
-    from agent.clock import kernel_clock_synchronised
+    from agent.session.clock import kernel_clock_synchronised
 
     assert kernel_clock_synchronised() in (True, False)
 

@@ -182,8 +182,8 @@ def agent_custom_metrics(tmp_path) -> dict[str, str]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    from agent.config import DefenderConfig
-    from agent.defender import Collector
+    from agent.base.config import DefenderConfig
+    from agent.defender.reporter import Collector
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gw-test")])

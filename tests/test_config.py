@@ -19,10 +19,10 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import config as agent_config
-from agent.config import BOUNDS, ClockConfig, Config, ConfigError, load, parse, split_server
-from agent.errors import SecretError
-from agent.pin import read_pin
+from agent.base import config as agent_config
+from agent.base.config import BOUNDS, ClockConfig, Config, ConfigError, load, parse, split_server
+from agent.base.errors import SecretError
+from agent.base.pin import read_pin
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from agent.connection import Connection
-from agent.daemon import Identity, settings_for
-from agent.config import load
+from agent.session.connection import Connection
+from agent.runtime.daemon import Identity, settings_for
+from agent.base.config import load
 from localcloud.broker import Broker
 from localcloud.observer import Observer
 

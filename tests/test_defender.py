@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.config import DefenderConfig
-from agent.defender import Collector, Reporter, Snapshot, build_report, cert_not_after, next_report_id
+from agent.base.config import DefenderConfig
+from agent.defender.reporter import Collector, Reporter, Snapshot, build_report, cert_not_after, next_report_id
 from localcloud.defender import validate
 
 
@@ -80,7 +80,7 @@ def test_lists_are_capped_but_totals_are_full():
        st.lists(st.tuples(st.ip_addresses().map(str), st.integers(0, 65535), st.integers(0, 65535)), max_size=70),
        st.tuples(*[st.integers(-5, 2**40)] * 4), st.booleans(), st.integers(0, 2**40))
 def test_any_snapshot_builds_a_valid_report(ports, conns, deltas, short, rid):
-    from agent.defender import remote_addr
+    from agent.defender.reporter import remote_addr
 
     snap = Snapshot(ports, ports, [(remote_addr(ip, rp), lp, None) for ip, rp, lp in conns], (0, 0, 0, 0), {})
     assert validate(build_report(snap, rid, deltas, short=short, max_list=50)) is None
@@ -174,7 +174,7 @@ def test_proc_net_reader_agrees_with_psutil():
     """The fast path (kernel socket tables) finds what psutil finds, IPv6 included."""
     import psutil
 
-    from agent.defender import read_proc_net
+    from agent.defender.reporter import read_proc_net
 
     s6 = socket.socket(socket.AF_INET6)
     s6.bind(("::1", 0))

@@ -8,7 +8,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from agent import config as agent_config
+from agent.base import config as agent_config
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
@@ -114,7 +114,7 @@ def _source_text() -> str:
     """The agent's and the board's source, with implicitly concatenated string literals joined."""
     text = ""
     for d in ("agent", "micropython"):
-        for f in sorted((REPO / d).glob("*.py")):
+        for f in sorted((REPO / d).rglob("*.py")):
             text += f.read_text() + "\n"
     return re.sub(r"\"\s*\n\s*f?\"", "", text)
 

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from agent.download import DownloadError, https_download
+from agent.update.download import DownloadError, https_download
 from localcloud.artifacts import Artifacts
 from localcloud.pki import CertificateAuthority
 

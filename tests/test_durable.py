@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from agent import durable
+from agent.base import durable
 
 AGENT = Path(__file__).resolve().parent.parent / "agent"
 FORBIDDEN = re.compile(r"os\.replace\(|os\.rename\(|\.write_text\(|\.write_bytes\(|\.unlink\(|shutil\.rmtree\(|"
@@ -21,14 +21,14 @@ FORBIDDEN = re.compile(r"os\.replace\(|os\.rename\(|\.write_text\(|\.write_bytes
 
 def test_state_changing_file_calls_go_through_agent_durable():
     offenders = []
-    for path in sorted(AGENT.glob("*.py")):
+    for path in sorted(AGENT.rglob("*.py")):
         if path.name in ("durable.py", "killpoints.py"):
             continue
         for no, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#", 1)[0]
             if FORBIDDEN.search(code) and "dir_fd" not in code and "# durable:" not in line:
                 offenders.append(f"{path.name}:{no}: {line.strip()}")
-    assert not offenders, "use agent.durable (or say why not with '# durable:'):\n" + "\n".join(offenders)
+    assert not offenders, "use agent.base.durable (or say why not with '# durable:'):\n" + "\n".join(offenders)
 
 
 def test_write_atomic_replaces_with_the_mode_and_leaves_no_temp(tmp_path):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.install import slot
+from agent.update.install import slot
 from otakit import HEALTH, World, make_tar, our_doc, release
 from sweep import Run
 from test_ota_privileged import helper_config
@@ -54,7 +54,7 @@ def path_unit(world):
         while not stop.wait(0.2):
             if world.spool.is_dir() and any(p.name.endswith((".request.json", ".claimed.json"))
                                             for p in world.spool.iterdir()):
-                subprocess.run([sys.executable, "-m", "agent.privileged", "--config", str(world.helper_cfg)],
+                subprocess.run([sys.executable, "-m", "agent.update.privileged", "--config", str(world.helper_cfg)],
                                cwd=REPO, timeout=60)
 
     t = threading.Thread(target=loop, daemon=True)
@@ -125,7 +125,7 @@ def test_the_root_helper_takes_no_version_from_the_request(world, tmp_path):
     (spool / f"{key}.request.json").write_text(json.dumps({
         "job_id": "relabel", "target": "fw", "version": "99.0.0", "version_label": "99.0.0", "name": "fw.tar",
         "signature": world.signer.sign(old)}))
-    subprocess.run([sys.executable, "-m", "agent.privileged", "--config", str(cfg)], cwd=REPO, timeout=60, check=True)
+    subprocess.run([sys.executable, "-m", "agent.update.privileged", "--config", str(cfg)], cwd=REPO, timeout=60, check=True)
     result = json.loads((spool / f"{key}.result.json").read_text())
     assert result["status"] == "REJECTED", result
     assert slot(fw, "current") is None

@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from agent.install import InstallError, activate, health_check, roll_back, slot, stage
+from agent.update.install import InstallError, activate, health_check, roll_back, slot, stage
 
 
 def tar_with(path, members: dict[str, bytes], evil: str | None = None):

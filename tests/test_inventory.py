@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from agent.install import slot
+from agent.update.install import slot
 from localcloud.bench import fresh_device
 from localcloud.shadows import Shadows
 from localcloud.tokens import softhsm_token

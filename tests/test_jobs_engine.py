@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from agent.jobs import JobsEngine, Outcome
+from agent.jobs.engine import JobsEngine, Outcome
 from localcloud.cloud import LocalCloud
 from localcloud.jobs import Jobs
 from test_localcloud_authz import provision_device

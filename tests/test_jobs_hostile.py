@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.jobs import JobsEngine, Outcome
+from agent.jobs.engine import JobsEngine, Outcome
 from otakit import HEALTH, World, our_doc, release
 from test_jobs_engine import wait_status
 
@@ -248,14 +248,14 @@ def _message(doc: bytes, job_id: bytes = b"j-1", token: bytes = b"tok", first: b
 @pytest.mark.parametrize("first", [True, False])
 @pytest.mark.parametrize("job_id, doc, says", HOSTILE)
 def test_scanner_names_the_job_and_the_problem(first, job_id, doc, says):
-    from agent.jobs import scan_execution
+    from agent.jobs.engine import scan_execution
 
     r = scan_execution(_message(doc, job_id.encode(), first=first))
     assert r.job_id == job_id and r.client_token == "tok" and says in r.problem, r
 
 
 def test_scanner_on_plain_documents_and_edge_cases():
-    from agent.jobs import RawExecution, scan_execution
+    from agent.jobs.engine import RawExecution, scan_execution
 
     assert scan_execution(_message(b'{"operation":"x","a":[1,2.5,-3e2,true,null,"\\ud83d\\ude00\\n"]}')) == \
         RawExecution("j-1", "tok", None)
@@ -284,7 +284,7 @@ def test_scanner_on_plain_documents_and_edge_cases():
 
 
 def test_scanner_bounds_its_work():
-    from agent.jobs import scan_execution
+    from agent.jobs.engine import scan_execution
 
     for body in (b"[" * 200_000, b'{"a":' * 60_000, b'"' + b"\\n" * 100_000 + b'"', b"1," * 100_000,
                  _message(b"[" * 60_000 + b"]" * 60_000), _message(b"[" + b"1," * 60_000 + b"1]")):
@@ -304,7 +304,7 @@ JSONISH = st.recursive(
                  st.text(alphabet='{}[]":,\\u0123456789abcdefnrtlsNIy- \n\x00\xff', max_size=200).map(str.encode),
                  st.builds(lambda b: _message(b), st.binary(max_size=200))))
 def test_scanner_property_any_bytes_give_a_result(data):
-    from agent.jobs import RawExecution, scan_execution
+    from agent.jobs.engine import RawExecution, scan_execution
 
     t = time.perf_counter()
     r = scan_execution(data)
@@ -319,7 +319,7 @@ def test_scanner_property_any_bytes_give_a_result(data):
 def test_scanner_and_document_check_agree_on_what_json_builds(doc):
     import json
 
-    from agent.jobs import document_problem, scan_execution
+    from agent.jobs.engine import document_problem, scan_execution
 
     try:
         body = json.dumps(doc).encode()  # NaN/Infinity and lone surrogates come out as Python writes them
@@ -331,8 +331,8 @@ def test_scanner_and_document_check_agree_on_what_json_builds(doc):
 
 
 def test_document_check_is_iterative_and_bounded():
-    from agent import jobs
-    from agent.jobs import document_problem
+    from agent.jobs import engine as jobs
+    from agent.jobs.engine import document_problem
 
     assert (jobs.MAX_DEPTH, jobs.MAX_DOCUMENT_BYTES) == (MAX_DEPTH, MAX_DOCUMENT_BYTES)  # this file's copies
     doc: list = []
@@ -348,7 +348,7 @@ def test_document_check_is_iterative_and_bounded():
 
 # -- the log formatter (pure) ------------------------------------------------------------------------------
 def _format(msg, *args, exc_info=None) -> str:
-    from agent.logfmt import SafeFormatter
+    from agent.base.logfmt import SafeFormatter
 
     f = SafeFormatter("%(levelname)s %(name)s: %(message)s")
     return f.format(logging.LogRecord("agent.jobs", logging.INFO, __file__, 1, msg, args, exc_info))
@@ -388,7 +388,7 @@ def test_every_entry_point_logs_one_line_per_record(entry):
 
 
 def test_formatter_leaves_the_record_alone_for_other_handlers():
-    from agent.logfmt import SafeFormatter
+    from agent.base.logfmt import SafeFormatter
 
     rec = logging.LogRecord("agent", logging.INFO, __file__, 1, "a %s", ("\n",), None)
     SafeFormatter("%(message)s").format(rec)
@@ -408,7 +408,7 @@ def test_formatter_property_one_bounded_line(msg, arg):
 @settings(max_examples=1000, deadline=1000)
 @given(st.text(max_size=300))
 def test_escape_property_keeps_safe_text_and_is_bounded(text):
-    from agent.logfmt import escape
+    from agent.base.logfmt import escape
 
     out = escape(text, 100)
     assert len(out) <= 100 + 60

@@ -7,8 +7,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.errors import KeystoreError
-from agent.keystore import open_token
+from agent.base.errors import KeystoreError
+from agent.identity.keystore import open_token
 from localcloud.bench import run_agent_cli, write_config
 
 

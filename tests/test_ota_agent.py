@@ -16,8 +16,8 @@ import threading
 
 import pytest
 
-from agent.install import slot
-from agent.manifest import make as make_manifest
+from agent.update.install import slot
+from agent.update.manifest import make as make_manifest
 from otakit import AFR_PATH, HEALTH, CodeSigner, World, afr_doc, make_tar, our_doc, release, signed_doc
 
 

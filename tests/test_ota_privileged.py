@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import privileged
-from agent.install import slot
+from agent.update import privileged
+from agent.update.install import slot
 from otakit import CodeSigner, World, make_tar, release
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,7 +52,7 @@ def path_unit(world):
                                          or list(world.spool.glob("*.claimed.json"))):
                 if hooks["before"]:
                     hooks["before"](world.spool)
-                subprocess.run([sys.executable, "-m", "agent.privileged", "--config", str(world.helper_cfg)],
+                subprocess.run([sys.executable, "-m", "agent.update.privileged", "--config", str(world.helper_cfg)],
                                cwd=REPO, check=True, timeout=60)
                 hooks["runs"] += 1
 
@@ -107,7 +107,7 @@ def request(spool: Path, key: str, signer, target: str, version: str, data: byte
     """Write a request as an agent would (or a taken-over one could)."""
     import hashlib
 
-    from agent.manifest import make
+    from agent.update.manifest import make
 
     if data is not None:
         (spool / f"{key}.artifact").write_bytes(data)
@@ -177,7 +177,7 @@ def test_helper_never_blocks_on_or_follows_what_is_not_a_file(world, tmp_path):
     (spool / "00000000000000a1.request.json").mkdir()
     os.mkfifo(spool / "00000000000000a2.request.json")
     request(spool, "00000000000000a3", world.signer, "fw", "1.0.0", release("1.0.0", target="fw"))
-    run = lambda: subprocess.run([sys.executable, "-m", "agent.privileged", "--config", str(cfg_path)],  # noqa: E731
+    run = lambda: subprocess.run([sys.executable, "-m", "agent.update.privileged", "--config", str(cfg_path)],  # noqa: E731
                                  cwd=REPO, capture_output=True, text=True, timeout=60)
     r = run()
     assert r.returncode == 0, r.stderr

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 
-from agent import install
-from agent.config import parse
-from agent.ota import OtaHandler
+from agent.update import install
+from agent.base.config import parse
+from agent.update.ota import OtaHandler
 from otakit import CodeSigner, make_tar, our_doc
 
 

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.otadoc import MAX_DOCUMENT_BYTES, DocumentError, parse, version_key
-from agent.signing import load_pinned_key, sha256_file, verify_digest
+from agent.update.otadoc import MAX_DOCUMENT_BYTES, DocumentError, parse, version_key
+from agent.update.signing import load_pinned_key, sha256_file, verify_digest
 
 KEY = ec.generate_private_key(ec.SECP256R1())
 DATA = b"new firmware" * 1000

@@ -17,8 +17,8 @@ from collections import Counter
 
 import pytest
 
-from agent.install import slot
-from agent.state import StateStore
+from agent.update.install import slot
+from agent.base.state import StateStore
 from otakit import HEALTH, World, release, signed_doc
 from sweep import sweep_env
 from test_jobs_engine import wait_status

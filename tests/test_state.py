@@ -8,8 +8,8 @@ import stat
 
 import pytest
 
-from agent.errors import StateError
-from agent.state import SCHEMA_VERSION, StateStore
+from agent.base.errors import StateError
+from agent.base.state import SCHEMA_VERSION, StateStore
 
 
 def test_roundtrip_mode_and_schema(tmp_path):

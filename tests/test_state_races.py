@@ -10,9 +10,9 @@ import sys
 import threading
 from pathlib import Path
 
-from agent.config import parse
-from agent.rotation import Rotator
-from agent.state import StateStore
+from agent.base.config import parse
+from agent.identity.rotation import Rotator
+from agent.base.state import StateStore
 
 REPO = Path(__file__).resolve().parent.parent
 

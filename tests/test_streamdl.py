@@ -8,9 +8,9 @@ import threading
 
 import pytest
 
-from agent.download import DownloadError
-from agent.signing import sha256_file
-from agent.streamdl import StreamDownload
+from agent.update.download import DownloadError
+from agent.update.signing import sha256_file
+from agent.update.streamdl import StreamDownload
 from localcloud.cloud import LocalCloud
 from localcloud.streams import Streams
 from test_localcloud_authz import provision_device

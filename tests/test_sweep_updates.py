@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.install import slot
-from agent.release import read_trial
+from agent.update.install import slot
+from agent.update.release import read_trial
 from localcloud.artifacts import Artifacts
 from localcloud.bench import agent_cmd, fresh_device
 from localcloud.cloud import LocalCloud
@@ -111,7 +111,7 @@ class PathUnit:
             if not self.env or not self.spool.is_dir():
                 continue
             if any(p.name.endswith((".request.json", ".claimed.json")) for p in self.spool.iterdir()):
-                p = subprocess.Popen([sys.executable, "-m", "agent.privileged", "--config", str(self.cfg)], cwd=REPO,
+                p = subprocess.Popen([sys.executable, "-m", "agent.update.privileged", "--config", str(self.cfg)], cwd=REPO,
                                      env=self.env, start_new_session=True, stdout=subprocess.DEVNULL,
                                      stderr=open(self.d / "helper.log", "ab"))
                 self.pgids.write_text(f"{p.pid}\n")
@@ -178,7 +178,7 @@ def update_case(world, kind: str, root: Path, flow: str):
                 unit = PathUnit(spool, cfg, d)
             if flow == "self-update":
                 data = tar_dir(REPO / "agent", "agent", "2.0.0")
-                cmd = [sys.executable, "-m", "agent.launcher", "--config", str(dev.config_path)]
+                cmd = [sys.executable, "-m", "agent.update.launcher", "--config", str(dev.config_path)]
             else:
                 data = release("2.0.0", "unhealthy\n" if flow == "rollback" else None)
                 cmd = agent_cmd(dev.config_path, "run")

@@ -55,7 +55,7 @@ def test_exposure_score(unit, capsys):
 
 
 def test_notify_protocol_and_watchdog_over_a_real_socket(tmp_path, monkeypatch):
-    from agent import sdnotify
+    from agent.base import sdnotify
 
     path = tmp_path / "notify"
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -128,7 +128,7 @@ def test_install_script_twice_changes_nothing(tmp_path):
 def test_the_agent_speaks_the_notify_protocol_and_stops_feeding_a_hung_watchdog(bench, softhsm, agents, tmp_path):
     """The real agent, with $NOTIFY_SOCKET as systemd would set it: READY, STATUS lines, WATCHDOG pings;
     when its main loop hangs (fail point) the pings stop, which is what makes systemd restart it."""
-    from agent.failpoints import ENV
+    from agent.base.failpoints import ENV
 
     dev = bench.enroll(softhsm, "gw-notify")
     path = tmp_path / "notify"

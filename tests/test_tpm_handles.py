@@ -9,9 +9,9 @@ from __future__ import annotations
 import gc
 import os
 
-from agent.config import load
-from agent.connection import PUBACK_ACCEPTED, Connection
-from agent.daemon import Identity, settings_for
+from agent.base.config import load
+from agent.session.connection import PUBACK_ACCEPTED, Connection
+from agent.runtime.daemon import Identity, settings_for
 
 
 def test_twenty_connect_stop_cycles_leak_no_transient_handles(bench, tpm, agents, monkeypatch):

@@ -21,11 +21,13 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import answers, manifest
-from agent.answers import AnswerError
-from agent.manifest import ManifestError
-from agent.versions import VersionError, installed_key, parse_version
-from agent.x509lite import parse_certificate
+from agent.identity import answers
+
+from agent.update import manifest
+from agent.identity.answers import AnswerError
+from agent.update.manifest import ManifestError
+from agent.update.versions import VersionError, installed_key, parse_version
+from agent.base.x509lite import parse_certificate
 
 MANY = settings(max_examples=1000, deadline=None, derandomize=True, database=None)
 NOW = 1_800_000_000.0

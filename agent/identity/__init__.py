@@ -1,0 +1,1 @@
+"""Who the device is: keys on the token, CSRs, fleet provisioning by claim, certificate rotation, the factory steps."""

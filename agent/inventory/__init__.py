@@ -1,0 +1,1 @@
+"""What the device runs, reported into a named shadow."""
