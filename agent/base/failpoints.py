@@ -11,7 +11,7 @@ import logging
 import os
 
 ENV = "IOT_AGENT_TEST_FAILPOINT"
-log = logging.getLogger("agent.base.failpoints")
+log = logging.getLogger("agent.failpoints")
 
 
 def hang(name: str) -> None:

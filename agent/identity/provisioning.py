@@ -33,7 +33,7 @@ from agent.session.connection import Connection, ConnectionSettings
 from agent.base.errors import AgentError
 from agent.base.state import StateStore
 
-log = logging.getLogger("agent.identity.provisioning")
+log = logging.getLogger("agent.provisioning")
 
 TOKEN_LIFETIME_S = 3600.0
 TOKEN_MARGIN_S = 300.0  # start over rather than race the token's expiry

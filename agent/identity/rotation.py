@@ -40,7 +40,7 @@ from agent.identity.provisioning import ProvisioningError, TokenKeys, _call
 from agent.base.state import StateStore
 from agent.base.x509lite import der, validity
 
-log = logging.getLogger("agent.identity.rotation")
+log = logging.getLogger("agent.rotation")
 
 PREPARE_STEPS = ("keygen", "csr", "requesting", "certificate", "registering")
 ANSWER_TIMEOUT_S = 30.0

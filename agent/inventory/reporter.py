@@ -19,7 +19,7 @@ from agent import __version__
 from agent.base.config import Config
 from agent.base.state import StateStore
 
-log = logging.getLogger("agent.inventory.reporter")
+log = logging.getLogger("agent.inventory")
 REQUEST_TIMEOUT_S = 20
 CHECK_EVERY_S = 10.0
 CONFLICT_RETRIES = 3

@@ -26,7 +26,7 @@ from agent.base.backoff import Backoff
 from agent.base.config import ClockConfig, split_server
 from agent.base.errors import ClockError
 
-log = logging.getLogger("agent.session.clock")
+log = logging.getLogger("agent.clock")
 
 # Time before this instant is certainly wrong: this release did not exist yet.
 FLOOR = datetime(2026, 11, 1, tzinfo=timezone.utc).timestamp()

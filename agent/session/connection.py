@@ -22,7 +22,7 @@ from typing import Callable
 
 from agent.base.errors import BrokerConnectionError, CredentialError
 
-log = logging.getLogger("agent.session.connection")
+log = logging.getLogger("agent.connection")
 
 # PUBACK reason codes that mean the broker took the message: success, no matching subscribers.
 PUBACK_ACCEPTED = (0, 16)

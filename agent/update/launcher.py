@@ -24,7 +24,7 @@ from agent.base.errors import AgentError
 from agent.update.install import restore, slot
 from agent.update.release import RELEASE_ENV, RESTART_EXIT, read_trial, write_trial
 
-log = logging.getLogger("agent.update.launcher")
+log = logging.getLogger("agent.launcher")
 
 MAX_TRIAL_STARTS = 3  # starts of a new release before it is given up (crash loops end here)
 MAX_LAUNCHES = 1000  # restarts requested by the agent in one launcher run; bounded like every loop

@@ -51,7 +51,7 @@ from agent.update.signing import load_pinned_key, sha256_file, verify_digest
 from agent.update.streamdl import StreamDownload
 from agent.update.versions import VersionError, installed_key, parse_version
 
-log = logging.getLogger("agent.update.ota")
+log = logging.getLogger("agent.ota")
 
 MAX_DONE = 200
 OUTAGE_WAIT_S = 600.0  # a stream download waits this long for the broker to come back

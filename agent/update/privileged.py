@@ -54,7 +54,7 @@ from agent.update import install
 from agent.update import manifest
 from agent.update.versions import VersionError, installed_key, parse_version
 
-log = logging.getLogger("agent.update.privileged")
+log = logging.getLogger("agent.privileged")
 
 DEFAULT_CONFIG = Path("/etc/iot-agent/install.toml")
 WAL = ".install.json"
