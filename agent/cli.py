@@ -11,7 +11,8 @@ import threading
 from pathlib import Path
 
 from agent import __version__
-from agent.base.config import DEFAULT_CONFIG_PATH, Config, check_files, load
+from agent.base.config import DEFAULT_CONFIG_PATH, Config
+from agent.runtime.features import check_files, load
 from agent.base.errors import AgentError, ConfigError
 
 
@@ -131,7 +132,7 @@ def _rotate(cfg) -> int:
     import os
     import signal
 
-    from agent.runtime.daemon import current_identity
+    from agent.identity.current import current_identity
     from agent.identity.rotation import Rotator
     from agent.base.state import StateStore
 
@@ -178,9 +179,9 @@ def _startup_problems(cfg: Config) -> list[str]:
     device certificate that parses and has not expired; in claim mode the serial number and a claim certificate
     that parses; jitp needs its factory certificate); the pinned code-signing certificate (loaded by the OTA
     handler at every session start). Imports here stay out of the daemon's start."""
-    from agent.base.config import MISSING_FILE, MAX_CERTIFICATE_FILE_BYTES, certificate_file_problem, identity_mode, \
-        read_regular_file
-    from agent.runtime.daemon import current_identity, has_identity
+    from agent.base.pemfile import MISSING_FILE, MAX_CERTIFICATE_FILE_BYTES, certificate_file_problem, read_regular_file
+    from agent.identity.config import identity_mode
+    from agent.identity.current import current_identity, has_identity
     from agent.identity.rotation import check_not_expired
     from agent.base.state import StateStore
 

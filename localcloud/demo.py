@@ -23,9 +23,10 @@ import threading
 import time
 from pathlib import Path
 
-from agent.base.config import load
+from agent.runtime.features import load
 from agent.session.connection import PUBACK_ACCEPTED, Connection
-from agent.runtime.daemon import current_identity, settings_for
+from agent.identity.current import current_identity
+from agent.runtime.daemon import settings_for
 from agent.base.pin import read_pin
 from agent.base.state import StateStore
 

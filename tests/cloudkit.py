@@ -94,3 +94,17 @@ def identity_client(client: Client):
     return iotidentity.IotIdentityClientV2(
         client.mqtt, rr.ClientOptions(max_request_response_subscriptions=3, max_streaming_subscriptions=2,
                                       operation_timeout_in_seconds=15))
+
+
+def session_conn(client: Client):
+    """What a feature sees of a connection (agent.session.connection.Connection's surface), over a test client."""
+    from types import SimpleNamespace
+
+    import awscrt.mqtt_request_response as rr
+
+    def service_client(cls, subscriptions: int, streaming: int = 0, timeout_s: float = 10.0):
+        return cls(client.mqtt, rr.ClientOptions(max_request_response_subscriptions=subscriptions,
+                                                 max_streaming_subscriptions=streaming,
+                                                 operation_timeout_in_seconds=int(timeout_s)))
+
+    return SimpleNamespace(service_client=service_client, connected=client.connected)

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from agent.base.config import load
+from agent.runtime.features import load
 from agent.base.errors import SecretError
 from agent.base.pin import read_pin
 from agent.base.state import StateStore

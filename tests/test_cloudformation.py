@@ -182,7 +182,7 @@ def agent_custom_metrics(tmp_path) -> dict[str, str]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    from agent.base.config import DefenderConfig
+    from agent.defender.config import DefenderConfig
     from agent.defender.reporter import Collector
 
     key = ec.generate_private_key(ec.SECP256R1())

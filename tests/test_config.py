@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -19,8 +20,14 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.base import config as agent_config
-from agent.base.config import BOUNDS, ClockConfig, Config, ConfigError, load, parse, split_server
+from agent.runtime import features
+from agent.update.config import OtaTargetConfig
+
+# Every config dataclass by its class name, with the registry's bounds and parser.
+agent_config = types.SimpleNamespace(**{c.__name__: c for c in features.SECTION_CLASSES.values()},
+                                     OtaTargetConfig=OtaTargetConfig, BOUNDS=features.BOUNDS, parse=features.parse)
+from agent.runtime.features import BOUNDS, load, parse
+from agent.base.config import ClockConfig, Config, ConfigError, split_server
 from agent.base.errors import SecretError
 from agent.base.pin import read_pin
 
@@ -200,7 +207,8 @@ def test_split_server(s, hostport):
 
 def _config_classes() -> list[type]:
     """Every dataclass the loader builds from TOML: Config's sections and the tables inside them."""
-    out, todo = [], [Config]
+    out = list(features.SECTION_CLASSES.values())
+    todo = list(out)
     while todo:
         cls = todo.pop()
         for f in dataclasses.fields(cls):
@@ -221,7 +229,7 @@ def _holds_numbers(tp) -> bool:
 def _toml_name(cls) -> str:
     if cls is agent_config.OtaTargetConfig:
         return "ota.targets.app"
-    return next(f.name for f in dataclasses.fields(Config) if typing.get_type_hints(Config).get(f.name) is cls)
+    return next(name for name, c in features.SECTION_CLASSES.items() if c is cls)
 
 
 NUMERIC = [(cls, name, bound) for cls, fields in BOUNDS.items() for name, bound in fields.items() if bound]
@@ -341,7 +349,7 @@ _floats = st.one_of(st.floats(), st.sampled_from([math.nan, math.inf, -math.inf,
 _number = st.one_of(_ints, _floats)
 _value = st.one_of(_number, st.lists(_number, max_size=3), st.dictionaries(st.text(max_size=4), st.one_of(
     _number, st.lists(_number, max_size=2)), max_size=3))
-_SECTIONS = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config) if f.name != "path"}
+_SECTIONS = dict(features.SECTION_CLASSES)
 
 
 def _table(cls, keys_extra: list[str]) -> st.SearchStrategy:

@@ -9,8 +9,9 @@ import time
 import pytest
 
 from agent.session.connection import Connection
-from agent.runtime.daemon import Identity, settings_for
-from agent.base.config import load
+from agent.identity.current import Identity
+from agent.runtime.daemon import settings_for
+from agent.runtime.features import load
 from localcloud.broker import Broker
 from localcloud.observer import Observer
 

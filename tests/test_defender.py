@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.base.config import DefenderConfig
+from agent.defender.config import DefenderConfig
 from agent.defender.reporter import Collector, Reporter, Snapshot, build_report, cert_not_after, next_report_id
 from localcloud.defender import validate
 

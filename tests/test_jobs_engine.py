@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 
+from cloudkit import session_conn
 from agent.jobs.engine import JobsEngine, Outcome
 from localcloud.cloud import LocalCloud
 from localcloud.jobs import Jobs
@@ -36,7 +36,7 @@ def wait_status(jobs: Jobs, job_id: str, thing: str, status: str, timeout: float
 
 
 def engine_for(dev, state: dict, handlers) -> JobsEngine:
-    conn = SimpleNamespace(client=dev.mqtt, connected=dev.connected)
+    conn = session_conn(dev)
     return JobsEngine("gw-SN-J1", conn, load_state=lambda: dict(state),
                       save_state=lambda d: (state.clear(), state.update(d)), handlers=handlers)
 

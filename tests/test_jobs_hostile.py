@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cloudkit import session_conn
 from agent.jobs.engine import JobsEngine, Outcome
 from otakit import HEALTH, World, our_doc, release
 from test_jobs_engine import wait_status
@@ -128,7 +129,7 @@ def device(tmp_path):
 
 def _engine(dev, thing: str, state: dict | None = None) -> JobsEngine:
     state = {} if state is None else state
-    conn = SimpleNamespace(client=dev.mqtt, connected=dev.connected)
+    conn = session_conn(dev)
     return JobsEngine(thing, conn, load_state=lambda: dict(state), save_state=lambda d: (state.clear(), state.update(d)),
                       handlers={"ok": lambda job_id, doc, progress: Outcome("SUCCEEDED", {"result": "done"})})
 
@@ -377,7 +378,8 @@ def test_every_entry_point_logs_one_line_per_record(entry):
     from pathlib import Path
 
     setup = "m._setup_logging('info')" if entry == "cli" else "m.main(['--config', '/nonexistent/config.toml'])"
-    code = (f"import logging\nfrom agent import {entry} as m\ntry:\n    {setup}\nexcept BaseException:\n    pass\n"
+    module = {"cli": "agent.cli", "launcher": "agent.launch", "privileged": "agent.update.privileged"}[entry]
+    code = (f"import logging\nimport {module} as m\ntry:\n    {setup}\nexcept BaseException:\n    pass\n"
             "logging.getLogger('agent.jobs').warning('job %s started (%s)', 'j1', "
             "'x\\n2026-01-01T00:00:00.000 INFO agent: forged\\r\\u2028')\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, capture_output=True,

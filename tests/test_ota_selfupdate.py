@@ -28,7 +28,7 @@ def world(tmp_path_factory):
 
 
 def launcher(world, agents, env=None):
-    return agents(world.dev, env=env, cmd=[sys.executable, "-m", "agent.update.launcher", "--config", str(world.dev.config_path)])
+    return agents(world.dev, env=env, cmd=[sys.executable, "-m", "agent.launch", "--config", str(world.dev.config_path)])
 
 
 def agent_release(world, job_id: str, version: str, patch=None) -> None:
@@ -49,8 +49,8 @@ def test_self_update_confirms_and_a_release_that_cannot_connect_rolls_back(world
     assert slot(world.target, "current") == "2.0.0" and read_trial(world.target) is None
 
     # 3.0.0 uses the wrong MQTT client ID: the broker refuses it, so it can never confirm.
-    agent_release(world, "self-3", "3.0.0", {"runtime/daemon.py": ("client_id=identity.thing_name,",
-                                                           "client_id=identity.thing_name + '-x',")})
+    agent_release(world, "self-3", "3.0.0", {"runtime/daemon.py": ("cfg, identity.thing_name, identity.certificate_file",
+                                                                   "cfg, identity.thing_name + '-x', identity.certificate_file")})
     ex = wait_status(world.jobs, "self-3", world.thing, "FAILED", timeout=DEADLINE_S + 90)
     reason = ex["statusDetails"]["reason"]
     assert "rolled back to 2.0.0" in reason and "did not confirm within the deadline" in reason, reason

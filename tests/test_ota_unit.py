@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from agent.update import install
-from agent.base.config import parse
+from agent.runtime.features import parse
 from agent.update.ota import OtaHandler
 from otakit import CodeSigner, make_tar, our_doc
 

@@ -10,7 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
-from agent.base.config import parse
+from agent.runtime.features import parse
 from agent.identity.rotation import Rotator
 from agent.base.state import StateStore
 

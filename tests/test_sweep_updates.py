@@ -178,7 +178,7 @@ def update_case(world, kind: str, root: Path, flow: str):
                 unit = PathUnit(spool, cfg, d)
             if flow == "self-update":
                 data = tar_dir(REPO / "agent", "agent", "2.0.0")
-                cmd = [sys.executable, "-m", "agent.update.launcher", "--config", str(dev.config_path)]
+                cmd = [sys.executable, "-m", "agent.launch", "--config", str(dev.config_path)]
             else:
                 data = release("2.0.0", "unhealthy\n" if flow == "rollback" else None)
                 cmd = agent_cmd(dev.config_path, "run")

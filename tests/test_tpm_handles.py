@@ -9,9 +9,10 @@ from __future__ import annotations
 import gc
 import os
 
-from agent.base.config import load
+from agent.runtime.features import load
 from agent.session.connection import PUBACK_ACCEPTED, Connection
-from agent.runtime.daemon import Identity, settings_for
+from agent.identity.current import Identity
+from agent.runtime.daemon import settings_for
 
 
 def test_twenty_connect_stop_cycles_leak_no_transient_handles(bench, tpm, agents, monkeypatch):

@@ -9,7 +9,7 @@ this one serves the agent's other retry loops (NTP, later status delivery).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 

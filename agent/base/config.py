@@ -1,29 +1,30 @@
 """Configuration: TOML in, frozen dataclasses out, every problem reported in one line each.
 
-The dataclasses below are the single source of truth for the configuration format: the loader walks
-their fields and type hints, so a new option needs only a new field (with a default, or it becomes
-required). Secrets never live here: the PKCS#11 PIN is read from a file (see `agent.pin`).
+This module is the loader and the error format, plus the sections every capability shares (device,
+broker, pkcs11, clock, log). Each capability package declares its own sections (a dataclass, the
+bounds of its numbers, its choices and its cross-field checks) as a `Section` in its `config.py`;
+agent.runtime.features assembles them. The dataclasses are the single source of truth for the
+format: the loader walks their fields and type hints, so a new option needs only a new field (with a
+default, or it becomes required). Secrets never live here: the PKCS#11 PIN is read from a file
+(agent.base.pin).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
-import errno
 import json
 import math
-import os
 import re
-import stat
 import tomllib
 import types
 import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agent.base.errors import ConfigError
+from agent.base.pemfile import MISSING_FILE, certificate_file_problem
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -75,20 +76,6 @@ class Pkcs11Config:
 
 
 @dataclass(frozen=True)
-class IdentityConfig:
-    """How the device gets its identity, and its certificate (public; its key is on the token).
-
-    mode: "claim" (fleet provisioning from a claim certificate; sets provisioning.enabled), "jitp" (a
-    certificate the manufacturer's CA issued at the factory, registered by AWS on first contact),
-    "preprovisioned" (a certificate already registered). Empty: "claim" if provisioning.enabled, else
-    "preprovisioned"."""
-
-    mode: str = ""
-    certificate_file: Path | None = None
-    jitp_first_refusals: int = 6  # JITP drops the first connection(s) while it registers: not a revocation
-
-
-@dataclass(frozen=True)
 class ClockConfig:
     """When the clock is trustworthy enough to validate certificates."""
 
@@ -101,119 +88,33 @@ class ClockConfig:
     max_wait_s: float = 0.0  # 0 waits for ever (a device without time must not connect)
 
 
-@dataclass(frozen=True)
-class ProvisioningConfig:
-    """Fleet provisioning by claim: used only while the device has no identity of its own."""
-
-    enabled: bool = False  # true on a factory-fresh device that provisions itself
-    template_name: str = "iot-agent-fleet"
-    claim_certificate: Path = Path("claim.pem")  # public; its key is on the token (relative: in state_dir)
-    claim_key_label: str = "claim"
-    serial_number: str = ""  # as recorded by the factory step when empty
-    parameters: dict[str, str] = field(default_factory=dict)  # extra template parameters
-    delete_claim_key: bool = False  # remove the claim key from the token once provisioned
-    retry_min_s: float = 30.0  # after a rejection: bounded, jittered backoff
-    retry_max_s: float = 3600.0
-
-
-@dataclass(frozen=True)
-class DefenderConfig:
-    """Device Defender device-side metrics."""
-
-    enabled: bool = True
-    interval_s: float = 300.0  # AWS throttles more than one report per 300 s
-    testing_allow_short_interval: bool = False  # lets tests go below 300 s; never on a real device
-    format: str = "json"  # or "cbor"
-    names: str = "long"  # or "short"
-    max_list: int = 50  # list entries per metric; `total` keeps the full count
-    custom_number: dict[str, float] = field(default_factory=dict)
-    custom_number_list: dict[str, list[float]] = field(default_factory=dict)
-    custom_string_list: dict[str, list[str]] = field(default_factory=dict)
-    custom_ip_list: dict[str, list[str]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class RotationConfig:
-    """Certificate rotation: a new key on the token and a new certificate, proven before the old is dropped."""
-
-    enabled: bool = True  # automatic rotation by expiry window and age (jobs and `iot-agent rotate` always work)
-    expiry_window_days: float = 30.0
-    max_age_days: float = 90.0  # AWS's guidance: rotate device credentials regularly
-    check_interval_s: float = 86400.0  # also checked at every start
-    template_name: str = "iot-agent-rotation"  # provisioning template that attaches the new certificate
-    prove_timeout_s: float = 60.0  # the new certificate must connect within this, or the old one is kept
-    retry_min_s: float = 300.0
-    retry_max_s: float = 86400.0
-
-
-@dataclass(frozen=True)
-class JobsConfig:
-    """AWS IoT Jobs: the agent takes the next pending job on connect and on notify-next."""
-
-    enabled: bool = True
-
-
-@dataclass(frozen=True)
-class InventoryConfig:
-    """What the device runs, reported into a named shadow (fleet indexing and dynamic groups query it)."""
-
-    enabled: bool = True
-    shadow_name: str = "inventory"
-
-
-@dataclass(frozen=True)
-class OtaTargetConfig:
-    """Something the agent may update: its releases live in `directory` (releases/, current, previous, broken)."""
-
-    directory: Path = REQUIRED
-    unpack: bool = True  # the artifact is a tar archive extracted into the release; false: one file, kept as is
-    health_command: list[str] = field(default_factory=list)  # run in the new release; exit 0 means healthy
-    health_timeout_s: float = 60.0
-    self_update: bool = False  # this target is the agent itself: restart into it, confirm after reconnecting
-    afr_ota_filepath: str = ""  # afr_ota documents whose file has this filepath install here
-    # Installed by the root helper iot-agent-install (which re-verifies everything) instead of the agent:
-    # for directories the unprivileged agent must not write. Its health check is the helper's.
-    privileged: bool = False
-
-
-@dataclass(frozen=True)
-class OtaConfig:
-    """Signed updates. Nothing is installed unless it verifies against the pinned code-signing certificate."""
-
-    code_signing_certificate: Path | None = None  # required when any target is declared
-    ca_file: Path | None = None  # CA for HTTPS downloads; the system's trust store when unset
-    max_artifact_bytes: int = 512 * 1024 * 1024
-    insecure_allow_downgrade: bool = False  # lets an older version replace a newer one (re-opens fixed holes)
-    # Legacy documents (schema 1, afr_ota) sign the artifact only: without VERSION and TARGET files inside a
-    # signed tar, nothing binds what it installs as. True trusts the document's labels instead: a relabelled
-    # old release can then install as "newer" (a downgrade) or into another target.
-    insecure_trust_version_labels: bool = False
-    download_attempts: int = 5  # per job, per agent run; a partial download resumes where it stopped
-    self_update_deadline_s: float = 300.0  # the new agent must reconnect and confirm within this, or rolls back
-    privileged_timeout_s: float = 600.0  # how long to wait for iot-agent-install to answer a request
-    targets: dict[str, OtaTargetConfig] = field(default_factory=dict)
-
 
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
 
 
+
 @dataclass(frozen=True)
 class Config:
+    """The shared sections as fields; each capability's sections in `sections`, by TOML name.
+
+    `cfg.ota` reads `cfg.sections["ota"]`: a capability reads its own section by name, and no code here
+    needs to know which capabilities exist."""
+
     broker: BrokerConfig
     pkcs11: Pkcs11Config
     device: DeviceConfig = field(default_factory=DeviceConfig)
-    identity: IdentityConfig = field(default_factory=IdentityConfig)
     clock: ClockConfig = field(default_factory=ClockConfig)
-    provisioning: ProvisioningConfig = field(default_factory=ProvisioningConfig)
-    defender: DefenderConfig = field(default_factory=DefenderConfig)
-    jobs: JobsConfig = field(default_factory=JobsConfig)
-    inventory: InventoryConfig = field(default_factory=InventoryConfig)
-    rotation: RotationConfig = field(default_factory=RotationConfig)
-    ota: OtaConfig = field(default_factory=OtaConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    sections: Mapping[str, Any] = field(default_factory=dict)
     path: Path | None = None  # where it was read from; not a TOML key
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("sections") or {}
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"config has no section [{name}]")
 
     def resolve(self, p: Path) -> Path:
         """Relative paths in the file are relative to the file's folder, as a reader would expect."""
@@ -246,55 +147,31 @@ class Bound:
         return f"{key}: {_num(value)} {self.what} ({self.text()}); {self.hint}"
 
 
+
+
+Problems = Callable[[Mapping[str, Any]], list[str]]
+
+
+@dataclass(frozen=True)
+class Section:
+    """One TOML section a capability owns: its dataclass, the Bound of each number (every int and float
+    field of it and of the tables inside it has an entry, or None for "any finite number"; a test enforces
+    it), the allowed values of its string choices, and its cross-field checks, run once every section
+    has parsed (they get the built sections by name). `files` checks the files it names (cheap; run
+    before `run` and the other commands)."""
+
+    name: str
+    cls: type
+    bounds: Mapping[type, Mapping[str, Bound | None]] = field(default_factory=dict)
+    choices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    problems: Problems | None = None
+    files: Callable[[Config], list[str]] | None = None
+    required: bool = False  # a required section is checked even when absent, so each missing key is named
+
+
 DAY = 86400
 WEEK = 7 * DAY
 GIB = 1024 ** 3
-# Every int and float field of every config dataclass, and every field holding numbers, has an entry (a test
-# enforces it): its Bound, or None for "any finite number" (your own metric values). Inf and nan are refused for
-# all of them when the value is converted. Relations between fields (min <= max) are checked after.
-BOUNDS: dict[type, dict[str, Bound | None]] = {
-    BrokerConfig: {
-        "port": Bound(1, 65535, what="is not a TCP port"),
-        "keepalive_s": Bound(5, 1200, "s", "AWS IoT allows 30-1200 s (5 is for tests)"),
-        "connect_timeout_s": Bound(1, 600, "s"),
-        "reconnect_min_s": Bound(0.1, 3600, "s"),
-        "reconnect_max_s": Bound(0.1, DAY, "s"),
-        "reconnect_reset_after_s": Bound(0, DAY, "s"),
-        "refused_after": Bound(1, 100),
-        "refused_retry_min_s": Bound(1, DAY, "s"),
-        "refused_retry_max_s": Bound(1, DAY, "s"),
-    },
-    IdentityConfig: {"jitp_first_refusals": Bound(0, 100)},
-    ClockConfig: {
-        "max_skew_s": Bound(0.1, 3600, "s"),
-        "query_timeout_s": Bound(0.1, 60, "s"),
-        "retry_min_s": Bound(0.1, 3600, "s"),
-        "retry_max_s": Bound(0.1, 3600, "s"),
-        "max_wait_s": Bound(0, DAY, "s", "0 waits for ever; else at most a day"),
-    },
-    ProvisioningConfig: {"retry_min_s": Bound(0.1, DAY, "s"), "retry_max_s": Bound(0.1, DAY, "s")},
-    DefenderConfig: {
-        "interval_s": Bound(1, DAY, "s"),
-        "max_list": Bound(1, 1000),
-        "custom_number": None,
-        "custom_number_list": None,
-    },
-    RotationConfig: {
-        "expiry_window_days": Bound(0, 3650, "days"),
-        "max_age_days": Bound(1, 3650, "days"),
-        "check_interval_s": Bound(1, WEEK, "s"),
-        "prove_timeout_s": Bound(1, 3600, "s"),
-        "retry_min_s": Bound(1, DAY, "s"),
-        "retry_max_s": Bound(1, WEEK, "s"),
-    },
-    OtaConfig: {
-        "max_artifact_bytes": Bound(1, 2 * GIB, "bytes"),
-        "download_attempts": Bound(1, 100),
-        "self_update_deadline_s": Bound(10, 3600, "s"),
-        "privileged_timeout_s": Bound(1, 3600, "s"),
-    },
-    OtaTargetConfig: {"health_timeout_s": Bound(1, 3600, "s")},
-}
 
 
 def _num(x: float) -> str:
@@ -310,13 +187,6 @@ def _digits(x: int) -> int:
     return int(math.log10(abs(x))) + 1 if x else 1
 
 
-_NOT_KEYS = {"path"}
-_CHOICES = {
-    ("clock", "source"): ("ntp", "system"),
-    ("log", "level"): ("debug", "info", "warning", "error"),
-    ("defender", "format"): ("json", "cbor"),
-    ("defender", "names"): ("long", "short"),
-}
 
 
 def _type_name(tp: Any) -> str:
@@ -328,31 +198,33 @@ def _type_name(tp: Any) -> str:
     return str(tp)
 
 
-def _convert(value: Any, tp: Any, key: str, problems: list[str], bound: Bound | None = None) -> Any:
+def _convert(value: Any, tp: Any, key: str, problems: list[str], bound: Bound | None = None,
+             schema: _Schema | None = None) -> Any:
     """Convert a TOML value to the field type, or record one problem and return None.
 
     Every number must be finite, and within `bound` when given (for a table or list of numbers: each one)."""
     origin = typing.get_origin(tp)
     if origin in (types.UnionType, typing.Union):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _convert(value, inner[0], key, problems, bound)
+        return _convert(value, inner[0], key, problems, bound, schema)
     if origin is dict:
         key_tp, val_tp = typing.get_args(tp)
         if dataclasses.is_dataclass(val_tp):
             if not isinstance(value, dict):
                 problems.append(f"{key}: expected a table of tables, got {_describe(value)}")
                 return None
-            return {k: _section(val_tp, v, f"{key}.{_key(k)}", problems) for k, v in value.items()}
+            assert schema is not None
+            return {k: _section(val_tp, v, f"{key}.{toml_key(k)}", problems, schema) for k, v in value.items()}
         if not isinstance(value, dict):
             problems.append(f"{key}: expected a table of {_type_name(val_tp).split(' ', 1)[1]}s, got {_describe(value)}")
             return None
-        return {k: _convert(v, val_tp, f"{key}.{_key(k)}", problems, bound) for k, v in value.items()}
+        return {k: _convert(v, val_tp, f"{key}.{toml_key(k)}", problems, bound, schema) for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
             problems.append(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
             return None
-        out = [_convert(v, item_tp, f"{key}[{i}]", problems, bound) for i, v in enumerate(value)]
+        out = [_convert(v, item_tp, f"{key}[{i}]", problems, bound, schema) for i, v in enumerate(value)]
         return out
     ok = {
         str: isinstance(value, str),
@@ -383,7 +255,7 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str], bound: Bound | 
     return value
 
 
-def _key(k: str) -> str:
+def toml_key(k: str) -> str:
     """A TOML key as the one-line messages show it: bare, or quoted with escapes (a key may hold a newline)."""
     return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
 
@@ -397,7 +269,7 @@ def _describe(value: Any) -> str:
     return f"{kind.get(type(value), type(value).__name__)} {text}".strip()
 
 
-def _section(cls: type, table: Any, name: str, problems: list[str]) -> Any:
+def _section(cls: type, table: Any, name: str, problems: list[str], schema: _Schema) -> Any:
     if not isinstance(table, dict):
         problems.append(f"[{name}]: expected a table, got {_describe(table)}")
         return None
@@ -406,13 +278,13 @@ def _section(cls: type, table: Any, name: str, problems: list[str]) -> Any:
     for key in table:
         if key not in fields:
             known = ", ".join(sorted(fields))
-            problems.append(f"{name}.{_key(key)}: unknown key (known keys in [{name}]: {known})")
+            problems.append(f"{name}.{toml_key(key)}: unknown key (known keys in [{name}]: {known})")
     kwargs: dict[str, Any] = {}
     for fname, f in fields.items():
         key = f"{name}.{fname}"
         if fname in table:
-            value = _convert(table[fname], hints[fname], key, problems, BOUNDS.get(cls, {}).get(fname))
-            choices = _CHOICES.get((name, fname))
+            value = _convert(table[fname], hints[fname], key, problems, schema.bounds.get(cls, {}).get(fname), schema)
+            choices = schema.choices.get((name, fname))
             if value is not None and choices and value not in choices:
                 problems.append(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
             kwargs[fname] = value
@@ -430,89 +302,47 @@ def _optional(tp: Any) -> bool:
     return type(None) in typing.get_args(tp)
 
 
-def parse(data: dict[str, Any], path: Path | None = None) -> Config:
-    """Build a Config from parsed TOML; raises ConfigError listing every problem."""
+
+
+
+@dataclass
+class _Schema:
+    """Every section's bounds and choices, merged for one parse."""
+
+    bounds: dict[type, Mapping[str, Bound | None]]
+    choices: dict[tuple[str, str], tuple[str, ...]]
+
+
+def parse(data: dict[str, Any], path: Path | None = None, sections: Sequence[Section] = ()) -> Config:
+    """Build a Config from parsed TOML with the shared sections and `sections` (the capabilities');
+    raises ConfigError listing every problem, one line each."""
+    specs = list(SHARED) + list(sections)
+    schema = _Schema({c: b for s in specs for c, b in s.bounds.items()},
+                     {(s.name, k): v for s in specs for k, v in s.choices.items()})
     problems: list[str] = []
-    hints = typing.get_type_hints(Config)
-    sections = {f.name: f for f in dataclasses.fields(Config) if f.name not in _NOT_KEYS}
+    known = {s.name: s for s in specs}
     for key in data:
-        if key not in sections:
-            problems.append(f"[{_key(key)}]: unknown section (known: {', '.join(sorted(sections))})")
+        if key not in known:
+            problems.append(f"[{toml_key(key)}]: unknown section (known: {', '.join(sorted(known))})")
     built: dict[str, Any] = {}
-    for name, f in sections.items():
-        if name in data:
-            built[name] = _section(hints[name], data[name], name, problems)
-        elif f.default_factory is dataclasses.MISSING:
-            # A required section still gets its fields checked so each missing key is named.
-            built[name] = _section(hints[name], {}, name, problems)
+    for s in specs:
+        if s.name in data or s.required:
+            built[s.name] = _section(s.cls, data.get(s.name, {}), s.name, problems, schema)
         else:
-            built[name] = f.default_factory()
+            built[s.name] = s.cls()
     if not problems:
-        problems.extend(_semantic_problems(built))
+        for s in specs:
+            if s.problems:
+                problems.extend(s.problems(built))
     if problems:
         where = f"{path}: " if path else ""
         raise ConfigError([where + p for p in problems])
-    return Config(**built, path=path)
+    shared = {s.name for s in SHARED}
+    return Config(**{k: v for k, v in built.items() if k in shared},
+                  sections={k: v for k, v in built.items() if k not in shared}, path=path)
 
 
-def _semantic_problems(c: dict[str, Any]) -> list[str]:
-    out = []
-    # Each number is within its Bound already (BOUNDS, checked at conversion); what is left are relations.
-    b: BrokerConfig = c["broker"]
-    out += _order(c, "broker", "reconnect_min_s", "reconnect_max_s")
-    if c["identity"].mode not in ("", "claim", "jitp", "preprovisioned"):
-        out.append(f"identity.mode: {c['identity'].mode!r} is not one of claim, jitp, preprovisioned")
-    out += _order(c, "broker", "refused_retry_min_s", "refused_retry_max_s")
-    k: ClockConfig = c["clock"]
-    if k.source == "ntp" and not k.ntp_servers:
-        out.append("clock.ntp_servers: empty; list at least one server or set clock.source = \"system\"")
-    for s in k.ntp_servers:
-        try:
-            split_server(s)
-        except ValueError as e:
-            out.append(f"clock.ntp_servers: {e}")
-    out += _order(c, "clock", "retry_min_s", "retry_max_s")
-    pv: ProvisioningConfig = c["provisioning"]
-    out += _order(c, "provisioning", "retry_min_s", "retry_max_s")
-    if pv.enabled and pv.claim_key_label == c["pkcs11"].key_label:
-        out.append("provisioning.claim_key_label: must differ from pkcs11.key_label (the device key)")
-    d: DefenderConfig = c["defender"]
-    if d.interval_s < 300 and not d.testing_allow_short_interval:
-        out.append(f"defender.interval_s: {d.interval_s:g} is below AWS's 300 s minimum (reports would be throttled)")
-    import ipaddress
-
-    for name, ips in d.custom_ip_list.items():
-        for ip in ips:
-            try:
-                ipaddress.ip_address(ip)
-            except ValueError:
-                out.append(f"defender.custom_ip_list.{name}: {ip!r} is not an IP address")
-    out += _order(c, "rotation", "retry_min_s", "retry_max_s")
-    o: OtaConfig = c["ota"]
-    if o.targets and o.code_signing_certificate is None:
-        out.append("ota.code_signing_certificate: required when update targets are declared (updates are "
-                   "verified against it; nothing else is trusted)")
-    for raw_name, t in o.targets.items():
-        if t is None:
-            continue
-        name = _key(raw_name)
-        if not NAME_RE.fullmatch(raw_name):  # not match(): "$" would accept a trailing newline
-            out.append(f"ota.targets.{name}: target names are letters, digits, '.', '_' and '-'")
-        if t.self_update and t.privileged:
-            out.append(f"ota.targets.{name}: the agent itself is not a privileged target (it updates its own release)")
-        if t.self_update and not t.unpack:
-            out.append(f"ota.targets.{name}: a self-update target must be unpacked (a tar of the agent package)")
-    if sum(1 for t in o.targets.values() if t and t.self_update) > 1:
-        out.append("ota.targets: at most one target can be the agent itself (self_update = true)")
-    p: Pkcs11Config = c["pkcs11"]
-    if not 1 <= len(p.token_label.encode()) <= 32:
-        out.append(f"pkcs11.token_label: {p.token_label!r} must be 1-32 bytes (PKCS#11 token labels are 32 bytes)")
-    if not p.key_label:
-        out.append("pkcs11.key_label: must not be empty")
-    return out
-
-
-def _order(c: dict[str, Any], section: str, lo_key: str, hi_key: str) -> list[str]:
+def order(c: Mapping[str, Any], section: str, lo_key: str, hi_key: str) -> list[str]:
     """A (min, max) pair of a section in order, or the one line saying which to change."""
     lo, hi = getattr(c[section], lo_key), getattr(c[section], hi_key)
     if lo <= hi:
@@ -546,7 +376,8 @@ def _port(p: str, s: str) -> int:
     return int(p)
 
 
-def load(path: Path | str | None = None) -> Config:
+
+def load(path: Path | str | None = None, sections: Sequence[Section] = ()) -> Config:
     """Read and parse the config file; every failure is a ConfigError with one line per problem."""
     p = Path(path) if path is not None else DEFAULT_CONFIG_PATH
     try:
@@ -567,12 +398,32 @@ def load(path: Path | str | None = None) -> Config:
         raise ConfigError([f"{p}: TOML value too long to read (an integer of thousands of digits); fix the number"])
     except RecursionError:
         raise ConfigError([f"{p}: TOML arrays or tables nested too deeply to read; no key needs that"])
-    return parse(data, p.resolve())
+    return parse(data, p.resolve(), sections)
 
 
-def check_files(cfg: Config) -> list[str]:
-    """Problems with the files the config names (existence, readability; the CA files must be PEM bundles of
-    certificates that parse), one line each. Cheap and light: also run before `run` and the other commands."""
+
+
+def _shared_problems(c: Mapping[str, Any]) -> list[str]:
+    out = order(c, "broker", "reconnect_min_s", "reconnect_max_s")
+    out += order(c, "broker", "refused_retry_min_s", "refused_retry_max_s")
+    k: ClockConfig = c["clock"]
+    if k.source == "ntp" and not k.ntp_servers:
+        out.append("clock.ntp_servers: empty; list at least one server or set clock.source = \"system\"")
+    for s in k.ntp_servers:
+        try:
+            split_server(s)
+        except ValueError as e:
+            out.append(f"clock.ntp_servers: {e}")
+    out += order(c, "clock", "retry_min_s", "retry_max_s")
+    p: Pkcs11Config = c["pkcs11"]
+    if not 1 <= len(p.token_label.encode()) <= 32:
+        out.append(f"pkcs11.token_label: {p.token_label!r} must be 1-32 bytes (PKCS#11 token labels are 32 bytes)")
+    if not p.key_label:
+        out.append("pkcs11.key_label: must not be empty")
+    return out
+
+
+def _shared_files(cfg: Config) -> list[str]:
     out = []
     ca = cfg.resolve(cfg.broker.ca_file)
     problem = certificate_file_problem(ca)
@@ -580,128 +431,39 @@ def check_files(cfg: Config) -> list[str]:
         out.append(f"broker.ca_file: {ca} does not exist; download the root CA (AmazonRootCA1.pem) to that path")
     elif problem:
         out.append(f"broker.ca_file: {ca} {problem}; download the root CA (AmazonRootCA1.pem) again to that path")
-    if cfg.ota.ca_file is not None:
-        oca = cfg.resolve(cfg.ota.ca_file)
-        problem = certificate_file_problem(oca)
-        if problem:
-            out.append(f"ota.ca_file: {oca} {problem}; point it at the PEM CA bundle of your download host, or "
-                       "remove it to use the system's trust store")
     lib = cfg.resolve(cfg.pkcs11.library)
     if not lib.is_file():
         out.append(f"pkcs11.library: {lib} does not exist; install the PKCS#11 module (softhsm2 or libtpm2-pkcs11-1)")
-    cert = cfg.identity.certificate_file
-    if cert is not None and not cfg.resolve(cert).is_file():
-        out.append(f"identity.certificate_file: {cfg.resolve(cert)} does not exist; provision the device first")
-    if cfg.ota.code_signing_certificate is not None:
-        cs = cfg.resolve(cfg.ota.code_signing_certificate)
-        if not cs.is_file():
-            out.append(f"ota.code_signing_certificate: {cs} does not exist; install the code-signing certificate "
-                       "that signs your updates")
+    import os
+
     sd = cfg.resolve(cfg.device.state_dir)
     if sd.exists() and not os.access(sd, os.W_OK | os.X_OK):
         out.append(f"device.state_dir: {sd} is not writable by this user; fix its owner or mode")
     return out
 
 
-MAX_CERTIFICATE_FILE_BYTES = 4 * 1024 * 1024  # a whole system CA bundle is about 200 KB
-MISSING_FILE = "does not exist"
-_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]{1,40})-----(.*?)-----END ([A-Z0-9 ]{1,40})-----", re.S)
-_FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-               stat.S_IFDIR: "a directory", stat.S_IFSOCK: "a socket"}
-
-
-def read_regular_file(path: Path, limit: int) -> bytes:
-    """A small file's bytes, read without ever blocking: opened O_NONBLOCK and checked with fstat before any
-    read, so a FIFO, device or socket where a file is expected is refused instead of hanging the reader.
-    Raises FileNotFoundError, or ValueError whose text follows the path: "is a FIFO, not a regular file"."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        if e.errno == errno.ENXIO:  # a socket (or a FIFO opened for writing elsewhere)
-            raise ValueError("is not a regular file")
-        raise ValueError(f"cannot be read ({e.strerror})")
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"is {_FILE_KINDS.get(stat.S_IFMT(st.st_mode), 'not a regular file')}, not a regular file")
-        if st.st_size > limit:
-            raise ValueError(f"is larger than {limit} bytes")
-        chunks, size = [], 0
-        while size <= limit:
-            chunk = os.read(fd, limit + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as e:
-        raise ValueError(f"cannot be read ({e.strerror})")
-    finally:
-        os.close(fd)
-    if size > limit:
-        raise ValueError(f"is larger than {limit} bytes")
-    return b"".join(chunks)
-
-
-def certificate_ders(data: bytes) -> list[bytes]:
-    """The DER of each certificate in a PEM bundle that passes certificate_problem (first one first)."""
-    return [base64.b64decode(b"".join(body.split())) for label, body, _ in _PEM_BLOCK.findall(data)
-            if label == b"CERTIFICATE"]
-
-
-def certificate_problem(data: bytes) -> str | None:
-    """Why `data` is not a PEM bundle of one or more X.509 certificates (each must parse), or None; the
-    reason follows the file's path in a message: "is not a PEM certificate (...)".
-
-    Text between the blocks (a bundle's comments) is allowed; any other PEM block (a key) is not."""
-    from agent.base.x509lite import subject_public_key_info, validity
-
-    blocks = _PEM_BLOCK.findall(data)
-    if data.count(b"-----BEGIN") != len(blocks):
-        return "has a PEM block that is not closed (-----END CERTIFICATE----- missing)"
-    if not blocks:
-        return "is not a PEM certificate (no -----BEGIN CERTIFICATE----- block)"
-    for i, (label, body, end) in enumerate(blocks, 1):
-        which = f"PEM block {i} of {len(blocks)}" if len(blocks) > 1 else "a PEM block"
-        if label != b"CERTIFICATE" or end != label:
-            return f"has {which} labelled {label.decode()!r}, not CERTIFICATE (the file must hold certificates only)"
-        try:
-            der = base64.b64decode(b"".join(body.split()), validate=True)
-        except (binascii.Error, ValueError):
-            return f"has {which} that is not valid base64"
-        if not _one_der_element(der) or validity(der) is None or subject_public_key_info(der) is None:
-            return f"has {which} that is not an X.509 certificate"
-    return None
-
-
-def _one_der_element(der: bytes) -> bool:
-    """A DER SEQUENCE that spans exactly these bytes (nothing missing, nothing after it)."""
-    if len(der) < 2 or der[0] != 0x30:
-        return False
-    n, i = der[1], 2
-    if n & 0x80:
-        k = n & 0x7F
-        if not 1 <= k <= 4 or len(der) < 2 + k:
-            return False
-        n, i = int.from_bytes(der[2:2 + k], "big"), 2 + k
-    return i + n == len(der)
-
-
-def certificate_file_problem(path: Path) -> str | None:
-    """None for a readable PEM bundle of certificates, else what follows the path in a message: MISSING_FILE
-    ("does not exist"), "is a FIFO, not a regular file", "is not a PEM certificate (...)", ..."""
-    try:
-        data = read_regular_file(path, MAX_CERTIFICATE_FILE_BYTES)
-    except FileNotFoundError:
-        return MISSING_FILE
-    except ValueError as e:
-        return str(e)
-    return certificate_problem(data)
-
-
-def identity_mode(cfg: Config) -> str:
-    """claim, jitp or preprovisioned: identity.mode, or what the older provisioning.enabled switch meant."""
-    if cfg.identity.mode:
-        return cfg.identity.mode
-    return "claim" if cfg.provisioning.enabled else "preprovisioned"
+SHARED: tuple[Section, ...] = (
+    Section("broker", BrokerConfig, required=True, problems=_shared_problems, files=_shared_files, bounds={
+        BrokerConfig: {
+            "port": Bound(1, 65535, what="is not a TCP port"),
+            "keepalive_s": Bound(5, 1200, "s", "AWS IoT allows 30-1200 s (5 is for tests)"),
+            "connect_timeout_s": Bound(1, 600, "s"),
+            "reconnect_min_s": Bound(0.1, 3600, "s"),
+            "reconnect_max_s": Bound(0.1, DAY, "s"),
+            "reconnect_reset_after_s": Bound(0, DAY, "s"),
+            "refused_after": Bound(1, 100),
+            "refused_retry_min_s": Bound(1, DAY, "s"),
+            "refused_retry_max_s": Bound(1, DAY, "s"),
+        }}),
+    Section("pkcs11", Pkcs11Config, required=True),
+    Section("device", DeviceConfig),
+    Section("clock", ClockConfig, choices={"source": ("ntp", "system")}, bounds={
+        ClockConfig: {
+            "max_skew_s": Bound(0.1, 3600, "s"),
+            "query_timeout_s": Bound(0.1, 60, "s"),
+            "retry_min_s": Bound(0.1, 3600, "s"),
+            "retry_max_s": Bound(0.1, 3600, "s"),
+            "max_wait_s": Bound(0, DAY, "s", "0 waits for ever; else at most a day"),
+        }}),
+    Section("log", LogConfig, choices={"level": ("debug", "info", "warning", "error")}),
+)

@@ -65,7 +65,7 @@ class StateStore:
 
     def load(self) -> dict[str, Any]:
         """The stored state, or {} when none was ever written."""
-        from agent.base.config import read_regular_file  # never blocks on a FIFO where the file should be
+        from agent.base.pemfile import read_regular_file  # never blocks on a FIFO where the file should be
 
         try:
             raw = read_regular_file(self.path, MAX_STATE_BYTES)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from agent import __version__
-from agent.base.config import DefenderConfig
+from agent.defender.config import DefenderConfig
 
 log = logging.getLogger("agent.defender")
 

@@ -8,13 +8,13 @@ expired token starts the certificate request over. The key is generated on the t
 claim connection opens (a small TPM has room for one user at a time), in a short-lived process so
 the daemon never carries python-pkcs11.
 
-Steps: keygen -> csr -> requesting_certificate -> certificate -> registering -> registered -> done.
+Steps: keygen -> csr -> requesting_certificate -> certificate -> registering -> registered -> done; the
+PROVISIONING table below has every transition and what a restart does in each step.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 import threading
@@ -26,6 +26,7 @@ from typing import Callable
 from agent.base import durable
 
 from agent.base import killpoints
+from agent.base.machine import Machine, State
 from agent.identity.answers import AnswerError, issued_certificate, thing_name
 from agent.base.backoff import Backoff
 from agent.base.config import Config
@@ -83,6 +84,25 @@ def claim_certificate(cfg: Config, state: dict) -> Path:
     return p if p.is_absolute() else cfg.resolve(cfg.device.state_dir) / p
 
 
+PROVISIONING = Machine(
+    "provisioning",
+    State("keygen", "the device key is made on the token (kept if a cut run made it)", ("csr",),
+          "makes it again or keeps it"),
+    State("csr", "the CSR is signed on the token", ("requesting_certificate", "keygen"), "signs it again"),
+    State("requesting_certificate", "CreateCertificateFromCsr over the claim connection; the answer is checked, "
+                                    "then the certificate file written", ("certificate", "csr"),
+          "asks again (a lost answer leaves a certificate nobody registers)"),
+    State("certificate", "the certificate, its id and ownership token recorded", ("registering", "csr"),
+          "registers it, or asks for a new certificate once the ownership token has (nearly) expired"),
+    State("registering", "RegisterThing with the fleet template and the ownership token",
+          ("registered", "certificate", "csr"), "registers again with the same token (AWS answers it idempotently)"),
+    State("registered", "the thing's name recorded", ("done",), "commits"),
+    State("done", "ONE write makes the thing, the certificate and the key the device's identity", (),
+          "nothing: the device connects as itself"),
+    start=("keygen",),
+)
+
+
 @dataclass(eq=False)
 class Provisioner:
     cfg: Config
@@ -101,6 +121,8 @@ class Provisioner:
         return dict(self.store.load().get("provisioning", {}))
 
     def _save(self, **changes) -> dict:
+        if "step" in changes:
+            PROVISIONING.move(self._flow().get("step"), changes["step"])
         return self.store.update_section("provisioning", **changes)
 
     # -- the loop ---------------------------------------------------------------------------
@@ -125,9 +147,9 @@ class Provisioner:
             self._save(**changes)
             delay = backoff.next_delay()
             log.error("provisioning refused: %s: %s (attempt %d); retrying in %.1f s", code, message, attempts, delay)
-            from agent.session.clock import _wait_beating
+            from agent.session.clock import wait_beating
 
-            if _wait_beating(stop, delay):
+            if wait_beating(stop, delay):
                 return False
         return False
 
@@ -165,7 +187,7 @@ class Provisioner:
         conn.start()
         try:
             if not conn.wait_connected(self.cfg.broker.connect_timeout_s):
-                last = next((e.detail for e in reversed(conn.events) if e.kind == "failed"), "no answer")
+                last = conn.last_error(default="no answer")
                 raise ProvisioningError("ClaimConnectionRefused", f"the broker did not accept the claim certificate ({last})")
             log.info("connected with the claim certificate as %s", settings.client_id)
             flow = self._exchange(conn, flow, serial)
@@ -173,6 +195,7 @@ class Provisioner:
             conn.stop()
 
         # 3. Commit: from now on the agent is this thing.
+        PROVISIONING.move(self._flow().get("step"), "done")
         self.store.update(thing_name=flow["thing_name"], certificate_file=flow["certificate_file"], key_label=key_label,
                           provisioning={**flow, "step": "done", "ownership_token": None, "last_error": None})
         log.info("provisioned as %s (certificate %s)", flow["thing_name"], flow["certificate_id"][:12])
@@ -184,21 +207,13 @@ class Provisioner:
                 log.warning("could not delete the claim key: %s", e)
 
     def _claim_settings(self, claim_cert: Path, serial: str) -> ConnectionSettings:
-        b = self.cfg.broker
-        return ConnectionSettings(
-            endpoint=b.endpoint, port=b.port, ca_file=self.cfg.resolve(b.ca_file), client_id=f"claim-{serial}",
-            certificate_file=claim_cert, pkcs11_library=self.cfg.resolve(self.cfg.pkcs11.library),
-            token_label=self.cfg.pkcs11.token_label, key_label=self.cfg.provisioning.claim_key_label, pin=self.pin,
-            keepalive_s=b.keepalive_s, connect_timeout_s=b.connect_timeout_s, reconnect_min_s=b.reconnect_min_s,
-            reconnect_max_s=b.reconnect_max_s, reconnect_reset_after_s=b.reconnect_reset_after_s)
+        return ConnectionSettings.from_config(self.cfg, f"claim-{serial}", claim_cert,
+                                              self.cfg.provisioning.claim_key_label, self.pin)
 
     def _exchange(self, conn: Connection, flow: dict, serial: str) -> dict:
-        import awscrt.mqtt_request_response as rr
         from awsiot import iotidentity
 
-        idc = iotidentity.IotIdentityClientV2(conn.client, rr.ClientOptions(
-            max_request_response_subscriptions=3, max_streaming_subscriptions=1,
-            operation_timeout_in_seconds=int(REQUEST_TIMEOUT_S)))
+        idc = conn.service_client(iotidentity.IotIdentityClientV2, 3, 1, REQUEST_TIMEOUT_S)
         pv = self.cfg.provisioning
         for _ in range(3):  # at most: request, expired token -> request again, register
             step = flow.get("step")
@@ -210,7 +225,7 @@ class Provisioner:
                 step = "csr"
             if step in ("csr", "requesting_certificate"):
                 flow = self._save(step="requesting_certificate")
-                resp = _call(idc.create_certificate_from_csr(
+                resp = identity_request(idc.create_certificate_from_csr(
                     iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=flow["csr_pem"])))
                 killpoints.op("cloud:create-certificate")
                 try:  # checked completely before anything is written
@@ -229,7 +244,7 @@ class Provisioner:
                 flow = self._save(step="registering")
                 params = {**pv.parameters, "SerialNumber": serial}
                 try:
-                    reg = _call(idc.register_thing(iotidentity.RegisterThingRequest(
+                    reg = identity_request(idc.register_thing(iotidentity.RegisterThingRequest(
                         template_name=pv.template_name, certificate_ownership_token=flow["ownership_token"],
                         parameters=params)))
                 except ProvisioningError as e:
@@ -251,7 +266,7 @@ class Provisioner:
         raise AgentError("provisioning: no progress after three steps")
 
 
-def _call(future):
+def identity_request(future):
     """Wait for an identity request; AWS's rejection becomes a ProvisioningError with its code."""
     import awsiot
 

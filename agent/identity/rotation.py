@@ -1,8 +1,9 @@
 """Certificate rotation: a new key on the token, proven on a real connection before the old is dropped.
 
-A write-ahead state machine (`rotation` in the state file), like provisioning:
+A write-ahead state machine (`rotation` in the state file), like provisioning; ROTATION below lists every
+step, where its work runs and what follows it (ROTATION below). In short:
 
-    prepare   (over the current connection)  keygen -> csr -> requesting -> certificate -> registering
+    prepare   keygen (on the token, between sessions) -> requesting -> registering (over the connection)
     switch    the daemon restarts its session with the new certificate and key; it must connect
               within prove_timeout_s
     commit    proven: ONE state write records the commit and makes the new certificate and key the
@@ -27,22 +28,53 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from agent.base import durable
 
 from agent.base import killpoints
+from agent.base.machine import Machine, State
 from agent.identity.answers import AnswerError, issued_certificate, thing_name
 from agent.base.backoff import Backoff
 from agent.base.config import Config
 from agent.base.errors import AgentError
-from agent.identity.provisioning import ProvisioningError, TokenKeys, _call
+from agent.identity.provisioning import ProvisioningError, TokenKeys, identity_request
 from agent.base.state import StateStore
 from agent.base.x509lite import der, validity
 
 log = logging.getLogger("agent.rotation")
 
-PREPARE_STEPS = ("keygen", "csr", "requesting", "certificate", "registering")
+
+
+# The whole state machine: the record (`rotation` in the state file) is written before each effect, and
+# `where` says where a step's work runs: "token" between sessions, while no connection holds the token (a
+# TPM without a resource manager has room for one user); "connection" over the session's live connection;
+# "prove" is the next session's connection itself.
+ROTATION = Machine(
+    "rotation",
+    State("idle", "nothing under way; due (expiry window, age) or requested (job, `iot-agent rotate`): a new key "
+                  "label is recorded", ("keygen",), "checks again at start", "connection"),
+    State("keygen", "the new key is made on the token (kept if it exists) and the CSR signed there",
+          ("requesting", "abandon_cleanup"), "makes the key again or keeps it", "token"),
+    State("requesting", "CreateCertificateFromCsr; the answer is checked, then the certificate saved",
+          ("registering", "abandon_cleanup"), "asks again (a lost answer leaves an unused certificate, "
+          "never attached)", "connection"),
+    State("registering", "RegisterThing with the rotation template; the answer is checked",
+          ("switch", "abandon_cleanup"), "registers again with the same ownership token", "connection"),
+    State("switch", "the next session connects with the new certificate and key; connected within "
+                    "prove_timeout_s: ONE write records the commit and makes it the identity",
+          ("commit", "abandon"), "proves it again", "prove"),
+    State("commit", "connected with the NEW identity: the cloud deactivates the old certificate", ("cleanup",),
+          "connects with the new identity and tells the cloud again (idempotent)", "connection"),
+    State("cleanup", "the old key and the old certificate file are deleted", ("idle",),
+          "deletes what is left", "token"),
+    State("abandon", "connected with the OLD identity: the cloud deactivates the new certificate",
+          ("abandon_cleanup",), "tells the cloud again", "connection"),
+    State("abandon_cleanup", "the new key and certificate file are deleted; the job FAILED; retried after a "
+                             "backoff", ("idle",), "deletes what is left", "token"),
+    start=("idle", "keygen"),
+)
+
 ANSWER_TIMEOUT_S = 30.0
 
 
@@ -90,6 +122,10 @@ class Rotator:
     def _save(self, **changes: Any) -> dict:
         """Merge into the rotation record under the state store's lock (the jobs thread, the rotation
         worker, the session and `iot-agent rotate` all write it)."""
+        if "step" in changes:
+            with self._lock:
+                ROTATION.move(self.flow().get("step"), changes["step"])
+                return self.store.update_section("rotation", **changes)
         return self.store.update_section("rotation", **changes)
 
     def attach_job(self, job_id: str) -> None:
@@ -106,6 +142,52 @@ class Rotator:
         if f.get("step") == "switch":
             return f["certificate_file"], f["label"]
         return None
+
+    def needs_token_work(self) -> bool:
+        return self.step in ROTATION and ROTATION[self.step].where == "token"
+
+    def token_work_failed(self, why: str) -> None:
+        """The token refused the key work: a rotation still preparing gives up (and retries later); a
+        cleanup is simply tried again at the next session."""
+        if self.step == "keygen":
+            self.fail_prepare(why)
+
+    def take_job(self, job_id: str) -> None:
+        """A rotate-certificate job: starts a rotation, or reports the one under way."""
+        if self.step == "idle":
+            self.request(job_id, f"job {job_id}")
+        elif not self.flow().get("job_id"):
+            self.attach_job(job_id)
+
+    def advance(self, conn, certificate_file: Path, key_label: str) -> bool:
+        """The connection step's work, over a live connection made with (certificate_file, key_label). True
+        when it recorded a step whose work belongs to another session (the caller ends this one)."""
+        step = self.step
+        if step in ("commit", "abandon"):
+            self.finish(conn, certificate_file, key_label)
+            return True
+        if step in ("requesting", "registering"):
+            try:
+                self.prepare(conn)
+            except AgentError as e:
+                self.fail_prepare(str(e))
+                log.error("certificate rotation refused: %s", e)
+            return True
+        reason = self.wanted(certificate_file) if step == "idle" else None
+        if reason:
+            self.start(certificate_file, key_label, reason)
+            return True
+        return False
+
+    def next_check_in(self, connected: bool) -> float:
+        """Seconds until advance() is worth calling again (a wake-up comes sooner on a request)."""
+        wait = self.cfg.rotation.check_interval_s if connected else 1.0
+        if self.step != "idle":
+            wait = min(wait, 30.0)
+        retry_at = float(self.flow().get("next_attempt_at", 0))
+        if retry_at > time.time():  # a failed rotation is tried again when its backoff ends, not a day later
+            wait = min(wait, max(1.0, retry_at - time.time() + 0.1))
+        return wait
 
     def request(self, job_id: str | None = None, reason: str = "requested") -> None:
         self._save(requested={"job_id": job_id, "reason": reason, "at": int(time.time())})
@@ -141,7 +223,7 @@ class Rotator:
         (a TPM without a resource manager, like swtpm, has room for one user at a time)."""
         f = self.flow()
         step = f.get("step")
-        if step in ("keygen", "csr"):
+        if step == "keygen":
             self.keys.ensure_key(f["label"])
             self._save(step="requesting", csr_pem=self.keys.csr(f["label"], self.thing))
             log.info("new key %r on the token; CSR signed there", f["label"])
@@ -165,16 +247,13 @@ class Rotator:
     # -- prepare: over the current connection ---------------------------------------------------
     def prepare(self, conn) -> None:
         """Create and register the new certificate; ends in step "switch" (raises on refusal)."""
-        import awscrt.mqtt_request_response as rr
         from awsiot import iotidentity
 
         with self._lock:
             f = self.flow()
-            idc = iotidentity.IotIdentityClientV2(conn.client, rr.ClientOptions(
-                max_request_response_subscriptions=3, max_streaming_subscriptions=1,
-                operation_timeout_in_seconds=int(ANSWER_TIMEOUT_S)))
+            idc = conn.service_client(iotidentity.IotIdentityClientV2, 3, 1, ANSWER_TIMEOUT_S)
             if f["step"] == "requesting":
-                resp = _call(idc.create_certificate_from_csr(
+                resp = identity_request(idc.create_certificate_from_csr(
                     iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=f["csr_pem"])))
                 killpoints.op("cloud:create-certificate")
                 try:
@@ -191,7 +270,7 @@ class Rotator:
                 f = self._save(step="registering", certificate_id=issued.certificate_id,
                                certificate_file=str(cert_file), ownership_token=issued.ownership_token)
             if f["step"] in ("certificate", "registering"):
-                reg = _call(idc.register_thing(iotidentity.RegisterThingRequest(
+                reg = identity_request(idc.register_thing(iotidentity.RegisterThingRequest(
                     template_name=self.cfg.rotation.template_name,
                     certificate_ownership_token=f["ownership_token"], parameters={"ThingName": self.thing})))
                 killpoints.op("cloud:register-thing")
@@ -220,6 +299,7 @@ class Rotator:
         out: dict = {}
 
         def commit(data: dict) -> dict:
+            ROTATION.move((data.get("rotation") or {}).get("step"), "commit")
             f = {**(data.get("rotation") or {}), "step": "commit"}
             out.update(f)
             return {**data, "rotation": f, "certificate_file": f["certificate_file"], "key_label": f["label"]}
@@ -326,7 +406,11 @@ class Rotator:
                   "last": {"status": status, "reason": why, "at": int(time.time())},
                   "attempts": 0 if status == "SUCCEEDED" else extra.get("attempts", 0),
                   **{k: v for k, v in extra.items() if k != "attempts"}}
-        self.store.modify(lambda data: {**data, "rotation": record})
+        def done(data: dict) -> dict:
+            ROTATION.move((data.get("rotation") or {}).get("step"), "idle")
+            return {**data, "rotation": record}
+
+        self.store.modify(done)
 
 
 def job_outcome(rotator: Rotator, job_id: str):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Any
 
 from agent import __version__
@@ -28,7 +27,7 @@ CONFLICT_RETRIES = 3
 def build(cfg: Config, store: StateStore, certificate_file: str | None) -> dict[str, Any]:
     """The reported document (pure apart from reading the state, the release links and the certificate)."""
     from agent.update.install import slot
-    from agent.runtime.status import certificate_expiry
+    from agent.base.pemfile import certificate_expiry
 
     state = store.load()
     last = (state.get("jobs") or {}).get("last") or {}
@@ -46,15 +45,12 @@ def build(cfg: Config, store: StateStore, certificate_file: str | None) -> dict[
 
 class InventoryReporter:
     def __init__(self, cfg: Config, store: StateStore, thing: str, certificate_file: str, conn):
-        import awscrt.mqtt_request_response as rr
         from awsiot import iotshadow
 
         self.cfg, self.store, self.thing, self.cert = cfg, store, thing, certificate_file
         self.conn = conn
         self.name = cfg.inventory.shadow_name
-        self.client = iotshadow.IotShadowClientV2(conn.client, rr.ClientOptions(
-            max_request_response_subscriptions=4, max_streaming_subscriptions=1,
-            operation_timeout_in_seconds=REQUEST_TIMEOUT_S))
+        self.client = conn.service_client(iotshadow.IotShadowClientV2, 4, 1, REQUEST_TIMEOUT_S)
         self.version: int | None = None
         self.sent: dict | None = None
         self.wake = threading.Event()

@@ -407,12 +407,9 @@ class JobsEngine:
 
     def _ensure_client(self) -> None:
         if self._client is None:
-            import awscrt.mqtt_request_response as rr
             from awsiot import iotjobs
 
-            self._client = iotjobs.IotJobsClientV2(self.conn.client, rr.ClientOptions(
-                max_request_response_subscriptions=4, max_streaming_subscriptions=2,
-                operation_timeout_in_seconds=REQUEST_TIMEOUT_S))
+            self._client = self.conn.service_client(iotjobs.IotJobsClientV2, 4, 2, REQUEST_TIMEOUT_S)
         self._ensure_stream()
 
     def _ensure_stream(self) -> None:

@@ -10,62 +10,27 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from agent.session.clock import ClockGate
-from agent.base.config import Config, identity_mode
-from agent.session.connection import Connection, ConnectionSettings
-from agent.base import failpoints
-from agent.base import sdnotify
+from agent.base import failpoints, sdnotify
+from agent.base.config import Config
 from agent.base.errors import AgentError, ClockError
-from agent.update.release import RESTART_EXIT
 from agent.base.pin import read_pin
 from agent.base.state import StateStore
+from agent.identity.config import identity_mode
+from agent.identity.current import Identity, current_identity, has_identity
+from agent.identity.feature import RotationFeature
+from agent.runtime.features import enabled as enabled_features
+from agent.session.clock import ClockGate
+from agent.session.connection import Connection, ConnectionSettings
+from agent.session.feature import Feature, MessageRouter, Session
+from agent.update.release import RESTART_EXIT
 
 log = logging.getLogger("agent")
 
 
-@dataclass(frozen=True, eq=False)
-class Identity:
-    thing_name: str
-    certificate_file: Path
-    key_label: str
-
-
-def current_identity(cfg: Config, state: dict) -> Identity:
-    """The identity to connect with: what provisioning recorded in the state, else the config's."""
-    thing = state.get("thing_name") or cfg.device.thing_name
-    cert = state.get("certificate_file") or (str(cfg.resolve(cfg.identity.certificate_file)) if cfg.identity.certificate_file else None)
-    key_label = state.get("key_label") or cfg.pkcs11.key_label
-    if not thing or not cert:
-        raise AgentError(
-            "no device identity yet: set device.thing_name and identity.certificate_file for a pre-provisioned "
-            "device, or provision it by claim"
-        )
-    if not Path(cert).is_file():
-        raise AgentError(f"{cert}: device certificate not found; restore it or provision the device again")
-    return Identity(thing, Path(cert), key_label)
-
-
 def settings_for(cfg: Config, identity: Identity, pin: str) -> ConnectionSettings:
-    b = cfg.broker
-    return ConnectionSettings(
-        endpoint=b.endpoint,
-        port=b.port,
-        ca_file=cfg.resolve(b.ca_file),
-        client_id=identity.thing_name,
-        certificate_file=identity.certificate_file,
-        pkcs11_library=cfg.resolve(cfg.pkcs11.library),
-        token_label=cfg.pkcs11.token_label,
-        key_label=identity.key_label,
-        pin=pin,
-        keepalive_s=b.keepalive_s,
-        connect_timeout_s=b.connect_timeout_s,
-        reconnect_min_s=b.reconnect_min_s,
-        reconnect_max_s=b.reconnect_max_s,
-        reconnect_reset_after_s=b.reconnect_reset_after_s,
-    )
+    return ConnectionSettings.from_config(cfg, identity.thing_name, identity.certificate_file, identity.key_label, pin)
 
 
 def install_stop_signals(stop: threading.Event) -> None:
@@ -75,11 +40,6 @@ def install_stop_signals(stop: threading.Event) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-
-
-def has_identity(cfg: Config, state: dict) -> bool:
-    return bool((state.get("thing_name") or cfg.device.thing_name)
-                and (state.get("certificate_file") or cfg.identity.certificate_file))
 
 
 def run(cfg: Config, stop: threading.Event) -> int:
@@ -188,42 +148,31 @@ class Refusals:
 
 def _session(cfg: Config, store: StateStore, pin: str, stop: threading.Event, clock_trusted: bool,
              rotate_now: threading.Event, refused: Refusals) -> int:
-    """Connect with the current identity (or the one a rotation must prove) and serve until stopped."""
-    from agent.identity.rotation import Rotator, check_not_expired
-
-    identity = current_identity(cfg, store.load())
-    rotator = Rotator(cfg, store, identity.thing_name)
-    if rotator.step in ("keygen", "csr", "cleanup", "abandon_cleanup"):
-        sdnotify.expect_busy(250)  # two `iot-agent keys` runs, 120 s each at most
-        try:
-            rotator.token_work()
-        except AgentError as e:
-            log.warning("certificate rotation: %s; trying again later", e)
-            if rotator.step in ("keygen", "csr"):
-                rotator.fail_prepare(str(e))
-        identity = current_identity(cfg, store.load())
-    pending = rotator.pending_identity()
-    if pending:
-        identity = Identity(identity.thing_name, Path(pending[0]), pending[1])
-        log.info("proving the new certificate %s", identity.certificate_file.name)
-    else:
-        check_not_expired(identity.certificate_file)
+    """Connect with the current identity (or the one a rotation must prove), run the enabled features
+    over the connection until stopped, and stop them."""
+    features = [spec.build(cfg, store) for spec in enabled_features(cfg)]
+    rotation = next(f for f in features if isinstance(f, RotationFeature))
+    rotation.wake = rotate_now
+    identity = rotation.session_identity(current_identity(cfg, store.load()),
+                                         lambda: current_identity(cfg, store.load()))
     router = MessageRouter()
-    router.add(f"cmd/{identity.thing_name}/certificate-rotation/", rotator.on_message)
     exit_code = [0]
-    session_restart = threading.Event()
-    engine_box: list = []
-    on_connected: list = []  # what wants to hear of every (re)connection: the jobs engine, the inventory
-    conn = Connection(settings_for(cfg, identity, pin), on_message=router,
-                      on_event=lambda ev: ev.kind == "connected" and [f() for f in on_connected])
+    session_end = threading.Event()
+    started: list[Feature] = []
+
+    def on_event(ev) -> None:
+        if ev.kind == "connected":
+            for f in list(started):
+                f.on_connected()
+
+    conn = Connection(settings_for(cfg, identity, pin), on_message=router, on_event=on_event)
     first_jitp = store.load().get("jitp", {}).get("registered") is False
-    if not pending:
-        conn.refusal_limit = refused.limit() + (cfg.identity.jitp_first_refusals if first_jitp else 0)
+    if not rotation.pending:
+        conn.limit_refusals(refused.limit() + (cfg.identity.jitp_first_refusals if first_jitp else 0))
         if first_jitp:
             log.info("first connection of a JITP certificate: AWS IoT registers it and drops that connection; "
                      "the agent connects again")
     refusal = None
-    reporter = worker = inventory = None
     try:
         try:
             if clock_trusted:
@@ -237,50 +186,27 @@ def _session(cfg: Config, store: StateStore, pin: str, stop: threading.Event, cl
         log.info("connecting to %s:%d as %s", cfg.broker.endpoint, cfg.broker.port, identity.thing_name)
         sdnotify.status_line(f"connecting to {cfg.broker.endpoint}:{cfg.broker.port} as {identity.thing_name}")
         conn.start()
-        if pending:
-            deadline = time.monotonic() + cfg.rotation.prove_timeout_s
-            while not conn.connected.is_set() and time.monotonic() < deadline and not stop.is_set():
-                sdnotify.beat()
-                conn.connected.wait(0.5)
-            if stop.is_set():
-                return 0
-            if not conn.connected.is_set():
-                last = next((e.detail for e in reversed(conn.events) if e.kind == "failed"), "no answer")
-                rotator.not_proven(f"no connection within {cfg.rotation.prove_timeout_s:g} s ({last})")
-                session_restart.set()
-                return SESSION_RESTART
-            rotator.proven()
-        if cfg.defender.enabled:
-            reporter = start_defender(cfg, store, identity, conn, router)
-        if cfg.jobs.enabled:
-            from agent.jobs.engine import JobsEngine
+        proven = rotation.prove(conn.connected, conn.last_error, stop)
+        if proven is None:
+            return 0
+        if not proven:
+            session_end.set()
+            return SESSION_RESTART
 
-            def restart() -> None:
-                exit_code[0] = RESTART_EXIT
-                stop.set()
+        def restart() -> None:
+            exit_code[0] = RESTART_EXIT
+            stop.set()
 
-            handlers = builtin_job_handlers(cfg, store, identity, conn, router, restart)
-            handlers["rotate-certificate"] = _rotation_job_handler(rotator, rotate_now)
-            engine = JobsEngine(identity.thing_name, conn, load_state=lambda: store.load().get("jobs", {}),
-                                save_state=lambda d: store.update(jobs=d), handlers=handlers)
-            engine_box.append(engine)
-            router.add(f"$aws/things/{identity.thing_name}/jobs/", engine.on_raw_message)  # what the SDK cannot read
-            on_connected.append(engine.on_connected)
-            engine.start()
-            if conn.connected.is_set():
-                engine.on_connected()
-        if cfg.inventory.enabled:
-            from agent.inventory.reporter import InventoryReporter
-
-            inventory = InventoryReporter(cfg, store, identity.thing_name, str(identity.certificate_file), conn).start()
-            on_connected.append(inventory.on_connected)
-            if conn.connected.is_set():
-                inventory.on_connected()
-        worker = threading.Thread(target=_rotation_worker, name="rotation", daemon=True, args=(
-            cfg, rotator, conn, identity, rotate_now, session_restart, stop, engine_box))
-        worker.start()
+        session = Session(thing_name=identity.thing_name, certificate_file=identity.certificate_file,
+                          key_label=identity.key_label, conn=conn, store=store, router=router, stop=stop,
+                          end=session_end.set, request_restart=restart)
+        for f in features:
+            f.start(session)
+            started.append(f)
+            if conn.connected.is_set():  # connected before it could hear of it
+                f.on_connected()
         waited, tick = 0.0, 0.5
-        while not stop.wait(tick) and not session_restart.is_set():
+        while not stop.wait(tick) and not session_end.is_set():
             sdnotify.beat()
             failpoints.hang("daemon.main_loop_hang")
             if conn.connected.is_set():
@@ -291,100 +217,32 @@ def _session(cfg: Config, store: StateStore, pin: str, stop: threading.Event, cl
                     first_jitp = False
                     store.update(jitp={"registered": True, "at": int(time.time())})
                     log.info("just-in-time registration done: connected as %s", identity.thing_name)
-                activity = engine_box[0].activity if engine_box else None
-                sdnotify.status_line(f"connected as {identity.thing_name}" + (f"; {activity}" if activity else ""))
+                lines = [line for f in started if (line := f.status())]
+                sdnotify.status_line(f"connected as {identity.thing_name}" + "".join(f"; {x}" for x in lines))
                 continue
             waited += tick
             if conn.refused.is_set():
-                refusal = next((e.detail for e in reversed(conn.events) if e.kind == "failed"
-                                and "USER_REQUESTED_STOP" not in e.detail), "refused")
-                session_restart.set()
+                refusal = conn.last_error(default="refused")
+                session_end.set()
                 break
             if waited % cfg.broker.connect_timeout_s < tick:
-                last = next((e.detail for e in reversed(conn.events) if e.kind in ("failed", "disconnected")),
-                            "none yet")
+                last = conn.last_error(("failed", "disconnected"))
                 log.warning("not connected for %.0f s (last error: %s); still retrying", waited, last)
                 sdnotify.status_line(f"not connected for {waited:.0f} s (last error: {last}); retrying")
     finally:
-        rotate_now.set()  # ends the worker's wait
-        if worker:
-            worker.join(5)
-        rotate_now.clear()
-        if engine_box:
-            engine_box[0].stop()
-        if reporter:
-            reporter.stop()
-        if inventory:
-            inventory.stop()
+        for f in reversed(started):
+            f.stop()
         conn.stop()
-        if session_restart.is_set() and not stop.is_set():
-            log.info("reconnecting with %s credentials", "the new" if rotator.pending_identity() else "the current")
+        if session_end.is_set() and not stop.is_set():
+            log.info("reconnecting with %s credentials",
+                     "the new" if rotation.rotator and rotation.rotator.pending_identity() else "the current")
         else:
             log.info("stopped" if exit_code[0] == 0 else "stopped; restarting into the new release")
     if refusal and not stop.is_set():
         refused.wait(refusal, stop)  # the session is closed: no attempts while waiting, that is the point
-    if session_restart.is_set() and not stop.is_set():
+    if session_end.is_set() and not stop.is_set():
         return SESSION_RESTART
     return exit_code[0]
-
-
-def _rotation_worker(cfg: Config, rotator, conn: Connection, identity: Identity, rotate_now: threading.Event,
-                     session_restart: threading.Event, stop: threading.Event, engine_box: list) -> None:
-    """Finishes a rotation after a switch, and starts one when due (checked at start, then every
-    check_interval_s) or asked for (SIGUSR1 from `iot-agent rotate`, a job)."""
-    from agent.base.errors import AgentError
-
-    while not stop.is_set() and not session_restart.is_set():
-        if conn.connected.is_set():
-            try:
-                step = rotator.step
-                if step in ("commit", "abandon"):
-                    rotator.finish(conn, identity.certificate_file, identity.key_label)
-                    session_restart.set()  # the key work is done between sessions
-                    return
-                if step in ("requesting", "certificate", "registering"):
-                    try:
-                        rotator.prepare(conn)
-                    except AgentError as e:
-                        rotator.fail_prepare(str(e))
-                        log.error("certificate rotation refused: %s", e)
-                    session_restart.set()
-                    return
-                reason = rotator.wanted(identity.certificate_file) if step == "idle" else None
-                if reason:
-                    rotator.start(identity.certificate_file, identity.key_label, reason)
-                    session_restart.set()
-                    return
-            except AgentError as e:
-                log.warning("certificate rotation: %s; trying again later", e)
-            except Exception:
-                log.exception("certificate rotation failed unexpectedly; trying again later")
-        wait = cfg.rotation.check_interval_s if conn.connected.is_set() else 1.0
-        if rotator.step != "idle":
-            wait = min(wait, 30.0)
-        retry_at = float(rotator.flow().get("next_attempt_at", 0))
-        if retry_at > time.time():  # a failed rotation is tried again when its backoff ends, not a day later
-            wait = min(wait, max(1.0, retry_at - time.time() + 0.1))
-        rotate_now.wait(wait)
-        rotate_now.clear()
-
-
-def _rotation_job_handler(rotator, rotate_now: threading.Event):
-    from agent.jobs.engine import Outcome
-    from agent.identity.rotation import job_outcome
-
-    def handle(job_id: str, doc, progress) -> Outcome:
-        res = job_outcome(rotator, job_id)
-        if res:
-            return Outcome(res[0], {"reason" if res[0] != "SUCCEEDED" else "result": res[1]})
-        if rotator.step == "idle":
-            rotator.request(job_id, f"job {job_id}")
-        elif not rotator.flow().get("job_id"):
-            rotator.attach_job(job_id)
-        rotate_now.set()
-        return Outcome("IN_PROGRESS", {"step": "rotating certificate"})
-
-    return handle
 
 
 def _install_rotate_signal(event: threading.Event) -> None:
@@ -404,59 +262,6 @@ def _write_pid(path: Path) -> None:
         write_atomic(path, f"{os.getpid()}\n".encode(), 0o600)
     except OSError as e:  # only `iot-agent rotate` needs it; it then waits for the next check
         log.warning("cannot write %s (%s); `iot-agent rotate` will not wake this agent", path, e.strerror)
-
-
-def builtin_job_handlers(cfg: Config, store: StateStore, identity: Identity, conn: Connection,
-                         router: "MessageRouter", restart) -> dict:
-    """Operations this release performs; anything else is REJECTED with the reason."""
-    handlers: dict = {}
-    if cfg.ota.targets:
-        import os
-
-        from agent.update.ota import OtaHandler
-        from agent.update.release import RELEASE_ENV
-
-        ota = OtaHandler(cfg, load=lambda: store.load().get("ota", {}), save=lambda d: store.update(ota=d),
-                         thing=identity.thing_name, publish=lambda t, p: conn.publish(t, p, qos=1),
-                         subscribe=lambda t: conn.subscribe(t, qos=1), request_restart=restart,
-                         connected=conn.connected.is_set,
-                         running_release=os.environ.get(RELEASE_ENV))
-        ota.recover()
-        router.add(f"$aws/things/{identity.thing_name}/streams/", ota.on_stream_message)
-        handlers["ota-update"] = ota
-    return handlers
-
-
-class MessageRouter:
-    """Incoming publishes to the feature that subscribed, by topic prefix."""
-
-    def __init__(self) -> None:
-        self.routes: list[tuple[str, object]] = []
-
-    def add(self, prefix: str, handler) -> None:
-        self.routes.append((prefix, handler))
-
-    def __call__(self, topic: str, payload: bytes) -> None:
-        for prefix, handler in self.routes:
-            if topic.startswith(prefix):
-                handler(topic, payload)
-                return
-
-
-def start_defender(cfg: Config, store: StateStore, identity: Identity, conn: Connection, router: MessageRouter):
-    from agent.defender.reporter import Collector, Reporter
-
-    reporter = Reporter(
-        cfg=cfg.defender, thing=identity.thing_name,
-        collector=Collector(cfg.defender, store.directory, identity.certificate_file),
-        publish=lambda t, p: conn.publish(t, p, qos=1), subscribe=lambda t: conn.subscribe(t, qos=1),
-        connected=conn.connected.is_set, connection_count=lambda: conn.connect_count,
-        load_state=lambda: store.load().get("defender", {}), save_state=lambda d: store.update(defender=d))
-    router.add(reporter.topic + "/", reporter.on_response)
-    reporter.start()
-    log.info("Device Defender reports every %g s (%s, %s names)", cfg.defender.interval_s, cfg.defender.format,
-             cfg.defender.names)
-    return reporter
 
 
 def _prepare_during_clock_gate(cfg: Config, conn: Connection, stop: threading.Event) -> None:

@@ -7,41 +7,13 @@ line (exit 3), printed by the CLI.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import time
 from pathlib import Path
 
 from agent.base.config import Config
+from agent.base.pemfile import certificate_expiry, certificate_status  # noqa: F401 (status's API)
 from agent.base.state import StateStore
-
-
-def certificate_status(path: str | None) -> tuple[float | None, str | None]:
-    """(notAfter as a Unix time, None), or (None, why the certificate cannot be used); (None, None) without one.
-
-    Read without blocking and parsed with the daemon's own minimal DER walk: never raises."""
-    if not path:
-        return None, None
-    from agent.base.config import MAX_CERTIFICATE_FILE_BYTES, certificate_problem, certificate_ders, read_regular_file
-    from agent.base.x509lite import validity
-
-    try:
-        data = read_regular_file(Path(path), MAX_CERTIFICATE_FILE_BYTES)
-    except FileNotFoundError:
-        return None, f"{path} does not exist"
-    except ValueError as e:
-        return None, f"{path} {e}"
-    problem = certificate_problem(data)
-    v = validity(certificate_ders(data)[0]) if problem is None else None
-    if v is None:
-        return None, f"{path} {problem or 'is not an X.509 certificate'}"
-    return v[1], None
-
-
-def certificate_expiry(path: str | None) -> str | None:
-    """notAfter in ISO 8601 (UTC), or None when there is no readable certificate."""
-    after, _ = certificate_status(path)
-    return None if after is None else dt.datetime.fromtimestamp(after, dt.timezone.utc).isoformat()
 
 
 def _table(d: dict, key: str) -> dict:

@@ -163,11 +163,11 @@ class ClockGate:
             log.warning("waiting for a trustworthy clock: %s; next check in %.1f s", why, delay)
             if self.on_wait:
                 self.on_wait(why, delay)
-            if _wait_beating(stop, delay):
+            if wait_beating(stop, delay):
                 raise ClockError("stopped while waiting for a trustworthy clock")
 
 
-def _wait_beating(stop: threading.Event, delay: float) -> bool:
+def wait_beating(stop: threading.Event, delay: float) -> bool:
     """stop.wait(delay) in short steps that tell the systemd watchdog this wait is normal work."""
     from agent.base import sdnotify
 

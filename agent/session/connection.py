@@ -18,8 +18,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from typing import Callable
 
+from agent.base.config import Config
 from agent.base.errors import BrokerConnectionError, CredentialError
 
 log = logging.getLogger("agent.connection")
@@ -44,6 +46,18 @@ class ConnectionSettings:
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 120.0
     reconnect_reset_after_s: float = 30.0
+
+    @classmethod
+    def from_config(cls, cfg: Config, client_id: str, certificate_file: Path, key_label: str,
+                    pin: str) -> ConnectionSettings:
+        """The one place a connection's settings come from the config: the device's sessions and the
+        claim connection differ only in client ID, certificate and key."""
+        b = cfg.broker
+        return cls(endpoint=b.endpoint, port=b.port, ca_file=cfg.resolve(b.ca_file), client_id=client_id,
+                   certificate_file=certificate_file, pkcs11_library=cfg.resolve(cfg.pkcs11.library),
+                   token_label=cfg.pkcs11.token_label, key_label=key_label, pin=pin, keepalive_s=b.keepalive_s,
+                   connect_timeout_s=b.connect_timeout_s, reconnect_min_s=b.reconnect_min_s,
+                   reconnect_max_s=b.reconnect_max_s, reconnect_reset_after_s=b.reconnect_reset_after_s)
 
 
 @dataclass(frozen=True, eq=False)
@@ -181,10 +195,28 @@ class Connection:
         )
         return int(fut.result(timeout).reason_codes[0])
 
-    @property
-    def client(self):
-        """The underlying awscrt.mqtt5.Client, for awsiotsdk service clients (identity, jobs)."""
-        return self._client
+    def service_client(self, client_class: Any, subscriptions: int, streaming: int = 0, timeout_s: float = 10.0) -> Any:
+        """An awsiotsdk request-response service client (identity, jobs, shadow) over this connection.
+
+        Features get the service they need from here, never the awscrt client itself: what they hold
+        is released with the service client when they stop (the MQTT client holds the token's module)."""
+        import awscrt.mqtt_request_response as rr
+
+        if self._client is None:
+            raise BrokerConnectionError("not prepared")
+        return client_class(self._client, rr.ClientOptions(
+            max_request_response_subscriptions=subscriptions, max_streaming_subscriptions=streaming,
+            operation_timeout_in_seconds=int(timeout_s)))
+
+    def limit_refusals(self, limit: int) -> None:
+        """Stop trying after `limit` refusals of this identity in a row and set `refused` (0: never)."""
+        self.refusal_limit = limit
+
+    def last_error(self, kinds: tuple[str, ...] = ("failed",), default: str = "none yet") -> str:
+        """The newest failure (or disconnection) this connection saw, as one line; a user-requested stop
+        is not an error."""
+        return next((e.detail for e in reversed(self.events) if e.kind in kinds
+                     and "USER_REQUESTED_STOP" not in e.detail), default)
 
     # -- callbacks (CRT event-loop thread) ---------------------------------------------------
     def _event(self, kind: str, detail: str = "") -> None:

@@ -17,9 +17,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from agent.base.config import DEFAULT_CONFIG_PATH, load
+from agent.base.config import DEFAULT_CONFIG_PATH, Config
+
 from agent.base.errors import AgentError
 from agent.update.install import restore, slot
 from agent.update.release import RELEASE_ENV, RESTART_EXIT, read_trial, write_trial
@@ -41,7 +43,9 @@ def _open_trial(tdir: Path | None) -> dict | None:
     return t if t and t.get("state") == "trial" else None
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, load: Callable[[Path], Config] | None = None) -> int:
+    """`load` reads the whole config (agent.launch passes the registry's loader: this package cannot
+    import it, the runtime is above it)."""
     from agent.base import killpoints
 
     killpoints.install()  # a no-op unless a test sweeps kill points
@@ -53,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     basic_config(level=logging.INFO, format="%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",
                  datefmt="%Y-%m-%dT%H:%M:%S")
     try:
+        assert load is not None, "run iot-agent-launch (agent.launch), which passes the config loader"
         cfg = load(args.config)
     except AgentError as e:
         print(f"iot-agent-launch: {e}", file=sys.stderr)
@@ -117,6 +122,3 @@ def main(argv: list[str] | None = None) -> int:
         return rc if rc >= 0 else 1
     return rc
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -38,12 +38,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from agent.base import durable
+from agent.base.machine import Machine, State
 
 from agent.update import install
 
 from agent.update import manifest
 from agent.update.release import clear_trial, read_trial, write_trial
-from agent.base.config import Config, OtaTargetConfig, read_regular_file
+from agent.base.config import Config
+from agent.update.config import OtaTargetConfig
+from agent.base.pemfile import read_regular_file
 from agent.update.download import DownloadError, https_download
 from agent.jobs.engine import Outcome
 from agent.update.otadoc import DocumentError, UpdateSpec, parse
@@ -109,6 +112,32 @@ def version_in_tar(path: Path) -> str | None:
     return release_labels_in_tar(path)[0]
 
 
+# The install of one job (`ota.active` in the state file): the record names the phase before its effect.
+INSTALL = Machine(
+    "OTA install",
+    State("accepted", "the artifact is downloaded (HTTPS, or an MQTT stream; a partial download resumes)",
+          ("downloaded",), "resumes the download"),
+    State("downloaded", "the signature and the signed manifest are checked; the version and target come from "
+                        "signed bytes only", ("verified",), "verifies again"),
+    State("verified", "the release is staged in releases/<version>; a privileged target is handed to the root "
+                      "helper instead", ("activating", "handed_over"),
+          "stages again (a half-staged release is pruned)"),
+    State("activating", "the links switch (current, previous); then the health check, or the restart of a "
+                        "self-update", ("trial", "committed", "rolling_back", "verified"),
+          "restores the links the record saved, back to `verified`"),
+    State("trial", "the agent restarts into the new release (iot-agent-launch); it confirms once connected",
+          ("committed", "rolling_back"), "the new release confirms; anything else rolls back"),
+    State("handed_over", "iot-agent-install verifies everything again and installs; its answer is awaited",
+          (), "waits for the helper's answer again (the spool files say where the hand-over is)"),
+    State("committed", "the installed version is recorded; the job's SUCCEEDED answer follows", (),
+          "answers the job"),
+    State("rolling_back", "ONE write records the broken version and the job's FAILED answer; the links are "
+                          "restored and the release pruned", (), "restores and prunes again, then answers"),
+    start=("accepted",),
+    end="the job's answer, with what it changed (installed or broken), recorded in ONE write; files removed after",
+)
+
+
 @dataclass(eq=False)
 class OtaHandler:
     """The `ota-update` job handler (our schema and afr_ota documents)."""
@@ -152,6 +181,7 @@ class OtaHandler:
             return st
 
     def _set_phase(self, active: dict, phase: str, **extra: Any) -> dict:
+        INSTALL.move(active.get("phase"), phase)
         active = {**active, "phase": phase, **extra}
         self._put(active=active)
         return active
@@ -293,6 +323,7 @@ class OtaHandler:
         key = self._key(job_id)
         active = {"job_id": job_id, "target": target, "version": spec.version, "phase": "accepted",
                   "partial": str(self.work / f"{key}.part")}
+        INSTALL.move(None, "accepted")
         self._put(active=active)
         log.info("job %s: update of %s to %s accepted", job_id, target, spec.version or "(version in artifact)")
         return active
@@ -559,6 +590,7 @@ class OtaHandler:
     def _commit(self, a: dict, tdir: Path) -> None:
         st = self._state()
         installed = {**st["installed"], a["target"]: a["version"]}
+        INSTALL.move(a.get("phase"), "committed")
         self._put(installed=installed, active={**a, "phase": "committed"})
         install.prune(tdir)
         durable.remove(Path(a["partial"]))
@@ -570,6 +602,7 @@ class OtaHandler:
         st = self._state()
         broken = {**st["broken"], a["target"]: sorted(set(st["broken"].get(a["target"], [])) | {a["version"]})}
         why = f"rolled back to {a.get('from_current')}: {reason}"[:1000]
+        INSTALL.move(a.get("phase"), "rolling_back")
         a = {**a, "phase": "rolling_back", "outcome": ["FAILED", {"reason": why, "version": a["version"]}],
              "restart": restart}
         self._put(broken=broken, active=a)

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.base import durable
+from agent.base.machine import Machine, State
 
 from agent.update import install
 
@@ -316,6 +317,7 @@ def handle(cfg: HelperConfig, pinned, dir_fd: int, key: str) -> dict:
         prev = install.slot(t.directory, "previous")
         wal = {"key": key, "job_id": req["job_id"], "target": target, "version": version,
                "from_current": current, "from_previous": prev, "phase": "activating"}
+        HELPER.move(None, wal["phase"])
         durable.write_json(t.directory / WAL, wal, 0o600)
         install.activate(t.directory, version)
         healthy, reason = install.health_check(t.health_command, release, t.health_timeout_s)
@@ -325,11 +327,41 @@ def handle(cfg: HelperConfig, pinned, dir_fd: int, key: str) -> dict:
             install.restore(t.directory, current, prev, broken=version)
             result = {"status": "FAILED", "reason": f"rolled back to {current}: {reason}", "target": target,
                       "version": version}
+        HELPER.move(wal["phase"], "committed")
         durable.write_json(t.directory / WAL, {**wal, "phase": "committed", "result": result}, 0o600)
         install.prune(t.directory)
         return result
     finally:
         durable.remove_tree(incoming)
+
+
+# The hand-over, one request's files in the spool: each state is which files exist, each move a rename or
+# a write the module docstring orders. The agent's record (`handed_over`) does not change meanwhile.
+HAND_OVER = Machine(
+    "privileged hand-over (spool files)",
+    State("requested", "<key>.artifact and <key>.request.json written by the agent; the path unit starts the helper",
+          ("claimed", "withdrawn"), "the helper claims it at its next start"),
+    State("withdrawn", "the agent's deadline passed before a claim: it renamed the request away and fails the job",
+          (), "the agent removes what is left"),
+    State("claimed", "the helper renamed the request to <key>.claimed.json and installs (its own record: HELPER)",
+          ("answered",), "the helper's recover() undoes an unfinished install and installs the claim again"),
+    State("answered", "<key>.result.json written, then the claim and the artifact removed by the helper",
+          (), "the agent records the outcome, then removes the claim and then the answer (in that order)"),
+    start=("requested",),
+    end="the agent recorded the job's outcome and removed the answer",
+)
+
+# The helper's own write-ahead record per target (.install.json).
+HELPER = Machine(
+    "iot-agent-install",
+    State("activating", "links switched to the new release; the health check runs; failing, the old links are "
+                        "restored", ("committed",), "the old links are restored and the claimed request installed "
+                                                   "again"),
+    State("committed", "the answer is in the record; written out as <key>.result.json if a cut lost it", (),
+          "writes the answer if missing, removes the claim and the artifact"),
+    start=("activating",),
+    end="recover() or the next install removes the record",
+)
 
 
 def recover(cfg: HelperConfig, dir_fd: int) -> None:

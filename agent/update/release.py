@@ -14,12 +14,25 @@ release to report. Kept free of heavy imports: the launcher loads it on every st
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from agent.base.machine import Machine, State
 
 RELEASE_ENV = "IOT_AGENT_RELEASE"  # set by iot-agent-launch: the release the running agent came from
 RESTART_EXIT = 75  # the agent exits with this to be started again at once (EX_TEMPFAIL)
 TRIAL_FILE = "trial.json"
+
+# The self-update's record (trial.json), shared by the agent that installs, the launcher and the new agent.
+TRIAL = Machine(
+    "self-update trial",
+    State("trial", "the launcher starts the new release, counting starts against its limit and the deadline; the "
+                   "new agent confirms once connected and taking jobs", ("rolled_back",),
+          "the launcher starts it again (counted), or rolls back once out of starts or time"),
+    State("rolled_back", "the launcher restored the old links and marked the release broken; the old agent reports "
+                         "the job FAILED with the reason", (), "the old release reports it"),
+    start=("trial",),
+    end="confirmed by the new release, or reported by the old one: trial.json removed",
+)
 
 
 def read_trial(target_dir: Path) -> dict | None:
@@ -33,6 +46,7 @@ def read_trial(target_dir: Path) -> dict | None:
 def write_trial(target_dir: Path, doc: dict) -> None:
     from agent.base.durable import write_json
 
+    TRIAL.move((read_trial(target_dir) or {}).get("state"), doc.get("state", ""))
     write_json(target_dir / TRIAL_FILE, doc, 0o600)
 
 

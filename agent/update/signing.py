@@ -19,7 +19,7 @@ def load_pinned_key(cert_path: Path):
     """The awscrt EC key of the pinned code-signing certificate; refuses anything unusable."""
     import awscrt.crypto
 
-    from agent.base.config import read_regular_file  # never blocks on a FIFO
+    from agent.base.pemfile import read_regular_file  # never blocks on a FIFO
 
     try:
         spki = subject_public_key_info(read_regular_file(cert_path, 64 * 1024))

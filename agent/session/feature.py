@@ -1,0 +1,88 @@
+"""The one interface between the daemon and a capability: a Feature, started with a Session.
+
+The daemon knows no capability by name. It builds the enabled features from the registry
+(agent.runtime.features), starts each one with the session of the current connection, tells them of
+every (re)connection, asks them for a status line, and stops them when the session ends (SIGTERM, a
+rotation switching credentials, a refusal). A feature keeps nothing of a session after `stop()`: the
+next session may use another certificate and key.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent.base.config import Config, Section
+from agent.base.state import StateStore
+
+if TYPE_CHECKING:
+    from agent.session.connection import Connection
+
+# A job handler: (job id, document, progress callback) -> an outcome (agent.jobs.engine.Outcome).
+JobHandler = Callable[..., Any]
+
+
+class MessageRouter:
+    """Incoming publishes to the feature that asked for them, by topic prefix (first match wins)."""
+
+    def __init__(self) -> None:
+        self.routes: list[tuple[str, Callable[[str, bytes], None]]] = []
+
+    def add(self, prefix: str, handler: Callable[[str, bytes], None]) -> None:
+        self.routes.append((prefix, handler))
+
+    def __call__(self, topic: str, payload: bytes) -> None:
+        for prefix, handler in self.routes:
+            if topic.startswith(prefix):
+                handler(topic, payload)
+                return
+
+
+@dataclass(eq=False)
+class Session:
+    """What a feature may use while one connection lasts."""
+
+    thing_name: str
+    certificate_file: Path
+    key_label: str
+    conn: Connection  # publish, subscribe, connected, service_client: never the awscrt client itself
+    store: StateStore
+    router: MessageRouter
+    stop: threading.Event  # set on SIGTERM: long waits end on it
+    end: Callable[[], None]  # end this session; the daemon starts the next one (new credentials)
+    request_restart: Callable[[], None]  # stop the agent so its launcher starts the new release
+    # Operations the jobs feature serves, by job document operation; features add theirs in start().
+    job_handlers: dict[str, JobHandler] = field(default_factory=dict)
+
+
+class Feature:
+    """A capability the daemon runs over a session. Subclasses override what they need."""
+
+    name = "feature"
+
+    def start(self, session: Session) -> None:
+        """Subscribe, add routes and job handlers, start threads. Must not block on the network."""
+
+    def on_connected(self) -> None:
+        """Every (re)connection of the session, including one that happened before start() returned."""
+
+    def status(self) -> str | None:
+        """One short line for `iot-agent status`'s and systemd's STATUS=, or None when idle."""
+        return None
+
+    def stop(self) -> None:
+        """End the session's work and drop what holds the connection; bounded (a few seconds)."""
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """A capability as the registry lists it: its config sections (with their validation), whether the
+    config enables it, and how to build it for a run."""
+
+    name: str
+    sections: tuple[Section, ...]
+    enabled: Callable[[Config], bool]
+    build: Callable[[Config, StateStore], Feature]
