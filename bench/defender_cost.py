@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 import psutil  # noqa: E402
 
-from agent.base.config import DefenderConfig  # noqa: E402
+from agent.defender.config import DefenderConfig  # noqa: E402
 from agent.defender.reporter import Collector, build_report  # noqa: E402
 
 
