@@ -1,4 +1,4 @@
-"""Rewrite the state-machine tables in docs/architecture.md from the code (tests/test_machines.py checks
+"""Rewrite the state-machine tables in docs/architecture.md from the code (tests/base/test_machines.py checks
 that they agree). Each table sits between `<!-- machine: NAME -->` and `<!-- /machine -->`."""
 
 from __future__ import annotations

@@ -233,7 +233,7 @@ class MpWorld:
                        stream=(sid, 0), **kw)
 
     def run_job(self, job_id: str, doc: dict, status: str, timeout: float = 90) -> dict:
-        from test_jobs_engine import wait_status
+        from cloudkit import wait_status
 
         self.jobs.create(job_id, THING, doc)
         try:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import awscrt.mqtt5 as m5
-from awsiot import mqtt5_client_builder
+from awsiot import iotidentity, mqtt5_client_builder
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -108,3 +108,35 @@ def session_conn(client: Client):
                                                  operation_timeout_in_seconds=int(timeout_s)))
 
     return SimpleNamespace(service_client=service_client, connected=client.connected)
+
+
+def provision_device(c, info, tmp_path, serial) -> tuple[Client, str]:
+    """Provision through the SDK and return a connected device client and its certificate id."""
+    cert, key = c.issue_claim(f"for-{serial}")
+    claim = Client(info["port"], c.ca.cert_path, cert, key, f"claimer-{serial}").start()
+    try:
+        idc = identity_client(claim)
+        csr_pem, dkey = new_csr()
+        created = idc.create_certificate_from_csr(
+            iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=csr_pem)).result(20)
+        reg = idc.register_thing(iotidentity.RegisterThingRequest(
+            template_name="iot-agent-fleet", certificate_ownership_token=created.certificate_ownership_token,
+            parameters={"SerialNumber": serial})).result(20)
+    finally:
+        claim.stop()
+    pem_path, key_path = tmp_path / f"{serial}.pem", tmp_path / f"{serial}.key"
+    pem_path.write_text(created.certificate_pem)
+    key_path.write_bytes(dkey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    dev = Client(info["port"], c.ca.cert_path, pem_path, key_path, reg.thing_name).start()
+    return dev, created.certificate_id
+
+
+def wait_status(jobs, job_id: str, thing: str, status: str, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ex = jobs.execution(job_id, thing)
+        if ex and ex["status"] == status:
+            return ex
+        time.sleep(0.1)
+    raise AssertionError(f"{job_id}: {jobs.execution(job_id, thing)}")

@@ -13,7 +13,7 @@ from localcloud.ntp import Chrony
 from localcloud.vendor import CodeSigner, make_tar, our_doc, signed_doc  # noqa: F401  (re-exported for the tests)
 from localcloud.streams import Streams
 from localcloud.tokens import softhsm_token
-from test_jobs_engine import wait_status
+from cloudkit import wait_status
 
 HEALTH = ["sh", "-c", "test -f app.txt && ! grep -q unhealthy app.txt"]
 AFR_PATH = "/opt/app/app.tar"

@@ -5,7 +5,7 @@ one record in a file. The record is written first, then the effect runs; a power
 and re-runs the effect of the state it names (every effect is idempotent). A Machine is that table,
 pure data: the code that writes a record asks `move(old, new)` first, so a write the table does not
 allow raises instead of leaving a record no restart knows how to finish, and a state the table lists
-but no code writes is caught by a test (tests/test_architecture.py). docs/architecture.md prints the
+but no code writes is caught by a test (tests/base/test_architecture.py). docs/architecture.md prints the
 tables.
 """
 
