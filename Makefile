@@ -20,6 +20,7 @@ test: sysdeps venv
 
 bench: sysdeps venv
 	$(PY) bench/startup.py
+	$(PY) bench/lifecycle_rss.py
 	$(PY) bench/provision_many.py
 	$(PY) bench/defender_cost.py
 	$(PY) bench/download_throughput.py

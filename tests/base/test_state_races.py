@@ -47,7 +47,7 @@ def test_another_process_writing_the_state_loses_nothing(tmp_path):
             "from pathlib import Path\nfrom test_state_races import _rotator\n"
             "r = _rotator(Path(%r))\n"
             "print('ready', flush=True)\n"
-            "for j in range(150): r._save(**{'p%%d' %% j: j})\n") % (str(REPO), str(REPO / "tests"), str(tmp_path))
+            "for j in range(150): r._save(**{'p%%d' %% j: j})\n") % (str(REPO), str(Path(__file__).resolve().parent), str(tmp_path))
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "ready"
     for j in range(150):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from cloudkit import session_conn
+from cloudkit import session_conn, wait_status
 from agent.jobs.engine import JobsEngine, Outcome
 from localcloud.cloud import LocalCloud
 from localcloud.jobs import Jobs
