@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test bench sysdeps venv clean
+.PHONY: demo test lint bench sysdeps venv clean
 
 demo: sysdeps venv
 	$(PY) -m localcloud.demo
@@ -17,6 +17,12 @@ TEST_WORKERS ?= 4
 
 test: sysdeps venv
 	$(PY) scripts/timed.py $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
+
+# ruff (lint and format) over the tree, mypy over agent/ (settings in pyproject.toml); .ci/run runs it first.
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 bench: sysdeps venv
 	$(PY) bench/startup.py

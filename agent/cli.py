@@ -9,27 +9,33 @@ import stat
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from agent import __version__
 from agent.base.config import DEFAULT_CONFIG_PATH, Config
-from agent.runtime.features import check_files, load
 from agent.base.errors import AgentError, ConfigError
+from agent.runtime.features import check_files, load
 
 
 def _setup_logging(level: str) -> None:
     # Under systemd the journal adds its own timestamps.
-    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
-        "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s"
+    fmt = (
+        "%(levelname)s %(name)s: %(message)s"
+        if os.environ.get("JOURNAL_STREAM")
+        else "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s"
+    )
     from agent.base.logfmt import basic_config  # one record, one bounded line: network text cannot forge log lines
 
-    basic_config(level=getattr(logging, level.upper(), logging.INFO), format=fmt, datefmt="%Y-%m-%dT%H:%M:%S",
-                 stream=sys.stderr)
+    basic_config(
+        level=getattr(logging, level.upper(), logging.INFO), format=fmt, datefmt="%Y-%m-%dT%H:%M:%S", stream=sys.stderr
+    )
 
 
 def _global_options(p: argparse.ArgumentParser, default: object) -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=default, help=f"config file (default {DEFAULT_CONFIG_PATH})")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=default,
-                   help="overrides log.level")
+    p.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], default=default, help="overrides log.level"
+    )
     return p
 
 
@@ -38,8 +44,9 @@ def _global_options(p: argparse.ArgumentParser, default: object) -> argparse.Arg
 _COMMON = _global_options(argparse.ArgumentParser(add_help=False), argparse.SUPPRESS)
 
 
-def _add(sub: argparse._SubParsersAction, name: str, **kw: object) -> argparse.ArgumentParser:
-    return sub.add_parser(name, parents=[_COMMON], **kw)  # type: ignore[arg-type]
+def _add(sub: argparse._SubParsersAction, name: str, **kw: Any) -> argparse.ArgumentParser:
+    """A subcommand that also accepts the global options; `kw` (help=...) goes to add_parser unchanged."""
+    return sub.add_parser(name, parents=[_COMMON], **kw)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -132,9 +139,9 @@ def _rotate(cfg) -> int:
     import os
     import signal
 
+    from agent.base.state import StateStore
     from agent.identity.current import current_identity
     from agent.identity.rotation import Rotator
-    from agent.base.state import StateStore
 
     store = StateStore(cfg.resolve(cfg.device.state_dir))
     identity = current_identity(cfg, store.load())
@@ -179,11 +186,11 @@ def _startup_problems(cfg: Config) -> list[str]:
     device certificate that parses and has not expired; in claim mode the serial number and a claim certificate
     that parses; jitp needs its factory certificate); the pinned code-signing certificate (loaded by the OTA
     handler at every session start). Imports here stay out of the daemon's start."""
-    from agent.base.pemfile import MISSING_FILE, MAX_CERTIFICATE_FILE_BYTES, certificate_file_problem, read_regular_file
+    from agent.base.pemfile import MAX_CERTIFICATE_FILE_BYTES, MISSING_FILE, certificate_file_problem, read_regular_file
+    from agent.base.state import StateStore
     from agent.identity.config import identity_mode
     from agent.identity.current import current_identity, has_identity
     from agent.identity.rotation import check_not_expired
-    from agent.base.state import StateStore
 
     out: list[str] = []
     signing: list[str] = []  # the session's last start-up step: reported last
@@ -194,16 +201,19 @@ def _startup_problems(cfg: Config) -> list[str]:
         except FileNotFoundError:
             pass  # check_files said so
         except ValueError as e:
-            signing.append(f"ota.code_signing_certificate: {cs} {e}; install the code-signing certificate that signs "
-                       "your updates")
+            signing.append(
+                f"ota.code_signing_certificate: {cs} {e}; install the code-signing certificate that signs your updates"
+            )
         else:
             from agent.update.signing import load_pinned_key
 
             try:
                 load_pinned_key(cs)
             except AgentError as e:
-                signing.append(f"ota.code_signing_certificate: {e}; install the code-signing certificate (PEM) that "
-                           "signs your updates")
+                signing.append(
+                    f"ota.code_signing_certificate: {e}; install the code-signing certificate (PEM) that "
+                    "signs your updates"
+                )
     store = StateStore(cfg.resolve(cfg.device.state_dir))
     try:
         st = os.stat(store.path)
@@ -213,8 +223,9 @@ def _startup_problems(cfg: Config) -> list[str]:
         out.append(f"{store.path}: cannot read the state file ({e.strerror}); check its owner and mode")
         return out + signing
     if st is not None and not stat.S_ISREG(st.st_mode):  # StateStore.load would wait on a FIFO for ever
-        out.append(f"{store.path}: state file is not a regular file; move it aside (the device may need "
-                   "re-provisioning)")
+        out.append(
+            f"{store.path}: state file is not a regular file; move it aside (the device may need re-provisioning)"
+        )
         return out + signing
     try:
         state = store.load()
@@ -223,8 +234,11 @@ def _startup_problems(cfg: Config) -> list[str]:
         return out + signing
     mode = identity_mode(cfg)
     from_state = isinstance(state.get("certificate_file"), str) and state.get("certificate_file")
-    cert = Path(from_state) if from_state else \
-        (cfg.resolve(cfg.identity.certificate_file) if cfg.identity.certificate_file else None)
+    cert = (
+        Path(from_state)
+        if from_state
+        else (cfg.resolve(cfg.identity.certificate_file) if cfg.identity.certificate_file else None)
+    )
     cert_ok = False
     if cert is not None:
         problem = certificate_file_problem(cert)
@@ -239,29 +253,36 @@ def _startup_problems(cfg: Config) -> list[str]:
         except AgentError as e:
             if from_state or cert is None or cert.exists():  # a missing identity.certificate_file: said already
                 out.append(str(e))
-        if cert_ok:
-            flow = state.get("rotation") if isinstance(state.get("rotation"), dict) else {}
+        if cert is not None and cert_ok:
+            rotation = state.get("rotation")
+            flow = rotation if isinstance(rotation, dict) else {}
             if flow.get("step") != "switch":  # a switch proves the new certificate first (daemon._session)
                 try:
                     check_not_expired(cert)
                 except AgentError as e:
                     out.append(str(e))
     elif mode == "jitp":  # daemon._run's words
-        out.append("identity.mode is jitp but there is no device certificate yet: run `iot-agent factory "
-                   "device-key` and `factory device-cert` at the factory (README, 'Just-in-time provisioning')")
+        out.append(
+            "identity.mode is jitp but there is no device certificate yet: run `iot-agent factory "
+            "device-key` and `factory device-cert` at the factory (README, 'Just-in-time provisioning')"
+        )
     elif mode == "claim":  # Provisioner.run's checks, its words
         from agent.identity.provisioning import claim_certificate, serial_number
 
         if not serial_number(cfg, state):
-            out.append("provisioning: no serial number; run `iot-agent factory init --serial ...` or set "
-                       "provisioning.serial_number")
+            out.append(
+                "provisioning: no serial number; run `iot-agent factory init --serial ...` or set "
+                "provisioning.serial_number"
+            )
         claim = claim_certificate(cfg, state)
         problem = certificate_file_problem(claim)
         if problem == MISSING_FILE:
             out.append(f"provisioning: claim certificate {claim} not found; run `iot-agent factory claim-cert`")
         elif problem:
-            out.append(f"provisioning.claim_certificate: {claim} {problem}; install the claim certificate again "
-                       "(`iot-agent factory claim-cert`)")
+            out.append(
+                f"provisioning.claim_certificate: {claim} {problem}; install the claim certificate again "
+                "(`iot-agent factory claim-cert`)"
+            )
     else:
         try:
             current_identity(cfg, state)
@@ -272,8 +293,8 @@ def _startup_problems(cfg: Config) -> list[str]:
 
 def _keys(cfg: Config, args) -> int:
     from agent.base import killpoints
-    from agent.identity.keystore import open_token
     from agent.base.pin import read_pin
+    from agent.identity.keystore import open_token
 
     with open_token(cfg.resolve(cfg.pkcs11.library), cfg.pkcs11.token_label, read_pin(cfg)) as ks:
         if args.keys_command == "list":

@@ -33,6 +33,7 @@ from agent.defender.reporter import Collector, build_report  # noqa: E402
 
 def old_agent_style_collect(cap: int = 50) -> dict:
     """The aws-samples agent's shape: a net_connections call per kind, interfaces looked up per metric."""
+
     def iface_map():
         m = {}
         for name, addrs in psutil.net_if_addrs().items():
@@ -51,13 +52,24 @@ def old_agent_style_collect(cap: int = 50) -> dict:
     metrics["listening_udp_ports"] = {"ports": random.sample(ports, min(cap, len(ports))), "total": len(ports)}
     ifaces = iface_map()
     est = [c for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_ESTABLISHED and c.raddr]
-    conns = [{"remote_addr": f"{c.raddr.ip}:{c.raddr.port}", "local_port": c.laddr.port,
-              "local_interface": ifaces.get(c.laddr.ip, "")} for c in est]
-    metrics["tcp_connections"] = {"established_connections": {"connections": random.sample(conns, min(cap, len(conns))),
-                                                              "total": len(conns)}}
+    conns = [
+        {
+            "remote_addr": f"{c.raddr.ip}:{c.raddr.port}",
+            "local_port": c.laddr.port,
+            "local_interface": ifaces.get(c.laddr.ip, ""),
+        }
+        for c in est
+    ]
+    metrics["tcp_connections"] = {
+        "established_connections": {"connections": random.sample(conns, min(cap, len(conns))), "total": len(conns)}
+    }
     io = psutil.net_io_counters()
-    metrics["network_stats"] = {"bytes_in": io.bytes_recv, "bytes_out": io.bytes_sent,
-                                "packets_in": io.packets_recv, "packets_out": io.packets_sent}
+    metrics["network_stats"] = {
+        "bytes_in": io.bytes_recv,
+        "bytes_out": io.bytes_sent,
+        "packets_in": io.packets_recv,
+        "packets_out": io.packets_sent,
+    }
     return {"header": {"report_id": int(time.time()), "version": "1.0"}, "metrics": metrics}
 
 
@@ -84,8 +96,13 @@ def collection(connections: int, runs: int) -> int:
             socks += [c, srv.accept()[0]]
         col = Collector(DefenderConfig(), Path(tempfile.gettempdir()))
         col.collect()
-        ours = lambda: json.dumps(build_report(col.collect(), 1, (0, 0, 0, 0), short=False, max_list=50)).encode()
-        base = lambda: json.dumps(old_agent_style_collect()).encode()
+
+        def ours() -> bytes:
+            return json.dumps(build_report(col.collect(), 1, (0, 0, 0, 0), short=False, max_list=50)).encode()
+
+        def base() -> bytes:
+            return json.dumps(old_agent_style_collect()).encode()
+
         seen = col.collect()
         bo, bb = [], []
         for _ in range(runs):  # interleaved
@@ -103,9 +120,10 @@ def collection(connections: int, runs: int) -> int:
 
 
 def idle(seconds: float) -> int:
+    import subprocess
+
     from localcloud.bench import Bench, agent_cmd
     from localcloud.tokens import softhsm_token
-    import subprocess
 
     work = Path(tempfile.mkdtemp(prefix="defender-idle-"))
     bench = Bench(work).start()
@@ -128,7 +146,10 @@ def idle(seconds: float) -> int:
         token.stop()
         bench.stop()
     pct = (c1 - c0) / (t1 - t0) * 100
-    print(f"idle agent over {t1 - t0:.0f} s: {c1 - c0:.3f} s CPU = {pct:.3f} % of one core (target < 0.2 %); RSS {rss:.1f} MiB")
+    print(
+        f"idle agent over {t1 - t0:.0f} s: {c1 - c0:.3f} s CPU = {pct:.3f} % of one core (target < 0.2 %); "
+        f"RSS {rss:.1f} MiB"
+    )
     return 0 if pct < 0.2 else 1
 
 

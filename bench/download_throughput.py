@@ -53,9 +53,15 @@ def main() -> int:
     arts = Artifacts.open(work / "cloud")
     arts.put(src, "big.bin")
     size = src.stat().st_size
-    srv = subprocess.Popen([sys.executable, "-c", SERVER.format(repo=str(REPO), d=str(work / "cloud"),
-                                                                cert=str(cert.cert_path), key=str(cert.key_path))],
-                           stdout=subprocess.PIPE, text=True)
+    srv = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            SERVER.format(repo=str(REPO), d=str(work / "cloud"), cert=str(cert.cert_path), key=str(cert.key_path)),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         arts.port = int(srv.stdout.readline())
         # warm the page cache for both
@@ -76,7 +82,10 @@ def main() -> int:
     assert got.sha256 == hashlib.sha256(src.read_bytes()).digest()
     mb = size / 1048576
     ratio = (mb / t_dl) / (mb / t_sum)
-    print(f"artifact {mb:.0f} MiB; sha256sum {mb / t_sum:.0f} MiB/s; HTTPS download + streaming SHA-256 {mb / t_dl:.0f} MiB/s")
+    print(
+        f"artifact {mb:.0f} MiB; sha256sum {mb / t_sum:.0f} MiB/s; "
+        f"HTTPS download + streaming SHA-256 {mb / t_dl:.0f} MiB/s"
+    )
     print(f"throughput ratio {ratio:.2f} (target >= 0.7); peak RSS growth {growth:.1f} MiB (target <= 4)")
     for p in (src, work / "partial", work / "cloud" / "artifacts" / "big.bin"):
         p.unlink(missing_ok=True)

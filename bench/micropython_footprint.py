@@ -86,10 +86,17 @@ def wasm_baseline(work: Path) -> tuple[int, int]:
     frozen code that takes no heap (binascii is even pure Python in the WebAssembly build), so the raw
     high-water, which the target is checked against, overstates a board's figure by about this much."""
     script = work / "bare-wasm.py"
-    script.write_text("import js\nprint(await js.liveHeap())\nimport board, json, asyncio, hashlib, binascii, os\n"
-                      "print(await js.liveHeap())\n")
-    r = subprocess.run(["node", "--expose-gc", str(HARNESS / "run.mjs"), str(script)], capture_output=True, text=True,
-                       timeout=60, check=True)
+    script.write_text(
+        "import js\nprint(await js.liveHeap())\nimport board, json, asyncio, hashlib, binascii, os\n"
+        "print(await js.liveHeap())\n"
+    )
+    r = subprocess.run(
+        ["node", "--expose-gc", str(HARNESS / "run.mjs"), str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     bare, platform = (int(x) for x in r.stdout.split()[-2:])
     return bare, platform
 
@@ -98,10 +105,19 @@ def unix_baseline(work: Path) -> tuple[int, int]:
     """The same two figures on the unix port, with the shipped board.py (as the unix lane runs it): the
     64-bit floor under the unix-lane high-water, measured the same way (collect, then gc.mem_alloc)."""
     script = work / "bare-unix.py"
-    script.write_text("import gc\ngc.collect()\nprint(gc.mem_alloc())\n"
-                      "import board, json, asyncio, hashlib, binascii, os\ngc.collect()\nprint(gc.mem_alloc())\n")
-    r = subprocess.run([micropython_unix(), "-X", f"heapsize={UNIX_HEAP}", str(script)], capture_output=True,
-                       text=True, timeout=60, check=True, cwd=work, env={**os.environ, "MICROPYPATH": MICROPYPATH})
+    script.write_text(
+        "import gc\ngc.collect()\nprint(gc.mem_alloc())\n"
+        "import board, json, asyncio, hashlib, binascii, os\ngc.collect()\nprint(gc.mem_alloc())\n"
+    )
+    r = subprocess.run(
+        [micropython_unix(), "-X", f"heapsize={UNIX_HEAP}", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=work,
+        env={**os.environ, "MICROPYPATH": MICROPYPATH},
+    )
     bare, platform = (int(x) for x in r.stdout.split()[-2:])
     return bare, platform
 
@@ -245,12 +261,15 @@ def build_interposer(work: Path) -> Path | None:
         if not gcc:
             print(f"  apt-get install gcc failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
     if not gcc:
-        print("  skipped: gcc is needed to build the malloc interposer (bench/cheap/malloc_peak.c); "
-              "install it (apt-get install gcc) and run again")
+        print(
+            "  skipped: gcc is needed to build the malloc interposer (bench/cheap/malloc_peak.c); "
+            "install it (apt-get install gcc) and run again"
+        )
         return None
     so = work / "malloc_peak.so"
-    subprocess.run([gcc, "-O2", "-shared", "-fPIC", "-o", str(so), str(CHEAP / "malloc_peak.c"), "-ldl"], check=True,
-                   timeout=120)
+    subprocess.run(
+        [gcc, "-O2", "-shared", "-fPIC", "-o", str(so), str(CHEAP / "malloc_peak.c"), "-ldl"], check=True, timeout=120
+    )
     return so
 
 
@@ -275,22 +294,45 @@ def tls_cost(work: Path, so: Path) -> TlsCost:
         issued = bench.ca.issue_client("mp-footprint", "mp-footprint")
         out = work / "tls-c-heap.txt"
         params = work / "tls-params.json"
-        params.write_text(json.dumps({
-            "port": bench.broker.port, "ca": bench.ca.cert_path.read_text(), "cert": issued.cert_path.read_text(),
-            "key": issued.key_path.read_text(), "client_id": "mp-footprint", "out": str(out)}))
+        params.write_text(
+            json.dumps(
+                {
+                    "port": bench.broker.port,
+                    "ca": bench.ca.cert_path.read_text(),
+                    "cert": issued.cert_path.read_text(),
+                    "key": issued.key_path.read_text(),
+                    "client_id": "mp-footprint",
+                    "out": str(out),
+                }
+            )
+        )
         env = {**os.environ, "MICROPYPATH": MICROPYPATH, "LD_PRELOAD": str(so), "MALLOC_PEAK_OUT": str(out)}
-        r = subprocess.run([micropython_unix(), "-X", f"heapsize={UNIX_HEAP}", str(CHEAP / "tls_session.py"),
-                            str(params)], capture_output=True, text=True, timeout=120, env=env, cwd=work)
+        r = subprocess.run(
+            [micropython_unix(), "-X", f"heapsize={UNIX_HEAP}", str(CHEAP / "tls_session.py"), str(params)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            cwd=work,
+        )
     finally:
         bench.stop()
     if r.returncode != 0:
         raise RuntimeError(f"tls_session.py failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    got = {name: (int(live), int(peak), int(gc_bytes))
-           for name, live, peak, gc_bytes in re.findall(r"^tls (\w+) (\d+) (\d+) (\d+)$", r.stdout, re.M)}
+    got = {
+        name: (int(live), int(peak), int(gc_bytes))
+        for name, live, peak, gc_bytes in re.findall(r"^tls (\w+) (\d+) (\d+) (\d+)$", r.stdout, re.M)
+    }
     floor = got["before"][0]
     live = got["connected"][0] - floor
-    return TlsCost(peak=got["connected"][1] - floor, live=live, traffic_peak=got["traffic"][1] - got["traffic"][0],
-                   after_close=got["closed"][0] - floor, gc_before=got["before"][2], gc_connected=got["connected"][2])
+    return TlsCost(
+        peak=got["connected"][1] - floor,
+        live=live,
+        traffic_peak=got["traffic"][1] - got["traffic"][0],
+        after_close=got["closed"][0] - floor,
+        gc_before=got["before"][2],
+        gc_connected=got["connected"][2],
+    )
 
 
 # Report
@@ -304,22 +346,30 @@ def estimates(hw32: int, tls: TlsCost | None) -> None:
     """Boards, from the measured numbers and the board constants above; labelled as estimates."""
     print("estimates for boards, from the numbers above (not measured on a board):")
     if tls is None:
-        print(f"  without the TLS figure, only the agent's: its 32-bit high-water {kb(hw32)} is "
-              f"{hw32 / PICO_W_HEAP:.2f} of a Pico W's ~{PICO_W_HEAP // KB} KB heap and {hw32 / ESP32_GC_INITIAL:.2f} "
-              f"of the {ESP32_GC_INITIAL // KB} KB heap MicroPython starts with on a plain ESP32")
+        print(
+            f"  without the TLS figure, only the agent's: its 32-bit high-water {kb(hw32)} is "
+            f"{hw32 / PICO_W_HEAP:.2f} of a Pico W's ~{PICO_W_HEAP // KB} KB heap and {hw32 / ESP32_GC_INITIAL:.2f} "
+            f"of the {ESP32_GC_INITIAL // KB} KB heap MicroPython starts with on a plain ESP32"
+        )
         return
-    print(f"  the TLS figures are the unix port's (64-bit structures), so an upper bound for a 32-bit board; "
-          f"the agent's are the 32-bit (wasm) high-water {kb(hw32)}")
+    print(
+        f"  the TLS figures are the unix port's (64-bit structures), so an upper bound for a 32-bit board; "
+        f"the agent's are the 32-bit (wasm) high-water {kb(hw32)}"
+    )
     need = hw32 + tls.peak
-    print(f"  Raspberry Pi Pico W (Mbed TLS allocates from the MicroPython heap): agent high-water {kb(hw32)} + "
-          f"TLS peak {kb(tls.peak)} = {kb(need)}, {need / PICO_W_HEAP:.2f} of the ~{PICO_W_HEAP // KB} KB heap; with "
-          f"{kb(TLS_RX_RECORD)} more headroom, {kb(need + TLS_RX_RECORD)} = {(need + TLS_RX_RECORD) / PICO_W_HEAP:.2f}."
-          f" The TLS receive buffer is one {kb(TLS_RX_RECORD)} block, allocated at every connect: it needs that "
-          f"much contiguous free heap, which fragmentation, not the total, decides")
-    print(f"  ESP32 (Mbed TLS allocates from the IDF heap, outside the MicroPython heap): agent high-water "
-          f"{kb(hw32)} = {hw32 / ESP32_GC_INITIAL:.2f} of the {ESP32_GC_INITIAL // KB} KB heap MicroPython starts "
-          f"with on a plain ESP32 (it adds areas from the IDF heap when full); TLS needs {kb(tls.peak)} of IDF heap "
-          f"at its peak and keeps {kb(tls.live)} while connected")
+    print(
+        f"  Raspberry Pi Pico W (Mbed TLS allocates from the MicroPython heap): agent high-water {kb(hw32)} + "
+        f"TLS peak {kb(tls.peak)} = {kb(need)}, {need / PICO_W_HEAP:.2f} of the ~{PICO_W_HEAP // KB} KB heap; with "
+        f"{kb(TLS_RX_RECORD)} more headroom, {kb(need + TLS_RX_RECORD)} = {(need + TLS_RX_RECORD) / PICO_W_HEAP:.2f}."
+        f" The TLS receive buffer is one {kb(TLS_RX_RECORD)} block, allocated at every connect: it needs that "
+        f"much contiguous free heap, which fragmentation, not the total, decides"
+    )
+    print(
+        f"  ESP32 (Mbed TLS allocates from the IDF heap, outside the MicroPython heap): agent high-water "
+        f"{kb(hw32)} = {hw32 / ESP32_GC_INITIAL:.2f} of the {ESP32_GC_INITIAL // KB} KB heap MicroPython starts "
+        f"with on a plain ESP32 (it adds areas from the IDF heap when full); TLS needs {kb(tls.peak)} of IDF heap "
+        f"at its peak and keeps {kb(tls.live)} while connected"
+    )
 
 
 def main() -> int:
@@ -337,26 +387,36 @@ def report(work: Path) -> int:
 
     print("1. flash (.mpy built by mpy-cross):")
     py, mpy = flash_size(work)
-    print(f"total .mpy {mpy:,d} bytes = {kb(mpy)}; ratio to the .py sources {mpy / py:.2f}; "
-          f"ratio to the 64 KB target {mpy / FLASH_TARGET:.2f}")
+    print(
+        f"total .mpy {mpy:,d} bytes = {kb(mpy)}; ratio to the .py sources {mpy / py:.2f}; "
+        f"ratio to the 64 KB target {mpy / FLASH_TARGET:.2f}"
+    )
 
     print("\n2. heap high-water of the full cycle, live bytes after a collection:")
     bare32, plat32 = wasm_baseline(work)
     wasm = full_cycle(work / "cycle-wasm", "wasm", budget=400)
     bare64, plat64 = unix_baseline(work)
     unix = full_cycle(work / "cycle-unix", "unix", budget=400)
-    for name, c, bare, plat in (("wasm (32-bit)", wasm, bare32, plat32), (f"unix (64-bit, -X heapsize={UNIX_HEAP})",
-                                                                          unix, bare64, plat64)):
+    for name, c, bare, plat in (
+        ("wasm (32-bit)", wasm, bare32, plat32),
+        (f"unix (64-bit, -X heapsize={UNIX_HEAP})", unix, bare64, plat64),
+    ):
         state = "" if c.ok else f"; DID NOT COMPLETE: {c.why}"
-        print(f"  {name}: bare interpreter {bare:,d}; with the platform layer {plat:,d}; full cycle "
-              f"({c.release_bytes:,d}-byte release, {c.boots} boots, {c.seconds:.1f} s) high-water {c.high_water:,d} "
-              f"= {kb(c.high_water)} at {c.where or '?'}{state}")
-        print(f"    ratio to the bare interpreter {c.high_water / bare:.1f}; the agent's share above the platform "
-              f"layer {c.high_water - plat:,d} bytes = {kb(c.high_water - plat)}")
+        print(
+            f"  {name}: bare interpreter {bare:,d}; with the platform layer {plat:,d}; full cycle "
+            f"({c.release_bytes:,d}-byte release, {c.boots} boots, {c.seconds:.1f} s) high-water {c.high_water:,d} "
+            f"= {kb(c.high_water)} at {c.where or '?'}{state}"
+        )
+        print(
+            f"    ratio to the bare interpreter {c.high_water / bare:.1f}; the agent's share above the platform "
+            f"layer {c.high_water - plat:,d} bytes = {kb(c.high_water - plat)}"
+        )
     print(f"  ratio of the 32-bit high-water to the 48 KB target {wasm.high_water / HEAP_TARGET:.2f}")
-    print(f"  ratio 64-bit/32-bit: high-water {unix.high_water / wasm.high_water:.2f}; agent's share above the "
-          f"platform layer {(unix.high_water - plat64) / (wasm.high_water - plat32):.2f}; platform layer "
-          f"{plat64 / plat32:.2f}")
+    print(
+        f"  ratio 64-bit/32-bit: high-water {unix.high_water / wasm.high_water:.2f}; agent's share above the "
+        f"platform layer {(unix.high_water - plat64) / (wasm.high_water - plat32):.2f}; platform layer "
+        f"{plat64 / plat32:.2f}"
+    )
 
     print("\n3. smallest -X heapsize the unix-lane full cycle completes under (no MemoryError):")
     passed_kb = heap_kb(UNIX_HEAP)
@@ -365,11 +425,15 @@ def report(work: Path) -> int:
         if smallest is None:
             print(f"  not found: no answer held on a second run; {len(runs)} runs")
         else:
-            print(f"  smallest heap: {smallest}k ({len(runs)} runs of the cycle, {SEARCH_STEP_KB}k steps, the last a "
-                  f"repeat); ratio to the 64-bit high-water {smallest * KB / unix.high_water:.2f}; to the lane's "
-                  f"default {UNIX_HEAP} {smallest / passed_kb:.2f}")
-            print("  runs near the edge differ from run to run (keys, timing, where collections fall): a cap "
-                  "needs a margin above this")
+            print(
+                f"  smallest heap: {smallest}k ({len(runs)} runs of the cycle, {SEARCH_STEP_KB}k steps, the last a "
+                f"repeat); ratio to the 64-bit high-water {smallest * KB / unix.high_water:.2f}; to the lane's "
+                f"default {UNIX_HEAP} {smallest / passed_kb:.2f}"
+            )
+            print(
+                "  runs near the edge differ from run to run (keys, timing, where collections fall): a cap "
+                "needs a margin above this"
+            )
     else:
         print(f"  not searched: the cycle did not complete at {UNIX_HEAP}")
 
@@ -377,12 +441,16 @@ def report(work: Path) -> int:
     so = build_interposer(work)
     tls = tls_cost(work, so) if so else None
     if tls:
-        print(f"  one mutual-TLS handshake + MQTT CONNECT (P-256 certificates): C-heap peak {tls.peak:,d} bytes = "
-              f"{kb(tls.peak)}; live while connected {tls.live:,d} = {kb(tls.live)}; SUBSCRIBE + 2,000-byte "
-              f"PUBLISH and its echo add {tls.traffic_peak:,d} at their peak; after close {tls.after_close:,d} "
-              f"(one-time state, not per session)")
-        print(f"  GC heap on the unix lane: {tls.gc_before:,d} bytes before; {tls.gc_connected:,d} while connected "
-              f"(+{tls.gc_connected - tls.gc_before:,d} for the socket, its TLS wrapper, the stream and the client)")
+        print(
+            f"  one mutual-TLS handshake + MQTT CONNECT (P-256 certificates): C-heap peak {tls.peak:,d} bytes = "
+            f"{kb(tls.peak)}; live while connected {tls.live:,d} = {kb(tls.live)}; SUBSCRIBE + 2,000-byte "
+            f"PUBLISH and its echo add {tls.traffic_peak:,d} at their peak; after close {tls.after_close:,d} "
+            f"(one-time state, not per session)"
+        )
+        print(
+            f"  GC heap on the unix lane: {tls.gc_before:,d} bytes before; {tls.gc_connected:,d} while connected "
+            f"(+{tls.gc_connected - tls.gc_before:,d} for the socket, its TLS wrapper, the stream and the client)"
+        )
 
     print()
     estimates(wasm.high_water, tls)

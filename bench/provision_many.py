@@ -20,9 +20,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from awsiot import iotidentity  # noqa: E402
+import contextlib  # noqa: E402
 
+from awsiot import iotidentity  # noqa: E402
 from cloudkit import Client, identity_client, new_csr  # noqa: E402
+
 from localcloud.cloud import LocalCloud  # noqa: E402
 
 
@@ -48,10 +50,15 @@ def main() -> int:
             c = clients[i].start(wait=120)
             idc = identity_client(c)
             created = idc.create_certificate_from_csr(
-                iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=csrs[i])).result(300)
-            reg = idc.register_thing(iotidentity.RegisterThingRequest(
-                template_name="iot-agent-fleet", certificate_ownership_token=created.certificate_ownership_token,
-                parameters={"SerialNumber": serials[i]})).result(300)
+                iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=csrs[i])
+            ).result(300)
+            reg = idc.register_thing(
+                iotidentity.RegisterThingRequest(
+                    template_name="iot-agent-fleet",
+                    certificate_ownership_token=created.certificate_ownership_token,
+                    parameters={"SerialNumber": serials[i]},
+                )
+            ).result(300)
             assert reg.thing_name == f"gw-{serials[i]}"
         except Exception as e:  # reported below; the run still completes
             errors.append(f"device {i}: {e!r}")
@@ -68,17 +75,18 @@ def main() -> int:
         things = len(cloud.registry.things())
     finally:
         for c in clients:
-            try:
+            with contextlib.suppress(Exception):
                 c.stop()
-            except Exception:
-                pass
         cloud.down()
     ok = n - len(errors)
     print(f"devices: {n} at once (connect + CreateCertificateFromCsr + RegisterThing each)")
     print(f"completed: {ok}/{n} in {elapsed:.2f} s; things registered: {things}")
     print(f"provisioning requests per second: {2 * ok / elapsed:.1f} (devices per second: {ok / elapsed:.1f})")
     lat = sorted(latencies)
-    print(f"per-device latency: p50 {statistics.median(lat):.2f} s, p95 {lat[int(0.95 * (n - 1))]:.2f} s, max {lat[-1]:.2f} s")
+    print(
+        f"per-device latency: p50 {statistics.median(lat):.2f} s, p95 {lat[int(0.95 * (n - 1))]:.2f} s, "
+        f"max {lat[-1]:.2f} s"
+    )
     for e in errors[:5]:
         print("error:", e)
     return 0 if ok == n else 1

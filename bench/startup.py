@@ -78,35 +78,63 @@ def main() -> int:
         cfg = tomllib.loads(dev.config_path.read_text())
         env = token.full_env()
         # The console script a user runs, with the same interpreter as the floor.
-        agent = [sys.executable, str(Path(sys.executable).parent / "iot-agent"), "--config", str(dev.config_path), "run"]
-        base = [sys.executable, str(REPO / "bench" / "baseline_connect.py"), "localhost", str(bench.broker.port),
-                cfg["broker"]["ca_file"], cfg["identity"]["certificate_file"], cfg["pkcs11"]["library"],
-                cfg["pkcs11"]["token_label"], cfg["pkcs11"]["key_label"], cfg["pkcs11"]["pin_file"], "bench-gw"]
+        agent = [
+            sys.executable,
+            str(Path(sys.executable).parent / "iot-agent"),
+            "--config",
+            str(dev.config_path),
+            "run",
+        ]
+        base = [
+            sys.executable,
+            str(REPO / "bench" / "baseline_connect.py"),
+            "localhost",
+            str(bench.broker.port),
+            cfg["broker"]["ca_file"],
+            cfg["identity"]["certificate_file"],
+            cfg["pkcs11"]["library"],
+            cfg["pkcs11"]["token_label"],
+            cfg["pkcs11"]["key_label"],
+            cfg["pkcs11"]["pin_file"],
+            "bench-gw",
+        ]
         # One warm-up of each so both read the interpreter and libraries from the page cache.
         measure(base, env, b"connected")
         measure(agent, env, b"connected to ")
         bt, br, at, ar = [], [], [], []
         for _ in range(args.runs):
             t, r = measure(base, env, b"connected")
-            bt.append(t); br.append(r)
+            bt.append(t)
+            br.append(r)
             t, r = measure(agent, env, b"connected to ")
-            at.append(t); ar.append(r)
+            at.append(t)
+            ar.append(r)
     finally:
         token.stop()
         bench.stop()
     b_t, a_t = statistics.median(bt), statistics.median(at)
     b_r, a_r = statistics.median(br), statistics.median(ar)
     print(f"runs: {args.runs} each, interleaved; medians")
-    print(f"floor  (awscrt+awsiot, one PKCS#11 mTLS connection): {b_t * 1000:7.1f} ms to connected, peak RSS {b_r / 1024:6.1f} MiB")
-    print(f"agent  (iot-agent run: config, PIN, clock gate, connect): {a_t * 1000:7.1f} ms to connected, peak RSS {a_r / 1024:6.1f} MiB")
+    print(
+        f"floor  (awscrt+awsiot, one PKCS#11 mTLS connection): {b_t * 1000:7.1f} ms to connected, "
+        f"peak RSS {b_r / 1024:6.1f} MiB"
+    )
+    print(
+        f"agent  (iot-agent run: config, PIN, clock gate, connect): {a_t * 1000:7.1f} ms to connected, "
+        f"peak RSS {a_r / 1024:6.1f} MiB"
+    )
     print(f"median ratios: time {a_t / b_t:.3f}, RSS {a_r / b_r:.3f}")
-    print(f"best runs: floor {min(bt) * 1000:.1f} ms / {min(br) / 1024:.1f} MiB, agent {min(at) * 1000:.1f} ms / "
-          f"{min(ar) / 1024:.1f} MiB")
-    rt = statistics.median(a / b for a, b in zip(at, bt))
-    rr = statistics.median(a / b for a, b in zip(ar, br))
+    print(
+        f"best runs: floor {min(bt) * 1000:.1f} ms / {min(br) / 1024:.1f} MiB, agent {min(at) * 1000:.1f} ms / "
+        f"{min(ar) / 1024:.1f} MiB"
+    )
+    rt = statistics.median(a / b for a, b in zip(at, bt, strict=True))
+    rr = statistics.median(a / b for a, b in zip(ar, br, strict=True))
     print(f"min ratios: time {min(at) / min(bt):.3f}, RSS {min(ar) / min(br):.3f}")
-    print(f"paired ratio time (median of {args.runs}) {rt:.3f} (target <= {TARGET_TIME})  {'ok' if rt <= TARGET_TIME else 'MISSED'}")
-    print(f"paired ratio RSS  (median of {args.runs}) {rr:.3f} (target <= {TARGET_RSS})  {'ok' if rr <= TARGET_RSS else 'MISSED'}")
+    verdict_t = "ok" if rt <= TARGET_TIME else "MISSED"
+    verdict_r = "ok" if rr <= TARGET_RSS else "MISSED"
+    print(f"paired ratio time (median of {args.runs}) {rt:.3f} (target <= {TARGET_TIME})  {verdict_t}")
+    print(f"paired ratio RSS  (median of {args.runs}) {rr:.3f} (target <= {TARGET_RSS})  {verdict_r}")
     return 0 if rt <= TARGET_TIME and rr <= TARGET_RSS else 1
 
 

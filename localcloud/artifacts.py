@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 import re
 import secrets
@@ -46,7 +45,7 @@ class Artifacts:
     ttl_s: int = 3600
 
     @classmethod
-    def open(cls, cloud_dir: Path) -> "Artifacts":
+    def open(cls, cloud_dir: Path) -> Artifacts:
         from .pki import private_dir
 
         # The URL-signing key: anyone who reads it can mint download URLs. pki/ is 0700, the key 0600

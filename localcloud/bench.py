@@ -23,7 +23,9 @@ def agent_cmd(config: Path, *args: str) -> list[str]:
 
 
 def run_agent_cli(config: Path, token: Token, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(agent_cmd(config, *args), env=token.full_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        agent_cmd(config, *args), env=token.full_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 @dataclass
@@ -38,9 +40,20 @@ class Device:
         return run_agent_cli(self.config_path, self.token, *args, timeout=timeout)
 
 
-def write_config(path: Path, *, thing_name: str | None, broker: Broker | None = None, token: Token,
-                 cert_path: Path | None, ntp_servers: list[str], state_dir: Path, key_label: str = "device",
-                 extra: dict[str, dict] | None = None, port: int | None = None, ca_file: Path | None = None) -> Path:
+def write_config(
+    path: Path,
+    *,
+    thing_name: str | None,
+    broker: Broker | None = None,
+    token: Token,
+    cert_path: Path | None,
+    ntp_servers: list[str],
+    state_dir: Path,
+    key_label: str = "device",
+    extra: dict[str, dict] | None = None,
+    port: int | None = None,
+    ca_file: Path | None = None,
+) -> Path:
     """An agent config for the bench or the local cloud (pass `broker`, or `port` and `ca_file`)."""
     port = broker.port if broker else port
     ca_file = broker.ca.cert_path if broker else ca_file
@@ -50,15 +63,28 @@ def write_config(path: Path, *, thing_name: str | None, broker: Broker | None = 
     sections: dict[str, dict] = {
         "device": device,
         "broker": {
-            "endpoint": "localhost", "port": port, "ca_file": str(ca_file),
-            "reconnect_min_s": 0.2, "reconnect_max_s": 4.0, "connect_timeout_s": 5.0,
+            "endpoint": "localhost",
+            "port": port,
+            "ca_file": str(ca_file),
+            "reconnect_min_s": 0.2,
+            "reconnect_max_s": 4.0,
+            "connect_timeout_s": 5.0,
             "reconnect_reset_after_s": 1.0,
         },
-        "pkcs11": {"library": token.library, "token_label": token.label, "key_label": key_label,
-                   "pin_file": str(token.pin_file())},
+        "pkcs11": {
+            "library": token.library,
+            "token_label": token.label,
+            "key_label": key_label,
+            "pin_file": str(token.pin_file()),
+        },
         "identity": {"certificate_file": str(cert_path)} if cert_path else {},
-        "clock": {"ntp_servers": ntp_servers, "max_skew_s": 5.0, "retry_min_s": 0.2, "retry_max_s": 2.0,
-                  "query_timeout_s": 1.0},
+        "clock": {
+            "ntp_servers": ntp_servers,
+            "max_skew_s": 5.0,
+            "retry_min_s": 0.2,
+            "retry_max_s": 2.0,
+            "query_timeout_s": 1.0,
+        },
     }
     for name, values in (extra or {}).items():
         sections.setdefault(name, {}).update(values)
@@ -68,6 +94,7 @@ def write_config(path: Path, *, thing_name: str | None, broker: Broker | None = 
 
 def to_toml(sections: dict[str, dict]) -> str:
     """Enough TOML for flat sections of strings, numbers, booleans and string lists."""
+
     def val(v) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -101,7 +128,7 @@ class Bench:
         server = self.ca.issue_server("server", ["localhost", "127.0.0.1"])
         self.broker = Broker(self.directory / "broker", self.ca, server)
 
-    def start(self, ntp: bool = True) -> "Bench":
+    def start(self, ntp: bool = True) -> Bench:
         self.broker.start()
         if ntp:
             self.chrony = Chrony(self.directory / "chrony").start()
@@ -112,15 +139,29 @@ class Bench:
         if self.chrony:
             self.chrony.stop()
 
-    def enroll(self, token: Token, thing_name: str, key_label: str = "device",
-               ntp_servers: list[str] | None = None, extra: dict[str, dict] | None = None) -> Device:
+    def enroll(
+        self,
+        token: Token,
+        thing_name: str,
+        key_label: str = "device",
+        ntp_servers: list[str] | None = None,
+        extra: dict[str, dict] | None = None,
+    ) -> Device:
         """Key on the token, CSR signed on the token, certificate from the CA, agent config."""
         d = self.directory / "devices" / thing_name
         d.mkdir(parents=True, exist_ok=True)
         servers = ntp_servers if ntp_servers is not None else ([self.chrony.server] if self.chrony else [])
-        cfg = write_config(d / "config.toml", thing_name=thing_name, broker=self.broker, token=token, cert_path=None,
-                           ntp_servers=servers or ["127.0.0.1:1"], state_dir=d / "state", key_label=key_label,
-                           extra=extra)
+        cfg = write_config(
+            d / "config.toml",
+            thing_name=thing_name,
+            broker=self.broker,
+            token=token,
+            cert_path=None,
+            ntp_servers=servers or ["127.0.0.1:1"],
+            state_dir=d / "state",
+            key_label=key_label,
+            extra=extra,
+        )
         r = run_agent_cli(cfg, token, "keys", "generate", key_label)
         if r.returncode != 0:
             raise RuntimeError(f"key generation failed: {r.stderr.strip()}")
@@ -131,13 +172,23 @@ class Bench:
         cert = self.ca.sign_csr(csr_path.read_bytes(), thing_name)
         cert_path = d / "device.pem"
         cert_path.write_bytes(pki.pem(cert))
-        write_config(cfg, thing_name=thing_name, broker=self.broker, token=token, cert_path=cert_path,
-                     ntp_servers=servers or ["127.0.0.1:1"], state_dir=d / "state", key_label=key_label, extra=extra)
+        write_config(
+            cfg,
+            thing_name=thing_name,
+            broker=self.broker,
+            token=token,
+            cert_path=cert_path,
+            ntp_servers=servers or ["127.0.0.1:1"],
+            state_dir=d / "state",
+            key_label=key_label,
+            extra=extra,
+        )
         return Device(thing_name, token, cfg, cert_path, d)
 
 
-def fresh_device(cloud, token: Token, serial: str, directory: Path, ntp_servers: list[str],
-                 extra: dict[str, dict] | None = None) -> Device:
+def fresh_device(
+    cloud, token: Token, serial: str, directory: Path, ntp_servers: list[str], extra: dict[str, dict] | None = None
+) -> Device:
     """A factory-fresh device for the local cloud: claim key on the token, claim certificate
     signed by the cloud's CA for the CSR made there, serial recorded; no identity yet."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -146,9 +197,17 @@ def fresh_device(cloud, token: Token, serial: str, directory: Path, ntp_servers:
     merged = {"provisioning": prov, **(extra or {})}
     if extra and "provisioning" in extra:
         merged["provisioning"] = {**prov, **extra["provisioning"]}
-    cfg = write_config(directory / "config.toml", thing_name=None, token=token, cert_path=None,
-                       ntp_servers=ntp_servers, state_dir=directory / "state", port=info["port"],
-                       ca_file=Path(info["ca_file"]), extra=merged)
+    cfg = write_config(
+        directory / "config.toml",
+        thing_name=None,
+        token=token,
+        cert_path=None,
+        ntp_servers=ntp_servers,
+        state_dir=directory / "state",
+        port=info["port"],
+        ca_file=Path(info["ca_file"]),
+        extra=merged,
+    )
     r = run_agent_cli(cfg, token, "factory", "init", "--serial", serial, "--csr-out", str(directory / "claim.csr"))
     if r.returncode != 0:
         raise RuntimeError(f"factory init failed: {r.stderr.strip()}")

@@ -81,7 +81,7 @@ class Broker:
         lines += self.extra_conf
         self.conf_path.write_text("\n".join(lines) + "\n")
 
-    def start(self, timeout: float = 10.0) -> "Broker":
+    def start(self, timeout: float = 10.0) -> Broker:
         if not self.port:
             self.port = procs.free_port()
         self.write_config()

@@ -18,12 +18,20 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="start the broker and services (creates the CA once)")
     up.add_argument("--port", type=int, default=0)
-    up.add_argument("--defender-min-interval", type=float, help="seconds between accepted Defender reports "
-                    "(AWS: 300; lower it only for tests)")
-    up.add_argument("--ntp-port", type=int, default=0, metavar="PORT",
-                    help="also serve NTP on 127.0.0.1:PORT (UDP) with chronyd, the trusted clock for agents offline "
-                         "(clock.ntp_servers = [\"127.0.0.1:PORT\"]); chronyd runs with -x and never sets this "
-                         "machine's clock; `down` stops it")
+    up.add_argument(
+        "--defender-min-interval",
+        type=float,
+        help="seconds between accepted Defender reports (AWS: 300; lower it only for tests)",
+    )
+    up.add_argument(
+        "--ntp-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="also serve NTP on 127.0.0.1:PORT (UDP) with chronyd, the trusted clock for agents offline "
+        '(clock.ntp_servers = ["127.0.0.1:PORT"]); chronyd runs with -x and never sets this '
+        "machine's clock; `down` stops it",
+    )
     sub.add_parser("down", help="stop them (and the NTP server of up --ntp-port); state is kept")
     sub.add_parser("status", help="running or not, and the endpoint")
     certs = sub.add_parser("certs", help="certificates")
@@ -48,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     sg = shsub.add_parser("get", help="the shadow document (GetThingShadow)")
     sg.add_argument("thing")
     sg.add_argument("name", nargs="?", default="", help="shadow name (omit for the classic shadow)")
-    su = shsub.add_parser("update", help="set desired state as an app would (UpdateThingShadow); the device gets the delta")
+    su = shsub.add_parser(
+        "update", help="set desired state as an app would (UpdateThingShadow); the device gets the delta"
+    )
     su.add_argument("thing")
     su.add_argument("name", nargs="?", default="")
     su.add_argument("--desired", required=True, help="JSON object to merge into desired (null deletes a key), or null")
@@ -59,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     jc = js.add_parser("create")
     target = jc.add_mutually_exclusive_group(required=True)
     target.add_argument("--thing")
-    target.add_argument("--query", help="every thing whose shadow matches, e.g. 'reported.targets.app.current<1.2.0' "
-                        "(with --shadow)")
+    target.add_argument(
+        "--query", help="every thing whose shadow matches, e.g. 'reported.targets.app.current<1.2.0' (with --shadow)"
+    )
     jc.add_argument("--shadow", help="the named shadow --query reads (e.g. inventory)")
     jc.add_argument("--document", type=Path, required=True, help="job document (JSON file)")
     jc.add_argument("--job-id", help="default: job-<timestamp>")
@@ -74,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     streams = sub.add_parser("streams", help="MQTT file streams")
     ssub = streams.add_subparsers(dest="streams_cmd", required=True)
     sc = ssub.add_parser("create")
-    sc.add_argument("--file", type=Path, action="append", required=True, help="repeat for several files (ids 0, 1, ...)")
+    sc.add_argument(
+        "--file", type=Path, action="append", required=True, help="repeat for several files (ids 0, 1, ...)"
+    )
     sc.add_argument("--stream-id")
     sc.add_argument("--description", default="")
     art = sub.add_parser("artifacts", help="files for jobs, served over HTTPS with presigned URLs")
@@ -88,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     dr.add_argument("thing")
     allow = sub.add_parser("allow", help="add serial numbers to the pre-provisioning allow list")
     allow.add_argument("serials", nargs="+")
-    for name, text in (("quarantine", "put a thing in the quarantine group (only jobs, streams, certificate rotation)"),
-                       ("release", "take a thing out of the quarantine group")):
+    for name, text in (
+        ("quarantine", "put a thing in the quarantine group (only jobs, streams, certificate rotation)"),
+        ("release", "take a thing out of the quarantine group"),
+    ):
         tsub.add_parser(name, help=text).add_argument("thing")
     ca = sub.add_parser("ca", help="manufacturer CA certificates (just-in-time provisioning)")
     casub = ca.add_subparsers(dest="ca_cmd", required=True)
@@ -113,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
             _ntp_down(cloud.directory / "ntp")
             print("stopped")
         elif args.cmd == "status":
-            print(json.dumps({"running": cloud.running(), **(cloud.endpoint() if cloud.endpoint_file.exists() else {})}, indent=1))
+            print(
+                json.dumps(
+                    {"running": cloud.running(), **(cloud.endpoint() if cloud.endpoint_file.exists() else {})}, indent=1
+                )
+            )
         elif args.cmd == "certs":
             if args.certs_cmd == "list":
                 for c in cloud.registry.certificates():
@@ -141,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     template = json.loads(args.template.read_text())
                 except (OSError, ValueError) as e:
-                    raise ValueError(f"{args.template}: not a readable JSON template ({e.__class__.__name__})")
+                    raise ValueError(
+                        f"{args.template}: not a readable JSON template ({e.__class__.__name__})"
+                    ) from None
                 ca_id = cloud.register_ca(args.cert.read_bytes(), template)
                 port = cloud.endpoint().get("jitp_port") if cloud.endpoint_file.exists() else None
                 print(f"{ca_id}\tACTIVE\tdevices it issued connect on port {port or '(jitp_port after up)'}")
@@ -151,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "things" and args.things_cmd == "query":
             from .shadows import Shadows, parse_where
 
-            for thing in Shadows(cloud.registry.db, cloud.registry.lock).things_matching(args.shadow, *parse_where(args.where)):
+            for thing in Shadows(cloud.registry.db, cloud.registry.lock).things_matching(
+                args.shadow, *parse_where(args.where)
+            ):
                 print(thing)
         elif args.cmd == "things":
             for name, attrs in cloud.registry.things():
@@ -168,14 +191,14 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         desired = json.loads(args.desired)
                     except ValueError:
-                        raise ValueError("--desired is not JSON")
+                        raise ValueError("--desired is not JSON") from None
                     doc = shadows.operator_update(args.thing, args.name, {"state": {"desired": desired}})
                     print(f"version {doc['version']}")
                 else:
                     for thing, name, version in shadows.list(args.thing):
                         print(f"{thing}\t{name or '(classic)'}\tv{version}")
             except ShadowError as e:
-                raise ValueError(f"{e.code} {e.message}")
+                raise ValueError(f"{e.code} {e.message}") from None
         elif args.cmd == "jobs":
             from .jobs import Jobs
 
@@ -186,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     document = json.loads(args.document.read_text())
                 except (OSError, ValueError) as e:
-                    raise ValueError(f"{args.document}: not a readable JSON job document ({e.__class__.__name__})")
+                    raise ValueError(
+                        f"{args.document}: not a readable JSON job document ({e.__class__.__name__})"
+                    ) from None
                 job_id = args.job_id or f"job-{int(time.time() * 1000)}"
                 if args.query is None:
                     jobs.create(job_id, args.thing, document, args.step_timeout)
@@ -197,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                     if args.shadow is None:
                         raise ValueError("--query needs --shadow (the named shadow it reads)")
                     targets = Shadows(cloud.registry.db, cloud.registry.lock).things_matching(
-                        args.shadow, *parse_where(args.query))
+                        args.shadow, *parse_where(args.query)
+                    )
                     if not targets:
                         raise ValueError(f"no thing matches {args.query!r} in shadow {args.shadow!r}; no job created")
                     jobs.create_for_things(job_id, targets, document, args.step_timeout)
@@ -205,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"{job_id}\t{thing}")
             elif args.jobs_cmd == "list":
                 for ex in jobs.list():
-                    print(f"{ex['jobId']}\t{ex['thingName']}\t{ex['status']}\tv{ex['versionNumber']}\t{json.dumps(ex['statusDetails'])}")
+                    print(
+                        f"{ex['jobId']}\t{ex['thingName']}\t{ex['status']}\tv{ex['versionNumber']}\t{json.dumps(ex['statusDetails'])}"
+                    )
             elif args.jobs_cmd == "describe":
                 ex = jobs.execution(args.job_id, args.thing)
                 if ex is None:

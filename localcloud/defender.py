@@ -29,12 +29,28 @@ from typing import Any
 
 # long name -> short name
 NAMES = {
-    "header": "hed", "report_id": "rid", "version": "v",
-    "metrics": "met", "custom_metrics": "cmet",
-    "tcp_connections": "tc", "established_connections": "ec", "connections": "cs",
-    "remote_addr": "rad", "local_port": "lp", "local_interface": "li", "total": "t",
-    "listening_tcp_ports": "tp", "listening_udp_ports": "up", "ports": "pts", "port": "pt", "interface": "if",
-    "network_stats": "ns", "bytes_in": "bi", "bytes_out": "bo", "packets_in": "pi", "packets_out": "po",
+    "header": "hed",
+    "report_id": "rid",
+    "version": "v",
+    "metrics": "met",
+    "custom_metrics": "cmet",
+    "tcp_connections": "tc",
+    "established_connections": "ec",
+    "connections": "cs",
+    "remote_addr": "rad",
+    "local_port": "lp",
+    "local_interface": "li",
+    "total": "t",
+    "listening_tcp_ports": "tp",
+    "listening_udp_ports": "up",
+    "ports": "pts",
+    "port": "pt",
+    "interface": "if",
+    "network_stats": "ns",
+    "bytes_in": "bi",
+    "bytes_out": "bo",
+    "packets_in": "pi",
+    "packets_out": "po",
 }
 MAX_LIST = 1000
 MAX_CUSTOM = 100
@@ -126,7 +142,7 @@ def _remote_addr(v: Any, where: str) -> None:
         host, sep, port = s.rpartition(":")
         ok = _is_ip(host, 4)
     if not (sep and ok and port.isdigit() and int(port) <= 65535):
-        raise Invalid("InvalidValue", f"{where} must be \"ip:port\" (IPv6 as \"[addr]:port\"), got {s!r}")
+        raise Invalid("InvalidValue", f'{where} must be "ip:port" (IPv6 as "[addr]:port"), got {s!r}')
 
 
 def _report(doc: Any) -> None:
@@ -140,7 +156,7 @@ def _report(doc: Any) -> None:
     h = _obj(doc[n("header")], n("header"), n, {"report_id", "version"}, set())
     _int(h[n("report_id")], f"{n('header')}.{n('report_id')}")
     if h[n("version")] != "1.0":
-        raise Invalid("InvalidValue", f"{n('header')}.{n('version')} must be \"1.0\"")
+        raise Invalid("InvalidValue", f'{n("header")}.{n("version")} must be "1.0"')
     if n("metrics") in doc:
         _metrics(doc[n("metrics")], n)
     if n("custom_metrics") in doc:
@@ -148,7 +164,9 @@ def _report(doc: Any) -> None:
 
 
 def _metrics(m: Any, n: _N) -> None:
-    m = _obj(m, n("metrics"), n, set(), {"tcp_connections", "listening_tcp_ports", "listening_udp_ports", "network_stats"})
+    m = _obj(
+        m, n("metrics"), n, set(), {"tcp_connections", "listening_tcp_ports", "listening_udp_ports", "network_stats"}
+    )
     if n("tcp_connections") in m:
         tc = _obj(m[n("tcp_connections")], n("tcp_connections"), n, {"established_connections"}, set())
         ec = _obj(tc[n("established_connections")], n("established_connections"), n, set(), {"connections", "total"})
@@ -174,7 +192,9 @@ def _metrics(m: Any, n: _N) -> None:
             if n("total") in lp:
                 _int(lp[n("total")], f"{n(key)}.{n('total')}")
     if n("network_stats") in m:
-        ns = _obj(m[n("network_stats")], n("network_stats"), n, set(), {"bytes_in", "bytes_out", "packets_in", "packets_out"})
+        ns = _obj(
+            m[n("network_stats")], n("network_stats"), n, set(), {"bytes_in", "bytes_out", "packets_in", "packets_out"}
+        )
         for k, v in ns.items():
             _int(v, f"{n('network_stats')}.{k}")
 
@@ -188,7 +208,7 @@ def _custom(c: Any, where: str) -> None:
             raise Invalid("InvalidValue", f"{where}: metric names are 1-128 characters")
         if not isinstance(val, list) or len(val) != 1 or not isinstance(val[0], dict) or len(val[0]) != 1:
             raise Invalid("InvalidValue", f"{w} must be a one-element list holding one typed value")
-        (kind, v), = val[0].items()
+        ((kind, v),) = val[0].items()
         if kind == "number":
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:
                 raise Invalid("InvalidValue", f"{w}.number must be a number")
@@ -205,7 +225,7 @@ def _custom(c: Any, where: str) -> None:
                 try:
                     ipaddress.ip_address(x)
                 except ValueError:
-                    raise Invalid("InvalidValue", f"{w}.ip_list: {x!r} is not an IP address")
+                    raise Invalid("InvalidValue", f"{w}.ip_list: {x!r} is not an IP address") from None
         else:
             raise Invalid("InvalidValue", f"{w}: unknown custom metric type {kind!r}")
 
@@ -235,18 +255,35 @@ class DefenderStore:
         error = validate(doc)
         with self.lock:
             if error is None:
-                last = self.db.execute("SELECT MAX(received), MAX(report_id) FROM defender_reports WHERE thing = ? "
-                                       "AND status = 'ACCEPTED'", (thing,)).fetchone()
+                last = self.db.execute(
+                    "SELECT MAX(received), MAX(report_id) FROM defender_reports WHERE thing = ? "
+                    "AND status = 'ACCEPTED'",
+                    (thing,),
+                ).fetchone()
                 if last[0] is not None and now - last[0] < self.min_interval_s:
-                    error = ("Throttled", f"one report per {self.min_interval_s:g} s; the last was {now - last[0]:.0f} s ago")
+                    error = (
+                        "Throttled",
+                        f"one report per {self.min_interval_s:g} s; the last was {now - last[0]:.0f} s ago",
+                    )
                 elif last[1] is not None and rid is not None and rid <= last[1]:
                     # The specification: report_id is "monotonically increasing".
-                    error = (MALFORMED, f"Malformed metrics report: report_id {rid} is not greater than the last "
-                                        f"accepted ({last[1]})")
+                    error = (
+                        MALFORMED,
+                        f"Malformed metrics report: report_id {rid} is not greater than the last accepted ({last[1]})",
+                    )
             status = "ACCEPTED" if error is None else "REJECTED"
-            self.db.execute("INSERT INTO defender_reports VALUES (?,?,?,?,?,?,?)",
-                            (thing, rid, now, fmt, status, error[0] if error else None,
-                             json.dumps(doc, default=repr) if error is None else None))
+            self.db.execute(
+                "INSERT INTO defender_reports VALUES (?,?,?,?,?,?,?)",
+                (
+                    thing,
+                    rid,
+                    now,
+                    fmt,
+                    status,
+                    error[0] if error else None,
+                    json.dumps(doc, default=repr) if error is None else None,
+                ),
+            )
         resp: dict[str, Any] = {"thingName": thing, "status": status, "timestamp": int(now * 1000)}
         if rid is not None:
             resp["reportId"] = rid
@@ -256,7 +293,19 @@ class DefenderStore:
 
     def reports(self, thing: str) -> list[dict]:
         with self.lock:
-            rows = self.db.execute("SELECT report_id, received, format, status, error_code, report FROM defender_reports "
-                                   "WHERE thing = ? ORDER BY rowid", (thing,)).fetchall()
-        return [{"reportId": r[0], "received": r[1], "format": r[2], "status": r[3], "errorCode": r[4],
-                 "report": json.loads(r[5]) if r[5] else None} for r in rows]
+            rows = self.db.execute(
+                "SELECT report_id, received, format, status, error_code, report FROM defender_reports "
+                "WHERE thing = ? ORDER BY rowid",
+                (thing,),
+            ).fetchall()
+        return [
+            {
+                "reportId": r[0],
+                "received": r[1],
+                "format": r[2],
+                "status": r[3],
+                "errorCode": r[4],
+                "report": json.loads(r[5]) if r[5] else None,
+            }
+            for r in rows
+        ]

@@ -23,12 +23,12 @@ import threading
 import time
 from pathlib import Path
 
-from agent.runtime.features import load
-from agent.session.connection import PUBACK_ACCEPTED, Connection
-from agent.identity.current import current_identity
-from agent.runtime.daemon import settings_for
 from agent.base.pin import read_pin
 from agent.base.state import StateStore
+from agent.identity.current import current_identity
+from agent.runtime.daemon import settings_for
+from agent.runtime.features import load
+from agent.session.connection import PUBACK_ACCEPTED, Connection
 
 from .bench import agent_cmd, fresh_device, run_agent_cli
 from .cloud import LocalCloud
@@ -77,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         say(f"working folder: {work}")
         cloud = LocalCloud(work / "cloud")
         info = cloud.up()
-        say(f"local cloud up: mosquitto on 127.0.0.1:{info['port']} (TLS 1.2+, client certificates, policy ACLs, CRL) "
-            "and its provisioning/jobs/defender services")
+        say(
+            f"local cloud up: mosquitto on 127.0.0.1:{info['port']} (TLS 1.2+, client certificates, policy ACLs, CRL) "
+            "and its provisioning/jobs/defender services"
+        )
         ntp = Chrony(work / "chrony").start()
         say(f"chronyd serving NTP on {ntp.server} (-x: it never touches this machine's clock)")
         token = softhsm_token(work / "softhsm", label="iot-agent")
@@ -88,19 +90,37 @@ def main(argv: list[str] | None = None) -> int:
         signer = CodeSigner(work / "vendor")
         say("vendor: code-signing key (ECDSA P-256) and certificate; the device pins the certificate")
         app_dir = work / "device" / "app"
-        dev = fresh_device(cloud, token, args.serial, work / "device", [ntp.server], extra={
-            "ota": {"code_signing_certificate": str(signer.cert_path), "ca_file": info["ca_file"],
-                    "targets": {"app": {"directory": str(app_dir),
-                                        "health_command": ["sh", "-c", "test -f app.txt"]}}}})
-        say(f"factory: claim key generated ON the token, CSR signed there, manufacturer CA issued the claim "
-            f"certificate; serial {args.serial} recorded")
+        dev = fresh_device(
+            cloud,
+            token,
+            args.serial,
+            work / "device",
+            [ntp.server],
+            extra={
+                "ota": {
+                    "code_signing_certificate": str(signer.cert_path),
+                    "ca_file": info["ca_file"],
+                    "targets": {"app": {"directory": str(app_dir), "health_command": ["sh", "-c", "test -f app.txt"]}},
+                }
+            },
+        )
+        say(
+            f"factory: claim key generated ON the token, CSR signed there, manufacturer CA issued the claim "
+            f"certificate; serial {args.serial} recorded"
+        )
         verified.append("claim key generated on the token; only the public claim certificate is on disk")
         cloud.registry.allow_serials([args.serial])
         say(f"cloud: serial {args.serial} added to the provisioning allow list")
 
         observer = Observer(cloud.broker(port=info["port"])).start([f"dt/{thing}/#"])
-        agent = subprocess.Popen(agent_cmd(dev.config_path, "run"), env=token.full_env(), stderr=subprocess.PIPE,
-                                 stdout=subprocess.DEVNULL, text=True, bufsize=1)
+        agent = subprocess.Popen(
+            agent_cmd(dev.config_path, "run"),
+            env=token.full_env(),
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+        )
         connected = threading.Event()
 
         def relay() -> None:
@@ -115,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         if not connected.wait(90):
             raise SystemExit("demo: the agent did not provision and connect within 90 s")
         verified.append("clock trusted by NTP before any TLS connection")
-        verified.append("provisioned by claim: device key generated on the token, CSR signed there, "
-                        "CreateCertificateFromCsr + RegisterThing through AWS's IotIdentityClientV2")
+        verified.append(
+            "provisioned by claim: device key generated on the token, CSR signed there, "
+            "CreateCertificateFromCsr + RegisterThing through AWS's IotIdentityClientV2"
+        )
         things = [n for n, _ in cloud.registry.things()]
         active = [c for c in cloud.registry.certificates() if c.kind == "device" and c.status == "ACTIVE"]
         say(f"cloud: things {things}; active device certificates {[(c.id[:12], c.thing) for c in active]}")
@@ -126,10 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         first_cert = active[0].id
 
         defender = DefenderStore(cloud.registry.db, cloud.registry.lock)
-        rep = wait_until("a Device Defender report", lambda: [r for r in defender.reports(thing)
-                                                              if r["status"] == "ACCEPTED"], 60)[0]
-        say(f"cloud: Device Defender report {rep['reportId']} ACCEPTED ({len(json.dumps(rep['report']))} bytes, "
-            f"metrics {sorted(rep['report'].get('metrics', {}))})")
+        rep = wait_until(
+            "a Device Defender report", lambda: [r for r in defender.reports(thing) if r["status"] == "ACCEPTED"], 60
+        )[0]
+        say(
+            f"cloud: Device Defender report {rep['reportId']} ACCEPTED ({len(json.dumps(rep['report']))} bytes, "
+            f"metrics {sorted(rep['report'].get('metrics', {}))})"
+        )
         verified.append("Device Defender report validated and accepted by the cloud")
 
         jobs = Jobs(cloud.registry.db, cloud.registry.lock)
@@ -137,12 +162,16 @@ def main(argv: list[str] | None = None) -> int:
         release = make_tar({"app.txt": b"app 1.1.0\n"}, "1.1.0")
         (work / "app-1.1.0.tar").write_bytes(release)
         sid = streams.create([work / "app-1.1.0.tar"], "app-1-1-0")
-        jobs.create("update-1-1-0", thing, signed_doc(signer, "app", "1.1.0", "app-1.1.0.tar", release,
-                                                      stream=(sid, 0)))
-        say("cloud: job update-1-1-0: release 1.1.0, its manifest (target, version, size, SHA-256) signed by the "
-            "vendor, delivered by MQTT file stream")
-        ex = wait_until("update 1.1.0", lambda: job_status(jobs, "update-1-1-0", thing, ("SUCCEEDED", "FAILED",
-                                                                                           "REJECTED")), 90)
+        jobs.create(
+            "update-1-1-0", thing, signed_doc(signer, "app", "1.1.0", "app-1.1.0.tar", release, stream=(sid, 0))
+        )
+        say(
+            "cloud: job update-1-1-0: release 1.1.0, its manifest (target, version, size, SHA-256) signed by the "
+            "vendor, delivered by MQTT file stream"
+        )
+        ex = wait_until(
+            "update 1.1.0", lambda: job_status(jobs, "update-1-1-0", thing, ("SUCCEEDED", "FAILED", "REJECTED")), 90
+        )
         current = (app_dir / "current").resolve().name if (app_dir / "current").exists() else None
         say(f"cloud: job update-1-1-0 {ex['status']} {ex.get('statusDetails')}; device app/current -> {current}")
         if ex["status"] != "SUCCEEDED" or current != "1.1.0":
@@ -154,31 +183,52 @@ def main(argv: list[str] | None = None) -> int:
         tampered[700] ^= 0x01  # one bit flipped after signing
         (work / "app-1.2.0.tar").write_bytes(bytes(tampered))
         sid = streams.create([work / "app-1.2.0.tar"], "app-1-2-0")
-        jobs.create("update-1-2-0", thing, signed_doc(signer, "app", "1.2.0", "app-1.2.0.tar", bytes(tampered),
-                                                      stream=(sid, 0), manifest=manifest))
+        jobs.create(
+            "update-1-2-0",
+            thing,
+            signed_doc(signer, "app", "1.2.0", "app-1.2.0.tar", bytes(tampered), stream=(sid, 0), manifest=manifest),
+        )
         say("cloud: job update-1-2-0: a release tampered with after signing")
-        ex = wait_until("the tampered update's refusal", lambda: job_status(
-            jobs, "update-1-2-0", thing, ("SUCCEEDED", "FAILED", "REJECTED")), 90)
+        ex = wait_until(
+            "the tampered update's refusal",
+            lambda: job_status(jobs, "update-1-2-0", thing, ("SUCCEEDED", "FAILED", "REJECTED")),
+            90,
+        )
         current = (app_dir / "current").resolve().name
-        say(f"cloud: job update-1-2-0 {ex['status']}: {ex.get('statusDetails', {}).get('reason')}; "
-            f"device app/current -> {current}")
+        say(
+            f"cloud: job update-1-2-0 {ex['status']}: {ex.get('statusDetails', {}).get('reason')}; "
+            f"device app/current -> {current}"
+        )
         if ex["status"] != "REJECTED" or current != "1.1.0":
             raise SystemExit("demo: the tampered update was not refused")
-        verified.append("tampered update REJECTED (its SHA-256 is not the signed manifest's); the running release "
-                        "untouched")
+        verified.append(
+            "tampered update REJECTED (its SHA-256 is not the signed manifest's); the running release untouched"
+        )
 
         jobs.create("rotate-1", thing, {"operation": "rotate-certificate"})
         say("cloud: job rotate-1: rotate the device certificate")
-        ex = wait_until("the certificate rotation", lambda: job_status(jobs, "rotate-1", thing,
-                                                                       ("SUCCEEDED", "FAILED", "REJECTED")), 120)
+        ex = wait_until(
+            "the certificate rotation",
+            lambda: job_status(jobs, "rotate-1", thing, ("SUCCEEDED", "FAILED", "REJECTED")),
+            120,
+        )
         certs = {c.id: c.status for c in cloud.registry.certificates() if c.thing == thing}
         active = [cid for cid, st in certs.items() if st == "ACTIVE"]
-        say(f"cloud: job rotate-1 {ex['status']}; certificates of {thing}: "
-            f"{ {cid[:12]: st for cid, st in certs.items()} }")
-        if ex["status"] != "SUCCEEDED" or len(active) != 1 or active[0] == first_cert or certs[first_cert] != "INACTIVE":
+        say(
+            f"cloud: job rotate-1 {ex['status']}; certificates of {thing}: "
+            f"{ {cid[:12]: st for cid, st in certs.items()} }"
+        )
+        if (
+            ex["status"] != "SUCCEEDED"
+            or len(active) != 1
+            or active[0] == first_cert
+            or certs[first_cert] != "INACTIVE"
+        ):
             raise SystemExit("demo: the certificate rotation did not leave exactly one new active certificate")
-        verified.append("certificate rotated: new key on the token, new certificate proven on a connection, "
-                        "old certificate INACTIVE")
+        verified.append(
+            "certificate rotated: new key on the token, new certificate proven on a connection, "
+            "old certificate INACTIVE"
+        )
         agent.terminate()
         if agent.wait(30) != 0:
             raise SystemExit("demo: the agent did not stop cleanly on SIGTERM")
@@ -206,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         conn.stop()
         conn = None
         status = run_agent_cli(dev.config_path, token, "status").stdout
-        say("iot-agent status:\n" + "\n".join("           " + l for l in status.splitlines()))
+        say("iot-agent status:\n" + "\n".join("           " + line for line in status.splitlines()))
     finally:
         if agent and agent.poll() is None:
             agent.kill()

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -114,14 +115,16 @@ class FleetProvisioning:
         cn = "dev-" + secrets.token_hex(12)
         cert = self.ca.sign_public_key(key.public_key(), cn, days=self.cert_days)
         ok, doc = self._pending(cert, cn)
-        doc["privateKey"] = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                              serialization.NoEncryption()).decode()
+        doc["privateKey"] = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        ).decode()
         return ok, doc
 
     def _pending(self, cert: x509.Certificate, cn: str) -> Result:
         der = cert.public_bytes(serialization.Encoding.DER)
-        rec = self.registry.add_certificate(der, pem(cert).decode(), cn, cert.serial_number, "device",
-                                            "PENDING_ACTIVATION", with_ownership_token=True)
+        rec = self.registry.add_certificate(
+            der, pem(cert).decode(), cn, cert.serial_number, "device", "PENDING_ACTIVATION", with_ownership_token=True
+        )
         self.on_change()  # a pending certificate must not connect: it goes on the CRL
         return True, {
             "certificateId": rec.id,
@@ -145,9 +148,14 @@ class FleetProvisioning:
         params = req.get("parameters", {})
         if not isinstance(token, str) or not token or len(token) > 2048:
             return reject(400, "InvalidPayload", "certificateOwnershipToken must be a non-empty string")
-        if not isinstance(params, dict) or len(params) > MAX_PARAMS or not all(
+        if (
+            not isinstance(params, dict)
+            or len(params) > MAX_PARAMS
+            or not all(
                 isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_PARAM_KEY and len(v) <= MAX_PARAM_VALUE
-                for k, v in params.items()):
+                for k, v in params.items()
+            )
+        ):
             return reject(400, "InvalidPayload", "parameters must map strings to strings")
         cert = self.registry.certificate_by_token(token)
         if cert is None:
@@ -157,7 +165,10 @@ class FleetProvisioning:
         if cert.status == "ACTIVE" and cert.thing:
             # A repeat of a RegisterThing that already succeeded (the device lost the answer): same
             # result, nothing new created.
-            return True, {"thingName": cert.thing, "deviceConfiguration": dict(self.template.get("DeviceConfiguration", {}))}
+            return True, {
+                "thingName": cert.thing,
+                "deviceConfiguration": dict(self.template.get("DeviceConfiguration", {})),
+            }
         try:
             thing, attributes = self._evaluate(params, cert.id)
         except ValueError as e:

@@ -47,7 +47,7 @@ def template_body(registration_config: dict | str) -> dict:
     """The template inside a JITP registration config; ValueError when the local cloud cannot run it."""
     doc = json.loads(registration_config) if isinstance(registration_config, str) else registration_config
     if not isinstance(doc, dict) or "templateBody" not in doc:
-        raise ValueError("a JITP template is {\"templateBody\": \"<template JSON>\", \"roleArn\": \"...\"}")
+        raise ValueError('a JITP template is {"templateBody": "<template JSON>", "roleArn": "..."}')
     body = doc["templateBody"]
     if isinstance(body, str):
         try:
@@ -64,8 +64,11 @@ def template_body(registration_config: dict | str) -> dict:
     for name, spec in params.items():
         if not name.startswith("AWS::IoT::Certificate::") and not (isinstance(spec, dict) and "Default" in spec):
             raise ValueError(f"parameter {name} needs a Default: a device sends no parameters with JITP")
-        if name.startswith("AWS::IoT::Certificate::") and name not in _NAME_PARAMS \
-                and name not in ("AWS::IoT::Certificate::Id", "AWS::IoT::Certificate::SerialNumber"):
+        if (
+            name.startswith("AWS::IoT::Certificate::")
+            and name not in _NAME_PARAMS
+            and name not in ("AWS::IoT::Certificate::Id", "AWS::IoT::Certificate::SerialNumber")
+        ):
             raise ValueError(f"unknown certificate parameter {name}")
     certs = fleet.resources(body, "AWS::IoT::Certificate")
     if len(certs) != 1:
@@ -73,15 +76,18 @@ def template_body(registration_config: dict | str) -> dict:
     for pol in fleet.resources(body, "AWS::IoT::Policy"):
         props = pol.get("Properties", {})
         if props.get("PolicyName") != DEVICE_POLICY:
-            raise ValueError(f"the local cloud attaches only the device policy: use \"PolicyName\": \"{DEVICE_POLICY}\"")
+            raise ValueError(f'the local cloud attaches only the device policy: use "PolicyName": "{DEVICE_POLICY}"')
     if not fleet.resources(body, "AWS::IoT::Policy"):
-        raise ValueError(f"templateBody attaches no policy (expected \"PolicyName\": \"{DEVICE_POLICY}\")")
+        raise ValueError(f'templateBody attaches no policy (expected "PolicyName": "{DEVICE_POLICY}")')
     return body
 
 
 def certificate_parameters(cert: x509.Certificate, cert_id: str) -> dict[str, str]:
     """AWS::IoT::Certificate::* values of one device certificate (those its subject has)."""
-    values = {"AWS::IoT::Certificate::Id": cert_id, "AWS::IoT::Certificate::SerialNumber": format(cert.serial_number, "x")}
+    values = {
+        "AWS::IoT::Certificate::Id": cert_id,
+        "AWS::IoT::Certificate::SerialNumber": format(cert.serial_number, "x"),
+    }
     for param, oid in _NAME_PARAMS.items():
         attrs = cert.subject.get_attributes_for_oid(oid)
         if attrs:
@@ -150,12 +156,18 @@ class JustInTimeProvisioning:
         ca = self.issuer(cert)
         if ca is None:
             return f"certificate {cid[:16]}: its issuer is not a registered CA; not registered"
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             return f"certificate {cid[:16]} is not valid now; not registered"
         try:
-            self.registry.add_certificate(der, cert.public_bytes(serialization.Encoding.PEM).decode(), username_for(cid),
-                                          cert.serial_number, "device", "PENDING_ACTIVATION")
+            self.registry.add_certificate(
+                der,
+                cert.public_bytes(serialization.Encoding.PEM).decode(),
+                username_for(cid),
+                cert.serial_number,
+                "device",
+                "PENDING_ACTIVATION",
+            )
         except sqlite3.IntegrityError:
             return f"certificate {cid[:16]} already registered"
         try:

@@ -12,8 +12,9 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 TERMINAL = {"SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT", "REMOVED", "CANCELED"}
 DEVICE_STATUSES = {"IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED"}
@@ -44,7 +45,7 @@ class RawDocument(str):
 
     body: bytes
 
-    def __new__(cls, body: bytes) -> "RawDocument":
+    def __new__(cls, body: bytes) -> RawDocument:
         self = super().__new__(cls, body.decode("utf-8", "replace"))
         self.body = bytes(body)
         return self
@@ -85,7 +86,7 @@ class Jobs:
     lock: threading.RLock
     now: Callable[[], float] = time.time
     # Applied to documents as they are delivered (presigned-URL placeholders -> short-lived URLs).
-    resolve_document: Callable[[Any], Any] = lambda d: d  # noqa: E731 - an instance attribute, never bound
+    resolve_document: Callable[[Any], Any] = lambda d: d
 
     def __post_init__(self) -> None:
         with self.lock:
@@ -100,11 +101,15 @@ class Jobs:
         t = int(self.now())
         with self.lock:
             try:
-                self.db.execute("INSERT INTO jobs VALUES (?,?,?,?)", (job_id, json.dumps(document), step_timeout_min, self.now()))
+                self.db.execute(
+                    "INSERT INTO jobs VALUES (?,?,?,?)", (job_id, json.dumps(document), step_timeout_min, self.now())
+                )
             except sqlite3.IntegrityError:
-                raise ValueError(f"job {job_id!r} already exists")
-            self.db.execute("INSERT INTO executions VALUES (?,?,?,?,?,?,?,?,?,?)",
-                            (job_id, thing, "QUEUED", "{}", t, None, t, 1, 1, None))
+                raise ValueError(f"job {job_id!r} already exists") from None
+            self.db.execute(
+                "INSERT INTO executions VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (job_id, thing, "QUEUED", "{}", t, None, t, 1, 1, None),
+            )
             self._flag(thing)
 
     def create_raw(self, job_id: str, thing: str, body: bytes, step_timeout_min: int | None = None) -> None:
@@ -123,8 +128,9 @@ class Jobs:
                 raise
             self.db.execute("RELEASE create_raw")
 
-    def create_for_things(self, job_id: str, things: list[str], document: dict,
-                          step_timeout_min: int | None = None) -> None:
+    def create_for_things(
+        self, job_id: str, things: list[str], document: dict, step_timeout_min: int | None = None
+    ) -> None:
         """One job, one execution per thing (AWS's job with several targets), in one transaction."""
         things = list(dict.fromkeys(things))
         if not things:
@@ -135,8 +141,10 @@ class Jobs:
                 self.create(job_id, things[0], document, step_timeout_min)
                 t = int(self.now())
                 for thing in things[1:]:
-                    self.db.execute("INSERT INTO executions VALUES (?,?,?,?,?,?,?,?,?,?)",
-                                    (job_id, thing, "QUEUED", "{}", t, None, t, 1, 1, None))
+                    self.db.execute(
+                        "INSERT INTO executions VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (job_id, thing, "QUEUED", "{}", t, None, t, 1, 1, None),
+                    )
                     self._flag(thing)
             except BaseException:
                 self.db.execute("ROLLBACK TO create_for_things")
@@ -173,10 +181,16 @@ class Jobs:
             if not isinstance(req, dict):  # valid JSON, not an object: AWS's InvalidJson is for unreadable JSON
                 raise JobError("InvalidRequest", "request must be a JSON object")
             if token is not None and (not isinstance(token, str) or len(token) > MAX_CLIENT_TOKEN):
-                raise JobError("InvalidRequest", f"clientToken must be a string of at most {MAX_CLIENT_TOKEN} characters")
+                raise JobError(
+                    "InvalidRequest", f"clientToken must be a string of at most {MAX_CLIENT_TOKEN} characters"
+                )
             with self.lock:
-                doc = {"get": self._get, "start-next": self._start_next, "describe": self._describe,
-                       "update": self._update}[op](thing, job_id, req)
+                doc = {
+                    "get": self._get,
+                    "start-next": self._start_next,
+                    "describe": self._describe,
+                    "update": self._update,
+                }[op](thing, job_id, req)
             return "accepted", {**doc, **base}
         except JobError as e:
             out = {"code": e.code, "message": e.message, **base}
@@ -197,8 +211,10 @@ class Jobs:
     def _get(self, thing: str, _job: str | None, req: dict) -> dict:
         self._fields(req, set())
         rows = self._pending(thing)
-        return {"inProgressJobs": [self._summary(r) for r in rows if r["status"] == "IN_PROGRESS"],
-                "queuedJobs": [self._summary(r) for r in rows if r["status"] == "QUEUED"]}
+        return {
+            "inProgressJobs": [self._summary(r) for r in rows if r["status"] == "IN_PROGRESS"],
+            "queuedJobs": [self._summary(r) for r in rows if r["status"] == "QUEUED"],
+        }
 
     def _start_next(self, thing: str, _job: str | None, req: dict) -> dict:
         self._fields(req, {"statusDetails", "stepTimeoutInMinutes"})
@@ -232,8 +248,18 @@ class Jobs:
         return {"execution": ex}
 
     def _update(self, thing: str, job_id: str | None, req: dict) -> dict:
-        self._fields(req, {"status", "statusDetails", "expectedVersion", "executionNumber", "includeJobExecutionState",
-                           "includeJobDocument", "stepTimeoutInMinutes"})
+        self._fields(
+            req,
+            {
+                "status",
+                "statusDetails",
+                "expectedVersion",
+                "executionNumber",
+                "includeJobExecutionState",
+                "includeJobDocument",
+                "stepTimeoutInMinutes",
+            },
+        )
         status = req.get("status")
         if not isinstance(status, str) or status not in DEVICE_STATUSES:
             raise JobError("InvalidRequest", f"status must be one of {', '.join(sorted(DEVICE_STATUSES))}")
@@ -255,16 +281,27 @@ class Jobs:
         if req.get("executionNumber") is not None and req["executionNumber"] != ex["executionNumber"]:
             raise JobError("ResourceNotFound", f"job execution {job_id} number {req['executionNumber']} not found")
         if req.get("expectedVersion") is not None and req["expectedVersion"] != ex["versionNumber"]:
-            raise JobError("VersionMismatch", f"expected version {req['expectedVersion']}, current {ex['versionNumber']}", state)
+            raise JobError(
+                "VersionMismatch", f"expected version {req['expectedVersion']}, current {ex['versionNumber']}", state
+            )
         if ex["status"] in TERMINAL:  # an update the current state does not allow
             raise JobError("InvalidStateTransition", f"job execution is already {ex['status']}", state)
-        self._set(job_id, thing, status=status, details=details if details is not None else None,
-                  start=ex["status"] == "QUEUED", step_timeout=timeout)
+        self._set(
+            job_id,
+            thing,
+            status=status,
+            details=details if details is not None else None,
+            start=ex["status"] == "QUEUED",
+            step_timeout=timeout,
+        )
         after = self.execution(job_id, thing, with_document=True)
         out: dict[str, Any] = {}
         if req.get("includeJobExecutionState"):
-            out["executionState"] = {"status": after["status"], "statusDetails": after["statusDetails"],
-                                     "versionNumber": after["versionNumber"]}
+            out["executionState"] = {
+                "status": after["status"],
+                "statusDetails": after["statusDetails"],
+                "versionNumber": after["versionNumber"],
+            }
         if req.get("includeJobDocument"):
             out["jobDocument"] = after["jobDocument"]
         return out
@@ -273,9 +310,14 @@ class Jobs:
     def _details(self, d: Any) -> dict[str, str] | None:
         if d is None:
             return None
-        if not isinstance(d, dict) or len(d) > MAX_STATUS_DETAILS or not all(
+        if (
+            not isinstance(d, dict)
+            or len(d) > MAX_STATUS_DETAILS
+            or not all(
                 isinstance(k, str) and isinstance(v, str) and 0 < len(k) <= 128 and len(v) <= MAX_DETAIL_LEN
-                for k, v in d.items()):
+                for k, v in d.items()
+            )
+        ):
             raise JobError("InvalidRequest", f"statusDetails must map up to {MAX_STATUS_DETAILS} names to strings")
         return d
 
@@ -290,7 +332,9 @@ class Jobs:
     def _pending(self, thing: str) -> list[dict]:
         rows = self.db.execute(
             "SELECT job_id FROM executions WHERE thing = ? AND status IN ('QUEUED','IN_PROGRESS') "
-            "ORDER BY queued_at, rowid", (thing,)).fetchall()
+            "ORDER BY queued_at, rowid",
+            (thing,),
+        ).fetchall()
         return [self.execution(j, thing) for (j,) in rows]
 
     def execution(self, job_id: str | None, thing: str, with_document: bool = True) -> dict | None:
@@ -298,11 +342,21 @@ class Jobs:
             row = self.db.execute(
                 "SELECT e.status, e.status_details, e.queued_at, e.started_at, e.last_updated_at, e.version, "
                 "e.execution_number, j.document FROM executions e JOIN jobs j USING (job_id) "
-                "WHERE e.job_id = ? AND e.thing = ?", (job_id, thing)).fetchone()
+                "WHERE e.job_id = ? AND e.thing = ?",
+                (job_id, thing),
+            ).fetchone()
         if row is None:
             return None
-        out = {"jobId": job_id, "thingName": thing, "status": row[0], "statusDetails": json.loads(row[1]),
-               "queuedAt": row[2], "lastUpdatedAt": row[4], "versionNumber": row[5], "executionNumber": row[6]}
+        out = {
+            "jobId": job_id,
+            "thingName": thing,
+            "status": row[0],
+            "statusDetails": json.loads(row[1]),
+            "queuedAt": row[2],
+            "lastUpdatedAt": row[4],
+            "versionNumber": row[5],
+            "executionNumber": row[6],
+        }
         if row[3] is not None:
             out["startedAt"] = row[3]
         if with_document:
@@ -314,11 +368,20 @@ class Jobs:
         keys = ("jobId", "queuedAt", "startedAt", "lastUpdatedAt", "versionNumber", "executionNumber")
         return {k: ex[k] for k in keys if k in ex}
 
-    def _set(self, job_id: str, thing: str, status: str, details: dict | None = None, start: bool = False,
-             step_timeout: int | None = None) -> None:
+    def _set(
+        self,
+        job_id: str,
+        thing: str,
+        status: str,
+        details: dict | None = None,
+        start: bool = False,
+        step_timeout: int | None = None,
+    ) -> None:
         t = self.now()
-        cur = self.db.execute("SELECT status_details, started_at, step_deadline FROM executions WHERE job_id = ? AND thing = ?",
-                              (job_id, thing)).fetchone()
+        cur = self.db.execute(
+            "SELECT status_details, started_at, step_deadline FROM executions WHERE job_id = ? AND thing = ?",
+            (job_id, thing),
+        ).fetchone()
         merged = {**json.loads(cur[0]), **(details or {})}
         started = int(t) if start and cur[1] is None else cur[1]
         deadline = cur[2]
@@ -333,7 +396,8 @@ class Jobs:
         self.db.execute(
             "UPDATE executions SET status = ?, status_details = ?, started_at = ?, last_updated_at = ?, "
             "version = version + 1, step_deadline = ? WHERE job_id = ? AND thing = ?",
-            (status, json.dumps(merged), started, int(t), deadline, job_id, thing))
+            (status, json.dumps(merged), started, int(t), deadline, job_id, thing),
+        )
         self._flag(thing)
 
     def _flag(self, thing: str) -> None:
@@ -343,8 +407,11 @@ class Jobs:
     def expire_steps(self) -> list[tuple[str, str]]:
         """Executions whose step timer ran out become TIMED_OUT; returns them."""
         with self.lock:
-            rows = self.db.execute("SELECT job_id, thing FROM executions WHERE status = 'IN_PROGRESS' AND "
-                                   "step_deadline IS NOT NULL AND step_deadline <= ?", (self.now(),)).fetchall()
+            rows = self.db.execute(
+                "SELECT job_id, thing FROM executions WHERE status = 'IN_PROGRESS' AND "
+                "step_deadline IS NOT NULL AND step_deadline <= ?",
+                (self.now(),),
+            ).fetchall()
             for job_id, thing in rows:
                 self._set(job_id, thing, status="TIMED_OUT")
         return rows

@@ -10,6 +10,7 @@ or claiming to be unsynchronised; it is how the clock gate is shown to hold and 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -39,21 +40,24 @@ class Chrony:
     def server(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> "Chrony":
+    def start(self, timeout: float = 10.0) -> Chrony:
         self.directory.mkdir(parents=True, exist_ok=True)
         if not self.port:
             self.port = procs.free_port(socket.SOCK_DGRAM)
         conf = self.directory / "chrony.conf"
         conf.write_text(
-            "\n".join([
-                f"port {self.port}",
-                "bindaddress 127.0.0.1",
-                "allow 127.0.0.1",
-                "local stratum 8",
-                "cmdport 0",
-                f"pidfile {self.directory / 'chronyd.pid'}",
-                f"driftfile {self.directory / 'drift'}",
-            ]) + "\n"
+            "\n".join(
+                [
+                    f"port {self.port}",
+                    "bindaddress 127.0.0.1",
+                    "allow 127.0.0.1",
+                    "local stratum 8",
+                    "cmdport 0",
+                    f"pidfile {self.directory / 'chronyd.pid'}",
+                    f"driftfile {self.directory / 'drift'}",
+                ]
+            )
+            + "\n"
         )
         argv = [procs.find_binary("chronyd"), "-x", "-d", "-f", str(conf)]
         if os.geteuid() == 0:
@@ -108,8 +112,9 @@ class NtpResponder:
     def server(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def set(self, mode: str | None = None, skew_s: float | None = None, stratum: int | None = None,
-            leap: int | None = None) -> None:
+    def set(
+        self, mode: str | None = None, skew_s: float | None = None, stratum: int | None = None, leap: int | None = None
+    ) -> None:
         if mode is not None:
             self.mode = mode
         if skew_s is not None:
@@ -123,7 +128,7 @@ class NtpResponder:
         while not self._stop.is_set():
             try:
                 data, addr = self.sock.recvfrom(512)
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             self.requests += 1
             if self.mode == "silent" or len(data) < 48:
@@ -137,10 +142,8 @@ class NtpResponder:
             pkt += data[40:48]  # origin = the client's transmit timestamp
             pkt += _ntp_ts(now)  # receive
             pkt += _ntp_ts(now)  # transmit
-            try:
+            with contextlib.suppress(OSError):
                 self.sock.sendto(pkt, addr)
-            except OSError:
-                pass
 
     def close(self) -> None:
         self._stop.set()

@@ -13,24 +13,31 @@ from .broker import OBSERVER, Broker
 class Observer:
     broker: Broker
     client_id: str = OBSERVER
-    messages: "queue.Queue[tuple[str, bytes]]" = field(default_factory=queue.Queue)
+    messages: queue.Queue[tuple[str, bytes]] = field(default_factory=queue.Queue)
     _client: object = None
     _connected: threading.Event = field(default_factory=threading.Event)
     _stopped: threading.Event = field(default_factory=threading.Event)
 
-    def start(self, topics: list[str], timeout: float = 10.0) -> "Observer":
+    def start(self, topics: list[str], timeout: float = 10.0) -> Observer:
         import awscrt.mqtt5 as m5
         from awsiot import mqtt5_client_builder
 
         issued = self.broker.ca.issue_client(f"client-{self.client_id}", OBSERVER)
         self._client = mqtt5_client_builder.mtls_from_path(
-            endpoint="localhost", port=self.broker.port, cert_filepath=str(issued.cert_path),
-            pri_key_filepath=str(issued.key_path), ca_filepath=str(self.broker.ca.cert_path),
-            client_id=self.client_id, enable_metrics_collection=False,
-            on_publish_received=lambda d: self.messages.put((d.publish_packet.topic, bytes(d.publish_packet.payload or b""))),
+            endpoint="localhost",
+            port=self.broker.port,
+            cert_filepath=str(issued.cert_path),
+            pri_key_filepath=str(issued.key_path),
+            ca_filepath=str(self.broker.ca.cert_path),
+            client_id=self.client_id,
+            enable_metrics_collection=False,
+            on_publish_received=lambda d: self.messages.put(
+                (d.publish_packet.topic, bytes(d.publish_packet.payload or b""))
+            ),
             on_lifecycle_connection_success=lambda d: self._connected.set(),
             on_lifecycle_stopped=lambda d: self._stopped.set(),
-            min_reconnect_delay_ms=100, max_reconnect_delay_ms=1000,
+            min_reconnect_delay_ms=100,
+            max_reconnect_delay_ms=1000,
         )
         self._client.start()
         if not self._connected.wait(timeout):

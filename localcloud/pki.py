@@ -19,7 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -72,18 +72,27 @@ class CertificateAuthority:
             .not_valid_before(now - dt.timedelta(hours=1))
             .not_valid_after(now + dt.timedelta(days=3650))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-            )
+            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False)
             .sign(self.key, hashes.SHA256())
         )
-        _write_private(self.key_path, self.key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        _write_private(
+            self.key_path,
+            self.key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+        )
         self.cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def _sign(self, subject_cn: str, public_key, *, server_names: list[str] | None = None,
-              days: float = 365, not_before: dt.datetime | None = None) -> x509.Certificate:
+    def _sign(
+        self,
+        subject_cn: str,
+        public_key,
+        *,
+        server_names: list[str] | None = None,
+        days: float = 365,
+        not_before: dt.datetime | None = None,
+    ) -> x509.Certificate:
         start = not_before or (_now() - dt.timedelta(minutes=5))
         b = (
             x509.CertificateBuilder()
@@ -109,8 +118,9 @@ class CertificateAuthority:
             b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         return b.sign(self.key, hashes.SHA256())
 
-    def issue_server(self, name: str, hosts: list[str], *, days: float = 365,
-                     not_before: dt.datetime | None = None) -> Issued:
+    def issue_server(
+        self, name: str, hosts: list[str], *, days: float = 365, not_before: dt.datetime | None = None
+    ) -> Issued:
         key = ec.generate_private_key(ec.SECP256R1())
         cert = self._sign(hosts[0], key.public_key(), server_names=hosts, days=days, not_before=not_before)
         return self._store(name, cert, key)
@@ -142,22 +152,34 @@ class CertificateAuthority:
         """
         now = _now()
         last = self.cert.not_valid_before_utc - dt.timedelta(days=30) + dt.timedelta(seconds=number)
-        b = (x509.CertificateRevocationListBuilder().issuer_name(self.cert.subject)
-             .last_update(min(last, now)).next_update(now + dt.timedelta(days=7))
-             .add_extension(x509.CRLNumber(number), critical=False))
+        b = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.cert.subject)
+            .last_update(min(last, now))
+            .next_update(now + dt.timedelta(days=7))
+            .add_extension(x509.CRLNumber(number), critical=False)
+        )
         for serial, status in revoked:
             reason = x509.ReasonFlags.key_compromise if status == "REVOKED" else x509.ReasonFlags.certificate_hold
             b = b.add_revoked_certificate(
-                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now)
-                .add_extension(x509.CRLReason(reason), critical=False).build())
+                x509.RevokedCertificateBuilder()
+                .serial_number(serial)
+                .revocation_date(now)
+                .add_extension(x509.CRLReason(reason), critical=False)
+                .build()
+            )
         return b.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
     def _store(self, name: str, cert: x509.Certificate, key) -> Issued:
         cert_path = self.dir / f"{name}.pem"
         key_path = self.dir / f"{name}.key"
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        _write_private(key_path, key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        _write_private(
+            key_path,
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+        )
         return Issued(cert_path, key_path, cert)
 
 

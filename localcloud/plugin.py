@@ -28,7 +28,24 @@ def build(out_dir: Path | None = None) -> Path:
         # The plugin reads client certificates (just-in-time provisioning): OpenSSL's headers and libcrypto.so.
         raise FileNotFoundError("/usr/include/openssl/x509.h missing; run scripts/sysdeps.sh (package libssl-dev)")
     tmp = so.with_suffix(".so.tmp")
-    subprocess.run([cc, "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-I", str(include), "-o", str(tmp), str(SOURCE),
-                    "-lcrypto"], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            cc,
+            "-shared",
+            "-fPIC",
+            "-O2",
+            "-Wall",
+            "-Werror",
+            "-I",
+            str(include),
+            "-o",
+            str(tmp),
+            str(SOURCE),
+            "-lcrypto",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     tmp.replace(so)
     return so

@@ -56,7 +56,9 @@ def _to_filter(resource_topic: str) -> str:
     return resource_topic
 
 
-def acl_lines(user: str, policy_rules: list[TopicRule], thing_name: str | None, client_id: str | None = None) -> list[str]:
+def acl_lines(
+    user: str, policy_rules: list[TopicRule], thing_name: str | None, client_id: str | None = None
+) -> list[str]:
     """A `user` section of a mosquitto ACL file for one certificate identity."""
     lines = [f"user {user}"]
     seen = set()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
 import signal
 import socket
-import threading
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,9 @@ def find_binary(name: str) -> str:
     found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
     if found:
         return found
-    raise FileNotFoundError(f"{name} not found; run scripts/sysdeps.sh (make test does) to install the bench's packages")
+    raise FileNotFoundError(
+        f"{name} not found; run scripts/sysdeps.sh (make test does) to install the bench's packages"
+    )
 
 
 _handed_out: dict[int, float] = {}
@@ -124,20 +127,16 @@ class Child:
 
     def stop(self, timeout: float = 5.0) -> None:
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout)
         for pid in self.extra_pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def log_text(self) -> str:
         if self.log_path and self.log_path.exists():
@@ -145,13 +144,18 @@ class Child:
         return ""
 
 
-def start(name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> Child:
+def start(
+    name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> Child:
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    out = open(log_path, "ab")
-    try:
+    with open(log_path, "ab") as out:  # the child keeps its own descriptor
         proc = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
         )
-    finally:
-        out.close()
     return Child(name, proc, log_path)

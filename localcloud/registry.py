@@ -137,8 +137,9 @@ class Registry:
             self._db.close()
 
     # -- certificates -------------------------------------------------------------------
-    def add_certificate(self, der: bytes, pem: str, cn: str, serial: int, kind: str, status: str,
-                        with_ownership_token: bool = False) -> Certificate:
+    def add_certificate(
+        self, der: bytes, pem: str, cn: str, serial: int, kind: str, status: str, with_ownership_token: bool = False
+    ) -> Certificate:
         assert status in STATES and kind in ("device", "claim")
         now = time.time()
         token = secrets.token_urlsafe(48) if with_ownership_token else None
@@ -155,7 +156,9 @@ class Registry:
         with self._lock:
             row = self._db.execute(
                 "SELECT id, cn, serial, pem, status, kind, thing, ownership_token, token_expires, created "
-                "FROM certificates WHERE id = ?", (cid,)).fetchone()
+                "FROM certificates WHERE id = ?",
+                (cid,),
+            ).fetchone()
         return Certificate(*row) if row else None
 
     def certificate_by_cn(self, cn: str) -> Certificate | None:
@@ -191,16 +194,20 @@ class Registry:
         The ownership token stays valid until it expires, so a device whose answer was lost can ask
         again and be told the same thing name (see FleetProvisioning.register_thing)."""
         with self._lock:
-            self._db.execute("UPDATE certificates SET status = 'ACTIVE', thing = ?, updated = ? WHERE id = ?",
-                             (thing, time.time(), cid))
+            self._db.execute(
+                "UPDATE certificates SET status = 'ACTIVE', thing = ?, updated = ? WHERE id = ?",
+                (thing, time.time(), cid),
+            )
 
     def attach(self, cid: str, thing: str, status: str) -> None:
         """Attach to a thing and set the status in one step (a JITP template's certificate resource)."""
         if status not in STATES:
             raise ValueError(f"unknown certificate status {status!r}")
         with self._lock:
-            self._db.execute("UPDATE certificates SET status = ?, thing = ?, updated = ? WHERE id = ?",
-                             (status, thing, time.time(), cid))
+            self._db.execute(
+                "UPDATE certificates SET status = ?, thing = ?, updated = ? WHERE id = ?",
+                (status, thing, time.time(), cid),
+            )
 
     # -- CA certificates (just-in-time provisioning) --------------------------------------
     def put_ca_certificate(self, cid: str, subject: str, pem: str, registration_config: str) -> CaCertificate:
@@ -209,19 +216,23 @@ class Registry:
             self._db.execute(
                 "INSERT INTO ca_certificates VALUES (?,?,?,'ACTIVE',?,?) ON CONFLICT(id) DO UPDATE "
                 "SET registration_config = excluded.registration_config",
-                (cid, subject, pem, registration_config, time.time()))
+                (cid, subject, pem, registration_config, time.time()),
+            )
         return self.ca_certificate(cid)
 
     def ca_certificate(self, cid: str) -> CaCertificate | None:
         with self._lock:
-            row = self._db.execute("SELECT id, subject, pem, status, registration_config, created "
-                                   "FROM ca_certificates WHERE id = ?", (cid,)).fetchone()
+            row = self._db.execute(
+                "SELECT id, subject, pem, status, registration_config, created FROM ca_certificates WHERE id = ?",
+                (cid,),
+            ).fetchone()
         return CaCertificate(*row) if row else None
 
     def ca_certificates(self) -> list[CaCertificate]:
         with self._lock:
-            rows = self._db.execute("SELECT id, subject, pem, status, registration_config, created "
-                                    "FROM ca_certificates ORDER BY created").fetchall()
+            rows = self._db.execute(
+                "SELECT id, subject, pem, status, registration_config, created FROM ca_certificates ORDER BY created"
+            ).fetchall()
         return [CaCertificate(*r) for r in rows]
 
     # -- thing groups ------------------------------------------------------------------------
@@ -232,11 +243,15 @@ class Registry:
 
     def remove_from_group(self, group: str, thing: str) -> bool:
         with self._lock:
-            return self._db.execute("DELETE FROM thing_groups WHERE name = ? AND thing = ?", (group, thing)).rowcount == 1
+            return (
+                self._db.execute("DELETE FROM thing_groups WHERE name = ? AND thing = ?", (group, thing)).rowcount == 1
+            )
 
     def group_things(self, group: str) -> list[str]:
         with self._lock:
-            return [r[0] for r in self._db.execute("SELECT thing FROM thing_groups WHERE name = ? ORDER BY thing", (group,))]
+            return [
+                r[0] for r in self._db.execute("SELECT thing FROM thing_groups WHERE name = ? ORDER BY thing", (group,))
+            ]
 
     # -- things --------------------------------------------------------------------------
     def upsert_thing(self, name: str, attributes: dict[str, str]) -> bool:
@@ -256,7 +271,9 @@ class Registry:
 
     def things(self) -> list[tuple[str, dict]]:
         with self._lock:
-            return [(n, json.loads(a)) for n, a in self._db.execute("SELECT name, attributes FROM things ORDER BY name")]
+            return [
+                (n, json.loads(a)) for n, a in self._db.execute("SELECT name, attributes FROM things ORDER BY name")
+            ]
 
     def thing_certificates(self, thing: str) -> list[Certificate]:
         return [c for c in self.certificates() if c.thing == thing]
@@ -264,8 +281,10 @@ class Registry:
     def next_crl_number(self) -> int:
         with self._lock:
             # One statement: atomic across the CLI and the service process.
-            return self._db.execute("INSERT INTO counters VALUES ('crl', 1) ON CONFLICT(name) DO UPDATE "
-                                    "SET value = value + 1 RETURNING value").fetchone()[0]
+            return self._db.execute(
+                "INSERT INTO counters VALUES ('crl', 1) ON CONFLICT(name) DO UPDATE "
+                "SET value = value + 1 RETURNING value"
+            ).fetchone()[0]
 
     # -- pre-provisioning allow list -----------------------------------------------------
     def allow_serials(self, serials: list[str]) -> None:

@@ -19,17 +19,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cloud import ROTATION_TEMPLATE, SERVICE_CN, TEMPLATE_NAME, LocalCloud
-from .fleet import FleetProvisioning, reject
 from .artifacts import Artifacts
+from .cloud import ROTATION_TEMPLATE, SERVICE_CN, TEMPLATE_NAME, LocalCloud
 from .defender import DefenderStore
+from .fleet import FleetProvisioning, reject
 from .jobs import Jobs
-from .streams import Streams, encode_block_payload
-from .streams import route as streams_route
 from .jobs import encode as jobs_encode
 from .jobs import route as jobs_route
 from .shadows import Shadows
 from .shadows import route as shadows_route
+from .streams import Streams, encode_block_payload
+from .streams import route as streams_route
 
 log = logging.getLogger("localcloud.service")
 
@@ -61,20 +61,34 @@ class Service:
 
         self.claim_rules = policy.rules(policy.load_policy("claim-policy.json"))
         self._permits = policy.permits
-        template = json.loads((Path(__file__).resolve().parent.parent / "provisioning" / "fleet-template.json").read_text())
+        template = json.loads(
+            (Path(__file__).resolve().parent.parent / "provisioning" / "fleet-template.json").read_text()
+        )
         settings = cloud.settings()
         days = float(settings["device_cert_days"])
-        self.fleet = FleetProvisioning(cloud.registry, cloud.ca, TEMPLATE_NAME, template, on_change=cloud.reconcile,
-                                       cert_days=days)
-        rotation = json.loads((Path(__file__).resolve().parent.parent / "provisioning" / "rotation-template.json").read_text())
-        self.rotation = FleetProvisioning(cloud.registry, cloud.ca, ROTATION_TEMPLATE, rotation, on_change=cloud.reconcile,
-                                          allow_list_enabled=False, caller_kind="device", cert_days=days,
-                                          refused=bool(settings["rotation_refused"]),
-                                          leave_inactive=bool(settings["rotation_new_inactive"]))
+        self.fleet = FleetProvisioning(
+            cloud.registry, cloud.ca, TEMPLATE_NAME, template, on_change=cloud.reconcile, cert_days=days
+        )
+        rotation = json.loads(
+            (Path(__file__).resolve().parent.parent / "provisioning" / "rotation-template.json").read_text()
+        )
+        self.rotation = FleetProvisioning(
+            cloud.registry,
+            cloud.ca,
+            ROTATION_TEMPLATE,
+            rotation,
+            on_change=cloud.reconcile,
+            allow_list_enabled=False,
+            caller_kind="device",
+            cert_days=days,
+            refused=bool(settings["rotation_refused"]),
+            leave_inactive=bool(settings["rotation_new_inactive"]),
+        )
         self.artifacts = Artifacts.open(cloud.directory)
         self.jobs = Jobs(cloud.registry.db, cloud.registry.lock, resolve_document=self.artifacts.resolve)
-        self.defender = DefenderStore(cloud.registry.db, cloud.registry.lock,
-                                      float(cloud.settings()["defender_min_interval_s"]))
+        self.defender = DefenderStore(
+            cloud.registry.db, cloud.registry.lock, float(cloud.settings()["defender_min_interval_s"])
+        )
         self.streams = Streams(cloud.registry.db, cloud.registry.lock, cloud.directory / "streams")
         self.shadows = Shadows(cloud.registry.db, cloud.registry.lock)
         self._last_next: dict[str, str | None] = {}  # thing -> job id last sent on notify-next
@@ -90,10 +104,16 @@ class Service:
 
         pki = self.cloud.directory / "pki"
         self.client = mqtt5_client_builder.mtls_from_path(
-            endpoint="localhost", port=self.port, cert_filepath=str(pki / "service.pem"),
-            pri_key_filepath=str(pki / "service.key"), ca_filepath=str(self.cloud.ca.cert_path),
-            client_id=SERVICE_CN, enable_metrics_collection=False, min_reconnect_delay_ms=100,
-            max_reconnect_delay_ms=2000, on_publish_received=self._on_publish,
+            endpoint="localhost",
+            port=self.port,
+            cert_filepath=str(pki / "service.pem"),
+            pri_key_filepath=str(pki / "service.key"),
+            ca_filepath=str(self.cloud.ca.cert_path),
+            client_id=SERVICE_CN,
+            enable_metrics_collection=False,
+            min_reconnect_delay_ms=100,
+            max_reconnect_delay_ms=2000,
+            on_publish_received=self._on_publish,
             on_lifecycle_connection_success=self._on_connected,
             on_lifecycle_stopped=lambda d: self.stopped.set(),
         )
@@ -104,12 +124,22 @@ class Service:
 
         # no_local: the service's own replies on these topics must not come back to it.
         # Never block the CRT's event-loop thread: readiness is signalled when the SUBACK arrives.
-        fut = self.client.subscribe(m5.SubscribePacket([
-            m5.Subscription(t, m5.QoS.AT_LEAST_ONCE, no_local=True)
-            for t in ("$aws/things/+/jobs/#", "$aws/things/+/defender/metrics/+",
-                      "$aws/things/+/streams/+/describe/+", "$aws/things/+/streams/+/get/+",
-                      "dt/+/certificate-rotation/+",
-                      "$aws/things/+/shadow/+", "$aws/things/+/shadow/name/+/+")]))
+        fut = self.client.subscribe(
+            m5.SubscribePacket(
+                [
+                    m5.Subscription(t, m5.QoS.AT_LEAST_ONCE, no_local=True)
+                    for t in (
+                        "$aws/things/+/jobs/#",
+                        "$aws/things/+/defender/metrics/+",
+                        "$aws/things/+/streams/+/describe/+",
+                        "$aws/things/+/streams/+/get/+",
+                        "dt/+/certificate-rotation/+",
+                        "$aws/things/+/shadow/+",
+                        "$aws/things/+/shadow/name/+/+",
+                    )
+                ]
+            )
+        )
         fut.add_done_callback(lambda f: self.connected.set() if not f.exception() else log.error("subscribe failed"))
 
     def stop(self) -> None:
@@ -131,8 +161,11 @@ class Service:
             from .jitp import JustInTimeProvisioning
 
             with self._work:
-                log.info("jitp (client %s): %s", client_id,
-                         JustInTimeProvisioning(self.cloud.registry, self.cloud.reconcile).register(payload))
+                log.info(
+                    "jitp (client %s): %s",
+                    client_id,
+                    JustInTimeProvisioning(self.cloud.registry, self.cloud.reconcile).register(payload),
+                )
             return
         if topic.startswith("dt/") and "/certificate-rotation/" in topic:
             with self._work:
@@ -151,18 +184,27 @@ class Service:
             return
         if not topic.startswith(REQ_PREFIX) or not client_id:
             return
-        original = topic[len(REQ_PREFIX):]
+        original = topic[len(REQ_PREFIX) :]
         route = route_request(original)
         if route is None:
             return  # e.g. a device publishing to a response topic: AWS ignores it, so do we
         op, fmt, template = route
         caller = self.cloud.registry.certificate_by_cn(username)
         fleet = self.fleet
-        if caller is not None and caller.kind == "device" and caller.status == "ACTIVE" and caller.thing and (
-                op == "create-from-csr" and fmt == "json" or op == "provision" and template == ROTATION_TEMPLATE):
+        if (
+            caller is not None
+            and caller.kind == "device"
+            and caller.status == "ACTIVE"
+            and caller.thing
+            and (op == "create-from-csr" and fmt == "json" or op == "provision" and template == ROTATION_TEMPLATE)
+        ):
             fleet = self.rotation  # a device renewing its own certificate (the device policy allows these two)
-        elif caller is None or caller.status != "ACTIVE" or caller.kind != "claim" \
-                or not self._permits(self.claim_rules, "write", original):
+        elif (
+            caller is None
+            or caller.status != "ACTIVE"
+            or caller.kind != "claim"
+            or not self._permits(self.claim_rules, "write", original)
+        ):
             # The broker refused this publish (PUBACK 135); AWS sends no reply either.
             log.info("dropped %s from %s (%s): not permitted by the claim policy", original, client_id, username)
             return
@@ -173,7 +215,9 @@ class Service:
                 try:
                     req = decode(payload, fmt) if payload else {}
                 except Exception as e:
-                    ok, doc = reject(400, "InvalidPayload", f"payload is not valid {fmt.upper()} ({e.__class__.__name__})")
+                    ok, doc = reject(
+                        400, "InvalidPayload", f"payload is not valid {fmt.upper()} ({e.__class__.__name__})"
+                    )
                 else:
                     if op == "create-from-csr":
                         ok, doc = fleet.create_from_csr(req, username)
@@ -214,7 +258,9 @@ class Service:
             if not isinstance(req, dict):
                 raise ValueError
         except ValueError:
-            self.publish(reply + "/rejected", json.dumps({"code": "InvalidJson", "message": "not a JSON object"}).encode())
+            self.publish(
+                reply + "/rejected", json.dumps({"code": "InvalidJson", "message": "not a JSON object"}).encode()
+            )
             return
         reg = self.cloud.registry
         token = req.get("clientToken") if isinstance(req.get("clientToken"), str) else None
@@ -226,7 +272,10 @@ class Service:
             log.info("certificate rotation %s for %s: %s", action, thing, "accepted" if ok else code)
 
         if action == "commit":
-            new, old = reg.certificate(str(req.get("newCertificateId"))), reg.certificate(str(req.get("oldCertificateId")))
+            new, old = (
+                reg.certificate(str(req.get("newCertificateId"))),
+                reg.certificate(str(req.get("oldCertificateId"))),
+            )
             if new is None or new.thing != thing or new.status != "ACTIVE":
                 return answer(False, "InvalidRequest", "the new certificate is not active and attached to this thing")
             if old is None or old.thing != thing or old.id == new.id:
@@ -253,14 +302,18 @@ class Service:
             return  # notifications, replies of ours, or not a jobs API topic
         thing, op, job_id = r
         if len(payload) > MAX_REQUEST_BYTES:
-            suffix, doc = "rejected", {"code": "InvalidRequest", "message": "payload too large",
-                                       "timestamp": int(time.time())}
+            suffix, doc = (
+                "rejected",
+                {"code": "InvalidRequest", "message": "payload too large", "timestamp": int(time.time())},
+            )
         else:
             try:
                 req = json.loads(payload.decode("utf-8")) if payload else {}
             except (ValueError, UnicodeDecodeError):
-                suffix, doc = "rejected", {"code": "InvalidJson", "message": "payload is not valid JSON",
-                                           "timestamp": int(time.time())}
+                suffix, doc = (
+                    "rejected",
+                    {"code": "InvalidJson", "message": "payload is not valid JSON", "timestamp": int(time.time())},
+                )
             else:
                 suffix, doc = self.jobs.handle(thing, op, job_id, req)
         log.info("jobs %s %s %s: %s", thing, op, job_id or "", suffix if suffix == "accepted" else doc.get("code"))
@@ -276,15 +329,32 @@ class Service:
         # in epoch ms: https://docs.aws.amazon.com/iot/latest/developerguide/device-defender-troubleshoot.html
         rejected = {"thingName": thing, "status": "REJECTED", "timestamp": int(time.time() * 1000)}
         if len(payload) > MAX_REQUEST_BYTES:
-            ok, doc = False, {**rejected, "statusDetails": {"ErrorCode": "InvalidPayload",
-                                                            "ErrorMessage": "Malformed metrics report: too large"}}
+            ok, doc = (
+                False,
+                {
+                    **rejected,
+                    "statusDetails": {
+                        "ErrorCode": "InvalidPayload",
+                        "ErrorMessage": "Malformed metrics report: too large",
+                    },
+                },
+            )
         else:
             try:
                 report = decode(payload, fmt)
             except Exception as e:
-                ok, doc = False, {**rejected, "statusDetails": {
-                    "ErrorCode": "InvalidPayload",
-                    "ErrorMessage": f"Malformed metrics report: not valid {fmt.upper()} ({e.__class__.__name__})"}}
+                ok, doc = (
+                    False,
+                    {
+                        **rejected,
+                        "statusDetails": {
+                            "ErrorCode": "InvalidPayload",
+                            "ErrorMessage": (
+                                f"Malformed metrics report: not valid {fmt.upper()} ({e.__class__.__name__})"
+                            ),
+                        },
+                    },
+                )
             else:
                 ok, doc = self.defender.receive(thing, fmt, report)
         log.info("defender report from %s (%s): %s", thing, fmt, doc["status"])
@@ -318,8 +388,15 @@ class Service:
             try:
                 req = decode(payload, fmt) if payload else {}
             except Exception:
-                replies = [("rejected", {"o": "InvalidJson" if fmt == "json" else "InvalidCbor",
-                                         "m": f"payload is not valid {fmt.upper()}"})]
+                replies = [
+                    (
+                        "rejected",
+                        {
+                            "o": "InvalidJson" if fmt == "json" else "InvalidCbor",
+                            "m": f"payload is not valid {fmt.upper()}",
+                        },
+                    )
+                ]
             else:
                 replies = self.streams.handle(stream_id, op, req)
         for kind, doc in replies:
@@ -357,11 +434,16 @@ class Service:
 def route_request(topic: str) -> tuple[str, str, str | None] | None:
     """(operation, format, template) for a provisioning request topic, else None."""
     parts = topic.split("/")
-    if len(parts) == 4 and parts[:2] == ["$aws", "certificates"] and parts[3] in ("json", "cbor"):
-        if parts[2] in ("create", "create-from-csr"):
-            return parts[2], parts[3], None
-    if len(parts) == 5 and parts[:2] == ["$aws", "provisioning-templates"] and parts[3] == "provision" \
-            and parts[4] in ("json", "cbor") and parts[2]:
+    certificates = len(parts) == 4 and parts[:2] == ["$aws", "certificates"] and parts[3] in ("json", "cbor")
+    if certificates and parts[2] in ("create", "create-from-csr"):
+        return parts[2], parts[3], None
+    if (
+        len(parts) == 5
+        and parts[:2] == ["$aws", "provisioning-templates"]
+        and parts[3] == "provision"
+        and parts[4] in ("json", "cbor")
+        and parts[2]
+    ):
         return "provision", parts[4], parts[2]
     return None
 

@@ -31,8 +31,9 @@ import re
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 MAX_REQUEST_BYTES = 64 * 1024  # never parsed beyond this (AWS's own MQTT limit is 128 KB)
 MAX_STATE_BYTES = 8 * 1024  # desired + reported, compact JSON, metadata excluded
@@ -50,7 +51,8 @@ CREATE TABLE IF NOT EXISTS shadows (
     version INTEGER NOT NULL, updated INTEGER NOT NULL, deleted_at INTEGER,
     PRIMARY KEY (thing, name)
 );
-CREATE TABLE IF NOT EXISTS shadow_outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS shadow_outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,
+                                          payload TEXT NOT NULL);
 """
 
 
@@ -104,12 +106,12 @@ def loads(payload: bytes) -> Any:
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
-        raise ShadowError(415, "Unsupported documented encoding; supported encoding is UTF-8")
+        raise ShadowError(415, "Unsupported documented encoding; supported encoding is UTF-8") from None
     try:
         doc = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
         dumps(doc).encode()  # "\ud800" escapes parse, but are not text that can be stored or sent back
     except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
-        raise ShadowError(400, "Invalid JSON")
+        raise ShadowError(400, "Invalid JSON") from None
     return doc
 
 
@@ -126,7 +128,7 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return type(a) is type(b) and a == b
 
 
@@ -251,7 +253,12 @@ def compare(actual: Any, op: str, value: Any) -> bool:
     1.2.0-rc1 < 1.2.0), other strings lexically; == and != also compare any JSON value; anything
     else does not match."""
     num = (int, float)
-    if isinstance(actual, num) and isinstance(value, num) and not isinstance(actual, bool) and not isinstance(value, bool):
+    if (
+        isinstance(actual, num)
+        and isinstance(value, num)
+        and not isinstance(actual, bool)
+        and not isinstance(value, bool)
+    ):
         a, b = actual, value
     else:
         ta, tb = _as_text(actual), _as_text(value)
@@ -273,11 +280,12 @@ def parse_where(expr: str) -> tuple[str, str, Any]:
     The value is JSON when it parses as JSON (3, true, "x"), else the text as a string (1.2.0)."""
     expr = expr.strip()
     if expr.endswith(" exists"):
-        return expr[:-len(" exists")].strip(), "exists", None
+        return expr[: -len(" exists")].strip(), "exists", None
     m = re.fullmatch(r"\s*([^<>=!\s]+)\s*(<=|>=|==|!=|<|>|=)\s*(.*?)\s*", expr)
     if not m or not m.group(3):
-        raise ValueError(f"cannot read the condition {expr!r}: expected PATH OP VALUE (OP one of "
-                         "< <= > >= == !=) or 'PATH exists'")
+        raise ValueError(
+            f"cannot read the condition {expr!r}: expected PATH OP VALUE (OP one of < <= > >= == !=) or 'PATH exists'"
+        )
     path, op, text = m.group(1), m.group(2), m.group(3)
     try:
         value = json.loads(text)
@@ -358,8 +366,10 @@ class Shadows:
             self.db.execute("RELEASE shadow_write" if nested else "COMMIT")
 
     def _row(self, thing: str, name: str) -> tuple | None:
-        return self.db.execute("SELECT state, metadata, version, updated, deleted_at FROM shadows "
-                               "WHERE thing = ? AND name = ?", (thing, name)).fetchone()
+        return self.db.execute(
+            "SELECT state, metadata, version, updated, deleted_at FROM shadows WHERE thing = ? AND name = ?",
+            (thing, name),
+        ).fetchone()
 
     def get(self, thing: str, name: str = "") -> dict:
         """The shadow document as GetThingShadow returns it (state with delta, metadata, version, timestamp)."""
@@ -379,8 +389,10 @@ class Shadows:
             if row is None or row[4] is not None:
                 raise ShadowError(404, f"No shadow exists with name: '{name or thing}'")
             ts = int(self.now())
-            self.db.execute("UPDATE shadows SET state = '{}', metadata = '{}', deleted_at = ? WHERE thing = ? AND name = ?",
-                            (ts, thing, name))
+            self.db.execute(
+                "UPDATE shadows SET state = '{}', metadata = '{}', deleted_at = ? WHERE thing = ? AND name = ?",
+                (ts, thing, name),
+            )
         return {"version": row[2], "timestamp": ts}
 
     def update(self, thing: str, name: str, req: dict) -> list[tuple[str, dict]]:
@@ -403,15 +415,14 @@ class Shadows:
             ts = int(self.now())
             row = self._row(thing, name)
             exists = row is not None and row[4] is None
-            if row is None or (row[4] is not None and ts - row[4] > DELETED_VERSION_KEPT_S):
-                current = 0
-            else:
-                current = row[2]
+            current = 0 if row is None or row[4] is not None and ts - row[4] > DELETED_VERSION_KEPT_S else row[2]
             if "version" in req and req["version"] != current:
                 raise ShadowError(409, "Version conflict")
             state = json.loads(row[0]) if exists else {}
             meta = json.loads(row[1]) if exists else {}
-            previous = {"state": json.loads(row[0]), "metadata": json.loads(row[1]), "version": current} if exists else None
+            previous = (
+                {"state": json.loads(row[0]), "metadata": json.loads(row[1]), "version": current} if exists else None
+            )
             for section in ("desired", "reported"):
                 if section not in patch:
                     continue
@@ -427,20 +438,34 @@ class Shadows:
             if len(dumps(state).encode()) > MAX_STATE_BYTES:
                 raise ShadowError(413, "The payload exceeds the maximum size allowed")
             version = current + 1
-            self.db.execute("INSERT INTO shadows VALUES (?,?,?,?,?,?,NULL) ON CONFLICT(thing, name) DO UPDATE SET "
-                            "state = excluded.state, metadata = excluded.metadata, version = excluded.version, "
-                            "updated = excluded.updated, deleted_at = NULL",
-                            (thing, name, dumps(state), dumps(meta), version, ts))
+            self.db.execute(
+                "INSERT INTO shadows VALUES (?,?,?,?,?,?,NULL) ON CONFLICT(thing, name) DO UPDATE SET "
+                "state = excluded.state, metadata = excluded.metadata, version = excluded.version, "
+                "updated = excluded.updated, deleted_at = NULL",
+                (thing, name, dumps(state), dumps(meta), version, ts),
+            )
         base = prefix(thing, name)
-        accepted = {"state": patch, "metadata": {s: (_stamp(v, ts) if v is not None else {"timestamp": ts})
-                                                 for s, v in patch.items()},
-                    "version": version, "timestamp": ts}
+        accepted = {
+            "state": patch,
+            "metadata": {s: (_stamp(v, ts) if v is not None else {"timestamp": ts}) for s, v in patch.items()},
+            "version": version,
+            "timestamp": ts,
+        }
         out = [(f"{base}/update/accepted", accepted)]
         if isinstance(patch.get("desired"), dict):
             d = _restrict(delta(state.get("desired"), state.get("reported")), patch["desired"])
             if d:
-                out.append((f"{base}/update/delta", {"state": d, "metadata": _meta_for(d, meta.get("desired")),
-                                                     "version": version, "timestamp": ts}))
+                out.append(
+                    (
+                        f"{base}/update/delta",
+                        {
+                            "state": d,
+                            "metadata": _meta_for(d, meta.get("desired")),
+                            "version": version,
+                            "timestamp": ts,
+                        },
+                    )
+                )
         documents: dict[str, Any] = {"current": {"state": state, "metadata": meta, "version": version}, "timestamp": ts}
         if previous is not None:
             documents["previous"] = previous
@@ -456,8 +481,9 @@ class Shadows:
             raise ShadowError(400, "Invalid shadow name: 1-64 characters of a-z A-Z 0-9 : _ -")
         with self._write():
             out = self.update(thing, name, req)
-            self.db.executemany("INSERT INTO shadow_outbox (topic, payload) VALUES (?, ?)",
-                                [(t, dumps(d)) for t, d in out])
+            self.db.executemany(
+                "INSERT INTO shadow_outbox (topic, payload) VALUES (?, ?)", [(t, dumps(d)) for t, d in out]
+            )
         return out[0][1]
 
     def take_outbox(self) -> list[tuple[str, bytes]]:
@@ -485,10 +511,13 @@ class Shadows:
             raise ValueError(f"operator must be one of {' '.join(QUERY_OPS)}")
         keys = path.split(".")
         if keys[0] not in ("reported", "desired", "delta") or any(k == "" for k in keys):
-            raise ValueError(f"path {path!r} must start with reported, desired or delta, e.g. reported.targets.app.current")
+            raise ValueError(
+                f"path {path!r} must start with reported, desired or delta, e.g. reported.targets.app.current"
+            )
         with self.lock:
-            rows = self.db.execute("SELECT thing, state FROM shadows WHERE name = ? AND deleted_at IS NULL ORDER BY thing",
-                                   (shadow_name,)).fetchall()
+            rows = self.db.execute(
+                "SELECT thing, state FROM shadows WHERE name = ? AND deleted_at IS NULL ORDER BY thing", (shadow_name,)
+            ).fetchall()
         out = []
         for thing, raw in rows:
             state = json.loads(raw)
@@ -509,5 +538,8 @@ class Shadows:
     def list(self, thing: str | None = None) -> list[tuple[str, str, int]]:
         """(thing, shadow name, version) of the shadows that exist."""
         with self.lock:
-            return self.db.execute("SELECT thing, name, version FROM shadows WHERE deleted_at IS NULL AND "
-                                   "(? IS NULL OR thing = ?) ORDER BY thing, name", (thing, thing)).fetchall()
+            return self.db.execute(
+                "SELECT thing, name, version FROM shadows WHERE deleted_at IS NULL AND "
+                "(? IS NULL OR thing = ?) ORDER BY thing, name",
+                (thing, thing),
+            ).fetchall()

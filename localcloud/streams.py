@@ -74,7 +74,9 @@ class Streams:
             for fid, src in enumerate(files):
                 dst = d / str(fid)
                 shutil.copyfile(src, dst)
-                self.db.execute("INSERT INTO stream_files VALUES (?,?,?,?)", (stream_id, fid, str(dst), dst.stat().st_size))
+                self.db.execute(
+                    "INSERT INTO stream_files VALUES (?,?,?,?)", (stream_id, fid, str(dst), dst.stat().st_size)
+                )
         return stream_id
 
     def handle(self, stream_id: str, op: str, req: Any) -> list[tuple[str, dict]]:
@@ -86,9 +88,19 @@ class Streams:
             if token is not None and not _valid_token(token):
                 raise StreamError("InvalidRequest", f"c (client token) must be a string of at most {MAX_TOKEN} bytes")
             with self.lock:
-                row = self.db.execute("SELECT version, description FROM streams WHERE stream_id = ?", (stream_id,)).fetchone()
-                files = dict(self.db.execute("SELECT file_id, path FROM stream_files WHERE stream_id = ?", (stream_id,)).fetchall())
-                sizes = dict(self.db.execute("SELECT file_id, size FROM stream_files WHERE stream_id = ?", (stream_id,)).fetchall())
+                row = self.db.execute(
+                    "SELECT version, description FROM streams WHERE stream_id = ?", (stream_id,)
+                ).fetchone()
+                files = dict(
+                    self.db.execute(
+                        "SELECT file_id, path FROM stream_files WHERE stream_id = ?", (stream_id,)
+                    ).fetchall()
+                )
+                sizes = dict(
+                    self.db.execute(
+                        "SELECT file_id, size FROM stream_files WHERE stream_id = ?", (stream_id,)
+                    ).fetchall()
+                )
             if row is None:
                 raise StreamError("ResourceNotFound", f"stream {stream_id} not found")
             version, description = row
@@ -152,7 +164,9 @@ class Streams:
         nblocks = max(1, -(-sizes[f] // size))
         ids = [i for i in ids if i < nblocks][:limit]
         if not ids:
-            raise StreamError("ResourceNotFound", f"file {f} has {nblocks} block(s) of {size} bytes; none was asked for")
+            raise StreamError(
+                "ResourceNotFound", f"file {f} has {nblocks} block(s) of {size} bytes; none was asked for"
+            )
         out = []
         with open(files[f], "rb") as fh:
             for i in ids:
@@ -175,9 +189,11 @@ def _bitmap(b: Any) -> bytes:
                 # agent sends hex; AWS would not read it this way.
                 b = base64.b64decode(text, validate=True)
         except ValueError:
-            raise StreamError("InvalidRequest", "b must be a hex string (\"0x…\") in JSON or a byte string in CBOR")
+            raise StreamError(
+                "InvalidRequest", 'b must be a hex string ("0x…") in JSON or a byte string in CBOR'
+            ) from None
     if not isinstance(b, (bytes, bytearray)):
-        raise StreamError("InvalidRequest", "b must be a hex string (\"0x…\") in JSON or a byte string in CBOR")
+        raise StreamError("InvalidRequest", 'b must be a hex string ("0x…") in JSON or a byte string in CBOR')
     if len(b) >= MAX_BITMAP_BYTES:
         raise StreamError("BlockBitmapLimitExceeded", f"b must be less than {MAX_BITMAP_BYTES} bytes")
     return bytes(b)
@@ -201,8 +217,13 @@ def _with_token(doc: dict, token: Any) -> dict:
 def route(topic: str) -> tuple[str, str, str, str] | None:
     """(thing, stream id, 'describe'|'get', format) for a request topic, else None."""
     p = topic.split("/")
-    if len(p) == 7 and p[:2] == ["$aws", "things"] and p[3] == "streams" and p[5] in ("describe", "get") \
-            and p[6] in ("json", "cbor"):
+    if (
+        len(p) == 7
+        and p[:2] == ["$aws", "things"]
+        and p[3] == "streams"
+        and p[5] in ("describe", "get")
+        and p[6] in ("json", "cbor")
+    ):
         return p[2], p[4], p[5], p[6]
     return None
 

@@ -6,12 +6,13 @@ the tpm2-pkcs11 store). See shared/reference/pkcs11-softhsm-tpm.md for why each 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
-import threading
 import re
 import shutil
 import subprocess
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +47,7 @@ class Token:
     so_pin: str
     directory: Path
     env: dict[str, str] = field(default_factory=dict)
-    tpm: "Swtpm | None" = None
+    tpm: Swtpm | None = None
 
     def pin_file(self) -> Path:
         return write_private(self.directory / "pkcs11-pin", self.pin)
@@ -70,11 +71,15 @@ def softhsm_token(directory: Path, label: str = "iot-agent", pin: str = "1234", 
     tokdir = directory / "tokens"
     tokdir.mkdir(parents=True, exist_ok=True, mode=0o700)
     conf = directory / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {tokdir}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n")
+    conf.write_text(
+        f"directories.tokendir = {tokdir}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n"
+    )
     env = {"SOFTHSM2_CONF": str(conf)}
     subprocess.run(
         ["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", pin, "--so-pin", so_pin],
-        env={**os.environ, **env}, check=True, capture_output=True,
+        env={**os.environ, **env},
+        check=True,
+        capture_output=True,
     )
     return Token("softhsm", SOFTHSM_LIB, label, pin, so_pin, directory, env)
 
@@ -100,18 +105,24 @@ class Swtpm:
             "TSS2_LOG": "all+NONE",
         }
 
-    def start(self) -> "Swtpm":
+    def start(self) -> Swtpm:
         state = self.directory / "state"
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         (self.directory / "store").mkdir(exist_ok=True, mode=0o700)
         if not self.port:
             self.port = procs.free_port(pairs=True)
         argv = [
-            procs.find_binary("swtpm"), "socket", "--tpm2",
-            "--tpmstate", f"dir={state}",
-            "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
-            "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
-            "--flags", "not-need-init,startup-clear",
+            procs.find_binary("swtpm"),
+            "socket",
+            "--tpm2",
+            "--tpmstate",
+            f"dir={state}",
+            "--server",
+            f"type=tcp,port={self.port},bindaddr=127.0.0.1",
+            "--ctrl",
+            f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
+            "--flags",
+            "not-need-init,startup-clear",
         ]
         self.child = procs.start("swtpm", argv, self.directory / "swtpm.log")
         procs.wait_port(self.port + 1, 10, self.child.proc)
@@ -132,10 +143,8 @@ class Swtpm:
 
     def stop(self) -> None:
         if self.child and self.child.running():
-            try:
+            with contextlib.suppress(Exception):
                 self.tools("tpm2_shutdown", "-c")
-            except Exception:
-                pass
         if self.child:
             self.child.stop()
             self.child = None
@@ -148,11 +157,34 @@ def tpm_token(directory: Path, label: str = "iot-agent", pin: str = "1234", so_p
     env = {**os.environ, **tpm.env()}
     tool = shutil.which("pkcs11-tool") or "pkcs11-tool"
     try:
-        subprocess.run([tool, "--module", lib, "--slot-index", "0", "--init-token", "--label", label, "--so-pin", so_pin],
-                       env=env, check=True, capture_output=True, timeout=60)
-        subprocess.run([tool, "--module", lib, "--token-label", label, "--login", "--login-type", "so",
-                        "--so-pin", so_pin, "--init-pin", "--pin", pin],
-                       env=env, check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [tool, "--module", lib, "--slot-index", "0", "--init-token", "--label", label, "--so-pin", so_pin],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        subprocess.run(
+            [
+                tool,
+                "--module",
+                lib,
+                "--token-label",
+                label,
+                "--login",
+                "--login-type",
+                "so",
+                "--so-pin",
+                so_pin,
+                "--init-pin",
+                "--pin",
+                pin,
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
     except BaseException:
         tpm.stop()
         raise

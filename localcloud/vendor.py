@@ -30,14 +30,16 @@ class CodeSigner:
     def sign(self, data: bytes) -> str:
         return base64.b64encode(self.key.sign(data, ec.ECDSA(hashes.SHA256()))).decode()
 
-    def manifest(self, target: str, version: str, name: str, data: bytes, *, size: int | None = None,
-                 sha256: str | None = None) -> tuple[bytes, str]:
+    def manifest(
+        self, target: str, version: str, name: str, data: bytes, *, size: int | None = None, sha256: str | None = None
+    ) -> tuple[bytes, str]:
         """A release manifest for `data` (agent.manifest) and its signature: what a vendor's signing step
         produces once per release, for every device target kind."""
         from agent.update.manifest import make
 
-        raw = make(target, version, name, len(data) if size is None else size,
-                   sha256 or hashlib.sha256(data).hexdigest())
+        raw = make(
+            target, version, name, len(data) if size is None else size, sha256 or hashlib.sha256(data).hexdigest()
+        )
         return raw, self.sign(raw)
 
 
@@ -59,23 +61,57 @@ def make_tar(files: dict[str, bytes], version: str | None = None, target: str | 
     return buf.getvalue()
 
 
-def signed_doc(signer: CodeSigner, target: str, version: str, name: str, data: bytes, *, url: str | None = None,
-               stream: tuple[str, int] | None = None, size: int | None = None, sha256: str | None = None,
-               manifest: tuple[bytes, str] | None = None) -> dict:
+def signed_doc(
+    signer: CodeSigner,
+    target: str,
+    version: str,
+    name: str,
+    data: bytes,
+    *,
+    url: str | None = None,
+    stream: tuple[str, int] | None = None,
+    size: int | None = None,
+    sha256: str | None = None,
+    manifest: tuple[bytes, str] | None = None,
+) -> dict:
     """A schema 2 update document: the signed manifest binds target, version, name, size and SHA-256."""
     raw, signature = manifest or signer.manifest(target, version, name, data, size=size, sha256=sha256)
     art: dict = {"url": url} if url else {"stream": {"id": stream[0], "file_id": stream[1]}}
-    return {"operation": "ota-update", "schema": 2, "manifest": base64.b64encode(raw).decode(), "artifact": art,
-            "signature": {"algorithm": "ECDSA-P256-SHA256", "value": signature}}
+    return {
+        "operation": "ota-update",
+        "schema": 2,
+        "manifest": base64.b64encode(raw).decode(),
+        "artifact": art,
+        "signature": {"algorithm": "ECDSA-P256-SHA256", "value": signature},
+    }
 
 
-def our_doc(target: str, version: str, name: str, data: bytes, signature: str, *, url: str | None = None,
-            stream: tuple[str, int] | None = None, size: int | None = None, sha256: str | None = None) -> dict:
-    art: dict = {"name": name, "size": len(data) if size is None else size,
-                 "sha256": sha256 or hashlib.sha256(data).hexdigest()}
+def our_doc(
+    target: str,
+    version: str,
+    name: str,
+    data: bytes,
+    signature: str,
+    *,
+    url: str | None = None,
+    stream: tuple[str, int] | None = None,
+    size: int | None = None,
+    sha256: str | None = None,
+) -> dict:
+    art: dict = {
+        "name": name,
+        "size": len(data) if size is None else size,
+        "sha256": sha256 or hashlib.sha256(data).hexdigest(),
+    }
     if url:
         art["url"] = url
     else:
         art["stream"] = {"id": stream[0], "file_id": stream[1]}
-    return {"operation": "ota-update", "schema": 1, "target": target, "version": version, "artifact": art,
-            "signature": {"algorithm": "ECDSA-P256-SHA256", "value": signature}}
+    return {
+        "operation": "ota-update",
+        "schema": 1,
+        "target": target,
+        "version": version,
+        "artifact": art,
+        "signature": {"algorithm": "ECDSA-P256-SHA256", "value": signature},
+    }

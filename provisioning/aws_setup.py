@@ -37,8 +37,11 @@ def _exists(err: Exception, code: str) -> bool:
 
 def ensure_role(iam, name: str) -> str:
     try:
-        arn = iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(TRUST),
-                              Description="Lets AWS IoT fleet provisioning register things")["Role"]["Arn"]
+        arn = iam.create_role(
+            RoleName=name,
+            AssumeRolePolicyDocument=json.dumps(TRUST),
+            Description="Lets AWS IoT fleet provisioning register things",
+        )["Role"]["Arn"]
     except Exception as e:
         if not _exists(e, "EntityAlreadyExists"):
             raise
@@ -64,8 +67,13 @@ def template_body(device_policy_name: str) -> dict:
 def ensure_template(iot, name: str, role_arn: str, device_policy_name: str) -> None:
     body = json.dumps(template_body(device_policy_name))
     try:
-        iot.create_provisioning_template(templateName=name, templateBody=body, provisioningRoleArn=role_arn,
-                                         enabled=True, description="iot-agent fleet provisioning by claim")
+        iot.create_provisioning_template(
+            templateName=name,
+            templateBody=body,
+            provisioningRoleArn=role_arn,
+            enabled=True,
+            description="iot-agent fleet provisioning by claim",
+        )
     except Exception as e:
         if not _exists(e, "ResourceAlreadyExistsException"):
             raise
@@ -102,8 +110,9 @@ ntp_servers = ["time.aws.com"]
 """
 
 
-def setup(iot, iam, *, template: str, device_policy: str, claim_policy: str, role: str,
-          claim_csr: str | None, out: Path) -> dict:
+def setup(
+    iot, iam, *, template: str, device_policy: str, claim_policy: str, role: str, claim_csr: str | None, out: Path
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     role_arn = ensure_role(iam, role)
     ensure_policy(iot, device_policy, json.loads((HERE / "device-policy.json").read_text()))
@@ -142,8 +151,11 @@ def setup_from_stack(iot, cfn, *, stack: str, claim_csr: str | None, out: Path) 
         raise SystemExit(f"stack {stack}: outputs {', '.join(missing)} missing; is it provisioning/fleet-stack.yaml?")
     out.mkdir(parents=True, exist_ok=True)
     template = outs["ProvisioningTemplateName"]
-    result = {"stack": stack, "template": template,
-              **{k: outs[k] for k in ("OtaBucketName", "SigningProfileName") if k in outs}}
+    result = {
+        "stack": stack,
+        "template": template,
+        **{k: outs[k] for k in ("OtaBucketName", "SigningProfileName") if k in outs},
+    }
     return device_side(iot, result, outs["ClaimPolicyName"], claim_csr, out)
 
 
@@ -156,20 +168,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--role", default="iot-agent-provisioning")
     ap.add_argument("--claim-csr", type=Path, help="CSR from `iot-agent factory init` (claim key on the token)")
     ap.add_argument("--out", type=Path, default=Path("aws-out"))
-    ap.add_argument("--stack", help="the deployed fleet stack: take names from its outputs, create only the "
-                                    "claim certificate and the device config")
+    ap.add_argument(
+        "--stack",
+        help="the deployed fleet stack: take names from its outputs, create only the "
+        "claim certificate and the device config",
+    )
     args = ap.parse_args(argv)
     import boto3
 
     session = boto3.Session(region_name=args.region)
     if args.stack:
-        result = setup_from_stack(session.client("iot"), session.client("cloudformation"), stack=args.stack,
-                                  claim_csr=args.claim_csr.read_text() if args.claim_csr else None, out=args.out)
+        result = setup_from_stack(
+            session.client("iot"),
+            session.client("cloudformation"),
+            stack=args.stack,
+            claim_csr=args.claim_csr.read_text() if args.claim_csr else None,
+            out=args.out,
+        )
         print(json.dumps(result, indent=1))
         return 0
-    result = setup(session.client("iot"), session.client("iam"), template=args.template,
-                   device_policy=args.device_policy, claim_policy=args.claim_policy, role=args.role,
-                   claim_csr=args.claim_csr.read_text() if args.claim_csr else None, out=args.out)
+    result = setup(
+        session.client("iot"),
+        session.client("iam"),
+        template=args.template,
+        device_policy=args.device_policy,
+        claim_policy=args.claim_policy,
+        role=args.role,
+        claim_csr=args.claim_csr.read_text() if args.claim_csr else None,
+        out=args.out,
+    )
     print(json.dumps(result, indent=1))
     return 0
 

@@ -24,8 +24,10 @@ def main() -> int:
     wall = time.monotonic() - t0
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = ru.ru_utime + ru.ru_stime
-    print(f"suite: wall {wall / 60:.1f} min ({wall:.0f} s); CPU {cpu / 60:.1f} min ({cpu:.0f} s, user+sys of every "
-          f"process it waited for) on {os.cpu_count()} cores; exit {rc}")
+    print(
+        f"suite: wall {wall / 60:.1f} min ({wall:.0f} s); CPU {cpu / 60:.1f} min ({cpu:.0f} s, user+sys of every "
+        f"process it waited for) on {os.cpu_count()} cores; exit {rc}"
+    )
     return rc
 
 

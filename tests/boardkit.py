@@ -51,8 +51,9 @@ def build_app(out: Path, version: str, *, mpy: bool = False, patch: dict[str, tu
         if mpy:
             tmp = out / f"{m}.py"
             tmp.write_text(src)
-            r = subprocess.run([mpy_cross(), "-o", str(out / f"{m}.mpy"), str(tmp)], capture_output=True, text=True,
-                               timeout=60)
+            r = subprocess.run(
+                [mpy_cross(), "-o", str(out / f"{m}.mpy"), str(tmp)], capture_output=True, text=True, timeout=60
+            )
             assert r.returncode == 0, r.stderr
             tmp.unlink()
         else:
@@ -77,8 +78,9 @@ def deploy(flash: Path, config: dict, certs: dict[str, bytes], version: str = "1
 class BoardProcess:
     """Boots the board until it stops on its own, is stopped, or has reset `max_boots` times."""
 
-    def __init__(self, flash: Path, max_boots: int = 8, params: dict | None = None, lane: str = "unix",
-                 heap: str = UNIX_HEAP):
+    def __init__(
+        self, flash: Path, max_boots: int = 8, params: dict | None = None, lane: str = "unix", heap: str = UNIX_HEAP
+    ):
         assert lane in ("unix", "wasm"), lane
         self.flash = flash
         self.lane = lane
@@ -93,7 +95,7 @@ class BoardProcess:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> "BoardProcess":
+    def start(self) -> BoardProcess:
         self._thread.start()
         return self
 
@@ -117,14 +119,20 @@ class BoardProcess:
     def _spawn(self) -> subprocess.Popen:
         common = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         if self.lane == "wasm":
-            return subprocess.Popen(["node", "--expose-gc", str(HARNESS / "run.mjs"), "--flash", str(self.flash),
-                                     json.dumps(self.params)], **common)
+            return subprocess.Popen(
+                ["node", "--expose-gc", str(HARNESS / "run.mjs"), "--flash", str(self.flash), json.dumps(self.params)],
+                **common,
+            )
         # Parameters in a file: the unix port crashes on a command-line argument of 256+ characters.
         pfile = self.flash.with_name(self.flash.name + ".params.json")
         pfile.write_text(json.dumps({**self.params, "flash": str(self.flash)}))
         env = {**os.environ, "MICROPYPATH": f".frozen:{UNIX_DIR}"}  # without .frozen there is no asyncio
-        return subprocess.Popen([micropython_unix(), "-X", f"heapsize={self.heap}", str(UNIX_DIR / "run.py"),
-                                 str(pfile)], cwd=self.flash, env=env, **common)
+        return subprocess.Popen(
+            [micropython_unix(), "-X", f"heapsize={self.heap}", str(UNIX_DIR / "run.py"), str(pfile)],
+            cwd=self.flash,
+            env=env,
+            **common,
+        )
 
     def _add(self, line: str) -> None:
         with self._lock:
@@ -173,13 +181,21 @@ THING = f"gw-{SERIAL}"
 class MpWorld:
     """Local cloud, chrony, a code signer and one factory-fresh board (claim certificate on its flash)."""
 
-    def __init__(self, root: Path, config: dict | None = None, mpy: bool | None = None, ntp=None,
-                 lane: str = "unix", heap: str = UNIX_HEAP):
+    def __init__(
+        self,
+        root: Path,
+        config: dict | None = None,
+        mpy: bool | None = None,
+        ntp=None,
+        lane: str = "unix",
+        heap: str = UNIX_HEAP,
+    ):
+        from otakit import CodeSigner
+
         from localcloud.cloud import LocalCloud
         from localcloud.jobs import Jobs
         from localcloud.ntp import Chrony
         from localcloud.streams import Streams
-        from otakit import CodeSigner
 
         self.lane, self.heap = lane, heap
         mpy = lane == "unix" if mpy is None else mpy  # the unix lane runs the .mpy bundle users flash
@@ -195,14 +211,34 @@ class MpWorld:
             claim_cert, claim_key = self.cloud.issue_claim("mp-factory")
             self.jobs = Jobs(self.cloud.registry.db, self.cloud.registry.lock)
             self.streams = Streams(self.cloud.registry.db, self.cloud.registry.lock, self.cloud.directory / "streams")
-            cfg = {"endpoint": "localhost", "port": self.info["port"], "ca": "certs/ca.pem",
-                   "claim_cert": "certs/claim.pem", "claim_key": "certs/claim.key", "serial": SERIAL,
-                   "template": "iot-agent-fleet", "code_signing_cert": "certs/signer.pem",
-                   "ntp": [["127.0.0.1", self.ntp.port]], "keepalive": 20, "self_test_s": 25,
-                   "backoff_min_s": 0.5, "backoff_max_s": 2, "block_size": 1024, **(config or {})}
-            self.flash = deploy(root / "flash", cfg, {
-                "ca.pem": Path(self.info["ca_file"]).read_bytes(), "claim.pem": claim_cert.read_bytes(),
-                "claim.key": claim_key.read_bytes(), "signer.pem": self.signer.cert_path.read_bytes()}, mpy=mpy)
+            cfg = {
+                "endpoint": "localhost",
+                "port": self.info["port"],
+                "ca": "certs/ca.pem",
+                "claim_cert": "certs/claim.pem",
+                "claim_key": "certs/claim.key",
+                "serial": SERIAL,
+                "template": "iot-agent-fleet",
+                "code_signing_cert": "certs/signer.pem",
+                "ntp": [["127.0.0.1", self.ntp.port]],
+                "keepalive": 20,
+                "self_test_s": 25,
+                "backoff_min_s": 0.5,
+                "backoff_max_s": 2,
+                "block_size": 1024,
+                **(config or {}),
+            }
+            self.flash = deploy(
+                root / "flash",
+                cfg,
+                {
+                    "ca.pem": Path(self.info["ca_file"]).read_bytes(),
+                    "claim.pem": claim_cert.read_bytes(),
+                    "claim.key": claim_key.read_bytes(),
+                    "signer.pem": self.signer.cert_path.read_bytes(),
+                },
+                mpy=mpy,
+            )
             self.n = 0
         except BaseException:
             self.close()
@@ -219,8 +255,9 @@ class MpWorld:
         self.n += 1
         for name, data in (extra or {}).items():
             (d / name).write_bytes(data)
-        return subprocess.run(["tar", "--format=ustar", "-C", str(d), "-cf", "-", "."], check=True,
-                              capture_output=True, timeout=60).stdout
+        return subprocess.run(
+            ["tar", "--format=ustar", "-C", str(d), "-cf", "-", "."], check=True, capture_output=True, timeout=60
+        ).stdout
 
     def ota_doc(self, version: str, data: bytes, *, signature: str | None = None, **kw) -> dict:
         from otakit import our_doc
@@ -229,8 +266,9 @@ class MpWorld:
         p = self.root / f"artifact-{self.n}"
         p.write_bytes(data)
         sid = self.streams.create([p], f"mp-ota-{self.n}")
-        return our_doc("mpy-app", version, f"app-{version}.tar", data, signature or self.signer.sign(data),
-                       stream=(sid, 0), **kw)
+        return our_doc(
+            "mpy-app", version, f"app-{version}.tar", data, signature or self.signer.sign(data), stream=(sid, 0), **kw
+        )
 
     def run_job(self, job_id: str, doc: dict, status: str, timeout: float = 90) -> dict:
         from cloudkit import wait_status

@@ -18,8 +18,11 @@ from cryptography.x509.oid import NameOID
 
 def new_csr(cn: str = "device") -> tuple[str, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
-    csr = x509.CertificateSigningRequestBuilder().subject_name(
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])).sign(key, hashes.SHA256())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .sign(key, hashes.SHA256())
+    )
     return csr.public_bytes(serialization.Encoding.PEM).decode(), key
 
 
@@ -32,17 +35,25 @@ class Client:
     cert: Path
     key: Path
     client_id: str
-    messages: "queue.Queue[tuple[str, bytes]]" = field(default_factory=queue.Queue)
+    messages: queue.Queue[tuple[str, bytes]] = field(default_factory=queue.Queue)
     failures: list = field(default_factory=list)
     connected: threading.Event = field(default_factory=threading.Event)
     stopped: threading.Event = field(default_factory=threading.Event)
 
-    def start(self, wait: float | None = 10.0) -> "Client":
+    def start(self, wait: float | None = 10.0) -> Client:
         self.mqtt = mqtt5_client_builder.mtls_from_path(
-            endpoint="localhost", port=self.port, cert_filepath=str(self.cert), pri_key_filepath=str(self.key),
-            ca_filepath=str(self.ca), client_id=self.client_id, enable_metrics_collection=False,
-            min_reconnect_delay_ms=200, max_reconnect_delay_ms=2000,
-            on_publish_received=lambda d: self.messages.put((d.publish_packet.topic, bytes(d.publish_packet.payload or b""))),
+            endpoint="localhost",
+            port=self.port,
+            cert_filepath=str(self.cert),
+            pri_key_filepath=str(self.key),
+            ca_filepath=str(self.ca),
+            client_id=self.client_id,
+            enable_metrics_collection=False,
+            min_reconnect_delay_ms=200,
+            max_reconnect_delay_ms=2000,
+            on_publish_received=lambda d: self.messages.put(
+                (d.publish_packet.topic, bytes(d.publish_packet.payload or b""))
+            ),
             on_lifecycle_connection_success=lambda d: self.connected.set(),
             on_lifecycle_connection_failure=lambda d: self.failures.append(d.exception),
             on_lifecycle_stopped=lambda d: self.stopped.set(),
@@ -92,8 +103,11 @@ def identity_client(client: Client):
     from awsiot import iotidentity
 
     return iotidentity.IotIdentityClientV2(
-        client.mqtt, rr.ClientOptions(max_request_response_subscriptions=3, max_streaming_subscriptions=2,
-                                      operation_timeout_in_seconds=15))
+        client.mqtt,
+        rr.ClientOptions(
+            max_request_response_subscriptions=3, max_streaming_subscriptions=2, operation_timeout_in_seconds=15
+        ),
+    )
 
 
 def session_conn(client: Client):
@@ -103,9 +117,14 @@ def session_conn(client: Client):
     import awscrt.mqtt_request_response as rr
 
     def service_client(cls, subscriptions: int, streaming: int = 0, timeout_s: float = 10.0):
-        return cls(client.mqtt, rr.ClientOptions(max_request_response_subscriptions=subscriptions,
-                                                 max_streaming_subscriptions=streaming,
-                                                 operation_timeout_in_seconds=int(timeout_s)))
+        return cls(
+            client.mqtt,
+            rr.ClientOptions(
+                max_request_response_subscriptions=subscriptions,
+                max_streaming_subscriptions=streaming,
+                operation_timeout_in_seconds=int(timeout_s),
+            ),
+        )
 
     return SimpleNamespace(service_client=service_client, connected=client.connected)
 
@@ -118,16 +137,22 @@ def provision_device(c, info, tmp_path, serial) -> tuple[Client, str]:
         idc = identity_client(claim)
         csr_pem, dkey = new_csr()
         created = idc.create_certificate_from_csr(
-            iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=csr_pem)).result(20)
-        reg = idc.register_thing(iotidentity.RegisterThingRequest(
-            template_name="iot-agent-fleet", certificate_ownership_token=created.certificate_ownership_token,
-            parameters={"SerialNumber": serial})).result(20)
+            iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=csr_pem)
+        ).result(20)
+        reg = idc.register_thing(
+            iotidentity.RegisterThingRequest(
+                template_name="iot-agent-fleet",
+                certificate_ownership_token=created.certificate_ownership_token,
+                parameters={"SerialNumber": serial},
+            )
+        ).result(20)
     finally:
         claim.stop()
     pem_path, key_path = tmp_path / f"{serial}.pem", tmp_path / f"{serial}.key"
     pem_path.write_text(created.certificate_pem)
-    key_path.write_bytes(dkey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption()))
+    key_path.write_bytes(
+        dkey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     dev = Client(info["port"], c.ca.cert_path, pem_path, key_path, reg.thing_name).start()
     return dev, created.certificate_id
 

@@ -5,7 +5,6 @@ Every process is started by the bench's own helpers and stopped by PID at teardo
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -74,10 +73,15 @@ class AgentProcess:
     lines: list[tuple[float, str]] = field(default_factory=list)  # (monotonic time seen, text)
     _reader: threading.Thread | None = None
 
-    def start(self) -> "AgentProcess":
+    def start(self) -> AgentProcess:
         self.proc = subprocess.Popen(
-            self.cmd or agent_cmd(self.device.config_path, *self.args), env={**self.device.token.full_env(), **self.env_extra},
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=self.session,
+            self.cmd or agent_cmd(self.device.config_path, *self.args),
+            env={**self.device.token.full_env(), **self.env_extra},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            start_new_session=self.session,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -88,7 +92,7 @@ class AgentProcess:
             self.lines.append((time.monotonic(), line.rstrip("\n")))
 
     def text(self) -> str:
-        return "\n".join(l for _, l in self.lines)
+        return "\n".join(line for _, line in self.lines)
 
     def wait_for(self, pattern: str, timeout: float = 30.0, after: int = 0) -> int:
         """Index of the first line (from `after`) matching; fails the test after `timeout`."""
@@ -127,8 +131,13 @@ class AgentProcess:
 def agents():
     started: list[AgentProcess] = []
 
-    def launch(device: Device, *args: str, env: dict[str, str] | None = None,
-               cmd: list[str] | None = None, session: bool = False) -> AgentProcess:
+    def launch(
+        device: Device,
+        *args: str,
+        env: dict[str, str] | None = None,
+        cmd: list[str] | None = None,
+        session: bool = False,
+    ) -> AgentProcess:
         a = AgentProcess(device, args or ("run",), dict(env or {}), cmd, session=session).start()
         started.append(a)
         return a

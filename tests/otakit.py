@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cloudkit import wait_status
+
 from agent.update.install import slot
 from localcloud.artifacts import Artifacts
 from localcloud.bench import fresh_device
 from localcloud.cloud import LocalCloud
 from localcloud.jobs import Jobs
 from localcloud.ntp import Chrony
-from localcloud.vendor import CodeSigner, make_tar, our_doc, signed_doc  # noqa: F401  (re-exported for the tests)
 from localcloud.streams import Streams
 from localcloud.tokens import softhsm_token
-from cloudkit import wait_status
+from localcloud.vendor import CodeSigner, make_tar, our_doc, signed_doc  # noqa: F401  (re-exported for the tests)
 
 HEALTH = ["sh", "-c", "test -f app.txt && ! grep -q unhealthy app.txt"]
 AFR_PATH = "/opt/app/app.tar"
@@ -35,8 +36,14 @@ def tar_dir(src: Path, prefix: str, version: str, patch: dict[str, tuple[str, st
 
 
 def afr_doc(filepath: str, data: bytes, signature: str, *, url: str | None = None, stream: str | None = None) -> dict:
-    f = {"filepath": filepath, "filesize": len(data), "fileid": 0, "certfile": "codesign.crt",
-         "fileType": 0, "sig-sha256-ecdsa": signature}
+    f = {
+        "filepath": filepath,
+        "filesize": len(data),
+        "fileid": 0,
+        "certfile": "codesign.crt",
+        "fileType": 0,
+        "sig-sha256-ecdsa": signature,
+    }
     if url:
         f["update_data_url"] = url
         return {"afr_ota": {"protocols": ["HTTP"], "files": [f]}}
@@ -45,8 +52,9 @@ def afr_doc(filepath: str, data: bytes, signature: str, *, url: str | None = Non
 
 def release(version: str, text: str | None = None, target: str | None = "app") -> bytes:
     """A release tar with VERSION and TARGET inside (what legacy documents need to bind them)."""
-    return make_tar({"app.txt": (text or f"app {version}\n").encode(), "bin/run": b"#!/bin/sh\necho hi\n"}, version,
-                    target)
+    return make_tar(
+        {"app.txt": (text or f"app {version}\n").encode(), "bin/run": b"#!/bin/sh\necho hi\n"}, version, target
+    )
 
 
 class World:
@@ -77,10 +85,25 @@ class World:
 
     def _enroll(self, serial: str, targets: dict, ota: dict | None) -> None:
         root = self.root
-        self.dev = fresh_device(self.cloud, self.token, serial, root / "device", [self.ntp.server], extra={
-            "defender": {"enabled": False}, "log": {"level": "debug"},
-            "ota": {"code_signing_certificate": str(self.signer.cert_path), "ca_file": self.info["ca_file"],
-                    "max_artifact_bytes": 4 * 1024 * 1024, "download_attempts": 2, "targets": targets, **(ota or {})}})
+        self.dev = fresh_device(
+            self.cloud,
+            self.token,
+            serial,
+            root / "device",
+            [self.ntp.server],
+            extra={
+                "defender": {"enabled": False},
+                "log": {"level": "debug"},
+                "ota": {
+                    "code_signing_certificate": str(self.signer.cert_path),
+                    "ca_file": self.info["ca_file"],
+                    "max_artifact_bytes": 4 * 1024 * 1024,
+                    "download_attempts": 2,
+                    "targets": targets,
+                    **(ota or {}),
+                },
+            },
+        )
 
     def file(self, data: bytes) -> Path:
         self.n += 1
@@ -107,6 +130,7 @@ class World:
 
     def run_wait(self, job_id: str, status: str, timeout: float = 60) -> dict:
         import time as _t
+
         print(f"{_t.strftime('%H:%M:%S')} created {job_id}")
         try:
             return wait_status(self.jobs, job_id, self.thing, status, timeout=timeout)
@@ -127,5 +151,3 @@ class World:
         self.token.stop()
         self.ntp.stop()
         self.cloud.down()
-
-

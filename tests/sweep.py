@@ -11,17 +11,17 @@ than they compute).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,12 +36,12 @@ class Run:
     cwd: Path | None = None
     proc: subprocess.Popen | None = None
 
-    def start(self) -> "Run":
+    def start(self) -> Run:
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        out = open(self.log, "ab")
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True, cwd=self.cwd)
-        out.close()
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.cwd
+            )
         return self
 
     def text(self) -> str:
@@ -75,17 +75,20 @@ class Run:
 
     def reap(self) -> None:
         """Whatever the process group left (a `keys` child): gone, like after a power cut."""
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def sweep_env(base: dict[str, str], ops_log: Path, root: Path, kill_after: int | None) -> dict[str, str]:
     from agent.base import killpoints
 
-    env = {**base, killpoints.LOG_ENV: str(ops_log), killpoints.ROOT_ENV: str(root),
-           killpoints.GROUP_ENV: "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {
+        **base,
+        killpoints.LOG_ENV: str(ops_log),
+        killpoints.ROOT_ENV: str(root),
+        killpoints.GROUP_ENV: "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
     if kill_after:
         env[killpoints.KILL_ENV] = str(kill_after)
     return env
@@ -117,11 +120,23 @@ class SweepResult:
     def summary(self) -> str:
         ops = ", ".join(f"{o.n}:{o.op.split()[1] if len(o.op.split()) > 1 else '?'}" for o in self.outcomes if o.killed)
         crashes = self.crashes + [o for o in self.outcomes if o.crash]
-        extra = (f"; {len(crashes)} run(s) crashed by themselves ({', '.join(sorted({o.crash for o in crashes}))}) "
-                 "and recovered") if crashes else ""
-        return (f"sweep {self.flow}: {self.kill_points} kill points, all recovered" if not self.failures else
-                f"sweep {self.flow}: {len(self.failures)} of {self.kill_points} kill points did not recover") + \
-            extra + f" [{ops}]"
+        extra = (
+            (
+                f"; {len(crashes)} run(s) crashed by themselves ({', '.join(sorted({o.crash for o in crashes}))}) "
+                "and recovered"
+            )
+            if crashes
+            else ""
+        )
+        return (
+            (
+                f"sweep {self.flow}: {self.kill_points} kill points, all recovered"
+                if not self.failures
+                else f"sweep {self.flow}: {len(self.failures)} of {self.kill_points} kill points did not recover"
+            )
+            + extra
+            + f" [{ops}]"
+        )
 
 
 SUMMARIES: list[str] = []  # printed at the end of the test run (conftest.pytest_terminal_summary)
@@ -145,8 +160,11 @@ def sweep(flow: str, case: Callable[[int], Outcome], workers: int = 4, limit: in
         else:
             raise AssertionError(f"{flow}: still killed after {limit} operations; is the flow looping?")
     # Beyond the first completed run, outcomes are runs that finished without a kill: not kill points.
-    last = min(o.n for o in result.outcomes if not o.killed and not o.error) if any(
-        not o.killed and not o.error for o in result.outcomes) else limit
+    last = (
+        min(o.n for o in result.outcomes if not o.killed and not o.error)
+        if any(not o.killed and not o.error for o in result.outcomes)
+        else limit
+    )
     result.outcomes = [o for o in result.outcomes if o.n <= last]
     print(result.summary())
     SUMMARIES.append(result.summary().split(" [")[0])

@@ -9,8 +9,8 @@ this one serves the agent's other retry loops (NTP, later status delivery).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 def _uniform01() -> float:

@@ -88,11 +88,9 @@ class ClockConfig:
     max_wait_s: float = 0.0  # 0 waits for ever (a device without time must not connect)
 
 
-
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
-
 
 
 @dataclass(frozen=True)
@@ -147,8 +145,6 @@ class Bound:
         return f"{key}: {_num(value)} {self.what} ({self.text()}); {self.hint}"
 
 
-
-
 Problems = Callable[[Mapping[str, Any]], list[str]]
 
 
@@ -171,22 +167,20 @@ class Section:
 
 DAY = 86400
 WEEK = 7 * DAY
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def _num(x: float) -> str:
     """A number as a person writes it: 5, 0.1, 2147483648 (never 2.14748e+09, never thousands of digits)."""
     if isinstance(x, int) and not isinstance(x, bool):
-        return str(x) if abs(x) < 10 ** 30 else f"{'a negative' if x < 0 else 'an'} integer of {_digits(x)} digits"
-    if math.isfinite(x) and x.is_integer() and abs(x) < 1e16:
+        return str(x) if abs(x) < 10**30 else f"{'a negative' if x < 0 else 'an'} integer of {_digits(x)} digits"
+    if isinstance(x, float) and math.isfinite(x) and x.is_integer() and abs(x) < 1e16:
         return str(int(x))
     return repr(x)
 
 
 def _digits(x: int) -> int:
     return int(math.log10(abs(x))) + 1 if x else 1
-
-
 
 
 def _type_name(tp: Any) -> str:
@@ -198,8 +192,9 @@ def _type_name(tp: Any) -> str:
     return str(tp)
 
 
-def _convert(value: Any, tp: Any, key: str, problems: list[str], bound: Bound | None = None,
-             schema: _Schema | None = None) -> Any:
+def _convert(
+    value: Any, tp: Any, key: str, problems: list[str], bound: Bound | None = None, schema: _Schema | None = None
+) -> Any:
     """Convert a TOML value to the field type, or record one problem and return None.
 
     Every number must be finite, and within `bound` when given (for a table or list of numbers: each one)."""
@@ -209,14 +204,16 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str], bound: Bound | 
         return _convert(value, inner[0], key, problems, bound, schema)
     if origin is dict:
         key_tp, val_tp = typing.get_args(tp)
-        if dataclasses.is_dataclass(val_tp):
+        if isinstance(val_tp, type) and dataclasses.is_dataclass(val_tp):  # a table of sections
             if not isinstance(value, dict):
                 problems.append(f"{key}: expected a table of tables, got {_describe(value)}")
                 return None
             assert schema is not None
             return {k: _section(val_tp, v, f"{key}.{toml_key(k)}", problems, schema) for k, v in value.items()}
         if not isinstance(value, dict):
-            problems.append(f"{key}: expected a table of {_type_name(val_tp).split(' ', 1)[1]}s, got {_describe(value)}")
+            problems.append(
+                f"{key}: expected a table of {_type_name(val_tp).split(' ', 1)[1]}s, got {_describe(value)}"
+            )
             return None
         return {k: _convert(v, val_tp, f"{key}.{toml_key(k)}", problems, bound, schema) for k, v in value.items()}
     if origin is list:
@@ -302,9 +299,6 @@ def _optional(tp: Any) -> bool:
     return type(None) in typing.get_args(tp)
 
 
-
-
-
 @dataclass
 class _Schema:
     """Every section's bounds and choices, merged for one parse."""
@@ -317,8 +311,10 @@ def parse(data: dict[str, Any], path: Path | None = None, sections: Sequence[Sec
     """Build a Config from parsed TOML with the shared sections and `sections` (the capabilities');
     raises ConfigError listing every problem, one line each."""
     specs = list(SHARED) + list(sections)
-    schema = _Schema({c: b for s in specs for c, b in s.bounds.items()},
-                     {(s.name, k): v for s in specs for k, v in s.choices.items()})
+    schema = _Schema(
+        {c: b for s in specs for c, b in s.bounds.items()},
+        {(s.name, k): v for s in specs for k, v in s.choices.items()},
+    )
     problems: list[str] = []
     known = {s.name: s for s in specs}
     for key in data:
@@ -338,8 +334,11 @@ def parse(data: dict[str, Any], path: Path | None = None, sections: Sequence[Sec
         where = f"{path}: " if path else ""
         raise ConfigError([where + p for p in problems])
     shared = {s.name for s in SHARED}
-    return Config(**{k: v for k, v in built.items() if k in shared},
-                  sections={k: v for k, v in built.items() if k not in shared}, path=path)
+    return Config(
+        **{k: v for k, v in built.items() if k in shared},
+        sections={k: v for k, v in built.items() if k not in shared},
+        path=path,
+    )
 
 
 def order(c: Mapping[str, Any], section: str, lo_key: str, hi_key: str) -> list[str]:
@@ -347,7 +346,9 @@ def order(c: Mapping[str, Any], section: str, lo_key: str, hi_key: str) -> list[
     lo, hi = getattr(c[section], lo_key), getattr(c[section], hi_key)
     if lo <= hi:
         return []
-    return [f"{section}.{hi_key}: {_num(hi)} is below {section}.{lo_key} ({_num(lo)}); raise {hi_key} or lower {lo_key}"]
+    return [
+        f"{section}.{hi_key}: {_num(hi)} is below {section}.{lo_key} ({_num(lo)}); raise {hi_key} or lower {lo_key}"
+    ]
 
 
 def split_server(s: str) -> tuple[str, int]:
@@ -357,7 +358,7 @@ def split_server(s: str) -> tuple[str, int]:
         end = s.find("]")
         if end < 0:
             raise ValueError(f"{s!r}: unclosed '['")
-        host, rest = s[1:end], s[end + 1:]
+        host, rest = s[1:end], s[end + 1 :]
         if rest:
             if not rest.startswith(":"):
                 raise ValueError(f"{s!r}: expected ':port' after ']'")
@@ -376,31 +377,32 @@ def _port(p: str, s: str) -> int:
     return int(p)
 
 
-
 def load(path: Path | str | None = None, sections: Sequence[Section] = ()) -> Config:
     """Read and parse the config file; every failure is a ConfigError with one line per problem."""
     p = Path(path) if path is not None else DEFAULT_CONFIG_PATH
     try:
         raw = p.read_bytes()
     except FileNotFoundError:
-        raise ConfigError([f"{p}: config file not found; create it (see README, 'Configuration') or pass --config PATH"])
+        raise ConfigError(
+            [f"{p}: config file not found; create it (see README, 'Configuration') or pass --config PATH"]
+        ) from None
     except IsADirectoryError:
-        raise ConfigError([f"{p}: is a directory, not a config file; pass --config PATH to the file"])
+        raise ConfigError([f"{p}: is a directory, not a config file; pass --config PATH to the file"]) from None
     except PermissionError:
-        raise ConfigError([f"{p}: cannot read the config file (permission denied); check its owner and mode"])
+        raise ConfigError([f"{p}: cannot read the config file (permission denied); check its owner and mode"]) from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
-        raise ConfigError([f"{p}: not UTF-8 text; save the config as UTF-8 TOML"])
+        raise ConfigError([f"{p}: not UTF-8 text; save the config as UTF-8 TOML"]) from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError([f"{p}: TOML syntax error: {e}; fix the line named"])
+        raise ConfigError([f"{p}: TOML syntax error: {e}; fix the line named"]) from None
     except ValueError:  # an integer of thousands of digits (Python's int conversion limit)
-        raise ConfigError([f"{p}: TOML value too long to read (an integer of thousands of digits); fix the number"])
+        raise ConfigError(
+            [f"{p}: TOML value too long to read (an integer of thousands of digits); fix the number"]
+        ) from None
     except RecursionError:
-        raise ConfigError([f"{p}: TOML arrays or tables nested too deeply to read; no key needs that"])
+        raise ConfigError([f"{p}: TOML arrays or tables nested too deeply to read; no key needs that"]) from None
     return parse(data, p.resolve(), sections)
-
-
 
 
 def _shared_problems(c: Mapping[str, Any]) -> list[str]:
@@ -408,7 +410,7 @@ def _shared_problems(c: Mapping[str, Any]) -> list[str]:
     out += order(c, "broker", "refused_retry_min_s", "refused_retry_max_s")
     k: ClockConfig = c["clock"]
     if k.source == "ntp" and not k.ntp_servers:
-        out.append("clock.ntp_servers: empty; list at least one server or set clock.source = \"system\"")
+        out.append('clock.ntp_servers: empty; list at least one server or set clock.source = "system"')
     for s in k.ntp_servers:
         try:
             split_server(s)
@@ -443,27 +445,41 @@ def _shared_files(cfg: Config) -> list[str]:
 
 
 SHARED: tuple[Section, ...] = (
-    Section("broker", BrokerConfig, required=True, problems=_shared_problems, files=_shared_files, bounds={
-        BrokerConfig: {
-            "port": Bound(1, 65535, what="is not a TCP port"),
-            "keepalive_s": Bound(5, 1200, "s", "AWS IoT allows 30-1200 s (5 is for tests)"),
-            "connect_timeout_s": Bound(1, 600, "s"),
-            "reconnect_min_s": Bound(0.1, 3600, "s"),
-            "reconnect_max_s": Bound(0.1, DAY, "s"),
-            "reconnect_reset_after_s": Bound(0, DAY, "s"),
-            "refused_after": Bound(1, 100),
-            "refused_retry_min_s": Bound(1, DAY, "s"),
-            "refused_retry_max_s": Bound(1, DAY, "s"),
-        }}),
+    Section(
+        "broker",
+        BrokerConfig,
+        required=True,
+        problems=_shared_problems,
+        files=_shared_files,
+        bounds={
+            BrokerConfig: {
+                "port": Bound(1, 65535, what="is not a TCP port"),
+                "keepalive_s": Bound(5, 1200, "s", "AWS IoT allows 30-1200 s (5 is for tests)"),
+                "connect_timeout_s": Bound(1, 600, "s"),
+                "reconnect_min_s": Bound(0.1, 3600, "s"),
+                "reconnect_max_s": Bound(0.1, DAY, "s"),
+                "reconnect_reset_after_s": Bound(0, DAY, "s"),
+                "refused_after": Bound(1, 100),
+                "refused_retry_min_s": Bound(1, DAY, "s"),
+                "refused_retry_max_s": Bound(1, DAY, "s"),
+            }
+        },
+    ),
     Section("pkcs11", Pkcs11Config, required=True),
     Section("device", DeviceConfig),
-    Section("clock", ClockConfig, choices={"source": ("ntp", "system")}, bounds={
-        ClockConfig: {
-            "max_skew_s": Bound(0.1, 3600, "s"),
-            "query_timeout_s": Bound(0.1, 60, "s"),
-            "retry_min_s": Bound(0.1, 3600, "s"),
-            "retry_max_s": Bound(0.1, 3600, "s"),
-            "max_wait_s": Bound(0, DAY, "s", "0 waits for ever; else at most a day"),
-        }}),
+    Section(
+        "clock",
+        ClockConfig,
+        choices={"source": ("ntp", "system")},
+        bounds={
+            ClockConfig: {
+                "max_skew_s": Bound(0.1, 3600, "s"),
+                "query_timeout_s": Bound(0.1, 60, "s"),
+                "retry_min_s": Bound(0.1, 3600, "s"),
+                "retry_max_s": Bound(0.1, 3600, "s"),
+                "max_wait_s": Bound(0, DAY, "s", "0 waits for ever; else at most a day"),
+            }
+        },
+    ),
     Section("log", LogConfig, choices={"level": ("debug", "info", "warning", "error")}),
 )

@@ -38,7 +38,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.fchmod(fd, mode)  # a stale temp file may exist with another mode
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -104,8 +104,8 @@ def remove_stale_temps(directory: Path) -> int:
         return 0
     for p in entries:
         parts = p.name.split(".")
-        if len(parts) >= 5 and p.name.startswith(".") and parts[-1] == "tmp" and parts[-3].isdigit():
-            if not os.path.exists(f"/proc/{parts[-3]}") and p.is_file() and not p.is_symlink():
-                remove(p)
-                n += 1
+        stale = len(parts) >= 5 and p.name.startswith(".") and parts[-1] == "tmp" and parts[-3].isdigit()
+        if stale and not os.path.exists(f"/proc/{parts[-3]}") and p.is_file() and not p.is_symlink():
+            remove(p)
+            n += 1
     return n

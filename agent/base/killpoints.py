@@ -20,6 +20,7 @@ IOT_AGENT_TEST_KILL_GROUP=1, the process's own group: a power cut stops everythi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -33,8 +34,14 @@ GROUP_ENV = "IOT_AGENT_TEST_KILL_GROUP"
 RECORD = 96  # bytes per record: "<pid> <kind> <path>" padded; a count is the file size / RECORD
 
 # audit event -> (index of the path it changes, index of that path's dir_fd argument)
-_FILE_EVENTS = {"os.rename": (1, 3), "os.remove": (0, 1), "os.rmdir": (0, 1), "os.symlink": (1, 2), "os.link": (1, 3),
-                "shutil.rmtree": (0, 1)}
+_FILE_EVENTS = {
+    "os.rename": (1, 3),
+    "os.remove": (0, 1),
+    "os.rmdir": (0, 1),
+    "os.symlink": (1, 2),
+    "os.link": (1, 3),
+    "shutil.rmtree": (0, 1),
+}
 _state = threading.local()
 _pending: dict[int, int] = {}  # thread ident -> the op number after which it must die
 _installed = False
@@ -48,16 +55,11 @@ def _kill() -> None:
     _state.busy = True  # os.kill and open are audited too: no re-entry from here
     also = os.environ.get(ALSO_ENV)
     if also:
-        try:
-            with open(also) as f:
-                for line in f:
-                    if line.strip().isdigit():
-                        try:
-                            os.killpg(int(line), signal.SIGKILL)
-                        except OSError:
-                            pass
-        except OSError:
-            pass
+        with contextlib.suppress(OSError), open(also) as f:
+            for line in f:
+                if line.strip().isdigit():
+                    with contextlib.suppress(OSError):
+                        os.killpg(int(line), signal.SIGKILL)
     if os.environ.get(GROUP_ENV) == "1":
         os.killpg(os.getpgid(0), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
@@ -152,4 +154,4 @@ def count(log_path: str) -> list[str]:
             data = f.read()
     except FileNotFoundError:
         return []
-    return [data[i:i + RECORD].decode("utf-8", "replace").strip() for i in range(0, len(data) - RECORD + 1, RECORD)]
+    return [data[i : i + RECORD].decode("utf-8", "replace").strip() for i in range(0, len(data) - RECORD + 1, RECORD)]

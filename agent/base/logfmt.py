@@ -22,7 +22,7 @@ _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
-def _escape_one(m: "re.Match[str]") -> str:
+def _escape_one(m: re.Match[str]) -> str:
     c = m.group(0)
     named = _NAMED.get(c)
     if named:

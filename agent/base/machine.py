@@ -63,7 +63,7 @@ class Machine:
 
     def table(self) -> str:
         """The machine as a Markdown table (docs/architecture.md is generated from these)."""
-        rows = [f"| state | what runs | next | after a restart |", "|---|---|---|---|"]
+        rows = ["| state | what runs | next | after a restart |", "|---|---|---|---|"]
         begin = ", ".join(f"`{s}`" for s in self.start)
         rows.append(f"| {START} | a new record begins in {begin} | {begin} | nothing to finish |")
         for s in self.states.values():

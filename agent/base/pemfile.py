@@ -7,8 +7,8 @@ update verifier, which must never hang on a FIFO or accept a key where a certifi
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import binascii
+import datetime as dt
 import errno
 import os
 import re
@@ -18,8 +18,13 @@ from pathlib import Path
 MAX_CERTIFICATE_FILE_BYTES = 4 * 1024 * 1024  # a whole system CA bundle is about 200 KB
 MISSING_FILE = "does not exist"
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]{1,40})-----(.*?)-----END ([A-Z0-9 ]{1,40})-----", re.S)
-_FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-               stat.S_IFDIR: "a directory", stat.S_IFSOCK: "a socket"}
+_FILE_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFSOCK: "a socket",
+}
 
 
 def read_regular_file(path: Path, limit: int) -> bytes:
@@ -32,8 +37,8 @@ def read_regular_file(path: Path, limit: int) -> bytes:
         raise
     except OSError as e:
         if e.errno == errno.ENXIO:  # a socket (or a FIFO opened for writing elsewhere)
-            raise ValueError("is not a regular file")
-        raise ValueError(f"cannot be read ({e.strerror})")
+            raise ValueError("is not a regular file") from None
+        raise ValueError(f"cannot be read ({e.strerror})") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -42,13 +47,15 @@ def read_regular_file(path: Path, limit: int) -> bytes:
             raise ValueError(f"is larger than {limit} bytes")
         chunks, size = [], 0
         while size <= limit:
-            chunk = os.read(fd, limit + 1 - size)
+            # Never ask for `limit` bytes at once: os.read allocates what it is asked for, and one 16 MiB
+            # buffer freed at the end of the file keeps glibc from returning memory (bench/lifecycle_rss.py).
+            chunk = os.read(fd, min(limit + 1 - size, 64 * 1024))
             if not chunk:
                 break
             chunks.append(chunk)
             size += len(chunk)
     except OSError as e:
-        raise ValueError(f"cannot be read ({e.strerror})")
+        raise ValueError(f"cannot be read ({e.strerror})") from None
     finally:
         os.close(fd)
     if size > limit:
@@ -58,8 +65,11 @@ def read_regular_file(path: Path, limit: int) -> bytes:
 
 def certificate_ders(data: bytes) -> list[bytes]:
     """The DER of each certificate in a PEM bundle that passes certificate_problem (first one first)."""
-    return [base64.b64decode(b"".join(body.split())) for label, body, _ in _PEM_BLOCK.findall(data)
-            if label == b"CERTIFICATE"]
+    return [
+        base64.b64decode(b"".join(body.split()))
+        for label, body, _ in _PEM_BLOCK.findall(data)
+        if label == b"CERTIFICATE"
+    ]
 
 
 def certificate_problem(data: bytes) -> str | None:
@@ -96,7 +106,7 @@ def _one_der_element(der: bytes) -> bool:
         k = n & 0x7F
         if not 1 <= k <= 4 or len(der) < 2 + k:
             return False
-        n, i = int.from_bytes(der[2:2 + k], "big"), 2 + k
+        n, i = int.from_bytes(der[2 : 2 + k], "big"), 2 + k
     return i + n == len(der)
 
 
@@ -136,4 +146,4 @@ def certificate_status(path: str | None) -> tuple[float | None, str | None]:
 def certificate_expiry(path: str | None) -> str | None:
     """notAfter in ISO 8601 (UTC), or None when there is no readable certificate."""
     after, _ = certificate_status(path)
-    return None if after is None else dt.datetime.fromtimestamp(after, dt.timezone.utc).isoformat()
+    return None if after is None else dt.datetime.fromtimestamp(after, dt.UTC).isoformat()

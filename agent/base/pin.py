@@ -44,26 +44,37 @@ def read_pin(cfg: Config, environ: dict[str, str] | None = None) -> str:
     p = pin_path(cfg, environ)
 
     def not_regular(kind: str) -> SecretError:
-        return SecretError(f"{p}: PIN file is not a regular file ({kind}); point pkcs11.pin_file (or the "
-                           "credential) at a file holding only the PIN, mode 600")
+        return SecretError(
+            f"{p}: PIN file is not a regular file ({kind}); point pkcs11.pin_file (or the "
+            "credential) at a file holding only the PIN, mode 600"
+        )
 
     try:
         fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise SecretError(f"{p}: PIN file not found; create it with mode 600 (umask 077; printf %s PIN > {p})")
+        raise SecretError(
+            f"{p}: PIN file not found; create it with mode 600 (umask 077; printf %s PIN > {p})"
+        ) from None
     except PermissionError:
-        raise SecretError(f"{p}: PIN file not readable by this user; make the agent's user its owner, mode 600")
+        raise SecretError(
+            f"{p}: PIN file not readable by this user; make the agent's user its owner, mode 600"
+        ) from None
     except OSError as e:
         if e.errno == errno.ELOOP:  # a symlink where a private file was expected
-            raise SecretError(f"{p}: PIN file is a symbolic link; point the config at the real file")
+            raise SecretError(f"{p}: PIN file is a symbolic link; point the config at the real file") from None
         if e.errno == errno.ENXIO:  # a socket
-            raise not_regular("a socket")
-        raise SecretError(f"{p}: cannot open the PIN file ({e.strerror})")
+            raise not_regular("a socket") from None
+        raise SecretError(f"{p}: cannot open the PIN file ({e.strerror})") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            kinds = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-                     stat.S_IFDIR: "a directory", stat.S_IFSOCK: "a socket"}
+            kinds = {
+                stat.S_IFIFO: "a FIFO",
+                stat.S_IFCHR: "a character device",
+                stat.S_IFBLK: "a block device",
+                stat.S_IFDIR: "a directory",
+                stat.S_IFSOCK: "a socket",
+            }
             raise not_regular(kinds.get(stat.S_IFMT(st.st_mode), "not a file"))
         if st.st_mode & 0o077:
             raise SecretError(
@@ -77,7 +88,7 @@ def read_pin(cfg: Config, environ: dict[str, str] | None = None) -> str:
                 break
             raw += chunk
     except OSError as e:
-        raise SecretError(f"{p}: cannot read the PIN file ({e.strerror})")
+        raise SecretError(f"{p}: cannot read the PIN file ({e.strerror})") from None
     finally:
         os.close(fd)
     if len(raw) > MAX_PIN_BYTES:
@@ -85,7 +96,7 @@ def read_pin(cfg: Config, environ: dict[str, str] | None = None) -> str:
     try:
         pin = raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError:
-        raise SecretError(f"{p}: PIN file is not UTF-8 text")
+        raise SecretError(f"{p}: PIN file is not UTF-8 text") from None
     if not pin:
         raise SecretError(f"{p}: PIN file is empty; write the token's user PIN into it")
     return pin

@@ -13,10 +13,11 @@ import json
 import os
 import stat
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from agent.base.errors import StateError
 
@@ -24,7 +25,7 @@ SCHEMA_VERSION = 1
 FILE_NAME = "state.json"
 LOCK_NAME = "state.lock"
 MAX_STATE_BYTES = 16 * 1024 * 1024
-_FOLDER_LOCKS: dict[str, "_FolderLock"] = {}
+_FOLDER_LOCKS: dict[str, _FolderLock] = {}
 _FOLDER_LOCKS_GUARD = threading.Lock()
 
 
@@ -35,7 +36,7 @@ class _FolderLock:
         self._lock = threading.RLock()
         self.depth = 0
 
-    def __enter__(self) -> "_FolderLock":
+    def __enter__(self) -> _FolderLock:
         self._lock.acquire()
         return self
 
@@ -72,14 +73,19 @@ class StateStore:
         except FileNotFoundError:
             return {}
         except OSError as e:
-            raise StateError(f"{self.path}: cannot read the state file ({e.strerror}); check its owner and mode")
+            raise StateError(
+                f"{self.path}: cannot read the state file ({e.strerror}); check its owner and mode"
+            ) from None
         except ValueError as e:
-            raise StateError(f"{self.path}: the state file {e}; move it aside and restore the real one")
-        hint = "it was left untouched; restore it from a backup or move it aside to start over (the device may need re-provisioning)"
+            raise StateError(f"{self.path}: the state file {e}; move it aside and restore the real one") from None
+        hint = (
+            "it was left untouched; restore it from a backup or move it aside to start over (the device may "
+            "need re-provisioning)"
+        )
         try:
             doc = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
-            raise StateError(f"{self.path}: state file is corrupt (not JSON: {e.__class__.__name__}); {hint}")
+            raise StateError(f"{self.path}: state file is corrupt (not JSON: {e.__class__.__name__}); {hint}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("data"), dict):
             raise StateError(f"{self.path}: state file is corrupt (no 'data' object); {hint}")
         version = doc.get("schema")
@@ -140,6 +146,7 @@ class StateStore:
 
     def update(self, **changes: Any) -> dict[str, Any]:
         """Load, apply top-level changes (None deletes a key), save in one write; returns the new state."""
+
         def apply(data: dict[str, Any]) -> dict[str, Any]:
             for k, v in changes.items():
                 if v is None:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import base64
 import calendar
+import hashlib as _hashlib
+import re as _re
 import time
+from dataclasses import dataclass as _dataclass
 
 
 def der(pem_or_der: bytes) -> bytes:
     if b"-----BEGIN" in pem_or_der:
-        body = b"".join(l for l in pem_or_der.splitlines() if l and not l.startswith(b"-----"))
+        body = b"".join(line for line in pem_or_der.splitlines() if line and not line.startswith(b"-----"))
         return base64.b64decode(body)
     return pem_or_der
 
@@ -29,7 +32,7 @@ def _tlv(buf: bytes, i: int) -> tuple[int, int, int]:
         k = ln & 0x7F
         if k == 0 or k > 4 or i + k > len(buf):
             raise ValueError("bad DER length")
-        ln = int.from_bytes(buf[i:i + k], "big")
+        ln = int.from_bytes(buf[i : i + k], "big")
         i += k
     if i + ln > len(buf):
         raise ValueError("DER element overruns the buffer")
@@ -85,9 +88,6 @@ def subject_public_key_info(pem_or_der: bytes) -> bytes | None:
 
 
 # -- strict parsing, for answers from the network -------------------------------------------------
-import hashlib as _hashlib
-import re as _re
-from dataclasses import dataclass as _dataclass
 
 _PEM_CERT = _re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n([A-Za-z0-9+/=\r\n]+?)-----END CERTIFICATE-----")
 _UTC = _re.compile(r"[0-9]{12}Z", _re.ASCII)
@@ -164,7 +164,7 @@ def parse_certificate(pem_or_der: bytes) -> Certificate:
         _, spki_start, _, spki_end = tbs[5]
         return Certificate(data, data[spki_start:spki_end], before, after)
     except (IndexError, UnicodeDecodeError, OverflowError, TypeError) as e:
-        raise ValueError(f"malformed certificate ({e.__class__.__name__})")
+        raise ValueError(f"malformed certificate ({e.__class__.__name__})") from None
 
 
 def csr_public_key_info(pem: bytes) -> bytes:
@@ -175,4 +175,4 @@ def csr_public_key_info(pem: bytes) -> bytes:
     items = _sequence_items(data, cs, ce)
     if len(items) < 3 or items[2][0] != 0x30:
         raise ValueError("not a PKCS#10 request")
-    return data[items[2][1]:items[2][3]]
+    return data[items[2][1] : items[2][3]]

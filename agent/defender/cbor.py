@@ -62,7 +62,7 @@ def _arg(buf: memoryview, i: int, info: int) -> tuple[int, int]:
     size = {24: 1, 25: 2, 26: 4, 27: 8}.get(info)
     if size is None or i + size > len(buf):
         raise ValueError("bad CBOR length")
-    return int.from_bytes(buf[i:i + size], "big"), i + size
+    return int.from_bytes(buf[i : i + size], "big"), i + size
 
 
 def _dec(buf: memoryview, i: int, depth: int) -> tuple[Any, int]:
@@ -83,7 +83,7 @@ def _dec(buf: memoryview, i: int, depth: int) -> tuple[Any, int]:
             size = {25: 2, 26: 4, 27: 8}[info]
             if i + size > len(buf):
                 raise ValueError("truncated CBOR float")
-            raw = bytes(buf[i:i + size])
+            raw = bytes(buf[i : i + size])
             return struct.unpack({2: ">e", 4: ">f", 8: ">d"}[size], raw)[0], i + size
         raise ValueError("unsupported CBOR simple value")
     n, i = _arg(buf, i, info)
@@ -94,7 +94,7 @@ def _dec(buf: memoryview, i: int, depth: int) -> tuple[Any, int]:
     if major in (2, 3):
         if i + n > len(buf):
             raise ValueError("truncated CBOR string")
-        raw = bytes(buf[i:i + n])
+        raw = bytes(buf[i : i + n])
         return (raw if major == 2 else raw.decode("utf-8")), i + n
     if major == 4:
         if n > len(buf):

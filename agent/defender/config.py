@@ -25,8 +25,6 @@ class DefenderConfig:
     custom_ip_list: dict[str, list[str]] = field(default_factory=dict)
 
 
-
-
 def _problems(c: Mapping[str, Any]) -> list[str]:
     import ipaddress
 
@@ -44,11 +42,18 @@ def _problems(c: Mapping[str, Any]) -> list[str]:
 
 
 SECTIONS = (
-    Section("defender", DefenderConfig, problems=_problems, choices={"format": ("json", "cbor"), "names": ("long", "short")},
-            bounds={DefenderConfig: {
+    Section(
+        "defender",
+        DefenderConfig,
+        problems=_problems,
+        choices={"format": ("json", "cbor"), "names": ("long", "short")},
+        bounds={
+            DefenderConfig: {
                 "interval_s": Bound(1, DAY, "s"),
                 "max_list": Bound(1, 1000),
                 "custom_number": None,
                 "custom_number_list": None,
-            }}),
+            }
+        },
+    ),
 )

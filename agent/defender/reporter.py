@@ -9,14 +9,16 @@ persisted so it keeps increasing across restarts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from agent import __version__
 from agent.defender.config import DefenderConfig
@@ -24,11 +26,28 @@ from agent.defender.config import DefenderConfig
 log = logging.getLogger("agent.defender")
 
 SHORT = {
-    "header": "hed", "report_id": "rid", "version": "v", "metrics": "met", "custom_metrics": "cmet",
-    "tcp_connections": "tc", "established_connections": "ec", "connections": "cs", "remote_addr": "rad",
-    "local_port": "lp", "local_interface": "li", "total": "t", "listening_tcp_ports": "tp",
-    "listening_udp_ports": "up", "ports": "pts", "port": "pt", "interface": "if", "network_stats": "ns",
-    "bytes_in": "bi", "bytes_out": "bo", "packets_in": "pi", "packets_out": "po",
+    "header": "hed",
+    "report_id": "rid",
+    "version": "v",
+    "metrics": "met",
+    "custom_metrics": "cmet",
+    "tcp_connections": "tc",
+    "established_connections": "ec",
+    "connections": "cs",
+    "remote_addr": "rad",
+    "local_port": "lp",
+    "local_interface": "li",
+    "total": "t",
+    "listening_tcp_ports": "tp",
+    "listening_udp_ports": "up",
+    "ports": "pts",
+    "port": "pt",
+    "interface": "if",
+    "network_stats": "ns",
+    "bytes_in": "bi",
+    "bytes_out": "bo",
+    "packets_in": "pi",
+    "packets_out": "po",
 }
 
 
@@ -47,8 +66,9 @@ def remote_addr(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
-def build_report(snap: Snapshot, report_id: int, deltas: tuple[int, int, int, int], *, short: bool,
-                 max_list: int) -> dict:
+def build_report(
+    snap: Snapshot, report_id: int, deltas: tuple[int, int, int, int], *, short: bool, max_list: int
+) -> dict:
     """AWS's report document, long or short names, lists capped at `max_list` with full totals."""
     n = (lambda k: SHORT[k]) if short else (lambda k: k)
 
@@ -68,11 +88,18 @@ def build_report(snap: Snapshot, report_id: int, deltas: tuple[int, int, int, in
             c[n("local_interface")] = iface
         conns.append(c)
     metrics = {
-        n("tcp_connections"): {n("established_connections"): {n("connections"): conns, n("total"): len(snap.established)}},
+        n("tcp_connections"): {
+            n("established_connections"): {n("connections"): conns, n("total"): len(snap.established)}
+        },
         n("listening_tcp_ports"): ports(snap.tcp_listen),
         n("listening_udp_ports"): ports(snap.udp_listen),
-        n("network_stats"): dict(zip((n("bytes_in"), n("bytes_out"), n("packets_in"), n("packets_out")),
-                                     (max(0, d) for d in deltas))),
+        n("network_stats"): dict(
+            zip(
+                (n("bytes_in"), n("bytes_out"), n("packets_in"), n("packets_out")),
+                (max(0, d) for d in deltas),
+                strict=True,
+            )
+        ),
     }
     doc = {n("header"): {n("report_id"): report_id, n("version"): "1.0"}, n("metrics"): metrics}
     if snap.custom:
@@ -101,7 +128,7 @@ def _hex_ip(h: str) -> str:
     raw = bytes.fromhex(h)
     if len(raw) == 4:
         return socket.inet_ntop(socket.AF_INET, raw[::-1])
-    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
     ip = socket.inet_ntop(socket.AF_INET6, words)
     return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
 
@@ -176,8 +203,13 @@ class Collector:
             tcp_listen, udp_listen, established = self._psutil_sockets(ifaces)
         io = psutil.net_io_counters()
         counters = (io.bytes_recv, io.bytes_sent, io.packets_recv, io.packets_sent)
-        return Snapshot(sorted(tcp_listen, key=lambda x: (x[0], x[1] or "")),
-                        sorted(udp_listen, key=lambda x: (x[0], x[1] or "")), established, counters, self.custom())
+        return Snapshot(
+            sorted(tcp_listen, key=lambda x: (x[0], x[1] or "")),
+            sorted(udp_listen, key=lambda x: (x[0], x[1] or "")),
+            established,
+            counters,
+            self.custom(),
+        )
 
     def _psutil_sockets(self, ifaces: dict[str, str]):
         """Portable path (non-Linux): psutil maps every socket to its process, which costs more."""
@@ -206,21 +238,19 @@ class Collector:
             "memory_used_percent": {"number": round(psutil.virtual_memory().percent, 1)},
             "agent_version": {"string_list": [__version__]},
         }
-        try:
+        with contextlib.suppress(OSError):
             out["state_disk_free_mb"] = {"number": psutil.disk_usage(str(self.state_dir)).free // (1024 * 1024)}
-        except OSError:
-            pass
         days = self.cert_days_left()
         if days is not None:
             out["cert_days_to_expiry"] = {"number": days}
-        for name, v in self.cfg.custom_number.items():
-            out[name] = {"number": v}
-        for name, v in self.cfg.custom_number_list.items():
-            out[name] = {"number_list": list(v)}
-        for name, v in self.cfg.custom_string_list.items():
-            out[name] = {"string_list": list(v)}
-        for name, v in self.cfg.custom_ip_list.items():
-            out[name] = {"ip_list": list(v)}
+        for name, number in self.cfg.custom_number.items():
+            out[name] = {"number": number}
+        for name, numbers in self.cfg.custom_number_list.items():
+            out[name] = {"number_list": list(numbers)}
+        for name, strings in self.cfg.custom_string_list.items():
+            out[name] = {"string_list": list(strings)}
+        for name, ips in self.cfg.custom_ip_list.items():
+            out[name] = {"ip_list": list(ips)}
         return out
 
     def cert_days_left(self) -> int | None:
@@ -249,7 +279,7 @@ class Reporter:
     connected: Callable[[], bool]
     connection_count: Callable[[], int]
     load_state: Callable[[], dict]
-    save_state: Callable[[dict], None]
+    save_state: Callable[[dict], object]  # what it returns (StateStore.update's new state) is unused
     now: Callable[[], float] = time.time
     accepted: int = 0
     rejected: int = 0
@@ -301,7 +331,7 @@ class Reporter:
         prev = st.get("counters")
         boot = _boot_id()
         if prev and st.get("boot_id") == boot:
-            deltas = tuple(max(0, a - b) for a, b in zip(snap.counters, prev))
+            deltas = tuple(max(0, a - b) for a, b in zip(snap.counters, prev, strict=True))
         else:
             deltas = snap.counters  # first report of this boot: everything since boot
         rid = next_report_id(self.now(), st.get("last_report_id"))
@@ -313,10 +343,19 @@ class Reporter:
         else:
             payload = json.dumps(doc, separators=(",", ":")).encode()
         # Write ahead: the id and counters are recorded before the report leaves, so a crash never reuses an id.
-        self.save_state({**st, "last_report_id": rid, "last_report_at": self.now(), "counters": list(snap.counters),
-                         "boot_id": boot})
+        self.save_state(
+            {
+                **st,
+                "last_report_id": rid,
+                "last_report_at": self.now(),
+                "counters": list(snap.counters),
+                "boot_id": boot,
+            }
+        )
         rc = self.publish(self.topic, payload)
-        log.info("report %d published (%d bytes, %s/%s, PUBACK %d)", rid, len(payload), self.cfg.format, self.cfg.names, rc)
+        log.info(
+            "report %d published (%d bytes, %s/%s, PUBACK %d)", rid, len(payload), self.cfg.format, self.cfg.names, rc
+        )
         return rid
 
     def on_response(self, topic: str, payload: bytes) -> None:
@@ -329,8 +368,12 @@ class Reporter:
             self.rejected += 1
             details = doc.get("statusDetails") or {}
             self.last_rejection = f"{details.get('ErrorCode', '?')}: {details.get('ErrorMessage', '')}"
-            log.warning("report %s rejected: %s (rejections so far: %d; not retried)", doc.get("reportId"),
-                        self.last_rejection, self.rejected)
+            log.warning(
+                "report %s rejected: %s (rejections so far: %d; not retried)",
+                doc.get("reportId"),
+                self.last_rejection,
+                self.rejected,
+            )
 
 
 def _decode(payload: bytes, fmt: str) -> dict:

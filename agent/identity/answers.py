@@ -80,11 +80,11 @@ def issued_certificate(pem: Any, cert_id: Any, token: Any, csr_pem: str | bytes,
         raw = pem.encode("ascii")
         cert = parse_certificate(raw)
     except (ValueError, UnicodeEncodeError) as e:
-        raise AnswerError(f"certificatePem is not one X.509 certificate ({str(e)[:80]})")
+        raise AnswerError(f"certificatePem is not one X.509 certificate ({str(e)[:80]})") from None
     try:
         ours = csr_public_key_info(csr_pem.encode() if isinstance(csr_pem, str) else csr_pem)
     except (ValueError, IndexError):
-        raise AnswerError("the request's own CSR cannot be read (state file damaged?)")
+        raise AnswerError("the request's own CSR cannot be read (state file damaged?)") from None
     if cert.spki != ours:
         raise AnswerError("the certificate is not for this device's key (its public key differs from the CSR's)")
     if cert.id != cid:

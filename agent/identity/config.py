@@ -24,8 +24,6 @@ class IdentityConfig:
     jitp_first_refusals: int = 6  # JITP drops the first connection(s) while it registers: not a revocation
 
 
-
-
 @dataclass(frozen=True)
 class ProvisioningConfig:
     """Fleet provisioning by claim: used only while the device has no identity of its own."""
@@ -41,8 +39,6 @@ class ProvisioningConfig:
     retry_max_s: float = 3600.0
 
 
-
-
 @dataclass(frozen=True)
 class RotationConfig:
     """Certificate rotation: a new key on the token and a new certificate, proven before the old is dropped."""
@@ -55,8 +51,6 @@ class RotationConfig:
     prove_timeout_s: float = 60.0  # the new certificate must connect within this, or the old one is kept
     retry_min_s: float = 300.0
     retry_max_s: float = 86400.0
-
-
 
 
 def _problems(c: Mapping[str, Any]) -> list[str]:
@@ -86,16 +80,30 @@ def identity_mode(cfg: Config) -> str:
 
 
 SECTIONS = (
-    Section("identity", IdentityConfig, bounds={IdentityConfig: {"jitp_first_refusals": Bound(0, 100)}},
-            problems=_problems, files=_files),
-    Section("provisioning", ProvisioningConfig,
-            bounds={ProvisioningConfig: {"retry_min_s": Bound(0.1, DAY, "s"), "retry_max_s": Bound(0.1, DAY, "s")}}),
-    Section("rotation", RotationConfig, bounds={RotationConfig: {
-        "expiry_window_days": Bound(0, 3650, "days"),
-        "max_age_days": Bound(1, 3650, "days"),
-        "check_interval_s": Bound(1, WEEK, "s"),
-        "prove_timeout_s": Bound(1, 3600, "s"),
-        "retry_min_s": Bound(1, DAY, "s"),
-        "retry_max_s": Bound(1, WEEK, "s"),
-    }}),
+    Section(
+        "identity",
+        IdentityConfig,
+        bounds={IdentityConfig: {"jitp_first_refusals": Bound(0, 100)}},
+        problems=_problems,
+        files=_files,
+    ),
+    Section(
+        "provisioning",
+        ProvisioningConfig,
+        bounds={ProvisioningConfig: {"retry_min_s": Bound(0.1, DAY, "s"), "retry_max_s": Bound(0.1, DAY, "s")}},
+    ),
+    Section(
+        "rotation",
+        RotationConfig,
+        bounds={
+            RotationConfig: {
+                "expiry_window_days": Bound(0, 3650, "days"),
+                "max_age_days": Bound(1, 3650, "days"),
+                "check_interval_s": Bound(1, WEEK, "s"),
+                "prove_timeout_s": Bound(1, 3600, "s"),
+                "retry_min_s": Bound(1, DAY, "s"),
+                "retry_max_s": Bound(1, WEEK, "s"),
+            }
+        },
+    ),
 )

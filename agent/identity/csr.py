@@ -7,7 +7,7 @@ takes the public key, but a CN equal to the thing name keeps logs readable.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from asn1crypto import csr, keys, pem
 

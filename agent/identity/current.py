@@ -18,7 +18,9 @@ class Identity:
 
 def current_identity(cfg: Config, state: dict) -> Identity:
     thing = state.get("thing_name") or cfg.device.thing_name
-    cert = state.get("certificate_file") or (str(cfg.resolve(cfg.identity.certificate_file)) if cfg.identity.certificate_file else None)
+    cert = state.get("certificate_file") or (
+        str(cfg.resolve(cfg.identity.certificate_file)) if cfg.identity.certificate_file else None
+    )
     key_label = state.get("key_label") or cfg.pkcs11.key_label
     if not thing or not cert:
         raise AgentError(
@@ -31,5 +33,7 @@ def current_identity(cfg: Config, state: dict) -> Identity:
 
 
 def has_identity(cfg: Config, state: dict) -> bool:
-    return bool((state.get("thing_name") or cfg.device.thing_name)
-                and (state.get("certificate_file") or cfg.identity.certificate_file))
+    return bool(
+        (state.get("thing_name") or cfg.device.thing_name)
+        and (state.get("certificate_file") or cfg.identity.certificate_file)
+    )

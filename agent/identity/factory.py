@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.base.config import Config
-from agent.base.errors import AgentError
 from agent.base.durable import write_atomic
+from agent.base.errors import AgentError
 from agent.base.state import StateStore
 
 
@@ -23,15 +23,17 @@ def _store(cfg: Config) -> StateStore:
 
 
 def init(cfg: Config, serial: str, csr_out: Path) -> str:
-    from agent.identity.keystore import open_token
     from agent.base.pin import read_pin
+    from agent.identity.keystore import open_token
 
     if not serial or len(serial) > 64 or not all(c.isalnum() or c in "-_:" for c in serial):
         raise AgentError(f"serial number {serial!r}: 1-64 characters of [A-Za-z0-9_:-]")
     store = _store(cfg)
     state = store.load()
     if state.get("thing_name"):
-        raise AgentError(f"this device is already provisioned as {state['thing_name']}; factory init is for fresh devices")
+        raise AgentError(
+            f"this device is already provisioned as {state['thing_name']}; factory init is for fresh devices"
+        )
     label = cfg.provisioning.claim_key_label
     with open_token(cfg.resolve(cfg.pkcs11.library), cfg.pkcs11.token_label, read_pin(cfg)) as ks:
         if ks.find(label) is None:
@@ -40,9 +42,13 @@ def init(cfg: Config, serial: str, csr_out: Path) -> str:
     try:
         write_atomic(csr_out, csr, 0o644)
     except OSError as e:
-        raise AgentError(f"{csr_out}: cannot write the CSR ({e.strerror}); choose a folder this user can write")
+        raise AgentError(
+            f"{csr_out}: cannot write the CSR ({e.strerror}); choose a folder this user can write"
+        ) from None
     store.update(factory={**state.get("factory", {}), "serial": serial})
-    return f"claim key {label!r} on token {cfg.pkcs11.token_label!r}; CSR written to {csr_out}; serial {serial} recorded"
+    return (
+        f"claim key {label!r} on token {cfg.pkcs11.token_label!r}; CSR written to {csr_out}; serial {serial} recorded"
+    )
 
 
 def _installable_cert(cfg: Config, cert_path: Path, label: str, what: str):
@@ -50,8 +56,8 @@ def _installable_cert(cfg: Config, cert_path: Path, label: str, what: str):
     from asn1crypto import pem as apem
     from asn1crypto import x509 as ax509
 
-    from agent.identity.keystore import open_token
     from agent.base.pin import read_pin
+    from agent.identity.keystore import open_token
 
     try:
         raw = cert_path.read_bytes()
@@ -59,7 +65,7 @@ def _installable_cert(cfg: Config, cert_path: Path, label: str, what: str):
         cert = ax509.Certificate.load(der)
         spki = cert.public_key.dump()
     except (OSError, ValueError) as e:
-        raise AgentError(f"{cert_path}: not a readable X.509 certificate ({e.__class__.__name__})")
+        raise AgentError(f"{cert_path}: not a readable X.509 certificate ({e.__class__.__name__})") from None
     with open_token(cfg.resolve(cfg.pkcs11.library), cfg.pkcs11.token_label, read_pin(cfg), rw=False) as ks:
         key = ks.find(label)
     if key is None or key.public_key_der != spki:
@@ -83,14 +89,16 @@ def claim_cert(cfg: Config, cert_path: Path) -> str:
 
 def device_key(cfg: Config, thing: str, csr_out: Path) -> str:
     """JITP: the device key on the token and a CSR with the thing name as CN, for the manufacturer's CA."""
-    from agent.identity.keystore import open_token
     from agent.base.pin import read_pin
+    from agent.identity.keystore import open_token
 
     if not thing or len(thing) > 128 or not all(c.isalnum() or c in "-_:" for c in thing):
         raise AgentError(f"thing name {thing!r}: 1-128 characters of [A-Za-z0-9_:-]")
     store = _store(cfg)
     if store.load().get("thing_name"):
-        raise AgentError(f"this device already has an identity ({store.load()['thing_name']}); the factory step is for fresh devices")
+        raise AgentError(
+            f"this device already has an identity ({store.load()['thing_name']}); the factory step is for fresh devices"
+        )
     label = cfg.pkcs11.key_label
     with open_token(cfg.resolve(cfg.pkcs11.library), cfg.pkcs11.token_label, read_pin(cfg)) as ks:
         if ks.find(label) is None:
@@ -99,7 +107,9 @@ def device_key(cfg: Config, thing: str, csr_out: Path) -> str:
     try:
         write_atomic(csr_out, csr, 0o644)
     except OSError as e:
-        raise AgentError(f"{csr_out}: cannot write the CSR ({e.strerror}); choose a folder this user can write")
+        raise AgentError(
+            f"{csr_out}: cannot write the CSR ({e.strerror}); choose a folder this user can write"
+        ) from None
     return f"device key {label!r} on token {cfg.pkcs11.token_label!r}; CSR for {thing} written to {csr_out}"
 
 
@@ -118,4 +128,3 @@ def device_cert(cfg: Config, cert_path: Path) -> str:
     write_atomic(dst, apem.armor("CERTIFICATE", der), 0o644)
     store.update(thing_name=thing, certificate_file=str(dst), key_label=label, jitp={"registered": False})
     return f"device certificate for {thing} installed at {dst}; AWS IoT registers it on the first connection"
-

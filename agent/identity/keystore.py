@@ -11,13 +11,14 @@ path; key generation and CSRs run in a short-lived process (the `iot-agent keys`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
-
-from contextlib import contextmanager
+from typing import Any
 
 from agent.base.errors import KeystoreError
 
@@ -34,7 +35,9 @@ class KeyInfo:
 class Keystore:
     """An open, logged-in session on one token."""
 
-    session: object
+    # A pkcs11.Session. Any, not that class: python-pkcs11 ships no type information, and it is imported
+    # only inside the methods (11 MB resident), never at module level.
+    session: Any
 
     # -- keys -------------------------------------------------------------------------------
     def generate_ec_key(self, label: str, curve: str = "secp256r1") -> KeyInfo:
@@ -42,10 +45,12 @@ class Keystore:
         import pkcs11
         from pkcs11 import Attribute, KeyType
         from pkcs11.constants import DEFAULT
-        from pkcs11.util.ec import encode_named_curve_parameters, encode_ec_public_key
+        from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
         if self.find(label):
-            raise KeystoreError(f"a key labelled {label!r} already exists on the token; delete it first or use another label")
+            raise KeystoreError(
+                f"a key labelled {label!r} already exists on the token; delete it first or use another label"
+            )
         key_id = os.urandom(16)
         try:
             params = self.session.create_domain_parameters(
@@ -69,7 +74,7 @@ class Keystore:
                 },
             )
         except pkcs11.PKCS11Error as e:
-            raise KeystoreError(f"key generation on the token failed: {e.__class__.__name__}")
+            raise KeystoreError(f"key generation on the token failed: {e.__class__.__name__}") from None
         return KeyInfo(label=label, key_id=key_id.hex(), key_type="EC", public_key_der=encode_ec_public_key(pub))
 
     def find(self, label: str) -> KeyInfo | None:
@@ -143,29 +148,31 @@ def open_token(library: Path, token_label: str, pin: str, rw: bool = True) -> It
     try:
         lib = pkcs11.lib(str(library))
     except Exception as e:
-        raise KeystoreError(f"{library}: cannot load the PKCS#11 module ({e.__class__.__name__})")
+        raise KeystoreError(f"{library}: cannot load the PKCS#11 module ({e.__class__.__name__})") from None
     try:
         try:
             token = lib.get_token(token_label=token_label)
         except pkcs11.NoSuchToken:
-            raise KeystoreError(f"no PKCS#11 token labelled {token_label!r} in {library}; initialise it or fix pkcs11.token_label")
+            raise KeystoreError(
+                f"no PKCS#11 token labelled {token_label!r} in {library}; initialise it or fix pkcs11.token_label"
+            ) from None
         except pkcs11.MultipleTokensReturned:
-            raise KeystoreError(f"several tokens are labelled {token_label!r}; labels must be unique")
+            raise KeystoreError(f"several tokens are labelled {token_label!r}; labels must be unique") from None
         try:
             session = token.open(user_pin=pin, rw=rw)
         except pkcs11.PinIncorrect:
-            raise KeystoreError(f"token {token_label!r} refused the PIN (wrong PIN; a TPM locks out after repeated failures)")
+            raise KeystoreError(
+                f"token {token_label!r} refused the PIN (wrong PIN; a TPM locks out after repeated failures)"
+            ) from None
         except pkcs11.PinLocked:
-            raise KeystoreError(f"token {token_label!r}: the user PIN is locked; unlock it with the SO PIN")
+            raise KeystoreError(f"token {token_label!r}: the user PIN is locked; unlock it with the SO PIN") from None
         except pkcs11.PKCS11Error as e:
-            raise KeystoreError(f"token {token_label!r}: login failed ({e.__class__.__name__})")
+            raise KeystoreError(f"token {token_label!r}: login failed ({e.__class__.__name__})") from None
         try:
             yield Keystore(session)
         finally:
             session.close()
     finally:
         # C_Finalize: a TPM otherwise keeps this process's objects and sessions until it exits.
-        try:
+        with contextlib.suppress(Exception):  # finalize() of a module that failed to load
             lib.finalize()
-        except Exception:
-            pass

@@ -19,20 +19,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from agent.base import durable
-
-from agent.base import killpoints
-from agent.base.machine import Machine, State
-from agent.identity.answers import AnswerError, issued_certificate, thing_name
+from agent.base import durable, killpoints
 from agent.base.backoff import Backoff
 from agent.base.config import Config
-from agent.session.connection import Connection, ConnectionSettings
 from agent.base.errors import AgentError
+from agent.base.machine import Machine, State
 from agent.base.state import StateStore
+from agent.identity.answers import AnswerError, issued_certificate, thing_name
+from agent.session.connection import Connection, ConnectionSettings
 
 log = logging.getLogger("agent.provisioning")
 
@@ -56,8 +54,12 @@ class TokenKeys:
     config_path: Path
 
     def _run(self, *args: str) -> str:
-        r = subprocess.run([sys.executable, "-m", "agent", "--config", str(self.config_path), "keys", *args],
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-m", "agent", "--config", str(self.config_path), "keys", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if r.returncode != 0:
             raise AgentError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"keys {args[0]} failed")
         return r.stdout
@@ -70,6 +72,13 @@ class TokenKeys:
 
     def delete(self, label: str) -> None:
         self._run("delete", label)
+
+    @classmethod
+    def of(cls, cfg: Config) -> TokenKeys:
+        """The key processes for this config: they must read the same file, so it must have come from one."""
+        if cfg.path is None:
+            raise AgentError("key operations run `iot-agent --config PATH keys`: this config was not read from a file")
+        return cls(cfg.path)
 
 
 def serial_number(cfg: Config, state: dict) -> str:
@@ -86,19 +95,38 @@ def claim_certificate(cfg: Config, state: dict) -> Path:
 
 PROVISIONING = Machine(
     "provisioning",
-    State("keygen", "the device key is made on the token (kept if a cut run made it)", ("csr",),
-          "makes it again or keeps it"),
+    State(
+        "keygen",
+        "the device key is made on the token (kept if a cut run made it)",
+        ("csr",),
+        "makes it again or keeps it",
+    ),
     State("csr", "the CSR is signed on the token", ("requesting_certificate", "keygen"), "signs it again"),
-    State("requesting_certificate", "CreateCertificateFromCsr over the claim connection; the answer is checked, "
-                                    "then the certificate file written", ("certificate", "csr"),
-          "asks again (a lost answer leaves a certificate nobody registers)"),
-    State("certificate", "the certificate, its id and ownership token recorded", ("registering", "csr"),
-          "registers it, or asks for a new certificate once the ownership token has (nearly) expired"),
-    State("registering", "RegisterThing with the fleet template and the ownership token",
-          ("registered", "certificate", "csr"), "registers again with the same token (AWS answers it idempotently)"),
+    State(
+        "requesting_certificate",
+        "CreateCertificateFromCsr over the claim connection; the answer is checked, then the certificate file written",
+        ("certificate", "csr"),
+        "asks again (a lost answer leaves a certificate nobody registers)",
+    ),
+    State(
+        "certificate",
+        "the certificate, its id and ownership token recorded",
+        ("registering", "csr"),
+        "registers it, or asks for a new certificate once the ownership token has (nearly) expired",
+    ),
+    State(
+        "registering",
+        "RegisterThing with the fleet template and the ownership token",
+        ("registered", "certificate", "csr"),
+        "registers again with the same token (AWS answers it idempotently)",
+    ),
     State("registered", "the thing's name recorded", ("done",), "commits"),
-    State("done", "ONE write makes the thing, the certificate and the key the device's identity", (),
-          "nothing: the device connects as itself"),
+    State(
+        "done",
+        "ONE write makes the thing, the certificate and the key the device's identity",
+        (),
+        "nothing: the device connects as itself",
+    ),
     start=("keygen",),
 )
 
@@ -108,13 +136,14 @@ class Provisioner:
     cfg: Config
     store: StateStore
     pin: str
-    keys: TokenKeys | None = None
+    keys: TokenKeys | None = None  # None: `iot-agent keys` processes with this config, made on first use
     connect: Callable[[ConnectionSettings], Connection] = Connection
     now: Callable[[], float] = time.time
 
-    def __post_init__(self) -> None:
+    def _keys(self) -> TokenKeys:
         if self.keys is None:
-            self.keys = TokenKeys(self.cfg.path)
+            self.keys = TokenKeys.of(self.cfg)
+        return self.keys
 
     # -- state helpers ----------------------------------------------------------------------
     def _flow(self) -> dict:
@@ -163,11 +192,15 @@ class Provisioner:
             return
         serial = serial_number(self.cfg, state)
         if not serial:
-            raise AgentError("provisioning: no serial number; run `iot-agent factory init --serial ...` or set "
-                             "provisioning.serial_number")
+            raise AgentError(
+                "provisioning: no serial number; run `iot-agent factory init --serial ...` or set "
+                "provisioning.serial_number"
+            )
         claim_cert = claim_certificate(self.cfg, state)
         if not claim_cert.is_file():
-            raise AgentError(f"provisioning: claim certificate {claim_cert} not found; run `iot-agent factory claim-cert`")
+            raise AgentError(
+                f"provisioning: claim certificate {claim_cert} not found; run `iot-agent factory claim-cert`"
+            )
         flow = self._flow()
         key_label = self.cfg.pkcs11.key_label
         step = flow.get("step", "keygen")
@@ -177,8 +210,8 @@ class Provisioner:
         # 1. The device key and its CSR, made on the token while nothing else holds it.
         if step in ("keygen", "csr") or not flow.get("csr_pem"):
             flow = self._save(step="keygen", key_label=key_label)
-            self.keys.ensure_key(key_label)  # reuses the key a previous run left on the token
-            flow = self._save(step="csr", csr_pem=self.keys.csr(key_label, serial))
+            self._keys().ensure_key(key_label)  # reuses the key a previous run left on the token
+            flow = self._save(step="csr", csr_pem=self._keys().csr(key_label, serial))
             log.info("device key %r on the token; CSR signed there", key_label)
 
         # 2. The claim connection, for as short a time as possible.
@@ -188,7 +221,9 @@ class Provisioner:
         try:
             if not conn.wait_connected(self.cfg.broker.connect_timeout_s):
                 last = conn.last_error(default="no answer")
-                raise ProvisioningError("ClaimConnectionRefused", f"the broker did not accept the claim certificate ({last})")
+                raise ProvisioningError(
+                    "ClaimConnectionRefused", f"the broker did not accept the claim certificate ({last})"
+                )
             log.info("connected with the claim certificate as %s", settings.client_id)
             flow = self._exchange(conn, flow, serial)
         finally:
@@ -196,19 +231,24 @@ class Provisioner:
 
         # 3. Commit: from now on the agent is this thing.
         PROVISIONING.move(self._flow().get("step"), "done")
-        self.store.update(thing_name=flow["thing_name"], certificate_file=flow["certificate_file"], key_label=key_label,
-                          provisioning={**flow, "step": "done", "ownership_token": None, "last_error": None})
+        self.store.update(
+            thing_name=flow["thing_name"],
+            certificate_file=flow["certificate_file"],
+            key_label=key_label,
+            provisioning={**flow, "step": "done", "ownership_token": None, "last_error": None},
+        )
         log.info("provisioned as %s (certificate %s)", flow["thing_name"], flow["certificate_id"][:12])
         if self.cfg.provisioning.delete_claim_key:
             try:
-                self.keys.delete(self.cfg.provisioning.claim_key_label)
+                self._keys().delete(self.cfg.provisioning.claim_key_label)
                 log.info("claim key deleted from the token")
             except AgentError as e:
                 log.warning("could not delete the claim key: %s", e)
 
     def _claim_settings(self, claim_cert: Path, serial: str) -> ConnectionSettings:
-        return ConnectionSettings.from_config(self.cfg, f"claim-{serial}", claim_cert,
-                                              self.cfg.provisioning.claim_key_label, self.pin)
+        return ConnectionSettings.from_config(
+            self.cfg, f"claim-{serial}", claim_cert, self.cfg.provisioning.claim_key_label, self.pin
+        )
 
     def _exchange(self, conn: Connection, flow: dict, serial: str) -> dict:
         from awsiot import iotidentity
@@ -219,34 +259,56 @@ class Provisioner:
             step = flow.get("step")
             token_at = flow.get("token_at") or 0
             if step in ("certificate", "registering") and self.now() - token_at > TOKEN_LIFETIME_S - TOKEN_MARGIN_S:
-                log.warning("ownership token from %.0f min ago has (nearly) expired; requesting a new certificate",
-                            (self.now() - token_at) / 60)
+                log.warning(
+                    "ownership token from %.0f min ago has (nearly) expired; requesting a new certificate",
+                    (self.now() - token_at) / 60,
+                )
                 flow = self._save(step="csr", ownership_token=None)
                 step = "csr"
             if step in ("csr", "requesting_certificate"):
                 flow = self._save(step="requesting_certificate")
-                resp = identity_request(idc.create_certificate_from_csr(
-                    iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=flow["csr_pem"])))
+                resp = identity_request(
+                    idc.create_certificate_from_csr(
+                        iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=flow["csr_pem"])
+                    )
+                )
                 killpoints.op("cloud:create-certificate")
                 try:  # checked completely before anything is written
-                    issued = issued_certificate(resp.certificate_pem, resp.certificate_id,
-                                                resp.certificate_ownership_token, flow["csr_pem"], self.now())
+                    issued = issued_certificate(
+                        resp.certificate_pem,
+                        resp.certificate_id,
+                        resp.certificate_ownership_token,
+                        flow["csr_pem"],
+                        self.now(),
+                    )
                 except AnswerError as e:
-                    raise ProvisioningError("InvalidAnswer", f"CreateCertificateFromCsr: {e}", retry_from="csr")
+                    raise ProvisioningError(
+                        "InvalidAnswer", f"CreateCertificateFromCsr: {e}", retry_from="csr"
+                    ) from None
                 cert_file = self.store.directory / f"device-{issued.certificate_id}.pem"
                 durable.write_atomic(cert_file, issued.pem, 0o644)
-                flow = self._save(step="certificate", certificate_id=issued.certificate_id,
-                                  certificate_file=str(cert_file), ownership_token=issued.ownership_token,
-                                  token_at=int(self.now()))
+                flow = self._save(
+                    step="certificate",
+                    certificate_id=issued.certificate_id,
+                    certificate_file=str(cert_file),
+                    ownership_token=issued.ownership_token,
+                    token_at=int(self.now()),
+                )
                 log.info("certificate %s issued (pending activation)", issued.certificate_id[:12])
                 continue
             if step in ("certificate", "registering"):
                 flow = self._save(step="registering")
                 params = {**pv.parameters, "SerialNumber": serial}
                 try:
-                    reg = identity_request(idc.register_thing(iotidentity.RegisterThingRequest(
-                        template_name=pv.template_name, certificate_ownership_token=flow["ownership_token"],
-                        parameters=params)))
+                    reg = identity_request(
+                        idc.register_thing(
+                            iotidentity.RegisterThingRequest(
+                                template_name=pv.template_name,
+                                certificate_ownership_token=flow["ownership_token"],
+                                parameters=params,
+                            )
+                        )
+                    )
                 except ProvisioningError as e:
                     if e.code == "InvalidPayload" and "ownership" in e.message.lower():
                         e.retry_from = "csr"  # the token is gone: start the certificate over
@@ -257,7 +319,7 @@ class Provisioner:
                 try:
                     name = thing_name(reg.thing_name)
                 except AnswerError as e:
-                    raise ProvisioningError("InvalidAnswer", f"RegisterThing: {e}", retry_from="certificate")
+                    raise ProvisioningError("InvalidAnswer", f"RegisterThing: {e}", retry_from="certificate") from None
                 flow = self._save(step="registered", thing_name=name)
                 return flow
             if step == "registered":
@@ -275,10 +337,12 @@ def identity_request(future):
     except awsiot.V2ServiceException as e:
         err = e.modeled_error
         if err is not None:
-            raise ProvisioningError(str(err.error_code or "Rejected")[:64],
-                                    f"{str(err.error_message)[:300]} (status {str(err.status_code)[:8]})")
-        raise ProvisioningError("RequestFailed", str(e.message if hasattr(e, "message") else e)[:200])
+            raise ProvisioningError(
+                str(err.error_code or "Rejected")[:64],
+                f"{str(err.error_message)[:300]} (status {str(err.status_code)[:8]})",
+            ) from None
+        raise ProvisioningError("RequestFailed", str(e.message if hasattr(e, "message") else e)[:200]) from None
     except (ValueError, TypeError, KeyError) as e:  # an answer the SDK could not model
-        raise ProvisioningError("InvalidAnswer", f"the answer could not be read ({e.__class__.__name__})")
+        raise ProvisioningError("InvalidAnswer", f"the answer could not be read ({e.__class__.__name__})") from None
     except TimeoutError:
-        raise ProvisioningError("Timeout", "no answer from the provisioning service")
+        raise ProvisioningError("Timeout", "no answer from the provisioning service") from None

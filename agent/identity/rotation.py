@@ -30,20 +30,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.base import durable
-
-from agent.base import killpoints
-from agent.base.machine import Machine, State
-from agent.identity.answers import AnswerError, issued_certificate, thing_name
+from agent.base import durable, killpoints
 from agent.base.backoff import Backoff
 from agent.base.config import Config
 from agent.base.errors import AgentError
-from agent.identity.provisioning import ProvisioningError, TokenKeys, identity_request
+from agent.base.machine import Machine, State
 from agent.base.state import StateStore
 from agent.base.x509lite import der, validity
+from agent.identity.answers import AnswerError, issued_certificate, thing_name
+from agent.identity.provisioning import ProvisioningError, TokenKeys, identity_request
 
 log = logging.getLogger("agent.rotation")
-
 
 
 # The whole state machine: the record (`rotation` in the state file) is written before each effect, and
@@ -52,26 +49,67 @@ log = logging.getLogger("agent.rotation")
 # "prove" is the next session's connection itself.
 ROTATION = Machine(
     "rotation",
-    State("idle", "nothing under way; due (expiry window, age) or requested (job, `iot-agent rotate`): a new key "
-                  "label is recorded", ("keygen",), "checks again at start", "connection"),
-    State("keygen", "the new key is made on the token (kept if it exists) and the CSR signed there",
-          ("requesting", "abandon_cleanup"), "makes the key again or keeps it", "token"),
-    State("requesting", "CreateCertificateFromCsr; the answer is checked, then the certificate saved",
-          ("registering", "abandon_cleanup"), "asks again (a lost answer leaves an unused certificate, "
-          "never attached)", "connection"),
-    State("registering", "RegisterThing with the rotation template; the answer is checked",
-          ("switch", "abandon_cleanup"), "registers again with the same ownership token", "connection"),
-    State("switch", "the next session connects with the new certificate and key; connected within "
-                    "prove_timeout_s: ONE write records the commit and makes it the identity",
-          ("commit", "abandon"), "proves it again", "prove"),
-    State("commit", "connected with the NEW identity: the cloud deactivates the old certificate", ("cleanup",),
-          "connects with the new identity and tells the cloud again (idempotent)", "connection"),
-    State("cleanup", "the old key and the old certificate file are deleted", ("idle",),
-          "deletes what is left", "token"),
-    State("abandon", "connected with the OLD identity: the cloud deactivates the new certificate",
-          ("abandon_cleanup",), "tells the cloud again", "connection"),
-    State("abandon_cleanup", "the new key and certificate file are deleted; the job FAILED; retried after a "
-                             "backoff", ("idle",), "deletes what is left", "token"),
+    State(
+        "idle",
+        "nothing under way; due (expiry window, age) or requested (job, `iot-agent rotate`): a new key "
+        "label is recorded",
+        ("keygen",),
+        "checks again at start",
+        "connection",
+    ),
+    State(
+        "keygen",
+        "the new key is made on the token (kept if it exists) and the CSR signed there",
+        ("requesting", "abandon_cleanup"),
+        "makes the key again or keeps it",
+        "token",
+    ),
+    State(
+        "requesting",
+        "CreateCertificateFromCsr; the answer is checked, then the certificate saved",
+        ("registering", "abandon_cleanup"),
+        "asks again (a lost answer leaves an unused certificate, never attached)",
+        "connection",
+    ),
+    State(
+        "registering",
+        "RegisterThing with the rotation template; the answer is checked",
+        ("switch", "abandon_cleanup"),
+        "registers again with the same ownership token",
+        "connection",
+    ),
+    State(
+        "switch",
+        "the next session connects with the new certificate and key; connected within "
+        "prove_timeout_s: ONE write records the commit and makes it the identity",
+        ("commit", "abandon"),
+        "proves it again",
+        "prove",
+    ),
+    State(
+        "commit",
+        "connected with the NEW identity: the cloud deactivates the old certificate",
+        ("cleanup",),
+        "connects with the new identity and tells the cloud again (idempotent)",
+        "connection",
+    ),
+    State(
+        "cleanup", "the old key and the old certificate file are deleted", ("idle",), "deletes what is left", "token"
+    ),
+    State(
+        "abandon",
+        "connected with the OLD identity: the cloud deactivates the new certificate",
+        ("abandon_cleanup",),
+        "tells the cloud again",
+        "connection",
+    ),
+    State(
+        "abandon_cleanup",
+        "the new key and certificate file are deleted; the job FAILED; retried after a backoff",
+        ("idle",),
+        "deletes what is left",
+        "token",
+    ),
     start=("idle", "keygen"),
 )
 
@@ -108,12 +146,13 @@ class Rotator:
     cfg: Config
     store: StateStore
     thing: str
-    keys: TokenKeys | None = None
+    keys: TokenKeys | None = None  # None: `iot-agent keys` processes with this config, made on first use
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
-    def __post_init__(self) -> None:
+    def _keys(self) -> TokenKeys:
         if self.keys is None:
-            self.keys = TokenKeys(self.cfg.path)
+            self.keys = TokenKeys.of(self.cfg)
+        return self.keys
 
     # -- state ----------------------------------------------------------------------------
     def flow(self) -> dict:
@@ -202,7 +241,10 @@ class Rotator:
         if not self.cfg.rotation.enabled or time.time() < float(f.get("next_attempt_at", 0)):
             return None
         last = f.get("last") or {}
-        if last.get("status") == "SUCCEEDED" and time.time() - float(last.get("at", 0)) < self.cfg.rotation.check_interval_s:
+        if (
+            last.get("status") == "SUCCEEDED"
+            and time.time() - float(last.get("at", 0)) < self.cfg.rotation.check_interval_s
+        ):
             return None  # a fresh certificate that is "due" at once (issued shorter than the window) waits a check
         return due(cert_file, self.cfg)
 
@@ -212,10 +254,20 @@ class Rotator:
         with self._lock:
             f = self.flow()
             n = int(f.get("generation", 0)) + 1
-            self._save(step="keygen", generation=n, label=f"{self.cfg.pkcs11.key_label}-r{n}-{secrets.token_hex(2)}",
-                       reason=reason, old={"certificate_file": str(current_cert), "key_label": current_label,
-                                           "certificate_id": certificate_id(current_cert)},
-                       job_id=(f.get("requested") or {}).get("job_id"), requested=None, certificate_id=None)
+            self._save(
+                step="keygen",
+                generation=n,
+                label=f"{self.cfg.pkcs11.key_label}-r{n}-{secrets.token_hex(2)}",
+                reason=reason,
+                old={
+                    "certificate_file": str(current_cert),
+                    "key_label": current_label,
+                    "certificate_id": certificate_id(current_cert),
+                },
+                job_id=(f.get("requested") or {}).get("job_id"),
+                requested=None,
+                certificate_id=None,
+            )
             log.info("certificate rotation started: %s", reason)
 
     def token_work(self) -> None:
@@ -224,8 +276,8 @@ class Rotator:
         f = self.flow()
         step = f.get("step")
         if step == "keygen":
-            self.keys.ensure_key(f["label"])
-            self._save(step="requesting", csr_pem=self.keys.csr(f["label"], self.thing))
+            self._keys().ensure_key(f["label"])
+            self._save(step="requesting", csr_pem=self._keys().csr(f["label"], self.thing))
             log.info("new key %r on the token; CSR signed there", f["label"])
         elif step == "cleanup":
             in_use = self.store.load().get("key_label")
@@ -253,34 +305,54 @@ class Rotator:
             f = self.flow()
             idc = conn.service_client(iotidentity.IotIdentityClientV2, 3, 1, ANSWER_TIMEOUT_S)
             if f["step"] == "requesting":
-                resp = identity_request(idc.create_certificate_from_csr(
-                    iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=f["csr_pem"])))
+                resp = identity_request(
+                    idc.create_certificate_from_csr(
+                        iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=f["csr_pem"])
+                    )
+                )
                 killpoints.op("cloud:create-certificate")
                 try:
-                    issued = issued_certificate(resp.certificate_pem, resp.certificate_id,
-                                                resp.certificate_ownership_token, f["csr_pem"], time.time())
+                    issued = issued_certificate(
+                        resp.certificate_pem,
+                        resp.certificate_id,
+                        resp.certificate_ownership_token,
+                        f["csr_pem"],
+                        time.time(),
+                    )
                 except AnswerError as e:
-                    raise ProvisioningError("InvalidAnswer", f"CreateCertificateFromCsr: {e}")
+                    raise ProvisioningError("InvalidAnswer", f"CreateCertificateFromCsr: {e}") from None
                 cert_file = self.store.directory / f"device-{issued.certificate_id}.pem"
                 in_use = {f["old"]["certificate_file"], self.store.load().get("certificate_file")}
                 if str(cert_file) in in_use:
-                    raise ProvisioningError("InvalidAnswer", "CreateCertificateFromCsr answered with the certificate "
-                                                             "in use")
+                    raise ProvisioningError(
+                        "InvalidAnswer", "CreateCertificateFromCsr answered with the certificate in use"
+                    )
                 durable.write_atomic(cert_file, issued.pem, 0o644)
-                f = self._save(step="registering", certificate_id=issued.certificate_id,
-                               certificate_file=str(cert_file), ownership_token=issued.ownership_token)
+                f = self._save(
+                    step="registering",
+                    certificate_id=issued.certificate_id,
+                    certificate_file=str(cert_file),
+                    ownership_token=issued.ownership_token,
+                )
             if f["step"] in ("certificate", "registering"):
-                reg = identity_request(idc.register_thing(iotidentity.RegisterThingRequest(
-                    template_name=self.cfg.rotation.template_name,
-                    certificate_ownership_token=f["ownership_token"], parameters={"ThingName": self.thing})))
+                reg = identity_request(
+                    idc.register_thing(
+                        iotidentity.RegisterThingRequest(
+                            template_name=self.cfg.rotation.template_name,
+                            certificate_ownership_token=f["ownership_token"],
+                            parameters={"ThingName": self.thing},
+                        )
+                    )
+                )
                 killpoints.op("cloud:register-thing")
                 if reg.thing_name is not None:
                     try:
                         if thing_name(reg.thing_name) != self.thing:
-                            raise AnswerError(f"RegisterThing attached the new certificate to {reg.thing_name!r}, "
-                                              f"not to this thing")
+                            raise AnswerError(
+                                f"RegisterThing attached the new certificate to {reg.thing_name!r}, not to this thing"
+                            )
                     except AnswerError as e:
-                        raise ProvisioningError("InvalidAnswer", f"RegisterThing: {e}")
+                        raise ProvisioningError("InvalidAnswer", f"RegisterThing: {e}") from None
                 f = self._save(step="switch", ownership_token=None, switch_at=int(time.time()))
                 log.info("new certificate %s registered; switching to it", f["certificate_id"][:12])
 
@@ -324,8 +396,11 @@ class Rotator:
             if using != (f["certificate_file"], f["label"]):
                 log.error("certificate rotation: not connected with the new certificate; the old one is not retired")
                 return
-            self._tell_cloud(conn, "commit", {"newCertificateId": f["certificate_id"],
-                                              "oldCertificateId": f["old"]["certificate_id"]})
+            self._tell_cloud(
+                conn,
+                "commit",
+                {"newCertificateId": f["certificate_id"], "oldCertificateId": f["old"]["certificate_id"]},
+            )
             self._save(step="cleanup")
         elif step == "abandon":
             if using != (f["old"]["certificate_file"], f["old"]["key_label"]):
@@ -339,7 +414,7 @@ class Rotator:
         import queue
 
         token = secrets.token_hex(8)
-        answers: "queue.Queue[tuple[str, bytes]]" = queue.Queue()
+        answers: queue.Queue[tuple[str, bytes]] = queue.Queue()
         prefix = f"cmd/{self.thing}/certificate-rotation/{action}/"
         self.inbox = (prefix, answers)
         conn.subscribe(prefix + "+")
@@ -361,8 +436,9 @@ class Rotator:
             if topic.endswith("/accepted"):
                 killpoints.op(f"cloud:rotation-{action}")
                 return
-            raise AgentError(f"rotation {action} refused by the cloud: {str(doc.get('code'))[:64]}: "
-                             f"{str(doc.get('message'))[:200]}")
+            raise AgentError(
+                f"rotation {action} refused by the cloud: {str(doc.get('code'))[:64]}: {str(doc.get('message'))[:200]}"
+            )
         raise AgentError(f"rotation {action}: no answer from the cloud within {ANSWER_TIMEOUT_S:g} s")
 
     def on_message(self, topic: str, payload: bytes) -> None:
@@ -372,22 +448,28 @@ class Rotator:
 
     def _delete_key(self, label: str) -> None:
         try:
-            self.keys.delete(label)
+            self._keys().delete(label)
         except AgentError as e:
             if "no key" not in str(e).lower() and "not found" not in str(e).lower():
                 raise
 
     def _finish_failed(self, f: dict, why: str) -> None:
         in_use = self.store.load().get("key_label") or self.cfg.pkcs11.key_label
-        if f.get("label") and f.get("step") not in ("idle", None) and f.get("label") not in (
-                f.get("old", {}).get("key_label"), in_use):
+        if (
+            f.get("label")
+            and f.get("step") not in ("idle", None)
+            and f.get("label") not in (f.get("old", {}).get("key_label"), in_use)
+        ):
             try:
                 self._delete_key(f["label"])
             except AgentError as e:
                 log.warning("could not delete the unused key %r: %s", f["label"], e)
         new_file = f.get("certificate_file")
-        if new_file and new_file != self.store.load().get("certificate_file") \
-                and Path(new_file).parent == self.store.directory:
+        if (
+            new_file
+            and new_file != self.store.load().get("certificate_file")
+            and Path(new_file).parent == self.store.directory
+        ):
             durable.remove(Path(new_file))
         attempts = int(f.get("attempts", 0)) + 1
         b = Backoff(self.cfg.rotation.retry_min_s, self.cfg.rotation.retry_max_s)
@@ -402,10 +484,15 @@ class Rotator:
         if f.get("job_id"):
             results[f["job_id"]] = [status, why]
         keep = {k: f[k] for k in ("generation",) if k in f}
-        record = {**keep, "step": "idle", "results": dict(list(results.items())[-20:]),
-                  "last": {"status": status, "reason": why, "at": int(time.time())},
-                  "attempts": 0 if status == "SUCCEEDED" else extra.get("attempts", 0),
-                  **{k: v for k, v in extra.items() if k != "attempts"}}
+        record = {
+            **keep,
+            "step": "idle",
+            "results": dict(list(results.items())[-20:]),
+            "last": {"status": status, "reason": why, "at": int(time.time())},
+            "attempts": 0 if status == "SUCCEEDED" else extra.get("attempts", 0),
+            **{k: v for k, v in extra.items() if k != "attempts"},
+        }
+
         def done(data: dict) -> dict:
             ROTATION.move((data.get("rotation") or {}).get("step"), "idle")
             return {**data, "rotation": record}
@@ -434,7 +521,8 @@ def check_not_expired(cert_file: Path, now: float | None = None) -> None:
         when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(v[1]))
         raise ExpiredCertificate(
             f"{cert_file}: the device certificate expired on {when}; it cannot connect or rotate itself. "
-            "Enable rotation (it renews 30 days ahead) and re-provision this device (factory claim certificate)")
+            "Enable rotation (it renews 30 days ahead) and re-provision this device (factory claim certificate)"
+        )
 
 
 __all__ = ["Rotator", "due", "certificate_id", "job_outcome", "check_not_expired", "ProvisioningError"]

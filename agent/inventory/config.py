@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +16,6 @@ class InventoryConfig:
 
     enabled: bool = True
     shadow_name: str = "inventory"
-
 
 
 # AWS IoT named shadows: 1-64 of letters, digits, ':', '_' and '-' (no '$': reserved names are AWS's).

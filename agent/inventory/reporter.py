@@ -26,19 +26,25 @@ CONFLICT_RETRIES = 3
 
 def build(cfg: Config, store: StateStore, certificate_file: str | None) -> dict[str, Any]:
     """The reported document (pure apart from reading the state, the release links and the certificate)."""
-    from agent.update.install import slot
     from agent.base.pemfile import certificate_expiry
+    from agent.update.install import slot
 
     state = store.load()
     last = (state.get("jobs") or {}).get("last") or {}
     details = last.get("details") or {}
     return {
         "agent_version": __version__,
-        "targets": {name: {k: slot(cfg.resolve(t.directory), k) for k in ("current", "previous", "broken")}
-                    for name, t in sorted(cfg.ota.targets.items())},
-        "last_job": {"job_id": last.get("job_id"), "status": last.get("status"),
-                     "result": details.get("result") or details.get("reason") or details.get("version")}
-        if last else None,
+        "targets": {
+            name: {k: slot(cfg.resolve(t.directory), k) for k in ("current", "previous", "broken")}
+            for name, t in sorted(cfg.ota.targets.items())
+        },
+        "last_job": {
+            "job_id": last.get("job_id"),
+            "status": last.get("status"),
+            "result": details.get("result") or details.get("reason") or details.get("version"),
+        }
+        if last
+        else None,
         "certificate_expires": certificate_expiry(certificate_file),
     }
 
@@ -57,7 +63,7 @@ class InventoryReporter:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="inventory", daemon=True)
 
-    def start(self) -> "InventoryReporter":
+    def start(self) -> InventoryReporter:
         self._thread.start()
         return self
 
@@ -96,19 +102,27 @@ class InventoryReporter:
         for _ in range(CONFLICT_RETRIES + 1):
             if self.client is None:
                 return  # stopped meanwhile
-            req = iotshadow.UpdateNamedShadowRequest(thing_name=self.thing, shadow_name=self.name,
-                                                     state=iotshadow.ShadowState(reported=doc), version=self.version)
+            req = iotshadow.UpdateNamedShadowRequest(
+                thing_name=self.thing,
+                shadow_name=self.name,
+                state=iotshadow.ShadowState(reported=doc),
+                version=self.version,
+            )
             try:
                 resp = self.client.update_named_shadow(req).result(REQUEST_TIMEOUT_S + 5)
             except awsiot.V2ServiceException as e:
                 err = e.modeled_error
                 if err is not None and err.code == 409:
                     self.version = self._current_version()
-                    log.info("inventory shadow %r changed elsewhere; writing again on version %s", self.name,
-                             self.version)
+                    log.info(
+                        "inventory shadow %r changed elsewhere; writing again on version %s", self.name, self.version
+                    )
                     continue
-                raise RuntimeError(f"{err.code}: {err.message}" if err is not None
-                                   else f"{e.message} ({getattr(e.inner_error, 'name', e.inner_error)})") from None
+                raise RuntimeError(
+                    f"{err.code}: {err.message}"
+                    if err is not None
+                    else f"{e.message} ({getattr(e.inner_error, 'name', e.inner_error)})"
+                ) from None
             self.version = resp.version
             self.sent = doc
             log.info("inventory shadow %r updated (version %s)", self.name, resp.version)
@@ -120,8 +134,13 @@ class InventoryReporter:
         from awsiot import iotshadow
 
         try:
-            return self.client.get_named_shadow(iotshadow.GetNamedShadowRequest(
-                thing_name=self.thing, shadow_name=self.name)).result(REQUEST_TIMEOUT_S + 5).version
+            return (
+                self.client.get_named_shadow(
+                    iotshadow.GetNamedShadowRequest(thing_name=self.thing, shadow_name=self.name)
+                )
+                .result(REQUEST_TIMEOUT_S + 5)
+                .version
+            )
         except awsiot.V2ServiceException as e:
             if e.modeled_error is not None and e.modeled_error.code == 404:
                 return None  # deleted meanwhile: write without a version

@@ -14,6 +14,4 @@ class JobsConfig:
     enabled: bool = True
 
 
-
-
 SECTIONS = (Section("jobs", JobsConfig),)

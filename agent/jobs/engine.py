@@ -26,12 +26,12 @@ import math
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
-
-from agent.base.logfmt import escape
+from typing import Any
 
 from agent.base import killpoints
+from agent.base.logfmt import escape
 
 log = logging.getLogger("agent.jobs")
 
@@ -121,7 +121,7 @@ def scan_execution(payload: bytes) -> RawExecution:
     """
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise TypeError(f"scan_execution takes bytes, not {type(payload).__name__}")
-    data = bytes(payload[:MAX_MESSAGE_BYTES + 1])
+    data = bytes(payload[: MAX_MESSAGE_BYTES + 1])
     problem: list[str] = []
     job_id = client_token = None
     stack = bytearray()  # b"{" or b"[" for every open container
@@ -158,7 +158,9 @@ def scan_execution(payload: bytes) -> RawExecution:
     VALUE, VALUE_OR_END, KEY, KEY_OR_END, COLON, AFTER = range(6)
     state, i, n = VALUE, 0, len(text)
     while True:
-        i = _WS.match(text, i).end()
+        ws = _WS.match(text, i)
+        assert ws is not None  # "[ \t\n\r]*" matches everywhere, if only the empty string
+        i = ws.end()
         if i >= n:
             break
         c = text[i]
@@ -270,9 +272,8 @@ def scan_execution(payload: bytes) -> RawExecution:
         i, state = i + 1, AFTER
         if len(stack) == 2 and in_doc() and at_document():
             document_ended(i)
-    if state != AFTER or stack:
-        if not problem:
-            note("not JSON (it ends early)", n)
+    if (state != AFTER or stack) and not problem:
+        note("not JSON (it ends early)", n)
     return RawExecution(job_id, client_token, problem[0] if problem else None)
 
 
@@ -370,7 +371,7 @@ class JobsEngine:
     thing: str
     conn: Any  # agent.connection.Connection
     load_state: Callable[[], dict]
-    save_state: Callable[[dict], None]
+    save_state: Callable[[dict], object]  # what it returns (StateStore.update's new state) is unused
     handlers: dict[str, Handler] = field(default_factory=dict)
     _wake: threading.Event = field(default_factory=threading.Event)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -425,9 +426,12 @@ class JobsEngine:
         try:
             stream = self._client.create_next_job_execution_changed_stream(
                 iotjobs.NextJobExecutionChangedSubscriptionRequest(thing_name=self.thing),
-                ServiceStreamOptions(incoming_event_listener=lambda ev: self._wake.set(),
-                                     subscription_status_listener=self._on_stream_status,
-                                     deserialization_failure_listener=self._on_bad_notification))
+                ServiceStreamOptions(
+                    incoming_event_listener=lambda ev: self._wake.set(),
+                    subscription_status_listener=self._on_stream_status,
+                    deserialization_failure_listener=self._on_bad_notification,
+                ),
+            )
             stream.open()
             self._stream = stream
         except Exception as e:
@@ -437,8 +441,9 @@ class JobsEngine:
         delay = self._stream_delay
         self._stream_delay = min(delay * 2, STREAM_RETRY_MAX_S)
         self._stream_retry_at = time.monotonic() + delay
-        log.warning("notify-next subscription %s; subscribing again in %.0f s (the queue is polled meanwhile)",
-                    why, delay)
+        log.warning(
+            "notify-next subscription %s; subscribing again in %.0f s (the queue is polled meanwhile)", why, delay
+        )
 
     def _on_stream_status(self, ev) -> None:
         """A job queued before the notify-next subscription was in place sends no notification: check
@@ -470,11 +475,11 @@ class JobsEngine:
         and notify-next messages are kept (a few, bounded) for the jobs thread, which reads the job id
         from one when the SDK cannot model it. Cheap: no parsing on the CRT's thread."""
         prefix = f"$aws/things/{self.thing}/jobs/"
-        kind = topic[len(prefix):] if topic.startswith(prefix) else ""
+        kind = topic[len(prefix) :] if topic.startswith(prefix) else ""
         if kind not in ("start-next/accepted", "notify-next"):
             return
         with self._raw_cv:
-            self._raw.append((kind, bytes(payload[:MAX_MESSAGE_BYTES + 1])))
+            self._raw.append((kind, bytes(payload[: MAX_MESSAGE_BYTES + 1])))
             self._raw_cv.notify_all()
 
     def _take_raw(self) -> list[tuple[str, RawExecution]]:
@@ -566,7 +571,12 @@ class JobsEngine:
         with self._lock:
             st = self.load_state()
             outbox = list(st.get("outbox", []))
-            if status == "IN_PROGRESS" and outbox and outbox[-1]["job_id"] == job_id and outbox[-1]["status"] == "IN_PROGRESS":
+            if (
+                status == "IN_PROGRESS"
+                and outbox
+                and outbox[-1]["job_id"] == job_id
+                and outbox[-1]["status"] == "IN_PROGRESS"
+            ):
                 outbox[-1] = {"job_id": job_id, "status": status, "details": details}  # coalesce progress
             else:
                 outbox.append({"job_id": job_id, "status": status, "details": details})
@@ -583,9 +593,14 @@ class JobsEngine:
                 return
             item = outbox[0]
             try:
-                self._client.update_job_execution(iotjobs.UpdateJobExecutionRequest(
-                    thing_name=self.thing, job_id=item["job_id"], status=item["status"],
-                    status_details=item["details"])).result(REQUEST_TIMEOUT_S + 5)
+                self._client.update_job_execution(
+                    iotjobs.UpdateJobExecutionRequest(
+                        thing_name=self.thing,
+                        job_id=item["job_id"],
+                        status=item["status"],
+                        status_details=item["details"],
+                    )
+                ).result(REQUEST_TIMEOUT_S + 5)
                 killpoints.op("cloud:update-job", item["status"])
                 log.info("job %s: %s delivered", item["job_id"], item["status"])
             except V2ServiceException as e:
@@ -593,13 +608,17 @@ class JobsEngine:
                 if code in ("TerminalStateReached", "VersionMismatch", "ResourceNotFound", "InvalidStateTransition"):
                     # Already applied (a lost answer), or the cloud moved on (canceled, timed out): either
                     # way this update must not be sent again.
-                    log.info("job %s: %s not applied again (%s)", item["job_id"], item["status"],
-                             escape(str(code), 64))
+                    log.info("job %s: %s not applied again (%s)", item["job_id"], item["status"], escape(str(code), 64))
                 elif code in PERMANENT_REFUSALS and item.get("refused", 0) + 1 >= MAX_REFUSED_UPDATES:
                     # The cloud read it and keeps refusing it (InvalidRequest, say): sending it again cannot
                     # help, and it must not hold up every later update.
-                    log.error("job %s: %s refused %d times (%s); dropped", item["job_id"], item["status"],
-                              MAX_REFUSED_UPDATES, _describe(e))
+                    log.error(
+                        "job %s: %s refused %d times (%s); dropped",
+                        item["job_id"],
+                        item["status"],
+                        MAX_REFUSED_UPDATES,
+                        _describe(e),
+                    )
                 else:
                     if code in PERMANENT_REFUSALS:
                         with self._lock:
@@ -636,14 +655,21 @@ class JobsEngine:
             # The SDK could not read the answer (or never matched it to the request): the raw copy says
             # which job it was, and that job must not block the queue.
             if raw is not None and raw.job_id:
-                return self._refuse(raw.job_id, f"the job's message is not plain JSON: {raw.problem}" if raw.problem
-                                    else f"the SDK cannot read the job's message ({_describe(e)})")
+                return self._refuse(
+                    raw.job_id,
+                    f"the job's message is not plain JSON: {raw.problem}"
+                    if raw.problem
+                    else f"the SDK cannot read the job's message ({_describe(e)})",
+                )
             if self._next_bad:  # no copy of the answer: notify-next named the next job, and it is bad
-                job_id, problem = self._next_bad
-                return self._refuse(job_id, f"the job's message is not plain JSON: {problem}")
+                bad_id, bad_problem = self._next_bad
+                return self._refuse(bad_id, f"the job's message is not plain JSON: {bad_problem}")
             if raw is not None and raw.problem:
-                log.error("the next job's message is not plain JSON (%s) and holds no jobId of AWS's form: it "
-                          "cannot be rejected by its id", raw.problem)
+                log.error(
+                    "the next job's message is not plain JSON (%s) and holds no jobId of AWS's form: it "
+                    "cannot be rejected by its id",
+                    raw.problem,
+                )
             raise
         ex = resp.execution
         if ex is None:
@@ -673,8 +699,13 @@ class JobsEngine:
         self._enqueue(job_id, outcome.status, _clean(outcome.details))
         with self._lock:
             st = self.load_state()
-            self.save_state({**st, "current": None, "last": {"job_id": job_id, "status": outcome.status,
-                                                             "details": _clean(outcome.details)}})
+            self.save_state(
+                {
+                    **st,
+                    "current": None,
+                    "last": {"job_id": job_id, "status": outcome.status, "details": _clean(outcome.details)},
+                }
+            )
         log.info("job %s: %s %s", job_id, outcome.status, outcome.details)
         self.flush_outbox()
         return True
@@ -694,12 +725,14 @@ class JobsEngine:
     def dispatch(self, job_id: str, doc: Any) -> Outcome:
         op = operation_of(doc)
         handler = self.handlers.get(op) if op else None
-        if handler is None:
+        if op is None or handler is None:
             why = f"unsupported operation {op!r}" if op else "document has no operation (and is not afr_ota)"
             return Outcome("REJECTED", {"reason": why})
 
         def progress(details: dict[str, str]) -> None:
-            self.activity = f"job {job_id}: " + " ".join(str(v) for k, v in details.items() if k in ("step", "progress"))
+            self.activity = f"job {job_id}: " + " ".join(
+                str(v) for k, v in details.items() if k in ("step", "progress")
+            )
             self._enqueue(job_id, "IN_PROGRESS", _clean(details))
             if self.conn.connected.is_set():
                 try:

@@ -3,10 +3,15 @@ session (`Session.job_handlers`), so the registry starts it last; anything else 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from agent.base.config import Config
 from agent.base.state import StateStore
 from agent.jobs.config import SECTIONS
 from agent.session.feature import Feature, FeatureSpec, Session
+
+if TYPE_CHECKING:  # imported in start(): the daemon never loads a disabled feature's modules
+    from agent.jobs.engine import JobsEngine
 
 
 class JobsFeature(Feature):
@@ -14,14 +19,19 @@ class JobsFeature(Feature):
 
     def __init__(self, cfg: Config, store: StateStore) -> None:
         self.store = store
-        self.engine = None
+        self.engine: JobsEngine | None = None
 
     def start(self, session: Session) -> None:
         from agent.jobs.engine import JobsEngine
 
         store = self.store
-        self.engine = JobsEngine(session.thing_name, session.conn, load_state=lambda: store.load().get("jobs", {}),
-                                 save_state=lambda d: store.update(jobs=d), handlers=dict(session.job_handlers))
+        self.engine = JobsEngine(
+            session.thing_name,
+            session.conn,
+            load_state=lambda: store.load().get("jobs", {}),
+            save_state=lambda d: store.update(jobs=d),
+            handlers=dict(session.job_handlers),
+        )
         # What the SDK's modeled client cannot read (a document it fails to parse) is handled here.
         session.router.add(f"$aws/things/{session.thing_name}/jobs/", self.engine.on_raw_message)
         self.engine.start()

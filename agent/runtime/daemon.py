@@ -6,6 +6,7 @@ the token, and a clean stop that releases the token (a TPM leaks handles otherwi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -67,8 +68,10 @@ def _run(cfg: Config, stop: threading.Event) -> int:
     clock_trusted = False
     mode = identity_mode(cfg)
     if not has_identity(cfg, store.load()) and mode == "jitp":
-        raise AgentError("identity.mode is jitp but there is no device certificate yet: run `iot-agent factory "
-                         "device-key` and `factory device-cert` at the factory (README, 'Just-in-time provisioning')")
+        raise AgentError(
+            "identity.mode is jitp but there is no device certificate yet: run `iot-agent factory "
+            "device-key` and `factory device-cert` at the factory (README, 'Just-in-time provisioning')"
+        )
     if not has_identity(cfg, store.load()) and mode == "claim":
         from agent.identity.provisioning import Provisioner
 
@@ -129,10 +132,16 @@ class Refusals:
         now = time.time()
         since = self.store.load().get("connection", {}).get("refused_since") or int(now)
         self.store.update(connection={"refused_since": since, "last_error": why, "next_try_at": int(now + delay)})
-        log.error("the broker refuses this device's identity (%s): the certificate may be revoked or inactive; "
-                  "next try in %.0f s", why, delay)
-        sdnotify.status_line(f"refused by the broker since {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(since))}"
-                             f" ({why}); next try in {delay:.0f} s")
+        log.error(
+            "the broker refuses this device's identity (%s): the certificate may be revoked or inactive; "
+            "next try in %.0f s",
+            why,
+            delay,
+        )
+        sdnotify.status_line(
+            f"refused by the broker since {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(since))}"
+            f" ({why}); next try in {delay:.0f} s"
+        )
         self.active, self.waited = True, True
         deadline = time.monotonic() + delay
         while not stop.wait(min(1.0, max(0.0, deadline - time.monotonic()))) and time.monotonic() < deadline:
@@ -146,15 +155,23 @@ class Refusals:
         self.backoff.reset()
 
 
-def _session(cfg: Config, store: StateStore, pin: str, stop: threading.Event, clock_trusted: bool,
-             rotate_now: threading.Event, refused: Refusals) -> int:
+def _session(
+    cfg: Config,
+    store: StateStore,
+    pin: str,
+    stop: threading.Event,
+    clock_trusted: bool,
+    rotate_now: threading.Event,
+    refused: Refusals,
+) -> int:
     """Connect with the current identity (or the one a rotation must prove), run the enabled features
     over the connection until stopped, and stop them."""
     features = [spec.build(cfg, store) for spec in enabled_features(cfg)]
     rotation = next(f for f in features if isinstance(f, RotationFeature))
     rotation.wake = rotate_now
-    identity = rotation.session_identity(current_identity(cfg, store.load()),
-                                         lambda: current_identity(cfg, store.load()))
+    identity = rotation.session_identity(
+        current_identity(cfg, store.load()), lambda: current_identity(cfg, store.load())
+    )
     router = MessageRouter()
     exit_code = [0]
     session_end = threading.Event()
@@ -170,8 +187,10 @@ def _session(cfg: Config, store: StateStore, pin: str, stop: threading.Event, cl
     if not rotation.pending:
         conn.limit_refusals(refused.limit() + (cfg.identity.jitp_first_refusals if first_jitp else 0))
         if first_jitp:
-            log.info("first connection of a JITP certificate: AWS IoT registers it and drops that connection; "
-                     "the agent connects again")
+            log.info(
+                "first connection of a JITP certificate: AWS IoT registers it and drops that connection; "
+                "the agent connects again"
+            )
     refusal = None
     try:
         try:
@@ -197,9 +216,17 @@ def _session(cfg: Config, store: StateStore, pin: str, stop: threading.Event, cl
             exit_code[0] = RESTART_EXIT
             stop.set()
 
-        session = Session(thing_name=identity.thing_name, certificate_file=identity.certificate_file,
-                          key_label=identity.key_label, conn=conn, store=store, router=router, stop=stop,
-                          end=session_end.set, request_restart=restart)
+        session = Session(
+            thing_name=identity.thing_name,
+            certificate_file=identity.certificate_file,
+            key_label=identity.key_label,
+            conn=conn,
+            store=store,
+            router=router,
+            stop=stop,
+            end=session_end.set,
+            request_restart=restart,
+        )
         for f in features:
             f.start(session)
             started.append(f)
@@ -234,8 +261,10 @@ def _session(cfg: Config, store: StateStore, pin: str, stop: threading.Event, cl
             f.stop()
         conn.stop()
         if session_end.is_set() and not stop.is_set():
-            log.info("reconnecting with %s credentials",
-                     "the new" if rotation.rotator and rotation.rotator.pending_identity() else "the current")
+            log.info(
+                "reconnecting with %s credentials",
+                "the new" if rotation.rotator and rotation.rotator.pending_identity() else "the current",
+            )
         else:
             log.info("stopped" if exit_code[0] == 0 else "stopped; restarting into the new release")
     if refusal and not stop.is_set():
@@ -246,10 +275,9 @@ def _session(cfg: Config, store: StateStore, pin: str, stop: threading.Event, cl
 
 
 def _install_rotate_signal(event: threading.Event) -> None:
-    try:
+    # Not the main thread (embedded use): ValueError, and `iot-agent rotate` then waits for the next check.
+    with contextlib.suppress(ValueError):
         signal.signal(signal.SIGUSR1, lambda *_: event.set())
-    except ValueError:  # not the main thread (embedded use): `iot-agent rotate` then waits for the next check
-        pass
 
 
 def _write_pid(path: Path) -> None:
@@ -291,5 +319,6 @@ def _prepare_during_clock_gate(cfg: Config, conn: Connection, stop: threading.Ev
         while t.is_alive():  # short joins keep SIGTERM handling responsive
             sdnotify.beat()
             t.join(0.5)
-    if "error" in outcome:
-        raise outcome["error"]
+    error = outcome.get("error")
+    if isinstance(error, BaseException):  # always, when set: "ok" holds the gate's answer, "error" what it raised
+        raise error

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from agent.base.config import Config
-from agent.base.pemfile import certificate_expiry, certificate_status  # noqa: F401 (status's API)
+from agent.base.pemfile import certificate_expiry, certificate_status
 from agent.base.state import StateStore
 
 
@@ -29,8 +29,9 @@ def collect(cfg: Config) -> dict:
     state = StateStore(cfg.resolve(cfg.device.state_dir)).load()  # StateError: one line, exit 3
     flow = _table(state, "provisioning")
     thing = _text(state.get("thing_name")) or cfg.device.thing_name
-    cert = _text(state.get("certificate_file")) or (str(cfg.resolve(cfg.identity.certificate_file))
-                                                    if cfg.identity.certificate_file else None)
+    cert = _text(state.get("certificate_file")) or (
+        str(cfg.resolve(cfg.identity.certificate_file)) if cfg.identity.certificate_file else None
+    )
     after, cert_error = certificate_status(cert)
     jobs = _table(state, "jobs")
     outbox = jobs.get("outbox")
@@ -40,16 +41,23 @@ def collect(cfg: Config) -> dict:
         "certificate_expires": certificate_expiry(cert) if after is not None else None,
         "certificate_error": cert_error,
         "serial_number": cfg.provisioning.serial_number or _table(state, "factory").get("serial"),
-        "provisioning": {"step": flow.get("step", "not started" if not thing else "done"),
-                         "attempts": flow.get("attempts", 0), "last_error": flow.get("last_error")},
+        "provisioning": {
+            "step": flow.get("step", "not started" if not thing else "done"),
+            "attempts": flow.get("attempts", 0),
+            "last_error": flow.get("last_error"),
+        },
         "certificate_expired": after is not None and time.time() > after,
         "key_label": _text(state.get("key_label")) or cfg.pkcs11.key_label,
         "rotation": {k: _table(state, "rotation").get(k) for k in ("step", "last", "next_attempt_at")},
-        "defender": {"last_report_id": _table(state, "defender").get("last_report_id"),
-                     "last_report_at": _table(state, "defender").get("last_report_at")},
-        "jobs": {"current": _table(jobs, "current").get("job_id"),
-                 "last": jobs.get("last") if isinstance(jobs.get("last"), dict) else None,
-                 "unsent_updates": len(outbox) if isinstance(outbox, list) else 0},
+        "defender": {
+            "last_report_id": _table(state, "defender").get("last_report_id"),
+            "last_report_at": _table(state, "defender").get("last_report_at"),
+        },
+        "jobs": {
+            "current": _table(jobs, "current").get("job_id"),
+            "last": jobs.get("last") if isinstance(jobs.get("last"), dict) else None,
+            "unsent_updates": len(outbox) if isinstance(outbox, list) else 0,
+        },
         "updates": {name: _slots(cfg.resolve(t.directory)) for name, t in sorted(cfg.ota.targets.items())},
         "connection": _table(state, "connection"),
     }
@@ -81,12 +89,17 @@ def show(cfg: Config, as_json: bool = False) -> int:
             since = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(c["refused_since"]))
         except (OverflowError, OSError, ValueError):
             since = "an unreadable time"
-        print(f"connection:   REFUSED by the broker since {since} ({c.get('last_error')}): the certificate may be "
-              f"revoked or inactive; next try in {max(0, (_number(c.get('next_try_at')) or 0) - time.time()):.0f} s")
+        print(
+            f"connection:   REFUSED by the broker since {since} ({c.get('last_error')}): the certificate may be "
+            f"revoked or inactive; next try in {max(0, (_number(c.get('next_try_at')) or 0) - time.time()):.0f} s"
+        )
     r = s["rotation"]
     if r.get("step") or r.get("last"):
         last = r.get("last") if isinstance(r.get("last"), dict) else {}
-        print(f"rotation:     {r.get('step') or 'idle'}" + (f"; last {last.get('status')}: {last.get('reason')}" if last else ""))
+        print(
+            f"rotation:     {r.get('step') or 'idle'}"
+            + (f"; last {last.get('status')}: {last.get('reason')}" if last else "")
+        )
     line = f"provisioning: {p['step']}"
     if isinstance(p["last_error"], dict):
         e = p["last_error"]
@@ -99,7 +112,8 @@ def show(cfg: Config, as_json: bool = False) -> int:
     j = s["jobs"]
     if j["current"] or j["last"]:
         last = j["last"] or {}
-        d = last.get("details") if isinstance(last.get("details"), dict) else {}
+        details = last.get("details")
+        d = details if isinstance(details, dict) else {}
         why = d.get("reason") or d.get("result") or d.get("version") or ""
         line = f"jobs:         last {last.get('job_id', '-')} {last.get('status', '')}" + (f" ({why})" if why else "")
         if j["current"]:
@@ -108,8 +122,10 @@ def show(cfg: Config, as_json: bool = False) -> int:
             line += f"; {j['unsent_updates']} status update(s) waiting for the broker"
         print(line)
     for name, sl in s["updates"].items():
-        print(f"{'update ' + name + ':':<14}current {sl['current'] or '-'}, previous {sl['previous'] or '-'}"
-              + (f", broken {sl['broken']}" if sl["broken"] else ""))
+        print(
+            f"{'update ' + name + ':':<14}current {sl['current'] or '-'}, previous {sl['previous'] or '-'}"
+            + (f", broken {sl['broken']}" if sl["broken"] else "")
+        )
     return 0
 
 

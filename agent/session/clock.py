@@ -16,9 +16,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Callable
+from datetime import UTC, datetime
 
 import ntplib
 
@@ -29,7 +29,7 @@ from agent.base.errors import ClockError
 log = logging.getLogger("agent.clock")
 
 # Time before this instant is certainly wrong: this release did not exist yet.
-FLOOR = datetime(2026, 11, 1, tzinfo=timezone.utc).timestamp()
+FLOOR = datetime(2026, 11, 1, tzinfo=UTC).timestamp()
 
 NTP_EPOCH_OFFSET = 2208988800  # seconds from 1900-01-01 to 1970-01-01
 
@@ -52,13 +52,14 @@ def judge_answer(a: NtpAnswer, max_skew_s: float) -> str | None:
     if not 1 <= a.stratum <= 15:
         return f"{a.server} sent stratum {a.stratum} (kiss-of-death or unsynchronised)"
     if abs(a.offset) > max_skew_s:
-        return f"system clock is {abs(a.offset):.1f} s {'behind' if a.offset > 0 else 'ahead of'} {a.server} (max skew {max_skew_s:g} s)"
+        side = "behind" if a.offset > 0 else "ahead of"
+        return f"system clock is {abs(a.offset):.1f} s {side} {a.server} (max skew {max_skew_s:g} s)"
     return None
 
 
 def judge_floor(now: float, floor: float = FLOOR) -> str | None:
     if now < floor:
-        when = datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        when = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d %H:%M:%S")
         return f"system clock reads {when} UTC, before this release's floor date; waiting for NTP to set it"
     return None
 
@@ -71,7 +72,9 @@ def query_ntp(server: str, timeout: float) -> NtpAnswer:
     after = time.time()
     sent_min, sent_max = before + NTP_EPOCH_OFFSET, after + NTP_EPOCH_OFFSET
     origin_ok = sent_min - 0.001 <= stats.orig_timestamp <= sent_max + 0.001
-    return NtpAnswer(server=server, offset=stats.offset, stratum=stats.stratum, leap=stats.leap, origin_matches=origin_ok)
+    return NtpAnswer(
+        server=server, offset=stats.offset, stratum=stats.stratum, leap=stats.leap, origin_matches=origin_ok
+    )
 
 
 STA_UNSYNC = 0x0040
@@ -126,7 +129,7 @@ class ClockGate:
         bad_floor = judge_floor(self.now(), self.floor)
         if self.cfg.source == "system":
             if not self.synchronised():
-                return False, "host NTP daemon has not synchronised the system clock yet (clock.source = \"system\")"
+                return False, 'host NTP daemon has not synchronised the system clock yet (clock.source = "system")'
             return (False, bad_floor) if bad_floor else (True, "system clock synchronised by the host NTP daemon")
         reasons = []
         for server in self.cfg.ntp_servers:

@@ -16,13 +16,17 @@ import gc
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-from typing import Callable
+from typing import TYPE_CHECKING, Any
 
 from agent.base.config import Config
 from agent.base.errors import BrokerConnectionError, CredentialError
+
+if TYPE_CHECKING:  # awscrt loads late, in prepare(): the daemon starts without it
+    import awscrt.io
+    import awscrt.mqtt5
 
 log = logging.getLogger("agent.connection")
 
@@ -48,16 +52,28 @@ class ConnectionSettings:
     reconnect_reset_after_s: float = 30.0
 
     @classmethod
-    def from_config(cls, cfg: Config, client_id: str, certificate_file: Path, key_label: str,
-                    pin: str) -> ConnectionSettings:
+    def from_config(
+        cls, cfg: Config, client_id: str, certificate_file: Path, key_label: str, pin: str
+    ) -> ConnectionSettings:
         """The one place a connection's settings come from the config: the device's sessions and the
         claim connection differ only in client ID, certificate and key."""
         b = cfg.broker
-        return cls(endpoint=b.endpoint, port=b.port, ca_file=cfg.resolve(b.ca_file), client_id=client_id,
-                   certificate_file=certificate_file, pkcs11_library=cfg.resolve(cfg.pkcs11.library),
-                   token_label=cfg.pkcs11.token_label, key_label=key_label, pin=pin, keepalive_s=b.keepalive_s,
-                   connect_timeout_s=b.connect_timeout_s, reconnect_min_s=b.reconnect_min_s,
-                   reconnect_max_s=b.reconnect_max_s, reconnect_reset_after_s=b.reconnect_reset_after_s)
+        return cls(
+            endpoint=b.endpoint,
+            port=b.port,
+            ca_file=cfg.resolve(b.ca_file),
+            client_id=client_id,
+            certificate_file=certificate_file,
+            pkcs11_library=cfg.resolve(cfg.pkcs11.library),
+            token_label=cfg.pkcs11.token_label,
+            key_label=key_label,
+            pin=pin,
+            keepalive_s=b.keepalive_s,
+            connect_timeout_s=b.connect_timeout_s,
+            reconnect_min_s=b.reconnect_min_s,
+            reconnect_max_s=b.reconnect_max_s,
+            reconnect_reset_after_s=b.reconnect_reset_after_s,
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,8 +97,8 @@ class Connection:
         self._on_event = on_event
         self.connected = threading.Event()
         self._stopped = threading.Event()
-        self._client = None
-        self._lib = None
+        self._client: awscrt.mqtt5.Client | None = None
+        self._lib: awscrt.io.Pkcs11Lib | None = None
         self._started = False
         self.events: list[LifecycleEvent] = []
         self.connect_count = 0
@@ -142,6 +158,7 @@ class Connection:
     def start(self) -> None:
         """Connect (after prepare(), which it calls if needed); the CRT keeps reconnecting from here."""
         self.prepare()
+        assert self._client is not None  # prepare() built it or raised
         self._client.start()
         self._started = True
 
@@ -176,9 +193,7 @@ class Connection:
         if self._client is None:
             raise BrokerConnectionError("not started")
         data = payload.encode() if isinstance(payload, str) else payload
-        fut = self._client.publish(
-            awscrt.mqtt5.PublishPacket(topic=topic, payload=data, qos=awscrt.mqtt5.QoS(qos))
-        )
+        fut = self._client.publish(awscrt.mqtt5.PublishPacket(topic=topic, payload=data, qos=awscrt.mqtt5.QoS(qos)))
         result = fut.result(timeout)
         if qos == 0:
             return 0
@@ -204,9 +219,14 @@ class Connection:
 
         if self._client is None:
             raise BrokerConnectionError("not prepared")
-        return client_class(self._client, rr.ClientOptions(
-            max_request_response_subscriptions=subscriptions, max_streaming_subscriptions=streaming,
-            operation_timeout_in_seconds=int(timeout_s)))
+        return client_class(
+            self._client,
+            rr.ClientOptions(
+                max_request_response_subscriptions=subscriptions,
+                max_streaming_subscriptions=streaming,
+                operation_timeout_in_seconds=int(timeout_s),
+            ),
+        )
 
     def limit_refusals(self, limit: int) -> None:
         """Stop trying after `limit` refusals of this identity in a row and set `refused` (0: never)."""
@@ -215,8 +235,10 @@ class Connection:
     def last_error(self, kinds: tuple[str, ...] = ("failed",), default: str = "none yet") -> str:
         """The newest failure (or disconnection) this connection saw, as one line; a user-requested stop
         is not an error."""
-        return next((e.detail for e in reversed(self.events) if e.kind in kinds
-                     and "USER_REQUESTED_STOP" not in e.detail), default)
+        return next(
+            (e.detail for e in reversed(self.events) if e.kind in kinds and "USER_REQUESTED_STOP" not in e.detail),
+            default,
+        )
 
     # -- callbacks (CRT event-loop thread) ---------------------------------------------------
     def _event(self, kind: str, detail: str = "") -> None:
@@ -247,8 +269,15 @@ class Connection:
             self.refusals = 0
         if self.refusal_limit and self.refusals >= self.refusal_limit and not self.refused.is_set():
             self.refused.set()
-            self._client.stop()  # asynchronous: no further attempt; the daemon paces the next one
-        log.warning("connection to %s:%d failed: %s; retrying with jittered backoff", self.settings.endpoint, self.settings.port, why)
+            client = self._client  # None only once stop() has released it: nothing left to stop
+            if client is not None:
+                client.stop()  # asynchronous: no further attempt; the daemon paces the next one
+        log.warning(
+            "connection to %s:%d failed: %s; retrying with jittered backoff",
+            self.settings.endpoint,
+            self.settings.port,
+            why,
+        )
         self._event("failed", why)
 
     def _on_disconnect(self, data) -> None:
@@ -276,11 +305,14 @@ class Connection:
 
 # What awscrt's set-up errors mean for the user, by the AWS_ERROR_* name in their message.
 _SETUP_HINTS = {
-    "AWS_ERROR_PKCS11_CKR_PIN_INCORRECT": "token {token!r} refused the PIN (a TPM locks out after repeated failures); fix the PIN file",
+    "AWS_ERROR_PKCS11_CKR_PIN_INCORRECT": "token {token!r} refused the PIN (a TPM locks out after repeated "
+    "failures); fix the PIN file",
     "AWS_ERROR_PKCS11_CKR_PIN_LOCKED": "token {token!r}: the user PIN is locked; unlock it with the SO PIN",
-    "AWS_ERROR_PKCS11_KEY_NOT_FOUND": "no single private key labelled {key!r} on token {token!r}; check pkcs11.key_label (iot-agent keys list)",
+    "AWS_ERROR_PKCS11_KEY_NOT_FOUND": "no single private key labelled {key!r} on token {token!r}; check "
+    "pkcs11.key_label (iot-agent keys list)",
     "AWS_ERROR_PKCS11_TOKEN_NOT_FOUND": "no PKCS#11 token labelled {token!r}; check pkcs11.token_label",
-    "AWS_IO_FILE_VALIDATION_FAILURE": "a certificate file is not valid PEM; check broker.ca_file and the device certificate",
+    "AWS_IO_FILE_VALIDATION_FAILURE": "a certificate file is not valid PEM; check broker.ca_file and the device "
+    "certificate",
 }
 
 
@@ -293,11 +325,13 @@ def _setup_error(s: ConnectionSettings, e: Exception) -> tuple[str, bool]:
     hint = _SETUP_HINTS.get(name)
     if hint:
         return f"{hint.format(token=s.token_label, key=s.key_label)} ({name})", "PKCS11" in name
-    return (f"cannot set up the TLS client for {s.endpoint}:{s.port} ({name}); check broker.ca_file, "
-            "the device certificate, pkcs11.token_label, pkcs11.key_label and the PIN"), False
+    return (
+        f"cannot set up the TLS client for {s.endpoint}:{s.port} ({name}); check broker.ca_file, "
+        "the device certificate, pkcs11.token_label, pkcs11.key_label and the PIN"
+    ), False
 
 
-def _load_pkcs11(path: Path, wait_s: float = 10.0):
+def _load_pkcs11(path: Path, wait_s: float = 10.0) -> awscrt.io.Pkcs11Lib:
     """Load the module with STRICT initialise/finalise, so that stop() really finalises it.
 
     A previous connection in this process (the claim connection before the device's own) is torn
@@ -315,7 +349,9 @@ def _load_pkcs11(path: Path, wait_s: float = 10.0):
                 gc.collect()
                 time.sleep(0.05)
                 continue
-            raise BrokerConnectionError(f"{path}: cannot load the PKCS#11 module ({_crt_name(e)}: {str(e)[:120]})")
+            raise BrokerConnectionError(
+                f"{path}: cannot load the PKCS#11 module ({_crt_name(e)}: {str(e)[:120]})"
+            ) from None
 
 
 def _socket_options(connect_timeout_s: float):

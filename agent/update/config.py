@@ -7,10 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.base.config import DAY, GIB, WEEK, Bound, Config, Section, order  # noqa: F401
-from agent.base.config import NAME_RE, REQUIRED, toml_key
+from agent.base.config import DAY, GIB, NAME_RE, REQUIRED, WEEK, Bound, Config, Section, order, toml_key  # noqa: F401
 from agent.base.pemfile import certificate_file_problem
-
 
 
 @dataclass(frozen=True)
@@ -46,14 +44,14 @@ class OtaConfig:
     targets: dict[str, OtaTargetConfig] = field(default_factory=dict)
 
 
-
-
 def _problems(c: Mapping[str, Any]) -> list[str]:
     out = []
     o: OtaConfig = c["ota"]
     if o.targets and o.code_signing_certificate is None:
-        out.append("ota.code_signing_certificate: required when update targets are declared (updates are "
-                   "verified against it; nothing else is trusted)")
+        out.append(
+            "ota.code_signing_certificate: required when update targets are declared (updates are "
+            "verified against it; nothing else is trusted)"
+        )
     for raw_name, t in o.targets.items():
         if t is None:
             continue
@@ -64,7 +62,7 @@ def _problems(c: Mapping[str, Any]) -> list[str]:
             out.append(f"ota.targets.{name}: the agent itself is not a privileged target (it updates its own release)")
         if t.self_update and not t.unpack:
             out.append(f"ota.targets.{name}: a self-update target must be unpacked (a tar of the agent package)")
-    if sum(1 for t in o.targets.values() if t and t.self_update) > 1:
+    if len([t for t in o.targets.values() if t and t.self_update]) > 1:
         out.append("ota.targets: at most one target can be the agent itself (self_update = true)")
     return out
 
@@ -75,24 +73,34 @@ def _files(cfg: Config) -> list[str]:
         oca = cfg.resolve(cfg.ota.ca_file)
         problem = certificate_file_problem(oca)
         if problem:
-            out.append(f"ota.ca_file: {oca} {problem}; point it at the PEM CA bundle of your download host, or "
-                       "remove it to use the system's trust store")
+            out.append(
+                f"ota.ca_file: {oca} {problem}; point it at the PEM CA bundle of your download host, or "
+                "remove it to use the system's trust store"
+            )
     if cfg.ota.code_signing_certificate is not None:
         cs = cfg.resolve(cfg.ota.code_signing_certificate)
         if not cs.is_file():
-            out.append(f"ota.code_signing_certificate: {cs} does not exist; install the code-signing certificate "
-                       "that signs your updates")
+            out.append(
+                f"ota.code_signing_certificate: {cs} does not exist; install the code-signing certificate "
+                "that signs your updates"
+            )
     return out
 
 
 SECTIONS = (
-    Section("ota", OtaConfig, problems=_problems, files=_files, bounds={
-        OtaConfig: {
-            "max_artifact_bytes": Bound(1, 2 * GIB, "bytes"),
-            "download_attempts": Bound(1, 100),
-            "self_update_deadline_s": Bound(10, 3600, "s"),
-            "privileged_timeout_s": Bound(1, 3600, "s"),
+    Section(
+        "ota",
+        OtaConfig,
+        problems=_problems,
+        files=_files,
+        bounds={
+            OtaConfig: {
+                "max_artifact_bytes": Bound(1, 2 * GIB, "bytes"),
+                "download_attempts": Bound(1, 100),
+                "self_update_deadline_s": Bound(10, 3600, "s"),
+                "privileged_timeout_s": Bound(1, 3600, "s"),
+            },
+            OtaTargetConfig: {"health_timeout_s": Bound(1, 3600, "s")},
         },
-        OtaTargetConfig: {"health_timeout_s": Bound(1, 3600, "s")},
-    }),
+    ),
 )

@@ -9,14 +9,15 @@ a server that sends more is cut off, one that sends less leaves a partial file t
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
 import re
-import ssl
-import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import ssl
 
 CHUNK = 256 * 1024
 
@@ -33,13 +34,27 @@ class Downloaded:
 
 
 def _context(ca_file: Path | None) -> ssl.SSLContext:
+    import ssl
+
     ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
 
 
-def https_download(url: str, partial: Path, expected_size: int, *, ca_file: Path | None = None,
-                   timeout: float = 30.0, progress: Callable[[int, int], None] | None = None) -> Downloaded:
+def https_download(
+    url: str,
+    partial: Path,
+    expected_size: int,
+    *,
+    ca_file: Path | None = None,
+    timeout: float = 30.0,
+    progress: Callable[[int, int], None] | None = None,
+) -> Downloaded:
+    # Imported here: a device whose updates come over MQTT streams never pays for http.client and ssl
+    # (about 2 MiB resident; bench/lifecycle_rss.py).
+    import http.client
+    import urllib.parse
+
     u = urllib.parse.urlsplit(url)
     if u.scheme != "https" or not u.hostname:
         raise DownloadError("only https:// URLs are downloaded")
@@ -64,7 +79,7 @@ def https_download(url: str, partial: Path, expected_size: int, *, ca_file: Path
             conn.request("GET", path, headers=headers)
             resp = conn.getresponse()
         except (OSError, http.client.HTTPException) as e:
-            raise DownloadError(f"download failed: {e.__class__.__name__}: {str(e)[:120]}")
+            raise DownloadError(f"download failed: {e.__class__.__name__}: {str(e)[:120]}") from None
         resumed = have
         if resp.status == 206:
             m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", resp.getheader("Content-Range", ""))
@@ -89,11 +104,13 @@ def https_download(url: str, partial: Path, expected_size: int, *, ca_file: Path
             view = memoryview(buf)
             while done < expected_size:
                 try:
-                    n = resp.readinto(view[:min(CHUNK, expected_size - done)])
+                    n = resp.readinto(view[: min(CHUNK, expected_size - done)])
                 except (OSError, http.client.HTTPException) as e:
                     out.flush()
                     os.fsync(out.fileno())
-                    raise DownloadError(f"connection lost after {done} of {expected_size} bytes ({e.__class__.__name__})")
+                    raise DownloadError(
+                        f"connection lost after {done} of {expected_size} bytes ({e.__class__.__name__})"
+                    ) from None
                 if not n:
                     break
                 out.write(view[:n])

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tarfile
 from pathlib import Path
 
 from agent.base import durable
@@ -24,8 +23,6 @@ from agent.base.errors import AgentError
 
 class InstallError(AgentError):
     pass
-
-
 
 
 def _link(target_dir: Path, name: str, release: str | None) -> None:
@@ -54,6 +51,8 @@ def stage(target_dir: Path, version: str, artifact: Path, name: str, unpack: boo
     staging.mkdir()
     try:
         if unpack:
+            import tarfile  # only when a tar is installed (about 1 MiB resident)
+
             try:
                 with tarfile.open(artifact) as tar:
                     for m in tar.getmembers():  # refuse a suspicious archive outright rather than repair it
@@ -70,7 +69,7 @@ def stage(target_dir: Path, version: str, artifact: Path, name: str, unpack: boo
                             m.uname = m.gname = ""
                             tar.extract(m, staging, set_attrs=m.isfile())
             except (tarfile.TarError, OSError) as e:
-                raise InstallError(f"artifact is not a safe tar archive: {e}")
+                raise InstallError(f"artifact is not a safe tar archive: {e}") from None
         else:
             shutil.copyfile(artifact, staging / name)
         os.replace(staging, final)  # durable: a folder renamed into place; fsync'd below
@@ -129,8 +128,14 @@ def health_check(command: list[str], release_dir: Path, timeout_s: float) -> tup
     if not command:
         return True, "no health check configured"
     try:
-        r = subprocess.run(command, cwd=release_dir, capture_output=True, text=True, timeout=timeout_s,
-                           env={**os.environ, "IOT_AGENT_RELEASE": str(release_dir)})
+        r = subprocess.run(
+            command,
+            cwd=release_dir,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env={**os.environ, "IOT_AGENT_RELEASE": str(release_dir)},
+        )
     except subprocess.TimeoutExpired:
         return False, f"health check timed out after {timeout_s:g} s"
     except OSError as e:

@@ -11,6 +11,7 @@ exit) passes through to the service manager unchanged.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -21,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.base.config import DEFAULT_CONFIG_PATH, Config
-
 from agent.base.errors import AgentError
 from agent.update.install import restore, slot
 from agent.update.release import RELEASE_ENV, RESTART_EXIT, read_trial, write_trial
@@ -54,8 +54,11 @@ def main(argv: list[str] | None = None, load: Callable[[Path], Config] | None = 
     args = ap.parse_args(argv)
     from agent.base.logfmt import basic_config  # one record, one bounded line
 
-    basic_config(level=logging.INFO, format="%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",
-                 datefmt="%Y-%m-%dT%H:%M:%S")
+    basic_config(
+        level=logging.INFO,
+        format="%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+    )
     try:
         assert load is not None, "run iot-agent-launch (agent.launch), which passes the config loader"
         cfg = load(args.config)
@@ -79,17 +82,18 @@ def main(argv: list[str] | None = None, load: Callable[[Path], Config] | None = 
     rc = 0
     for _ in range(MAX_LAUNCHES):
         trial = _open_trial(tdir)
-        if trial:
+        if tdir and trial:  # a trial is only ever read from the self-update target's directory
             if time.time() > float(trial.get("deadline", 0)):
                 _roll_back(tdir, trial, f"release {trial.get('version')} did not confirm within the deadline")
             elif int(trial.get("attempts", 0)) >= MAX_TRIAL_STARTS:
-                _roll_back(tdir, trial, f"release {trial.get('version')} stopped {MAX_TRIAL_STARTS} times "
-                                        "without confirming")
+                _roll_back(
+                    tdir, trial, f"release {trial.get('version')} stopped {MAX_TRIAL_STARTS} times without confirming"
+                )
             else:
                 write_trial(tdir, {**trial, "attempts": int(trial.get("attempts", 0)) + 1})
         env, cwd = dict(os.environ), None
         release = slot(tdir, "current") if tdir else None
-        if release:
+        if tdir and release:
             cwd = tdir / "releases" / release
             env[RELEASE_ENV] = release
             env["PYTHONPATH"] = os.pathsep.join([str(cwd)] + [p for p in [env.get("PYTHONPATH")] if p])
@@ -99,10 +103,8 @@ def main(argv: list[str] | None = None, load: Callable[[Path], Config] | None = 
         p = subprocess.Popen([sys.executable, "-m", "agent", "--config", str(cfg.path), "run"], cwd=cwd, env=env)
         child[:] = [p]
         while p.poll() is None:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(0.5)
-            except subprocess.TimeoutExpired:
-                pass
             t = _open_trial(tdir)
             if t and not stopping[0] and time.time() > float(t.get("deadline", 0)):
                 log.warning("release %s has not confirmed by its deadline: stopping it", t.get("version"))
@@ -121,4 +123,3 @@ def main(argv: list[str] | None = None, load: Callable[[Path], Config] | None = 
             continue  # the new release stopped before confirming: counted, and rolled back when out of starts
         return rc if rc >= 0 else 1
     return rc
-

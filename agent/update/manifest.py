@@ -25,7 +25,7 @@ from agent.update.versions import VersionError, parse_version
 
 FORMAT = "iot-agent-release/1"
 MAX_MANIFEST_BYTES = 2048
-MAX_ARTIFACT_BYTES = 2 * 1024 ** 3
+MAX_ARTIFACT_BYTES = 2 * 1024**3
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", re.ASCII)
 TARGET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
 SHA256_RE = re.compile(r"[0-9a-f]{64}", re.ASCII)
@@ -47,8 +47,11 @@ class Manifest:
 
 def make(target: str, version: str, name: str, size: int, sha256: str) -> bytes:
     """The manifest's bytes, as a vendor's signing tool writes them (the device reads any key order)."""
-    return json.dumps({"format": FORMAT, "target": target, "version": version, "name": name, "size": size,
-                       "sha256": sha256}, sort_keys=True, separators=(",", ":")).encode()
+    return json.dumps(
+        {"format": FORMAT, "target": target, "version": version, "name": name, "size": size, "sha256": sha256},
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
 
 
 def _reject_constant(name: str):
@@ -62,7 +65,7 @@ def parse(raw: bytes) -> Manifest:
     try:
         doc = json.loads(bytes(raw).decode("utf-8"), parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError, RecursionError):
-        raise ManifestError("manifest is not JSON")
+        raise ManifestError("manifest is not JSON") from None
     if not isinstance(doc, dict) or set(doc) != KEYS:
         raise ManifestError(f"manifest must be an object with exactly {', '.join(sorted(KEYS))}")
     if doc["format"] != FORMAT:
@@ -73,7 +76,7 @@ def parse(raw: bytes) -> Manifest:
     try:
         parse_version(version)
     except VersionError as e:
-        raise ManifestError(f"manifest {e}")
+        raise ManifestError(f"manifest {e}") from None
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ManifestError("manifest name must be a plain file name")
     if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_ARTIFACT_BYTES:

@@ -33,23 +33,21 @@ import shutil
 import tarfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from agent.base import durable
-from agent.base.machine import Machine, State
-
-from agent.update import install
-
-from agent.update import manifest
-from agent.update.release import clear_trial, read_trial, write_trial
 from agent.base.config import Config
-from agent.update.config import OtaTargetConfig
+from agent.base.machine import Machine, State
 from agent.base.pemfile import read_regular_file
-from agent.update.download import DownloadError, https_download
 from agent.jobs.engine import Outcome
+from agent.update import install, manifest
+from agent.update.config import OtaTargetConfig
+from agent.update.download import DownloadError, https_download
 from agent.update.otadoc import DocumentError, UpdateSpec, parse
+from agent.update.release import clear_trial, read_trial, write_trial
 from agent.update.signing import load_pinned_key, sha256_file, verify_digest
 from agent.update.streamdl import StreamDownload
 from agent.update.versions import VersionError, installed_key, parse_version
@@ -69,9 +67,11 @@ class Failed(Exception):
     """The update could not be done now: FAILED, nothing installed."""
 
 
-LEGACY_UNBOUND = ("a legacy update (schema 1 or afr_ota) binds no version or target: its artifact must be a tar "
-                  "with VERSION and TARGET files (signed with it), or send a schema 2 document (signed manifest); "
-                  "ota.insecure_trust_version_labels accepts the document's unsigned labels")
+LEGACY_UNBOUND = (
+    "a legacy update (schema 1 or afr_ota) binds no version or target: its artifact must be a tar "
+    "with VERSION and TARGET files (signed with it), or send a schema 2 document (signed manifest); "
+    "ota.insecure_trust_version_labels accepts the document's unsigned labels"
+)
 
 
 def _small_member(tar: tarfile.TarFile, name: str) -> str | None:
@@ -82,12 +82,14 @@ def _small_member(tar: tarfile.TarFile, name: str) -> str | None:
             continue
         if not m.isfile() or m.size > 80:
             raise Refused(f"{name} in the artifact is not a small regular file")
-        raw = tar.extractfile(m).read()
+        member = tar.extractfile(m)
+        assert member is not None  # None only for what is not a regular file, refused above
+        raw = member.read()
         text = raw[:-1] if raw.endswith(b"\n") else raw
         try:
             return text.decode("ascii")
         except UnicodeDecodeError:
-            raise Refused(f"{name} in the artifact is not ASCII")
+            raise Refused(f"{name} in the artifact is not ASCII") from None
     return None
 
 
@@ -97,12 +99,12 @@ def release_labels_in_tar(path: Path) -> tuple[str | None, str | None]:
         with tarfile.open(path) as tar:
             version, target = _small_member(tar, "VERSION"), _small_member(tar, "TARGET")
     except tarfile.TarError as e:
-        raise Refused(f"artifact is not a tar archive: {str(e)[:100]}")
+        raise Refused(f"artifact is not a tar archive: {str(e)[:100]}") from None
     if version is not None:
         try:
             parse_version(version)
         except VersionError as e:
-            raise Refused(f"VERSION in the artifact: {e}")
+            raise Refused(f"VERSION in the artifact: {e}") from None
     if target is not None and not manifest.TARGET_RE.fullmatch(target):
         raise Refused("TARGET in the artifact is not a plain name")
     return version, target
@@ -115,24 +117,50 @@ def version_in_tar(path: Path) -> str | None:
 # The install of one job (`ota.active` in the state file): the record names the phase before its effect.
 INSTALL = Machine(
     "OTA install",
-    State("accepted", "the artifact is downloaded (HTTPS, or an MQTT stream; a partial download resumes)",
-          ("downloaded",), "resumes the download"),
-    State("downloaded", "the signature and the signed manifest are checked; the version and target come from "
-                        "signed bytes only", ("verified",), "verifies again"),
-    State("verified", "the release is staged in releases/<version>; a privileged target is handed to the root "
-                      "helper instead", ("activating", "handed_over"),
-          "stages again (a half-staged release is pruned)"),
-    State("activating", "the links switch (current, previous); then the health check, or the restart of a "
-                        "self-update", ("trial", "committed", "rolling_back", "verified"),
-          "restores the links the record saved, back to `verified`"),
-    State("trial", "the agent restarts into the new release (iot-agent-launch); it confirms once connected",
-          ("committed", "rolling_back"), "the new release confirms; anything else rolls back"),
-    State("handed_over", "iot-agent-install verifies everything again and installs; its answer is awaited",
-          (), "waits for the helper's answer again (the spool files say where the hand-over is)"),
-    State("committed", "the installed version is recorded; the job's SUCCEEDED answer follows", (),
-          "answers the job"),
-    State("rolling_back", "ONE write records the broken version and the job's FAILED answer; the links are "
-                          "restored and the release pruned", (), "restores and prunes again, then answers"),
+    State(
+        "accepted",
+        "the artifact is downloaded (HTTPS, or an MQTT stream; a partial download resumes)",
+        ("downloaded",),
+        "resumes the download",
+    ),
+    State(
+        "downloaded",
+        "the signature and the signed manifest are checked; the version and target come from signed bytes only",
+        ("verified",),
+        "verifies again",
+    ),
+    State(
+        "verified",
+        "the release is staged in releases/<version>; a privileged target is handed to the root helper instead",
+        ("activating", "handed_over"),
+        "stages again (a half-staged release is pruned)",
+    ),
+    State(
+        "activating",
+        "the links switch (current, previous); then the health check, or the restart of a self-update",
+        ("trial", "committed", "rolling_back", "verified"),
+        "restores the links the record saved, back to `verified`",
+    ),
+    State(
+        "trial",
+        "the agent restarts into the new release (iot-agent-launch); it confirms once connected",
+        ("committed", "rolling_back"),
+        "the new release confirms; anything else rolls back",
+    ),
+    State(
+        "handed_over",
+        "iot-agent-install verifies everything again and installs; its answer is awaited",
+        (),
+        "waits for the helper's answer again (the spool files say where the hand-over is)",
+    ),
+    State("committed", "the installed version is recorded; the job's SUCCEEDED answer follows", (), "answers the job"),
+    State(
+        "rolling_back",
+        "ONE write records the broken version and the job's FAILED answer; the links are "
+        "restored and the release pruned",
+        (),
+        "restores and prunes again, then answers",
+    ),
     start=("accepted",),
     end="the job's answer, with what it changed (installed or broken), recorded in ONE write; files removed after",
 )
@@ -144,7 +172,7 @@ class OtaHandler:
 
     cfg: Config
     load: Callable[[], dict]  # the "ota" part of the state
-    save: Callable[[dict], None]
+    save: Callable[[dict], object]  # what it returns (StateStore.update's new state) is unused
     thing: str
     publish: Callable[[str, bytes], int]
     subscribe: Callable[[str], int]
@@ -210,15 +238,23 @@ class OtaHandler:
                 install.restore(tdir, a.get("from_current"), a.get("from_previous"))
                 install.prune(tdir)
                 self._set_phase(a, "verified")
-                log.warning("update to %s %s was interrupted while switching; the previous release is restored and "
-                            "the install resumes with the job", a["target"], a["version"])
+                log.warning(
+                    "update to %s %s was interrupted while switching; the previous release is restored and "
+                    "the install resumes with the job",
+                    a["target"],
+                    a["version"],
+                )
             elif a["phase"] == "rolling_back":
                 self._finish_roll_back(a)
         for name, t in self.targets.items():
             tdir = self.target_dir(name)
             trial = read_trial(tdir) if t.self_update else None
-            if trial and trial.get("state") == "trial" and self._state()["installed"].get(name) == trial.get("version") \
-                    and install.slot(tdir, "current") == trial.get("version"):
+            if (
+                trial
+                and trial.get("state") == "trial"
+                and self._state()["installed"].get(name) == trial.get("version")
+                and install.slot(tdir, "current") == trial.get("version")
+            ):
                 clear_trial(tdir)  # committed before the cut: the launcher must not roll it back
             if not t.privileged and tdir.is_dir():
                 install.prune(tdir)
@@ -271,18 +307,22 @@ class OtaHandler:
         """Schema 2: the manifest's signature first; then its fields are the update's facts."""
         import dataclasses
 
+        assert spec.manifest is not None  # parse() gives every schema 2 document its manifest's bytes
         try:
             m = manifest.verify(self.pinned, spec.manifest, spec.signature)
         except manifest.ManifestError as e:
-            raise Refused(str(e))
-        return dataclasses.replace(spec, target=m.target, version=m.version, name=m.name, size=m.size,
-                                   sha256=m.sha256, bound=True)
+            raise Refused(str(e)) from None
+        return dataclasses.replace(
+            spec, target=m.target, version=m.version, name=m.name, size=m.size, sha256=m.sha256, bound=True
+        )
 
     def _target_for(self, spec: UpdateSpec) -> str:
         if spec.source in ("our", "signed"):
-            if spec.target not in self.targets:
-                raise Refused(f"unknown update target {spec.target!r} (targets on this device: "
-                              f"{', '.join(sorted(self.targets)) or 'none'})")
+            if spec.target is None or spec.target not in self.targets:
+                raise Refused(
+                    f"unknown update target {spec.target!r} (targets on this device: "
+                    f"{', '.join(sorted(self.targets)) or 'none'})"
+                )
             return spec.target
         for name, t in self.targets.items():
             if t.afr_ota_filepath and t.afr_ota_filepath == spec.filepath:
@@ -294,7 +334,7 @@ class OtaHandler:
         try:
             key = parse_version(version)
         except VersionError as e:
-            raise Refused(str(e))
+            raise Refused(str(e)) from None
         st = self._state()
         broken = set(st["broken"].get(target, [])) | {install.slot(self.target_dir(target), "broken")}
         if version in broken:
@@ -305,11 +345,13 @@ class OtaHandler:
         try:
             cur_key = installed_key(cur)
         except VersionError as e:
-            raise Refused(str(e))
+            raise Refused(str(e)) from None
         if key + (0,) == cur_key:
             raise Refused(f"version {version} of {target} is already installed (a replayed or repeated update)")
         if key + (0,) < cur_key and not self.cfg.ota.insecure_allow_downgrade:
-            raise Refused(f"downgrade of {target} from {cur} to {version} refused (ota.insecure_allow_downgrade is off)")
+            raise Refused(
+                f"downgrade of {target} from {cur} to {version} refused (ota.insecure_allow_downgrade is off)"
+            )
 
     def _accept(self, job_id: str, spec: UpdateSpec, target: str) -> dict:
         o = self.cfg.ota
@@ -321,8 +363,13 @@ class OtaHandler:
         if free < spec.size * 2 + (16 << 20):
             raise Failed(f"not enough disk space: {free} bytes free, the update needs {spec.size * 2} plus a margin")
         key = self._key(job_id)
-        active = {"job_id": job_id, "target": target, "version": spec.version, "phase": "accepted",
-                  "partial": str(self.work / f"{key}.part")}
+        active = {
+            "job_id": job_id,
+            "target": target,
+            "version": spec.version,
+            "phase": "accepted",
+            "partial": str(self.work / f"{key}.part"),
+        }
         INSTALL.move(None, "accepted")
         self._put(active=active)
         log.info("job %s: update of %s to %s accepted", job_id, target, spec.version or "(version in artifact)")
@@ -353,8 +400,9 @@ class OtaHandler:
             elif phase == "rolling_back":
                 return self._finish_roll_back(a)
             elif phase == "committed":
-                return self._finish(a["job_id"], "SUCCEEDED", {"result": "installed", "target": a["target"],
-                                                                "version": a["version"]}, a)
+                return self._finish(
+                    a["job_id"], "SUCCEEDED", {"result": "installed", "target": a["target"], "version": a["version"]}, a
+                )
             else:
                 raise Failed(f"unknown install phase {phase!r} in the state file")
         raise Failed("the install made no progress")
@@ -387,11 +435,26 @@ class OtaHandler:
                 break
             try:
                 if spec.url:
-                    https_download(spec.url, partial, spec.size, ca_file=self.cfg.resolve(self.cfg.ota.ca_file)
-                                   if self.cfg.ota.ca_file else None, progress=report)
+                    https_download(
+                        spec.url,
+                        partial,
+                        spec.size,
+                        ca_file=self.cfg.resolve(self.cfg.ota.ca_file) if self.cfg.ota.ca_file else None,
+                        progress=report,
+                    )
                 else:
-                    self._stream = StreamDownload(self.thing, spec.stream_id, spec.file_id, partial, spec.size,
-                                                  publish=self.publish, subscribe=self.subscribe, progress=report)
+                    # No URL: parse() gave the document a stream and a file id instead.
+                    assert spec.stream_id is not None and spec.file_id is not None
+                    self._stream = StreamDownload(
+                        self.thing,
+                        spec.stream_id,
+                        spec.file_id,
+                        partial,
+                        spec.size,
+                        publish=self.publish,
+                        subscribe=self.subscribe,
+                        progress=report,
+                    )
                     try:
                         self._stream.run()
                     finally:
@@ -400,9 +463,9 @@ class OtaHandler:
             except DownloadError as e:
                 why = str(e)
                 if why.startswith("size mismatch"):
-                    raise Refused(why)  # the artifact is not the one the signed document describes
+                    raise Refused(why) from None  # the artifact is not the one the signed document describes
                 if "refused" in why or why.startswith("only https"):
-                    raise Failed(why)  # expired URL, missing stream: trying again cannot help
+                    raise Failed(why) from None  # expired URL, missing stream: trying again cannot help
                 if spec.stream_id and not self.connected():
                     attempt -= 1  # the broker went away: a resumed download after the reconnect is not a new try
                     log.warning("job %s: stream download paused while the broker is unreachable (%s)", a["job_id"], why)
@@ -442,16 +505,22 @@ class OtaHandler:
         if inside_target is not None and inside_target != a["target"]:
             raise Refused(f"the artifact is a release of {inside_target!r}, not of {a['target']!r}")
         if spec.bound:
+            assert spec.version is not None  # bound: it is the verified manifest's version
             if inside is not None and inside != spec.version:
-                raise Refused(f"VERSION inside the artifact ({inside}) differs from the signed manifest ({spec.version})")
+                raise Refused(
+                    f"VERSION inside the artifact ({inside}) differs from the signed manifest ({spec.version})"
+                )
             version = spec.version
         elif inside is not None and (inside_target is not None or self.cfg.ota.insecure_trust_version_labels):
             if spec.version is not None and inside != spec.version:
                 raise Refused(f"VERSION inside the artifact ({inside}) differs from the job's version ({spec.version})")
             version = inside
         elif self.cfg.ota.insecure_trust_version_labels and spec.version is not None:
-            log.warning("job %s: installing under the document's unsigned version label %s "
-                        "(ota.insecure_trust_version_labels)", a["job_id"], spec.version)
+            log.warning(
+                "job %s: installing under the document's unsigned version label %s (ota.insecure_trust_version_labels)",
+                a["job_id"],
+                spec.version,
+            )
             version = spec.version
         else:
             raise Refused(LEGACY_UNBOUND)
@@ -468,17 +537,32 @@ class OtaHandler:
         try:
             release = install.stage(tdir, version, Path(a["partial"]), spec.name, t.unpack)
         except install.InstallError as e:
-            raise Refused(str(e))
-        a = self._set_phase(a, "activating", from_current=install.slot(tdir, "current"),
-                            from_previous=install.slot(tdir, "previous"))
+            raise Refused(str(e)) from None
+        a = self._set_phase(
+            a, "activating", from_current=install.slot(tdir, "current"), from_previous=install.slot(tdir, "previous")
+        )
         install.activate(tdir, version)
         if t.self_update:
             deadline = time.time() + self.cfg.ota.self_update_deadline_s
-            write_trial(tdir, {"state": "trial", "version": version, "from_current": a["from_current"],
-                               "from_previous": a["from_previous"], "deadline": deadline, "attempts": 0})
+            write_trial(
+                tdir,
+                {
+                    "state": "trial",
+                    "version": version,
+                    "from_current": a["from_current"],
+                    "from_previous": a["from_previous"],
+                    "deadline": deadline,
+                    "attempts": 0,
+                },
+            )
             self._set_phase(a, "trial", deadline=deadline)
-            log.info("job %s: restarting into %s %s; it must confirm within %g s", a["job_id"], a["target"],
-                     version, self.cfg.ota.self_update_deadline_s)
+            log.info(
+                "job %s: restarting into %s %s; it must confirm within %g s",
+                a["job_id"],
+                a["target"],
+                version,
+                self.cfg.ota.self_update_deadline_s,
+            )
             self.request_restart()
             return Outcome("IN_PROGRESS", {"step": "restarting", "version": version})
         progress({"step": "health check", "version": version})
@@ -496,9 +580,14 @@ class OtaHandler:
 
     def _request_for(self, a: dict, spec: UpdateSpec) -> dict:
         """What the root helper needs to check everything again from signed bytes."""
-        req = {"job_id": a["job_id"], "target": a["target"], "name": spec.name,
-               "signature": base64.b64encode(spec.signature).decode()}
+        req = {
+            "job_id": a["job_id"],
+            "target": a["target"],
+            "name": spec.name,
+            "signature": base64.b64encode(spec.signature).decode(),
+        }
         if spec.bound:
+            assert spec.manifest is not None  # bound: the version and target come from this signed manifest
             req["manifest"] = base64.b64encode(spec.manifest).decode()
         elif a.get("version"):
             req["version_label"] = a["version"]  # honoured only under the helper's own insecure switch
@@ -546,24 +635,43 @@ class OtaHandler:
                         continue
                 durable.remove(spool / f".{key}.withdrawn")
                 durable.remove(spool / f"{key}.artifact")
-                return self._finish(a["job_id"], "FAILED", {"reason": f"iot-agent-install did not answer within "
-                                                                      f"{limit:g} s (is its systemd path unit enabled?)"}, a)
+                return self._finish(
+                    a["job_id"],
+                    "FAILED",
+                    {
+                        "reason": f"iot-agent-install did not answer within "
+                        f"{limit:g} s (is its systemd path unit enabled?)"
+                    },
+                    a,
+                )
             time.sleep(0.25)
-        status = result.get("status") if result.get("status") in ("SUCCEEDED", "FAILED", "REJECTED") else "FAILED"
+        said = result.get("status")
+        status = said if isinstance(said, str) and said in ("SUCCEEDED", "FAILED", "REJECTED") else "FAILED"
         reason = str(result.get("reason", ""))[:500]
         version = result.get("version")
         st = self._state()
-        if status == "SUCCEEDED" and (result.get("target") != a["target"] or not isinstance(version, str)
-                                      or (a.get("version") and version != a["version"])):
+        if status == "SUCCEEDED" and (
+            result.get("target") != a["target"]
+            or not isinstance(version, str)
+            or (a.get("version") and version != a["version"])
+        ):
             status, reason = "FAILED", "iot-agent-install reported another release than the one handed over"
-        if status == "SUCCEEDED":
-            out = self._finish(a["job_id"], status, {"result": "installed", "target": a["target"], "version": version,
-                                                      "by": "iot-agent-install"}, a,
-                               installed={**st["installed"], a["target"]: version})
+        if status == "SUCCEEDED" and isinstance(version, str):  # it is a str: checked just above
+            out = self._finish(
+                a["job_id"],
+                status,
+                {"result": "installed", "target": a["target"], "version": version, "by": "iot-agent-install"},
+                a,
+                installed={**st["installed"], a["target"]: version},
+            )
         elif reason.startswith("rolled back") and isinstance(version, str):
-            out = self._finish(a["job_id"], status, {"reason": f"iot-agent-install: {reason}"}, a,
-                               broken={**st["broken"], a["target"]: sorted(set(st["broken"].get(a["target"], []))
-                                                                           | {version})})
+            out = self._finish(
+                a["job_id"],
+                status,
+                {"reason": f"iot-agent-install: {reason}"},
+                a,
+                broken={**st["broken"], a["target"]: sorted(set(st["broken"].get(a["target"], [])) | {version})},
+            )
         else:
             out = self._finish(a["job_id"], status, {"reason": f"iot-agent-install: {reason}"}, a)
         for suffix in (".claimed.json", ".request.json", ".artifact", ".result.json"):  # claim before answer:
@@ -575,16 +683,28 @@ class OtaHandler:
         tdir = self.target_dir(a["target"])
         trial = read_trial(tdir) or {}
         if self.running_release == a["version"] and trial.get("state") != "rolled_back":
-            healthy, reason = install.health_check(t.health_command, tdir / "releases" / a["version"], t.health_timeout_s)
+            healthy, reason = install.health_check(
+                t.health_command, tdir / "releases" / a["version"], t.health_timeout_s
+            )
             if not healthy:
                 return self._roll_back(a, tdir, reason, restart=True)
             self._commit(a, tdir)
             clear_trial(tdir)
-            return self._finish(a["job_id"], "SUCCEEDED", {"result": "installed", "target": a["target"],
-                                                            "version": a["version"]}, self._state()["active"])
-        reason = trial.get("reason") if trial.get("state") == "rolled_back" else (
-            f"the agent did not restart into {a['version']} (running {self.running_release or 'the base install'}); "
-            "is it started by iot-agent-launch?")
+            return self._finish(
+                a["job_id"],
+                "SUCCEEDED",
+                {"result": "installed", "target": a["target"], "version": a["version"]},
+                self._state()["active"],
+            )
+        reason = (
+            str(trial.get("reason"))  # the launcher's words (it writes a str): only ever formatted into text
+            if trial.get("state") == "rolled_back"
+            else (
+                f"the agent did not restart into {a['version']} "
+                f"(running {self.running_release or 'the base install'}); "
+                "is it started by iot-agent-launch?"
+            )
+        )
         return self._roll_back(a, tdir, reason)
 
     def _commit(self, a: dict, tdir: Path) -> None:
@@ -603,11 +723,16 @@ class OtaHandler:
         broken = {**st["broken"], a["target"]: sorted(set(st["broken"].get(a["target"], [])) | {a["version"]})}
         why = f"rolled back to {a.get('from_current')}: {reason}"[:1000]
         INSTALL.move(a.get("phase"), "rolling_back")
-        a = {**a, "phase": "rolling_back", "outcome": ["FAILED", {"reason": why, "version": a["version"]}],
-             "restart": restart}
+        a = {
+            **a,
+            "phase": "rolling_back",
+            "outcome": ["FAILED", {"reason": why, "version": a["version"]}],
+            "restart": restart,
+        }
         self._put(broken=broken, active=a)
-        log.warning("job %s: %s %s rolled back to %s: %s", a["job_id"], a["target"], a["version"],
-                    a.get("from_current"), reason)
+        log.warning(
+            "job %s: %s %s rolled back to %s: %s", a["job_id"], a["target"], a["version"], a.get("from_current"), reason
+        )
         return self._finish_roll_back(a)
 
     def _finish_roll_back(self, a: dict) -> Outcome:
@@ -622,8 +747,7 @@ class OtaHandler:
             self.request_restart()  # the old release must run again
         return out
 
-    def _finish(self, job_id: str, status: str, details: dict[str, str], active: dict | None,
-                **record: Any) -> Outcome:
+    def _finish(self, job_id: str, status: str, details: dict[str, str], active: dict | None, **record: Any) -> Outcome:
         """The job's answer, with what it changed (installed or broken), in ONE write; then the files."""
         st = self._state()
         done = dict(st["done"])
@@ -641,8 +765,11 @@ class OtaHandler:
 
     def _abandon(self, a: dict) -> None:
         """The cloud moved on (job canceled or timed out): drop what that job left behind."""
-        log.warning("job %s is no longer ours to finish (canceled?); dropping its update of %s", a.get("job_id"),
-                    a.get("target"))
+        log.warning(
+            "job %s is no longer ours to finish (canceled?); dropping its update of %s",
+            a.get("job_id"),
+            a.get("target"),
+        )
         if a.get("target") in self.targets:
             tdir = self.target_dir(a["target"])
             if a.get("phase") in ("activating", "trial"):

@@ -34,7 +34,7 @@ from typing import Any
 from agent.update.versions import VersionError, parse_version
 
 MAX_DOCUMENT_BYTES = 32 * 1024  # AWS IoT job documents are at most 32 kB
-MAX_ARTIFACT_BYTES = 2 * 1024 ** 3
+MAX_ARTIFACT_BYTES = 2 * 1024**3
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", re.ASCII)  # always fullmatch
 STREAM_RE = re.compile(r"[A-Za-z0-9_-]{1,128}", re.ASCII)
 MAX_MANIFEST_B64 = 4096
@@ -69,7 +69,7 @@ def _version(v: Any, what: str) -> str:
     try:
         parse_version(v)
     except VersionError as e:
-        raise DocumentError(f"{what}: {e}")
+        raise DocumentError(f"{what}: {e}") from None
     return v
 
 
@@ -90,7 +90,7 @@ def _signature(v: Any, what: str) -> bytes:
     try:
         der = base64.b64decode(s, validate=True)
     except (binascii.Error, ValueError):
-        raise DocumentError(f"{what} is not base64")
+        raise DocumentError(f"{what} is not base64") from None
     if not 8 <= len(der) <= 72 or der[0] != 0x30:
         raise DocumentError(f"{what} is not a DER ECDSA signature")
     return der
@@ -117,20 +117,20 @@ def parse(document: Any) -> UpdateSpec:
         try:
             document = json.loads(document)
         except (ValueError, UnicodeDecodeError):
-            raise DocumentError("document is not valid JSON")
+            raise DocumentError("document is not valid JSON") from None
     if not isinstance(document, dict):
         raise DocumentError("document must be a JSON object")
     try:
         encoded = len(json.dumps(document, separators=(",", ":")).encode())
     except (TypeError, ValueError):
-        raise DocumentError("document is not plain JSON")
+        raise DocumentError("document is not plain JSON") from None
     if encoded > MAX_DOCUMENT_BYTES:
         raise DocumentError(f"document larger than {MAX_DOCUMENT_BYTES} bytes")
     if "afr_ota" in document:
         return _afr(document)
     if document.get("operation") == "ota-update":
         return _signed(document) if document.get("schema") == 2 else _ours(document)
-    raise DocumentError("not an OTA document (no operation \"ota-update\" and no afr_ota)")
+    raise DocumentError('not an OTA document (no operation "ota-update" and no afr_ota)')
 
 
 def _ours(d: dict) -> UpdateSpec:
@@ -191,14 +191,15 @@ def _signed(d: dict) -> UpdateSpec:
     try:
         manifest = base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError):
-        raise DocumentError("manifest is not base64")
+        raise DocumentError("manifest is not base64") from None
     a = d.get("artifact")
     if not isinstance(a, dict):
         raise DocumentError("artifact must be an object")
     _only(a, {"url", "stream"}, "artifact")
     url, stream_id, file_id = _location(a)
-    return UpdateSpec("signed", None, None, "", 0, None, url, stream_id, file_id, _signature_field(d),
-                      manifest=manifest)
+    return UpdateSpec(
+        "signed", None, None, "", 0, None, url, stream_id, file_id, _signature_field(d), manifest=manifest
+    )
 
 
 def _afr(d: dict) -> UpdateSpec:

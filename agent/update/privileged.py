@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import contextlib
 import errno
 import hashlib
 import json
@@ -49,10 +50,7 @@ from pathlib import Path
 
 from agent.base import durable
 from agent.base.machine import Machine, State
-
-from agent.update import install
-
-from agent.update import manifest
+from agent.update import install, manifest
 from agent.update.versions import VersionError, installed_key, parse_version
 
 log = logging.getLogger("agent.privileged")
@@ -92,8 +90,14 @@ def load_config(path: Path) -> HelperConfig:
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or (os.geteuid() == 0 and st.st_uid != 0):
         raise SystemExit(f"iot-agent-install: {path} must be owned by root and writable by root only")
     raw = tomllib.loads(path.read_text())
-    known = {"code_signing_certificate", "spool", "targets", "max_artifact_bytes", "insecure_allow_downgrade",
-             "insecure_trust_version_labels"}
+    known = {
+        "code_signing_certificate",
+        "spool",
+        "targets",
+        "max_artifact_bytes",
+        "insecure_allow_downgrade",
+        "insecure_trust_version_labels",
+    }
     unknown = set(raw) - known
     if unknown:
         raise SystemExit(f"iot-agent-install: {path}: unknown key(s) {', '.join(sorted(unknown))}")
@@ -101,14 +105,23 @@ def load_config(path: Path) -> HelperConfig:
     for name, t in raw.get("targets", {}).items():
         if not manifest.TARGET_RE.fullmatch(name) or not isinstance(t, dict) or "directory" not in t:
             raise SystemExit(f"iot-agent-install: {path}: targets.{name} needs a plain name and a directory")
-        targets[name] = Target(Path(t["directory"]), bool(t.get("unpack", True)), list(t.get("health_command", [])),
-                               float(t.get("health_timeout_s", 60.0)))
+        targets[name] = Target(
+            Path(t["directory"]),
+            bool(t.get("unpack", True)),
+            list(t.get("health_command", [])),
+            float(t.get("health_timeout_s", 60.0)),
+        )
     limit = raw.get("max_artifact_bytes", 512 * 1024 * 1024)
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= manifest.MAX_ARTIFACT_BYTES:
         raise SystemExit(f"iot-agent-install: {path}: max_artifact_bytes must be 1-{manifest.MAX_ARTIFACT_BYTES}")
-    return HelperConfig(Path(raw["code_signing_certificate"]), Path(raw["spool"]), targets, limit,
-                        bool(raw.get("insecure_allow_downgrade", False)),
-                        bool(raw.get("insecure_trust_version_labels", False)))
+    return HelperConfig(
+        Path(raw["code_signing_certificate"]),
+        Path(raw["spool"]),
+        targets,
+        limit,
+        bool(raw.get("insecure_allow_downgrade", False)),
+        bool(raw.get("insecure_trust_version_labels", False)),
+    )
 
 
 # -- the spool, never followed ---------------------------------------------------------------------
@@ -123,8 +136,9 @@ def open_spool(path: Path) -> int:
                 nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise SystemExit(f"iot-agent-install: {path}: {part!r} is a symbolic link or not a folder; "
-                                     "refusing to follow it")
+                    raise SystemExit(
+                        f"iot-agent-install: {path}: {part!r} is a symbolic link or not a folder; refusing to follow it"
+                    ) from None
                 raise
             os.close(fd)
             fd = nxt
@@ -142,9 +156,9 @@ def _open_entry(dir_fd: int, name: str, limit: int) -> int:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise Refusal(f"{name} is a symbolic link; refused")
+            raise Refusal(f"{name} is a symbolic link; refused") from None
         if e.errno == errno.ENXIO:
-            raise Refusal(f"{name} is not a regular file; refused")
+            raise Refusal(f"{name} is not a regular file; refused") from None
         raise
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
@@ -177,10 +191,8 @@ def _remove(dir_fd: int, name: str) -> None:
 
 def _write_result(dir_fd: int, key: str, doc: dict) -> None:
     tmp, final = f".{key}.result.tmp", f"{key}.result.json"
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
     with os.fdopen(fd, "w") as f:
         json.dump(doc, f)
@@ -215,7 +227,7 @@ def _request(dir_fd: int, key: str, cfg: HelperConfig) -> dict:
         try:
             req = json.loads(f.read())
         except (ValueError, RecursionError):
-            raise Refusal("request is not JSON")
+            raise Refusal("request is not JSON") from None
     if not isinstance(req, dict):
         raise Refusal("request is not a JSON object")
     if req.get("target") not in cfg.targets:
@@ -232,14 +244,14 @@ def _b64(text: str, what: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise Refusal(f"{what} is not base64")
+        raise Refusal(f"{what} is not base64") from None
 
 
 def _check_version(cfg: HelperConfig, t: Target, version: str) -> str | None:
     try:
         key = parse_version(version) + (0,)
     except VersionError as e:
-        raise Refusal(str(e))
+        raise Refusal(str(e)) from None
     if install.slot(t.directory, "broken") == version:
         raise Refusal(f"version {version} failed on this device before")
     current = install.slot(t.directory, "current")
@@ -248,7 +260,7 @@ def _check_version(cfg: HelperConfig, t: Target, version: str) -> str | None:
             if key <= installed_key(current):
                 raise Refusal(f"version {version} is not newer than the installed {current}")
         except VersionError as e:
-            raise Refusal(str(e))
+            raise Refusal(str(e)) from None
     return current
 
 
@@ -263,7 +275,7 @@ def handle(cfg: HelperConfig, pinned, dir_fd: int, key: str) -> dict:
         try:
             m = manifest.verify(pinned, _b64(req["manifest"], "manifest"), sig)
         except manifest.ManifestError as e:
-            raise Refusal(str(e))
+            raise Refusal(str(e)) from None
         if m.target != target:
             raise Refusal(f"the signed manifest is for target {m.target!r}, not {target!r}")
         if m.size > cfg.max_artifact_bytes:
@@ -287,7 +299,7 @@ def handle(cfg: HelperConfig, pinned, dir_fd: int, key: str) -> dict:
             try:
                 inside, inside_target = release_labels_in_tar(copy)
             except Refused as e:
-                raise Refusal(str(e))
+                raise Refusal(str(e)) from None
         if inside_target is not None and inside_target != target:
             raise Refusal(f"the artifact is a release of {inside_target!r}, not of {target!r}")
         if m:
@@ -307,16 +319,25 @@ def handle(cfg: HelperConfig, pinned, dir_fd: int, key: str) -> dict:
             elif cfg.insecure_trust_version_labels and isinstance(label, str):
                 version = label
             else:
-                raise Refusal("a legacy request binds no version or target: the artifact must be a tar with VERSION "
-                              "and TARGET files, or come with a signed manifest")
+                raise Refusal(
+                    "a legacy request binds no version or target: the artifact must be a tar with VERSION "
+                    "and TARGET files, or come with a signed manifest"
+                )
         current = _check_version(cfg, t, version)
         try:
             release = install.stage(t.directory, version, copy, name, t.unpack)
         except install.InstallError as e:
-            raise Refusal(str(e))
+            raise Refusal(str(e)) from None
         prev = install.slot(t.directory, "previous")
-        wal = {"key": key, "job_id": req["job_id"], "target": target, "version": version,
-               "from_current": current, "from_previous": prev, "phase": "activating"}
+        wal = {
+            "key": key,
+            "job_id": req["job_id"],
+            "target": target,
+            "version": version,
+            "from_current": current,
+            "from_previous": prev,
+            "phase": "activating",
+        }
         HELPER.move(None, wal["phase"])
         durable.write_json(t.directory / WAL, wal, 0o600)
         install.activate(t.directory, version)
@@ -325,8 +346,12 @@ def handle(cfg: HelperConfig, pinned, dir_fd: int, key: str) -> dict:
             result = {"status": "SUCCEEDED", "reason": "installed", "target": target, "version": version}
         else:
             install.restore(t.directory, current, prev, broken=version)
-            result = {"status": "FAILED", "reason": f"rolled back to {current}: {reason}", "target": target,
-                      "version": version}
+            result = {
+                "status": "FAILED",
+                "reason": f"rolled back to {current}: {reason}",
+                "target": target,
+                "version": version,
+            }
         HELPER.move(wal["phase"], "committed")
         durable.write_json(t.directory / WAL, {**wal, "phase": "committed", "result": result}, 0o600)
         install.prune(t.directory)
@@ -339,14 +364,30 @@ def handle(cfg: HelperConfig, pinned, dir_fd: int, key: str) -> dict:
 # a write the module docstring orders. The agent's record (`handed_over`) does not change meanwhile.
 HAND_OVER = Machine(
     "privileged hand-over (spool files)",
-    State("requested", "<key>.artifact and <key>.request.json written by the agent; the path unit starts the helper",
-          ("claimed", "withdrawn"), "the helper claims it at its next start"),
-    State("withdrawn", "the agent's deadline passed before a claim: it renamed the request away and fails the job",
-          (), "the agent removes what is left"),
-    State("claimed", "the helper renamed the request to <key>.claimed.json and installs (its own record: HELPER)",
-          ("answered",), "the helper's recover() undoes an unfinished install and installs the claim again"),
-    State("answered", "<key>.result.json written, then the claim and the artifact removed by the helper",
-          (), "the agent records the outcome, then removes the claim and then the answer (in that order)"),
+    State(
+        "requested",
+        "<key>.artifact and <key>.request.json written by the agent; the path unit starts the helper",
+        ("claimed", "withdrawn"),
+        "the helper claims it at its next start",
+    ),
+    State(
+        "withdrawn",
+        "the agent's deadline passed before a claim: it renamed the request away and fails the job",
+        (),
+        "the agent removes what is left",
+    ),
+    State(
+        "claimed",
+        "the helper renamed the request to <key>.claimed.json and installs (its own record: HELPER)",
+        ("answered",),
+        "the helper's recover() undoes an unfinished install and installs the claim again",
+    ),
+    State(
+        "answered",
+        "<key>.result.json written, then the claim and the artifact removed by the helper",
+        (),
+        "the agent records the outcome, then removes the claim and then the answer (in that order)",
+    ),
     start=("requested",),
     end="the agent recorded the job's outcome and removed the answer",
 )
@@ -354,11 +395,18 @@ HAND_OVER = Machine(
 # The helper's own write-ahead record per target (.install.json).
 HELPER = Machine(
     "iot-agent-install",
-    State("activating", "links switched to the new release; the health check runs; failing, the old links are "
-                        "restored", ("committed",), "the old links are restored and the claimed request installed "
-                                                   "again"),
-    State("committed", "the answer is in the record; written out as <key>.result.json if a cut lost it", (),
-          "writes the answer if missing, removes the claim and the artifact"),
+    State(
+        "activating",
+        "links switched to the new release; the health check runs; failing, the old links are restored",
+        ("committed",),
+        "the old links are restored and the claimed request installed again",
+    ),
+    State(
+        "committed",
+        "the answer is in the record; written out as <key>.result.json if a cut lost it",
+        (),
+        "writes the answer if missing, removes the claim and the artifact",
+    ),
     start=("activating",),
     end="recover() or the next install removes the record",
 )

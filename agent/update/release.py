@@ -25,11 +25,20 @@ TRIAL_FILE = "trial.json"
 # The self-update's record (trial.json), shared by the agent that installs, the launcher and the new agent.
 TRIAL = Machine(
     "self-update trial",
-    State("trial", "the launcher starts the new release, counting starts against its limit and the deadline; the "
-                   "new agent confirms once connected and taking jobs", ("rolled_back",),
-          "the launcher starts it again (counted), or rolls back once out of starts or time"),
-    State("rolled_back", "the launcher restored the old links and marked the release broken; the old agent reports "
-                         "the job FAILED with the reason", (), "the old release reports it"),
+    State(
+        "trial",
+        "the launcher starts the new release, counting starts against its limit and the deadline; the "
+        "new agent confirms once connected and taking jobs",
+        ("rolled_back",),
+        "the launcher starts it again (counted), or rolls back once out of starts or time",
+    ),
+    State(
+        "rolled_back",
+        "the launcher restored the old links and marked the release broken; the old agent reports "
+        "the job FAILED with the reason",
+        (),
+        "the old release reports it",
+    ),
     start=("trial",),
     end="confirmed by the new release, or reported by the old one: trial.json removed",
 )

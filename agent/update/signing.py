@@ -24,15 +24,17 @@ def load_pinned_key(cert_path: Path):
     try:
         spki = subject_public_key_info(read_regular_file(cert_path, 64 * 1024))
     except OSError as e:
-        raise SignatureError(f"{cert_path}: cannot read the pinned code-signing certificate ({e.strerror})")
+        raise SignatureError(f"{cert_path}: cannot read the pinned code-signing certificate ({e.strerror})") from None
     except ValueError as e:
-        raise SignatureError(f"{cert_path}: the pinned code-signing certificate {e}")
+        raise SignatureError(f"{cert_path}: the pinned code-signing certificate {e}") from None
     if spki is None:
         raise SignatureError(f"{cert_path}: not a valid code-signing certificate")
     try:
         return awscrt.crypto.EC.new_key_from_der_data(spki)
     except Exception:
-        raise SignatureError(f"{cert_path}: the code-signing certificate's key is not an EC key awscrt can use")
+        raise SignatureError(
+            f"{cert_path}: the code-signing certificate's key is not an EC key awscrt can use"
+        ) from None
 
 
 def verify_digest(pinned_key, sha256_digest: bytes, signature_der: bytes) -> bool:

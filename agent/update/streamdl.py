@@ -14,9 +14,9 @@ import os
 import queue
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from agent.update.download import DownloadError
 
@@ -39,7 +39,7 @@ class StreamDownload:
     progress: Callable[[int, int], None] | None = None
 
     def __post_init__(self) -> None:
-        self.inbox: "queue.Queue[tuple[str, bytes]]" = queue.Queue()
+        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.base = f"$aws/things/{self.thing}/streams/{self.stream_id}"
 
     @property
@@ -78,7 +78,7 @@ class StreamDownload:
                 topic, payload = self.inbox.get(timeout=left)
             except queue.Empty:
                 continue
-            kind = topic[len(self.base) + 1:].split("/")[0]
+            kind = topic[len(self.base) + 1 :].split("/")[0]
             if kind not in kinds:
                 continue
             try:
@@ -99,14 +99,16 @@ class StreamDownload:
             raise DownloadError(f"stream {self.stream_id} refused: {desc.get('o')}: {desc.get('m')}")
         files = {f.get("f"): f.get("z") for f in desc.get("r", []) if isinstance(f, dict)}
         if files.get(self.file_id) != self.expected_size:
-            raise DownloadError(f"size mismatch: stream file {self.file_id} has {files.get(self.file_id)} bytes, "
-                                f"the job says {self.expected_size}")
+            raise DownloadError(
+                f"size mismatch: stream file {self.file_id} has {files.get(self.file_id)} bytes, "
+                f"the job says {self.expected_size}"
+            )
         version = desc.get("s")
         bm = self._load_bitmap()
         n = self._blocks()
         if not self.partial.exists() or self.partial.stat().st_size != self.expected_size:
-            with open(self.partial, "wb") as f:
-                f.truncate(self.expected_size)
+            with open(self.partial, "wb") as new:
+                new.truncate(self.expected_size)
         per_window = max(1, WINDOW_BYTES // self.block_size)
         with open(self.partial, "r+b") as f:
             for _ in range(self.max_rounds):
@@ -116,12 +118,22 @@ class StreamDownload:
                 start = missing[0]
                 want = [i for i in missing if i < start + per_window * 8][:per_window]
                 req_bm = bytearray((max(want) - start) // 8 + 1)
-                for i in want:
-                    req_bm[(i - start) // 8] |= 1 << ((i - start) % 8)
+                for w in want:
+                    req_bm[(w - start) // 8] |= 1 << ((w - start) % 8)
                 token = secrets.token_hex(8)
-                self.publish(f"{self.base}/get/json", json.dumps({
-                    "c": token, "s": version, "f": self.file_id, "l": self.block_size, "o": start,
-                    "b": "0x" + bytes(req_bm).hex()}).encode())  # AWS: a hex string in JSON
+                self.publish(
+                    f"{self.base}/get/json",
+                    json.dumps(
+                        {
+                            "c": token,
+                            "s": version,
+                            "f": self.file_id,
+                            "l": self.block_size,
+                            "o": start,
+                            "b": "0x" + bytes(req_bm).hex(),
+                        }
+                    ).encode(),
+                )  # AWS: a hex string in JSON
                 for _ in want:
                     kind, blk = self._expect(("data", "rejected"), token)
                     if kind == "rejected":

@@ -46,5 +46,7 @@ def installed_key(text: str) -> tuple[int, ...]:
     except VersionError:
         parts = text.split(".") if isinstance(text, str) else []
         if not 1 <= len(parts) <= 4 or not all(p.isascii() and p.isdigit() and len(p) <= 9 for p in parts):
-            raise VersionError(f"the installed version {str(text)[:20]!r} cannot be compared; reinstall the target")
+            raise VersionError(
+                f"the installed version {str(text)[:20]!r} cannot be compared; reinstall the target"
+            ) from None
         return tuple(int(p) for p in parts) + (0,) * (4 - len(parts))

@@ -5,13 +5,14 @@
 #   SIGUSR1  reset the peak to the live bytes      SIGUSR2  append "<live> <peak>" to PARAMS["out"]
 # Run as: MICROPYPATH=.frozen:<repo>/micropython micropython -X heapsize=N tls_session.py PARAMS.json
 # (parameters in a file: the port crashes on a command-line argument of 256+ characters).
-import sys
-import json
-import gc
-import os
-import time
-import socket
 import asyncio
+import gc
+import json
+import os
+import socket
+import sys
+import time
+
 import board
 import mqtt
 
@@ -66,7 +67,7 @@ async def main():
     g = gc_heap()  # collected first, so that "live" holds only what the session keeps
     report("connected", c_heap(), g)
     reset_peak()
-    topic = "cmd/%s/hello" % P["client_id"]
+    topic = "cmd/{}/hello".format(P["client_id"])
     await c.subscribe(topic, 1)
     await c.publish(topic, b"x" * 2000, 1)
     m = await c.msg(5000)

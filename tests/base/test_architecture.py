@@ -106,8 +106,11 @@ def test_the_daemon_names_no_capability_but_the_session_identity():
     credentials) and provisioning (before any session) are named in it."""
     src = (AGENT / "runtime" / "daemon.py").read_text()
     tree = ast.parse(src)
-    named = {n.module.split(".")[1] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
-             and n.module.startswith("agent.")}
+    named = {
+        n.module.split(".")[1]
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("agent.")
+    }
     assert named <= {"base", "session", "identity", "runtime", "update"}, named
     for word in ("defender", "inventory", "JobsEngine", "OtaHandler", "ota-update", "rotate-certificate"):
         assert word not in src, f"the daemon names {word!r}; it belongs in its feature package"

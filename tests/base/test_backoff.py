@@ -11,7 +11,7 @@ def test_full_jitter_grows_to_the_cap_and_stays_within_it():
         delays.append(b.next_delay())
     assert ceilings[:6] == [1, 2, 4, 8, 16, 30]
     assert all(c == 30 for c in ceilings[5:])
-    assert all(0.05 <= d <= c for d, c in zip(delays, ceilings))
+    assert all(0.05 <= d <= c for d, c in zip(delays, ceilings, strict=True))
     assert len(set(round(d, 6) for d in delays)) == len(delays)  # jittered, not lock-step
     b.reset()
     assert b.ceiling() == 1.0

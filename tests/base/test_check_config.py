@@ -14,12 +14,12 @@ import socket
 import time
 
 import pytest
+from test_config import GOOD, certificate_pem, cfgdir, cli  # noqa: F401  (cfgdir is a fixture)
 
-from agent.runtime.features import load
 from agent.base.errors import SecretError
 from agent.base.pin import read_pin
 from agent.base.state import StateStore
-from test_config import GOOD, certificate_pem, cfgdir, cli  # noqa: F401  (cfgdir is a fixture)
+from agent.runtime.features import load
 
 QUICK = 20  # seconds: generous for a CLI run on a loaded machine, far below "hangs"
 
@@ -42,8 +42,9 @@ GARBAGE = {
     "empty": b"",
     "unclosed": b"-----BEGIN CERTIFICATE-----\n",
     "bad base64": b"-----BEGIN CERTIFICATE-----\n!!!!not base64!!!!\n-----END CERTIFICATE-----\n",
-    "not x509": b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(b"\x30\x03\x02\x01\x05")
-                + b"-----END CERTIFICATE-----\n",
+    "not x509": b"-----BEGIN CERTIFICATE-----\n"
+    + base64.encodebytes(b"\x30\x03\x02\x01\x05")
+    + b"-----END CERTIFICATE-----\n",
     "private key": b"-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n",
     "DER": base64.b64decode(b"".join(certificate_pem().splitlines()[1:-1])),
 }
@@ -64,8 +65,10 @@ def test_one_bad_certificate_in_a_bundle_is_refused_and_a_good_bundle_with_comme
     assert check(cfgdir) == (0, [])
     (cfgdir / "ca.pem").write_bytes(good + GARBAGE["not x509"])
     rc, lines = check(cfgdir)
-    assert rc == 2 and lines == [f"broker.ca_file: {cfgdir / 'ca.pem'} has PEM block 3 of 3 that is not an X.509 "
-                                 "certificate; download the root CA (AmazonRootCA1.pem) again to that path"]
+    assert rc == 2 and lines == [
+        f"broker.ca_file: {cfgdir / 'ca.pem'} has PEM block 3 of 3 that is not an X.509 "
+        "certificate; download the root CA (AmazonRootCA1.pem) again to that path"
+    ]
 
 
 def test_garbage_or_missing_ota_ca_file_is_refused(cfgdir):
@@ -85,12 +88,15 @@ def test_a_fifo_as_ca_file_is_refused_without_blocking(cfgdir):
     os.mkfifo(cfgdir / "ca.pem")
     t = time.monotonic()
     rc, lines = check(cfgdir)
-    assert rc == 2 and lines == [f"broker.ca_file: {cfgdir / 'ca.pem'} is a FIFO, not a regular file; download the "
-                                 "root CA (AmazonRootCA1.pem) again to that path"]
+    assert rc == 2 and lines == [
+        f"broker.ca_file: {cfgdir / 'ca.pem'} is a FIFO, not a regular file; download the "
+        "root CA (AmazonRootCA1.pem) again to that path"
+    ]
     assert time.monotonic() - t < QUICK
 
 
 # -- the PIN file ----------------------------------------------------------------------------------
+
 
 def test_a_fifo_as_pin_file_is_refused_without_hanging(cfgdir):
     """It hung check-config (and would hang run) in a blocking open()."""
@@ -98,8 +104,10 @@ def test_a_fifo_as_pin_file_is_refused_without_hanging(cfgdir):
     pin.unlink()
     os.mkfifo(pin, 0o600)
     rc, lines = check(cfgdir, env={"CREDENTIALS_DIRECTORY": ""})
-    assert rc == 2 and lines == [f"{pin}: PIN file is not a regular file (a FIFO); point pkcs11.pin_file (or the "
-                                 "credential) at a file holding only the PIN, mode 600"]
+    assert rc == 2 and lines == [
+        f"{pin}: PIN file is not a regular file (a FIFO); point pkcs11.pin_file (or the "
+        "credential) at a file holding only the PIN, mode 600"
+    ]
     r = cli("--config", str(cfgdir / "config.toml"), "run", env={"CREDENTIALS_DIRECTORY": ""}, timeout=QUICK)
     assert r.returncode == 2 and "PIN file is not a regular file (a FIFO)" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
@@ -139,6 +147,7 @@ def test_a_directory_socket_or_device_as_pin_file_is_refused(cfgdir, tmp_path_fa
 
 # -- what run checks at start, after the config ----------------------------------------------------
 
+
 def test_corrupt_state_file_is_reported(cfgdir):
     (cfgdir / "state").mkdir(mode=0o700)
     (cfgdir / "state" / "state.json").write_text("{not json")
@@ -170,8 +179,9 @@ def test_certificate_recorded_in_the_state_is_checked(cfgdir):
     store = StateStore(cfgdir / "state")
     store.save({"thing_name": "gw-1", "certificate_file": str(cfgdir / "provisioned.pem"), "key_label": "device"})
     rc, lines = check(cfgdir)
-    assert rc == 2 and lines == [f"{cfgdir / 'provisioned.pem'}: device certificate not found; restore it or "
-                                 "provision the device again"]
+    assert rc == 2 and lines == [
+        f"{cfgdir / 'provisioned.pem'}: device certificate not found; restore it or provision the device again"
+    ]
     (cfgdir / "provisioned.pem").write_bytes(GARBAGE["text"])
     rc, lines = check(cfgdir)
     assert rc == 2 and len(lines) == 1 and "device certificate (recorded in the state)" in lines[0], lines
@@ -195,13 +205,17 @@ def test_jitp_without_a_device_certificate_is_reported(cfgdir):
 
 def test_claim_mode_needs_a_serial_and_a_claim_certificate_that_parses(cfgdir):
     path = cfgdir / "config.toml"
-    path.write_text(GOOD.replace('certificate_file = "device.pem"\n', "").replace('thing_name = "gw-1"\n', "")
-                    + "\n[provisioning]\nenabled = true\n")
+    path.write_text(
+        GOOD.replace('certificate_file = "device.pem"\n', "").replace('thing_name = "gw-1"\n', "")
+        + "\n[provisioning]\nenabled = true\n"
+    )
     rc, lines = check(cfgdir)
     assert rc == 2 and len(lines) == 2, lines
     assert lines[0].startswith("provisioning: no serial number")
-    assert lines[1] == (f"provisioning: claim certificate {cfgdir / 'state' / 'claim.pem'} not found; run "
-                        "`iot-agent factory claim-cert`")
+    assert lines[1] == (
+        f"provisioning: claim certificate {cfgdir / 'state' / 'claim.pem'} not found; run "
+        "`iot-agent factory claim-cert`"
+    )
     path.write_text(path.read_text().replace("enabled = true\n", 'enabled = true\nserial_number = "SN-1"\n'))
     (cfgdir / "state").mkdir(mode=0o700)
     (cfgdir / "state" / "claim.pem").write_bytes(GARBAGE["not x509"])
@@ -216,8 +230,12 @@ def test_broken_code_signing_certificate_is_reported(cfgdir):
     path.write_text(GOOD + '\n[ota]\ncode_signing_certificate = "cs.pem"\n[ota.targets.app]\ndirectory = "app"\n')
     (cfgdir / "cs.pem").write_bytes(GARBAGE["text"])
     rc, lines = check(cfgdir)
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith("ota.code_signing_certificate: ") \
-        and "not a valid code-signing certificate" in lines[0], lines
+    assert (
+        rc == 2
+        and len(lines) == 1
+        and lines[0].startswith("ota.code_signing_certificate: ")
+        and "not a valid code-signing certificate" in lines[0]
+    ), lines
     (cfgdir / "cs.pem").write_bytes(certificate_pem("signer"))
     assert check(cfgdir) == (0, [])
 
@@ -228,11 +246,16 @@ def test_every_start_up_problem_is_listed_at_once(cfgdir):
     (cfgdir / "device.pem").write_bytes(GARBAGE["unclosed"])
     rc, lines = check(cfgdir, env={"CREDENTIALS_DIRECTORY": ""})
     assert rc == 2 and len(lines) == 3, lines
-    assert [l.split(":")[0] for l in lines] == ["broker.ca_file", str(cfgdir / "pin"), "identity.certificate_file"]
+    assert [line.split(":")[0] for line in lines] == [
+        "broker.ca_file",
+        str(cfgdir / "pin"),
+        "identity.certificate_file",
+    ]
     assert "1234" not in "\n".join(lines)
 
 
 # -- status ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["text", "unclosed", "not x509"])
 def test_status_shows_an_unreadable_certificate_without_a_traceback(cfgdir, kind):
@@ -269,9 +292,16 @@ def test_status_on_a_corrupt_state_file_is_one_line(cfgdir):
 
 
 def test_status_survives_odd_values_in_a_state_with_a_good_checksum(cfgdir):
-    StateStore(cfgdir / "state").save({"thing_name": 7, "provisioning": "x", "jobs": {"current": 1, "outbox": 3},
-                                       "connection": {"refused_since": "yesterday"}, "rotation": [],
-                                       "defender": {"last_report_id": 5, "last_report_at": "x"}})
+    StateStore(cfgdir / "state").save(
+        {
+            "thing_name": 7,
+            "provisioning": "x",
+            "jobs": {"current": 1, "outbox": 3},
+            "connection": {"refused_since": "yesterday"},
+            "rotation": [],
+            "defender": {"last_report_id": 5, "last_report_at": "x"},
+        }
+    )
     for args in (("status", "--json"), ("status",)):
         r = cli("--config", str(cfgdir / "config.toml"), *args, timeout=QUICK)
         assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr

@@ -15,8 +15,10 @@ from pathlib import Path
 from agent.base import durable
 
 AGENT = Path(__file__).resolve().parents[2] / "agent"
-FORBIDDEN = re.compile(r"os\.replace\(|os\.rename\(|\.write_text\(|\.write_bytes\(|\.unlink\(|shutil\.rmtree\(|"
-                       r"\.symlink_to\(|os\.symlink\(")
+FORBIDDEN = re.compile(
+    r"os\.replace\(|os\.rename\(|\.write_text\(|\.write_bytes\(|\.unlink\(|shutil\.rmtree\(|"
+    r"\.symlink_to\(|os\.symlink\("
+)
 
 
 def test_state_changing_file_calls_go_through_agent_durable():

@@ -27,19 +27,43 @@ REPO = Path(__file__).resolve().parents[2]
 BASE = {"broker": {"endpoint": "h", "ca_file": "c"}, "pkcs11": {"library": "l", "token_label": "t"}}
 
 CASES = [
-    ("identity", identity_config, {"identity": {"mode": "magic"}},
-     "identity.mode: 'magic' is not one of claim, jitp, preprovisioned"),
-    ("provisioning", identity_config, {"provisioning": {"enabled": True, "claim_key_label": "device"}},
-     "provisioning.claim_key_label: must differ from pkcs11.key_label (the device key)"),
-    ("rotation", identity_config, {"rotation": {"retry_min_s": 500, "retry_max_s": 400}},
-     "rotation.retry_max_s: 400 is below rotation.retry_min_s (500); raise retry_max_s or lower retry_min_s"),
-    ("ota", update_config, {"ota": {"targets": {"app": {"directory": "d"}}}},
-     "ota.code_signing_certificate: required when update targets are declared (updates are verified against it; "
-     "nothing else is trusted)"),
-    ("defender", defender_config, {"defender": {"interval_s": 60}},
-     "defender.interval_s: 60 is below AWS's 300 s minimum (reports would be throttled)"),
-    ("inventory", inventory_config, {"inventory": {"shadow_name": "$inventory"}},
-     "inventory.shadow_name: '$inventory' is not a shadow name (1-64 letters, digits, ':', '_' or '-')"),
+    (
+        "identity",
+        identity_config,
+        {"identity": {"mode": "magic"}},
+        "identity.mode: 'magic' is not one of claim, jitp, preprovisioned",
+    ),
+    (
+        "provisioning",
+        identity_config,
+        {"provisioning": {"enabled": True, "claim_key_label": "device"}},
+        "provisioning.claim_key_label: must differ from pkcs11.key_label (the device key)",
+    ),
+    (
+        "rotation",
+        identity_config,
+        {"rotation": {"retry_min_s": 500, "retry_max_s": 400}},
+        "rotation.retry_max_s: 400 is below rotation.retry_min_s (500); raise retry_max_s or lower retry_min_s",
+    ),
+    (
+        "ota",
+        update_config,
+        {"ota": {"targets": {"app": {"directory": "d"}}}},
+        "ota.code_signing_certificate: required when update targets are declared (updates are verified against it; "
+        "nothing else is trusted)",
+    ),
+    (
+        "defender",
+        defender_config,
+        {"defender": {"interval_s": 60}},
+        "defender.interval_s: 60 is below AWS's 300 s minimum (reports would be throttled)",
+    ),
+    (
+        "inventory",
+        inventory_config,
+        {"inventory": {"shadow_name": "$inventory"}},
+        "inventory.shadow_name: '$inventory' is not a shadow name (1-64 letters, digits, ':', '_' or '-')",
+    ),
     ("jobs", jobs_config, {"jobs": {"enabled": "yes"}}, "jobs.enabled: expected true or false, got string 'yes'"),
 ]
 
@@ -76,12 +100,21 @@ def test_every_section_belongs_to_one_package():
 def test_check_config_prints_the_features_line(tmp_path):
     """The same line reaches the user through `iot-agent check-config` (exit 2, nothing else said)."""
     cfg = tmp_path / "config.toml"
-    cfg.write_text('[broker]\nendpoint = "h"\nca_file = "c"\n[pkcs11]\nlibrary = "l"\ntoken_label = "t"\n'
-                   '[inventory]\nshadow_name = "$inventory"\n')
-    r = subprocess.run([sys.executable, "-m", "agent", "check-config", "--config", str(cfg)], cwd=REPO,
-                       capture_output=True, text=True, timeout=60)
+    cfg.write_text(
+        '[broker]\nendpoint = "h"\nca_file = "c"\n[pkcs11]\nlibrary = "l"\ntoken_label = "t"\n'
+        '[inventory]\nshadow_name = "$inventory"\n'
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "agent", "check-config", "--config", str(cfg)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2, r
     lines = [x for x in r.stderr.splitlines() if x.strip()]
-    assert any(x.endswith("inventory.shadow_name: '$inventory' is not a shadow name (1-64 letters, digits, ':', "
-                          "'_' or '-')") for x in lines), r.stderr
+    assert any(
+        x.endswith("inventory.shadow_name: '$inventory' is not a shadow name (1-64 letters, digits, ':', '_' or '-')")
+        for x in lines
+    ), r.stderr
     assert len(lines) <= 2, r.stderr  # the problem, and at most a heading

@@ -55,8 +55,10 @@ def test_every_state_is_named_by_the_code(m: Machine):
 @pytest.mark.parametrize("m", MACHINES, ids=[m.name for m in MACHINES])
 def test_every_table_is_in_the_architecture_doc(m: Machine):
     doc = (REPO / "docs" / "architecture.md").read_text()
-    assert m.table() in doc, f"docs/architecture.md: {m.name}'s table differs from the code's (regenerate it: " \
-                             "python scripts/architecture_tables.py)"
+    assert m.table() in doc, (
+        f"docs/architecture.md: {m.name}'s table differs from the code's (regenerate it: "
+        "python scripts/architecture_tables.py)"
+    )
 
 
 def test_moves_the_tables_do_not_allow_raise():

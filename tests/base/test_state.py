@@ -54,8 +54,8 @@ def test_a_failed_write_keeps_the_old_state(tmp_path, monkeypatch):
     [
         (b'{"schema": 1, "sha256": "x", "data": {"a"', "not JSON"),
         (b"", "not JSON"),
-        (b'\x00\x00\x00', "not JSON"),
-        (b'[]', "no 'data' object"),
+        (b"\x00\x00\x00", "not JSON"),
+        (b"[]", "no 'data' object"),
         (b'{"data": {}}', "no schema version"),
     ],
 )

@@ -10,16 +10,21 @@ import sys
 import threading
 from pathlib import Path
 
-from agent.runtime.features import parse
-from agent.identity.rotation import Rotator
 from agent.base.state import StateStore
+from agent.identity.rotation import Rotator
+from agent.runtime.features import parse
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _rotator(tmp_path: Path) -> Rotator:
-    cfg = parse({"broker": {"endpoint": "localhost", "ca_file": "ca.pem"},
-                 "pkcs11": {"library": "/nonexistent.so", "token_label": "t"}}, tmp_path / "config.toml")
+    cfg = parse(
+        {
+            "broker": {"endpoint": "localhost", "ca_file": "ca.pem"},
+            "pkcs11": {"library": "/nonexistent.so", "token_label": "t"},
+        },
+        tmp_path / "config.toml",
+    )
     return Rotator(cfg, StateStore(tmp_path / "state"), "gw-1")
 
 
@@ -43,11 +48,13 @@ def test_threads_writing_the_rotation_record_lose_nothing(tmp_path):
 def test_another_process_writing_the_state_loses_nothing(tmp_path):
     rot = _rotator(tmp_path)
     rot._save(step="idle")
-    code = ("import sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
-            "from pathlib import Path\nfrom test_state_races import _rotator\n"
-            "r = _rotator(Path(%r))\n"
-            "print('ready', flush=True)\n"
-            "for j in range(150): r._save(**{'p%%d' %% j: j})\n") % (str(REPO), str(Path(__file__).resolve().parent), str(tmp_path))
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+        "from pathlib import Path\nfrom test_state_races import _rotator\n"
+        f"r = _rotator(Path({str(tmp_path)!r}))\n"
+        "print('ready', flush=True)\n"
+        "for j in range(150): r._save(**{'p%d' % j: j})\n"
+    )
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "ready"
     for j in range(150):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
-import time
 
 import cbor2
 import pytest
@@ -16,27 +14,62 @@ from agent.defender.config import DefenderConfig
 from agent.defender.reporter import Collector, Reporter, Snapshot, build_report, cert_not_after, next_report_id
 from localcloud.defender import validate
 
-
 # -- the specification ----------------------------------------------------------------------------
 SPEC_LONG = {  # field -> type, per shared/reference/aws-iot-wire-formats.md
-    "header": dict, "report_id": int, "version": str, "metrics": dict, "custom_metrics": dict,
-    "tcp_connections": dict, "established_connections": dict, "connections": list, "remote_addr": str,
-    "local_port": int, "local_interface": str, "total": int, "listening_tcp_ports": dict,
-    "listening_udp_ports": dict, "ports": list, "port": int, "interface": str, "network_stats": dict,
-    "bytes_in": int, "bytes_out": int, "packets_in": int, "packets_out": int,
+    "header": dict,
+    "report_id": int,
+    "version": str,
+    "metrics": dict,
+    "custom_metrics": dict,
+    "tcp_connections": dict,
+    "established_connections": dict,
+    "connections": list,
+    "remote_addr": str,
+    "local_port": int,
+    "local_interface": str,
+    "total": int,
+    "listening_tcp_ports": dict,
+    "listening_udp_ports": dict,
+    "ports": list,
+    "port": int,
+    "interface": str,
+    "network_stats": dict,
+    "bytes_in": int,
+    "bytes_out": int,
+    "packets_in": int,
+    "packets_out": int,
 }
-SHORT_OF = {"header": "hed", "report_id": "rid", "version": "v", "metrics": "met", "custom_metrics": "cmet",
-            "tcp_connections": "tc", "established_connections": "ec", "connections": "cs", "remote_addr": "rad",
-            "local_port": "lp", "local_interface": "li", "total": "t", "listening_tcp_ports": "tp",
-            "listening_udp_ports": "up", "ports": "pts", "port": "pt", "interface": "if", "network_stats": "ns",
-            "bytes_in": "bi", "bytes_out": "bo", "packets_in": "pi", "packets_out": "po"}
+SHORT_OF = {
+    "header": "hed",
+    "report_id": "rid",
+    "version": "v",
+    "metrics": "met",
+    "custom_metrics": "cmet",
+    "tcp_connections": "tc",
+    "established_connections": "ec",
+    "connections": "cs",
+    "remote_addr": "rad",
+    "local_port": "lp",
+    "local_interface": "li",
+    "total": "t",
+    "listening_tcp_ports": "tp",
+    "listening_udp_ports": "up",
+    "ports": "pts",
+    "port": "pt",
+    "interface": "if",
+    "network_stats": "ns",
+    "bytes_in": "bi",
+    "bytes_out": "bo",
+    "packets_in": "pi",
+    "packets_out": "po",
+}
 
 
 def walk(doc, spec, custom_key):
     """Every key in the report (outside custom metric names) is in the spec with the right type."""
     for k, v in doc.items():
         if k == custom_key:
-            for name, val in v.items():
+            for _name, val in v.items():
                 assert isinstance(val, list) and len(val) == 1 and len(val[0]) == 1
                 assert next(iter(val[0])) in ("number", "number_list", "string_list", "ip_list")
             continue
@@ -49,11 +82,18 @@ def walk(doc, spec, custom_key):
                 walk(item, spec, custom_key)
 
 
-SNAP = Snapshot(tcp_listen=[(22, "eth0"), (8883, None)], udp_listen=[(5353, "eth0")],
-                established=[("192.0.2.1:443", 50000, "eth0"), ("[2001:db8::1]:8883", 50001, None)],
-                counters=(100, 200, 3, 4),
-                custom={"cpu_usage": {"number": 1.5}, "agent_version": {"string_list": ["0.1.0"]},
-                        "peers": {"ip_list": ["10.0.0.1", "fe80::1"]}, "temps": {"number_list": [1, 2.5]}})
+SNAP = Snapshot(
+    tcp_listen=[(22, "eth0"), (8883, None)],
+    udp_listen=[(5353, "eth0")],
+    established=[("192.0.2.1:443", 50000, "eth0"), ("[2001:db8::1]:8883", 50001, None)],
+    counters=(100, 200, 3, 4),
+    custom={
+        "cpu_usage": {"number": 1.5},
+        "agent_version": {"string_list": ["0.1.0"]},
+        "peers": {"ip_list": ["10.0.0.1", "fe80::1"]},
+        "temps": {"number_list": [1, 2.5]},
+    },
+)
 
 
 @pytest.mark.parametrize("short", [False, True])
@@ -66,8 +106,9 @@ def test_report_fields_and_types_follow_the_specification(short):
 
 
 def test_lists_are_capped_but_totals_are_full():
-    snap = Snapshot([(p, None) for p in range(1, 121)], [], [(f"10.0.0.1:{p}", p, None) for p in range(1, 80)],
-                    (0, 0, 0, 0), {})
+    snap = Snapshot(
+        [(p, None) for p in range(1, 121)], [], [(f"10.0.0.1:{p}", p, None) for p in range(1, 80)], (0, 0, 0, 0), {}
+    )
     doc = build_report(snap, 1, (0, 0, 0, 0), short=False, max_list=50)
     tp = doc["metrics"]["listening_tcp_ports"]
     ec = doc["metrics"]["tcp_connections"]["established_connections"]
@@ -76,9 +117,13 @@ def test_lists_are_capped_but_totals_are_full():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 65535), st.sampled_from([None, "lo", "eth0"])), max_size=70),
-       st.lists(st.tuples(st.ip_addresses().map(str), st.integers(0, 65535), st.integers(0, 65535)), max_size=70),
-       st.tuples(*[st.integers(-5, 2**40)] * 4), st.booleans(), st.integers(0, 2**40))
+@given(
+    st.lists(st.tuples(st.integers(1, 65535), st.sampled_from([None, "lo", "eth0"])), max_size=70),
+    st.lists(st.tuples(st.ip_addresses().map(str), st.integers(0, 65535), st.integers(0, 65535)), max_size=70),
+    st.tuples(*[st.integers(-5, 2**40)] * 4),
+    st.booleans(),
+    st.integers(0, 2**40),
+)
 def test_any_snapshot_builds_a_valid_report(ports, conns, deltas, short, rid):
     from agent.defender.reporter import remote_addr
 
@@ -93,11 +138,18 @@ def test_report_id_increases_across_restarts_and_clock_steps():
     published = []
 
     def reporter():
-        return Reporter(DefenderConfig(interval_s=1, testing_allow_short_interval=True), "gw", FakeCollector(),
-                        publish=lambda t, p: published.append(json.loads(p)["header"]["report_id"]) or 0,
-                        subscribe=lambda t: 0, connected=lambda: True, connection_count=lambda: 1,
-                        load_state=lambda: dict(state), save_state=lambda d: (state.clear(), state.update(d)),
-                        now=lambda: clock["t"])
+        return Reporter(
+            DefenderConfig(interval_s=1, testing_allow_short_interval=True),
+            "gw",
+            FakeCollector(),
+            publish=lambda t, p: published.append(json.loads(p)["header"]["report_id"]) or 0,
+            subscribe=lambda t: 0,
+            connected=lambda: True,
+            connection_count=lambda: 1,
+            load_state=lambda: dict(state),
+            save_state=lambda d: (state.clear(), state.update(d)),
+            now=lambda: clock["t"],
+        )
 
     r = reporter()
     r.report_once()
@@ -118,7 +170,6 @@ class FakeCollector:
 
 
 def test_cert_not_after_reads_utc_and_generalized_time(tmp_path):
-    import datetime as dt
 
     from localcloud.pki import CertificateAuthority, pem
 
@@ -163,7 +214,7 @@ def test_collection_sees_real_sockets(tmp_path):
         for s in servers:
             s.recv(65536)
         after = col.collect().counters
-        deltas = [a - b for a, b in zip(after, before)]
+        deltas = [a - b for a, b in zip(after, before, strict=True)]
         assert all(d >= 0 for d in deltas) and deltas[0] >= 50000 and deltas[2] > 0
     finally:
         for s in clients + servers + [tcp, udp]:
@@ -188,8 +239,11 @@ def test_proc_net_reader_agrees_with_psutil():
         ps = psutil.net_connections(kind="inet")
         ps_listen = {(c.laddr.ip, c.laddr.port) for c in ps if c.type == socket.SOCK_STREAM and c.status == "LISTEN"}
         assert set(tcp_listen) == ps_listen
-        ps_est = {(c.laddr.ip, c.laddr.port, c.raddr.ip, c.raddr.port) for c in ps
-                  if c.type == socket.SOCK_STREAM and c.status == "ESTABLISHED" and c.raddr}
+        ps_est = {
+            (c.laddr.ip, c.laddr.port, c.raddr.ip, c.raddr.port)
+            for c in ps
+            if c.type == socket.SOCK_STREAM and c.status == "ESTABLISHED" and c.raddr
+        }
         assert set(est) == ps_est
     finally:
         for s in (c6, a6, s6):

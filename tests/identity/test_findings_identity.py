@@ -15,15 +15,15 @@ import time
 from pathlib import Path
 
 import pytest
+from cloudkit import new_csr
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from sweep import Run
 
-from cloudkit import new_csr
-from localcloud.bench import agent_cmd, fresh_device
+from localcloud.bench import fresh_device
 from localcloud.cloud import LocalCloud
 from localcloud.ntp import Chrony
 from localcloud.pki import pem
-from sweep import Run
 
 HERE = Path(__file__).resolve().parent.parent  # tests/, beside killwrap.py
 QUIET = {"defender": {"enabled": False}, "inventory": {"enabled": False}, "jobs": {"enabled": False}}
@@ -69,8 +69,22 @@ def test_power_cut_between_the_rotation_commit_and_the_switch_keeps_the_identity
     dev, thing = _provisioned(world, softhsm, tmp_path, "FIND001", agents)
     before = _status(dev)["certificate_file"]
     dev.cli("rotate")
-    cut = Run([sys.executable, str(HERE / "killwrap.py"), "--path", "*/state.json", "--state", "rotation.step=commit",
-               "--", "--config", str(dev.config_path), "run"], softhsm.full_env(), tmp_path / "cut.log").start()
+    cut = Run(
+        [
+            sys.executable,
+            str(HERE / "killwrap.py"),
+            "--path",
+            "*/state.json",
+            "--state",
+            "rotation.step=commit",
+            "--",
+            "--config",
+            str(dev.config_path),
+            "run",
+        ],
+        softhsm.full_env(),
+        tmp_path / "cut.log",
+    ).start()
     assert cut.proc.wait(90) == -9, cut.text()[-3000:]
     cut.reap()
     a = agents(dev)
@@ -81,7 +95,7 @@ def test_power_cut_between_the_rotation_commit_and_the_switch_keeps_the_identity
     assert st["certificate_file"] != before and st["rotation"]["last"]["status"] == "SUCCEEDED"
     active = _active(cloud, thing)
     assert len(active) == 1 and Path(st["certificate_file"]).read_text().strip() == active[0].pem.strip()
-    keys = [l.split("\t")[0] for l in dev.cli("keys", "list").stdout.splitlines() if l.startswith("device")]
+    keys = [line.split("\t")[0] for line in dev.cli("keys", "list").stdout.splitlines() if line.startswith("device")]
     assert keys == [st["key_label"]]
 
 
@@ -98,13 +112,15 @@ def test_a_certificate_answer_naming_the_certificate_in_use_never_replaces_it(wo
     in use and a certificate for another key. Before the fix it overwrote the file in use (named by the
     id's first 16 digits) before anything was proven: the device lost its only working certificate."""
     cloud, _ = world
-    dev, thing = _provisioned(world, softhsm, tmp_path, "FIND002", agents,
-                              extra={"rotation": {"retry_min_s": 1.0, "retry_max_s": 2.0}})
+    dev, thing = _provisioned(
+        world, softhsm, tmp_path, "FIND002", agents, extra={"rotation": {"retry_min_s": 1.0, "retry_max_s": 2.0}}
+    )
     st = _status(dev)
     in_use = Path(st["certificate_file"])
     original = in_use.read_bytes()
-    in_use_id = hashlib.sha256(x509.load_pem_x509_certificate(original).public_bytes(
-        serialization.Encoding.DER)).hexdigest()
+    in_use_id = hashlib.sha256(
+        x509.load_pem_x509_certificate(original).public_bytes(serialization.Encoding.DER)
+    ).hexdigest()
     foreign, _ = _foreign_certificate(cloud, thing)
     cloud.configure(tamper_answers={"create-from-csr": {"certificateId": in_use_id, "certificatePem": foreign}})
     try:
@@ -140,7 +156,10 @@ def test_hostile_provisioning_answers_are_refused_and_nothing_is_saved(world, so
     # Certificate answers first: a refused RegisterThing answer is retried from RegisterThing alone.
     cases = [
         ("create-from-csr", {"certificatePem": foreign, "certificateId": foreign_id}),
-        ("create-from-csr", {"certificatePem": "-----BEGIN CERTIFICATE-----\nZ2FyYmFnZQ==\n-----END CERTIFICATE-----\n"}),
+        (
+            "create-from-csr",
+            {"certificatePem": "-----BEGIN CERTIFICATE-----\nZ2FyYmFnZQ==\n-----END CERTIFICATE-----\n"},
+        ),
         ("create-from-csr", {"certificateId": "0" * 64}),
         ("create-from-csr", {"certificateOwnershipToken": "A" * (1 << 20)}),
     ] + [("provision", {"thingName": name}) for name in HOSTILE_THING_NAMES]
@@ -154,7 +173,9 @@ def test_hostile_provisioning_answers_are_refused_and_nothing_is_saved(world, so
             deadline = time.monotonic() + 45
             while len(re.findall(r"provisioning refused: InvalidAnswer", a.text())) <= seen:
                 assert a.proc.poll() is None, f"case {i} ({op} {list(fields)}): the agent stopped:\n{a.text()[-3000:]}"
-                assert time.monotonic() < deadline, f"case {i} ({op} {str(fields)[:80]}) not refused:\n{a.text()[-3000:]}"
+                assert time.monotonic() < deadline, (
+                    f"case {i} ({op} {str(fields)[:80]}) not refused:\n{a.text()[-3000:]}"
+                )
                 time.sleep(0.2)
             state = json.loads((dev.directory / "state" / "state.json").read_text())["data"]
             assert "thing_name" not in state and "certificate_file" not in state, (i, state)

@@ -26,15 +26,24 @@ def test_jitp_first_connection_dropped_second_accepted(tmp_path, softhsm, agents
     try:
         maker = CertificateAuthority(tmp_path / "maker-ca", "Acme manufacturing CA")
         (tmp_path / "device").mkdir()
-        cloud.register_ca(maker.cert_path.read_bytes(),
-                          json.loads((REPO / "provisioning" / "jitp-template.json").read_text()))
-        cfg = write_config(tmp_path / "device" / "config.toml", thing_name=None, token=softhsm, cert_path=None,
-                           ntp_servers=[ntp.server], state_dir=tmp_path / "device" / "state",
-                           port=info["jitp_port"], ca_file=Path(info["ca_file"]),
-                           extra={"identity": {"mode": "jitp"}, "defender": {"enabled": False}})
+        cloud.register_ca(
+            maker.cert_path.read_bytes(), json.loads((REPO / "provisioning" / "jitp-template.json").read_text())
+        )
+        cfg = write_config(
+            tmp_path / "device" / "config.toml",
+            thing_name=None,
+            token=softhsm,
+            cert_path=None,
+            ntp_servers=[ntp.server],
+            state_dir=tmp_path / "device" / "state",
+            port=info["jitp_port"],
+            ca_file=Path(info["ca_file"]),
+            extra={"identity": {"mode": "jitp"}, "defender": {"enabled": False}},
+        )
         # the factory: key on the token, CSR with the thing name, the manufacturer's CA signs it
-        r = run_agent_cli(cfg, softhsm, "factory", "device-key", "--thing", THING, "--csr-out",
-                          str(tmp_path / "device.csr"))
+        r = run_agent_cli(
+            cfg, softhsm, "factory", "device-key", "--thing", THING, "--csr-out", str(tmp_path / "device.csr")
+        )
         assert r.returncode == 0, r.stderr
         csr = x509.load_pem_x509_csr((tmp_path / "device.csr").read_bytes())
         (tmp_path / "device.pem").write_bytes(pem(maker.sign_public_key(csr.public_key(), THING)))
@@ -56,7 +65,7 @@ def test_jitp_first_connection_dropped_second_accepted(tmp_path, softhsm, agents
         # from now on it connects at once
         b = agents(dev)
         k = b.wait_for(rf"connected to localhost:\d+ as {THING}", 60)
-        assert not any(re.search("failed", l) for _, l in b.lines[:k])
+        assert not any(re.search("failed", line) for _, line in b.lines[:k])
         assert json.loads(dev.cli("status", "--json").stdout)["thing_name"] == THING
         assert b.stop() == 0
     finally:

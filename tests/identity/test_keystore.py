@@ -60,19 +60,27 @@ def test_generate_sign_csr_list_delete(in_process):
 
 def test_wrong_pin_and_unknown_token_give_clear_errors(in_process):
     tok = in_process
-    with pytest.raises(KeystoreError, match="refused the PIN"):
-        with open_token(tok.library, tok.label, "0000"):
-            pass
+    with pytest.raises(KeystoreError, match="refused the PIN"), open_token(tok.library, tok.label, "0000"):
+        pass
     if tok.tpm:  # a wrong PIN counts against the TPM's dictionary-attack lockout; clear it for later tests
         tok.tpm.tools("tpm2_dictionarylockout", "-c")
-    with pytest.raises(KeystoreError, match="no PKCS#11 token labelled 'nope'"):
-        with open_token(tok.library, "nope", tok.pin):
-            pass
+    with (
+        pytest.raises(KeystoreError, match="no PKCS#11 token labelled 'nope'"),
+        open_token(tok.library, "nope", tok.pin),
+    ):
+        pass
 
 
 def test_keys_cli_end_to_end(bench, token, tmp_path):
-    cfg = write_config(tmp_path / "c.toml", thing_name="gw-1", broker=bench.broker, token=token, cert_path=None,
-                       ntp_servers=["127.0.0.1:1"], state_dir=tmp_path / "st")
+    cfg = write_config(
+        tmp_path / "c.toml",
+        thing_name="gw-1",
+        broker=bench.broker,
+        token=token,
+        cert_path=None,
+        ntp_servers=["127.0.0.1:1"],
+        state_dir=tmp_path / "st",
+    )
     r = run_agent_cli(cfg, token, "keys", "generate", "device")
     assert r.returncode == 0, r.stderr
     assert "generated EC P-256 key 'device'" in r.stdout

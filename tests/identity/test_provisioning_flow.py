@@ -44,7 +44,7 @@ def test_fresh_device_provisions_and_connects_as_its_thing(cloud, token, ntp, ag
     assert status["thing_name"] == "gw-SN-1001" and status["provisioning"]["step"] == "done"
     assert status["certificate_expires"]
     keys = dev.cli("keys", "list").stdout
-    assert {l.split("\t")[0] for l in keys.splitlines()} == {"claim", "device"}
+    assert {line.split("\t")[0] for line in keys.splitlines()} == {"claim", "device"}
     assert token.pin not in a.text()
     # A restart connects straight away with the new identity (no second provisioning).
     a2 = agents(dev)
@@ -58,9 +58,11 @@ def test_not_allowed_serial_is_refused_clearly_with_bounded_retries(cloud, softh
 
     dev = fresh_device(cloud, softhsm, "SN-9999", tmp_path / "device", [ntp.server])
     a = agents(dev)
-    first = a.wait_for(r"provisioning refused: Forbidden: pre-provisioning hook refused serial number 'SN-9999'", timeout=60)
+    first = a.wait_for(
+        r"provisioning refused: Forbidden: pre-provisioning hook refused serial number 'SN-9999'", timeout=60
+    )
     time.sleep(4)
-    refusals = [l for _, l in a.lines if "provisioning refused" in l]
+    refusals = [line for _, line in a.lines if "provisioning refused" in line]
     assert 2 <= len(refusals) <= 8, a.text()  # retried with backoff (0.5-2 s here), not in a tight loop
     status = json.loads(dev.cli("status", "--json").stdout)
     assert status["provisioning"]["last_error"]["code"] == "Forbidden"
@@ -76,12 +78,13 @@ def test_not_allowed_serial_is_refused_clearly_with_bounded_retries(cloud, softh
 
 
 def test_claim_key_removed_from_the_token_when_configured(cloud, softhsm, ntp, agents, tmp_path):
-    dev = fresh_device(cloud, softhsm, "SN-1002", tmp_path / "device", [ntp.server],
-                       extra={"provisioning": {"delete_claim_key": True}})
+    dev = fresh_device(
+        cloud, softhsm, "SN-1002", tmp_path / "device", [ntp.server], extra={"provisioning": {"delete_claim_key": True}}
+    )
     a = agents(dev)
     a.wait_for(r"claim key deleted from the token", timeout=60)
     a.wait_for(r"connected to localhost:\d+ as gw-SN-1002", timeout=60)
-    assert [l.split("\t")[0] for l in dev.cli("keys", "list").stdout.splitlines()] == ["device"]
+    assert [line.split("\t")[0] for line in dev.cli("keys", "list").stdout.splitlines()] == ["device"]
 
 
 def test_broker_refusing_the_claim_certificate_is_reported(cloud, softhsm, ntp, agents, tmp_path):
@@ -89,7 +92,9 @@ def test_broker_refusing_the_claim_certificate_is_reported(cloud, softhsm, ntp, 
     claim = [c for c in cloud.registry.certificates() if c.kind == "claim"][-1]
     cloud.set_certificate_status(claim.id, "REVOKED")
     a = agents(dev)
-    a.wait_for(r"provisioning refused: ClaimConnectionRefused: the broker did not accept the claim certificate", timeout=60)
+    a.wait_for(
+        r"provisioning refused: ClaimConnectionRefused: the broker did not accept the claim certificate", timeout=60
+    )
     status = json.loads(dev.cli("status", "--json").stdout)
     assert status["provisioning"]["last_error"]["code"] == "ClaimConnectionRefused"
     assert cloud.registry.things() == []

@@ -4,8 +4,8 @@ shadow) is refused; released, it is whole again."""
 
 from __future__ import annotations
 
-from otakit import World
 from cloudkit import wait_status
+from otakit import World
 
 
 def test_quarantined_device_rotates_while_other_topics_are_refused(tmp_path, agents):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 from localcloud.bench import fresh_device
 from localcloud.cloud import LocalCloud
@@ -21,9 +20,17 @@ def test_refused_identity_backs_off_and_recovers(tmp_path, softhsm, agents):
     info = cloud.up()
     ntp = Chrony(tmp_path / "chrony").start()
     try:
-        dev = fresh_device(cloud, softhsm, "RV1", tmp_path / "device", [ntp.server], extra={
-            "defender": {"enabled": False},
-            "broker": {"refused_after": 2, "refused_retry_min_s": 20.0, "refused_retry_max_s": 20.0}})
+        dev = fresh_device(
+            cloud,
+            softhsm,
+            "RV1",
+            tmp_path / "device",
+            [ntp.server],
+            extra={
+                "defender": {"enabled": False},
+                "broker": {"refused_after": 2, "refused_retry_min_s": 20.0, "refused_retry_max_s": 20.0},
+            },
+        )
         a = agents(dev)
         a.wait_for(r"connected to localhost:\d+ as gw-RV1", 90)
         cert = next(c for c in cloud.registry.certificates() if c.thing == "gw-RV1" and c.status == "ACTIVE")
@@ -32,10 +39,11 @@ def test_refused_identity_backs_off_and_recovers(tmp_path, softhsm, agents):
         cloud.down()
         cloud.set_certificate_status(cert.id, "INACTIVE")
         cloud.up(port=info["port"])
-        i = a.wait_for(r"the broker refuses this device's identity \(AWS_IO_TLS_ERROR_(READ|NEGOTIATION)_FAILURE\)",
-                       120)
+        i = a.wait_for(
+            r"the broker refuses this device's identity \(AWS_IO_TLS_ERROR_(READ|NEGOTIATION)_FAILURE\)", 120
+        )
         t_refused = a.lines[i][0]
-        first = [l for l in a.lines[:i] if re.search(FAIL, l[1])]
+        first = [entry for entry in a.lines[:i] if re.search(FAIL, entry[1])]
         assert len(first) >= 2, "it took refused_after refusals to slow down"
         status = json.loads(dev.cli("status", "--json").stdout)
         assert status["connection"]["refused_since"] and "AWS_IO_TLS_ERROR" in status["connection"]["last_error"]
@@ -43,8 +51,8 @@ def test_refused_identity_backs_off_and_recovers(tmp_path, softhsm, agents):
 
         # One try per wait (20 s here, 300 s by default): nothing in between.
         j = a.wait_for(r"the broker refuses this device's identity", 90, after=i + 1)
-        between = [l for l in a.lines[i + 1:j] if re.search(FAIL, l[1])]
-        assert len(between) == 1, "\n".join(l[1] for l in a.lines[i - 3:j + 1])
+        between = [entry for entry in a.lines[i + 1 : j] if re.search(FAIL, entry[1])]
+        assert len(between) == 1, "\n".join(entry[1] for entry in a.lines[i - 3 : j + 1])
         assert a.lines[j][0] - t_refused >= 20, "the wait was shorter than refused_retry_min_s"
 
         cloud.set_certificate_status(cert.id, "ACTIVE")
@@ -53,7 +61,7 @@ def test_refused_identity_backs_off_and_recovers(tmp_path, softhsm, agents):
         assert json.loads(dev.cli("status", "--json").stdout)["connection"] == {}
         # Attempts while refused: refused_after + one per wait, not the CRT's 1-4 s reconnect cadence.
         elapsed = a.lines[k][0] - first[0][0]
-        tries = [l for l in a.lines[:k] if re.search(FAIL, l[1])]
+        tries = [entry for entry in a.lines[:k] if re.search(FAIL, entry[1])]
         assert len(tries) <= 2 + elapsed / 20 + 2, (len(tries), elapsed)
         assert a.stop() == 0
     finally:

@@ -7,14 +7,15 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
+from cloudkit import wait_status
 
 from localcloud.bench import fresh_device
 from localcloud.cloud import LocalCloud
 from localcloud.jobs import Jobs
 from localcloud.ntp import Chrony
-from cloudkit import wait_status
 
 
 @pytest.fixture
@@ -29,13 +30,21 @@ def world(tmp_path):
 
 
 def device(c, ntp, token, serial, tmp_path, **rotation):
-    return fresh_device(c, token, serial, tmp_path / "dev", [ntp.server], extra={
-        "defender": {"enabled": False}, "rotation": {"retry_min_s": 1.0, "retry_max_s": 5.0, "prove_timeout_s": 20.0,
-                                                     **rotation}})
+    return fresh_device(
+        c,
+        token,
+        serial,
+        tmp_path / "dev",
+        [ntp.server],
+        extra={
+            "defender": {"enabled": False},
+            "rotation": {"retry_min_s": 1.0, "retry_max_s": 5.0, "prove_timeout_s": 20.0, **rotation},
+        },
+    )
 
 
 def device_keys(dev) -> list[str]:
-    return [l.split("\t")[0] for l in dev.cli("keys", "list").stdout.splitlines() if l.startswith("device")]
+    return [line.split("\t")[0] for line in dev.cli("keys", "list").stdout.splitlines() if line.startswith("device")]
 
 
 def on_crl(c, serial: str) -> bool:
@@ -55,7 +64,7 @@ def check_rotated(c, dev, thing: str, before: dict) -> dict:
     assert status["certificate_file"] != before["certificate_file"] and status["key_label"] != before["key_label"]
     certs = [x for x in c.registry.certificates() if x.thing == thing]
     active = [x for x in certs if x.status == "ACTIVE"]
-    assert len(active) == 1 and open(status["certificate_file"]).read().strip() == active[0].pem.strip()
+    assert len(active) == 1 and Path(status["certificate_file"]).read_text().strip() == active[0].pem.strip()
     old = next(x for x in certs if x.pem.strip() == before["certificate_pem"].strip())
     assert old.status == "INACTIVE" and on_crl(c, old.serial)  # the broker refuses the old certificate
     assert device_keys(dev) == [status["key_label"]]  # exactly one device key (listed while the agent is stopped)
@@ -114,10 +123,13 @@ def test_refused_rotation_keeps_the_old_certificate_and_retries(world, softhsm, 
     before = snapshot(dev)
     i = -1
     for _ in range(3):
-        i = a.wait_for(r"certificate rotation failed: .*Forbidden.*; the old certificate stays; next try in", after=i + 1,
-                       timeout=60)
-    starts = [t for t, l in a.lines if "certificate rotation started: certificate expires" in l]
-    gaps = [b - a_ for a_, b in zip(starts, starts[1:])]
+        i = a.wait_for(
+            r"certificate rotation failed: .*Forbidden.*; the old certificate stays; next try in",
+            after=i + 1,
+            timeout=60,
+        )
+    starts = [t for t, line in a.lines if "certificate rotation started: certificate expires" in line]
+    gaps = [b - a_ for a_, b in zip(starts, starts[1:], strict=False)]
     assert len(starts) >= 3 and all(0.5 < g < 30 for g in gaps), gaps
     jobs = Jobs(c.registry.db, c.registry.lock)
     jobs.create("rotate-no", thing, {"operation": "rotate-certificate"})
@@ -173,7 +185,7 @@ def test_an_expired_certificate_gives_a_clear_status_not_a_crash_loop(world, sof
         time.sleep(1)
     b = agents(dev)
     assert b.proc.wait(60) == 2  # a config-class exit: systemd's RestartPreventExitStatus=2 ends it there
-    errors = [l for _, l in b.lines if "expired" in l]
+    errors = [line for _, line in b.lines if "expired" in line]
     assert len(errors) == 1 and "cannot connect or rotate itself" in errors[0], b.text()
     out = dev.cli("status").stdout
     assert "EXPIRED" in out

@@ -14,12 +14,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from sweep import Outcome, Run, flush_tpm, next_serial, op_at, sweep, sweep_env
 
 from localcloud.bench import agent_cmd, fresh_device
 from localcloud.cloud import LocalCloud
 from localcloud.ntp import Chrony
 from localcloud.tokens import softhsm_token, tpm_token
-from sweep import Outcome, Run, flush_tpm, next_serial, op_at, sweep, sweep_env
 
 QUIET = {"defender": {"enabled": False}, "inventory": {"enabled": False}, "jobs": {"enabled": False}}
 
@@ -58,9 +58,11 @@ def identity_problems(cloud, dev, thing: str, key_prefix: str = "device") -> lis
     active = [c for c in cloud.registry.certificates() if c.thing == thing and c.status == "ACTIVE"]
     if len(active) != 1:
         out.append(f"{len(active)} ACTIVE certificates for {thing}")
-    elif not status["certificate_file"] or Path(status["certificate_file"]).read_text().strip() != active[0].pem.strip():
+    elif (
+        not status["certificate_file"] or Path(status["certificate_file"]).read_text().strip() != active[0].pem.strip()
+    ):
         out.append("the certificate in use is not the ACTIVE one")
-    keys = [l.split("\t")[0] for l in dev.cli("keys", "list").stdout.splitlines() if l.startswith(key_prefix)]
+    keys = [line.split("\t")[0] for line in dev.cli("keys", "list").stdout.splitlines() if line.startswith(key_prefix)]
     if keys != [status["key_label"]]:
         out.append(f"device keys on the token {keys}, in use {status['key_label']!r}")
     leaked = subprocess.run(["grep", "-rl", "PRIVATE KEY", str(dev.directory)], capture_output=True, text=True).stdout
@@ -114,9 +116,14 @@ def provisioning_case(world, kind: str, root: Path):
         token, dev, thing, connected = _new_device(world, kind, d, "SWP")
         try:
             ops = d / "ops.log"
-            killed, error = _finish(Run(agent_cmd(dev.config_path, "run"), sweep_env(token.full_env(), ops,
-                                                                                      dev.directory, n),
-                                        d / "run1.log").start(), connected)
+            killed, error = _finish(
+                Run(
+                    agent_cmd(dev.config_path, "run"),
+                    sweep_env(token.full_env(), ops, dev.directory, n),
+                    d / "run1.log",
+                ).start(),
+                connected,
+            )
             out = Outcome(n, killed, op_at(ops, n) if killed else "", error)
             if error.startswith("crash:"):
                 out.error, out.crash, out.op = "", error, f"- {error}"
@@ -154,9 +161,14 @@ def rotation_case(world, kind: str, root: Path):
             before = json.loads(dev.cli("status", "--json").stdout)["certificate_file"]
             dev.cli("rotate")
             ops = d / "ops.log"
-            killed, error = _finish(Run(agent_cmd(dev.config_path, "run"), sweep_env(token.full_env(), ops,
-                                                                                      dev.directory, n),
-                                        d / "run1.log").start(), r"certificate rotation done")
+            killed, error = _finish(
+                Run(
+                    agent_cmd(dev.config_path, "run"),
+                    sweep_env(token.full_env(), ops, dev.directory, n),
+                    d / "run1.log",
+                ).start(),
+                r"certificate rotation done",
+            )
             out = Outcome(n, killed, op_at(ops, n) if killed else "", error)
             if error.startswith("crash:"):
                 out.error, out.crash, out.op = "", error, f"- {error}"

@@ -7,12 +7,11 @@ a client that exits without releasing its PKCS#11 objects exhausts it within a f
 from __future__ import annotations
 
 import gc
-import os
 
-from agent.runtime.features import load
-from agent.session.connection import PUBACK_ACCEPTED, Connection
 from agent.identity.current import Identity
 from agent.runtime.daemon import settings_for
+from agent.runtime.features import load
+from agent.session.connection import PUBACK_ACCEPTED, Connection
 
 
 def test_twenty_connect_stop_cycles_leak_no_transient_handles(bench, tpm, agents, monkeypatch):

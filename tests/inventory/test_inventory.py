@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import time
 
+from cloudkit import wait_status
+from otakit import HEALTH, World, release
+
 from agent.update.install import slot
 from localcloud.bench import fresh_device
 from localcloud.shadows import Shadows
 from localcloud.tokens import softhsm_token
-from otakit import HEALTH, World, release
-from cloudkit import wait_status
 
 TARGETS = {"app": {"directory": "app", "health_command": HEALTH, "health_timeout_s": 10.0}}
 
@@ -39,10 +40,21 @@ def test_inventory_follows_the_device_and_drives_a_query_job(tmp_path, agents):
     try:
         shadows = Shadows(w.cloud.registry.db, w.cloud.registry.lock)
         w.cloud.registry.allow_serials(["INVB"])
-        dev_b = fresh_device(w.cloud, tok_b, "INVB", tmp_path / "b", [w.ntp.server], extra={
-            "defender": {"enabled": False},
-            "ota": {"code_signing_certificate": str(w.signer.cert_path), "ca_file": w.info["ca_file"],
-                    "targets": {"app": {**TARGETS["app"], "directory": str(tmp_path / "b" / "app")}}}})
+        dev_b = fresh_device(
+            w.cloud,
+            tok_b,
+            "INVB",
+            tmp_path / "b",
+            [w.ntp.server],
+            extra={
+                "defender": {"enabled": False},
+                "ota": {
+                    "code_signing_certificate": str(w.signer.cert_path),
+                    "ca_file": w.info["ca_file"],
+                    "targets": {"app": {**TARGETS["app"], "directory": str(tmp_path / "b" / "app")}},
+                },
+            },
+        )
         a = agents(w.dev)
         b = agents(dev_b)
         a.wait_for(r"inventory shadow 'inventory' updated", 90)
@@ -53,6 +65,7 @@ def test_inventory_follows_the_device_and_drives_a_query_job(tmp_path, agents):
             assert r["agent_version"] and r["certificate_expires"], r
             assert not r.get("targets", {}).get("app"), r  # nothing installed yet (nulls delete shadow keys)
             return r
+
         first = eventually(after_provisioning)
 
         def update(thing: str, job: str, version: str, status: str, text: str | None = None):
@@ -62,12 +75,17 @@ def test_inventory_follows_the_device_and_drives_a_query_job(tmp_path, agents):
 
         update(w.thing, "a-1", "1.1.0", "SUCCEEDED")
         update("gw-INVB", "b-1", "1.1.0", "SUCCEEDED")
-        eventually(lambda: (assert_eq(reported(shadows, w.thing)["targets"]["app"], {"current": "1.1.0"}),
-                            assert_eq(reported(shadows, w.thing)["last_job"]["job_id"], "a-1")))
+        eventually(
+            lambda: (
+                assert_eq(reported(shadows, w.thing)["targets"]["app"], {"current": "1.1.0"}),
+                assert_eq(reported(shadows, w.thing)["last_job"]["job_id"], "a-1"),
+            )
+        )
         # a rollback: the unhealthy release is marked broken in the inventory
         update(w.thing, "a-2", "1.2.0", "FAILED", "unhealthy\n")
-        eventually(lambda: assert_eq(reported(shadows, w.thing)["targets"]["app"], {"current": "1.1.0",
-                                                                                   "broken": "1.2.0"}))
+        eventually(
+            lambda: assert_eq(reported(shadows, w.thing)["targets"]["app"], {"current": "1.1.0", "broken": "1.2.0"})
+        )
         update(w.thing, "a-3", "1.3.0", "SUCCEEDED")
         eventually(lambda: assert_eq(reported(shadows, w.thing)["targets"]["app"]["current"], "1.3.0"))
 
@@ -88,8 +106,9 @@ def test_inventory_follows_the_device_and_drives_a_query_job(tmp_path, agents):
         wait_status(w.jobs, "fleet-gw-INVB", "gw-INVB", "SUCCEEDED", timeout=90)
         assert w.jobs.execution("fleet-gw-INVA", w.thing) is None
         assert slot(tmp_path / "b" / "app", "current") == "1.3.0"
-        eventually(lambda: assert_eq(shadows.things_matching("inventory", "reported.targets.app.current", "<",
-                                                             "1.3.0"), []))
+        eventually(
+            lambda: assert_eq(shadows.things_matching("inventory", "reported.targets.app.current", "<", "1.3.0"), [])
+        )
         assert a.stop() == 0 and b.stop() == 0
     finally:
         tok_b.stop()

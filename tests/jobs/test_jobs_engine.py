@@ -6,12 +6,11 @@ import threading
 import time
 
 import pytest
+from cloudkit import provision_device, session_conn, wait_status
 
-from cloudkit import session_conn, wait_status
 from agent.jobs.engine import JobsEngine, Outcome
 from localcloud.cloud import LocalCloud
 from localcloud.jobs import Jobs
-from cloudkit import provision_device
 
 
 @pytest.fixture
@@ -27,8 +26,13 @@ def world(tmp_path):
 
 def engine_for(dev, state: dict, handlers) -> JobsEngine:
     conn = session_conn(dev)
-    return JobsEngine("gw-SN-J1", conn, load_state=lambda: dict(state),
-                      save_state=lambda d: (state.clear(), state.update(d)), handlers=handlers)
+    return JobsEngine(
+        "gw-SN-J1",
+        conn,
+        load_state=lambda: dict(state),
+        save_state=lambda d: (state.clear(), state.update(d)),
+        handlers=handlers,
+    )
 
 
 def test_jobs_run_one_at_a_time_with_progress_and_reasons(world):

@@ -18,13 +18,12 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from cloudkit import session_conn, wait_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from cloudkit import session_conn
-from agent.jobs.engine import JobsEngine, Outcome
 from otakit import HEALTH, World, our_doc, release
-from cloudkit import wait_status
+
+from agent.jobs.engine import JobsEngine, Outcome
 
 # The limits the agent holds documents to (agent.jobs; imported where used, so that the tests of the agent
 # as a whole also run, and fail, on a tree without them).
@@ -44,8 +43,11 @@ HOSTILE: list[tuple[str, bytes, str]] = [  # job id, raw document, what the reas
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    w = World(tmp_path_factory.mktemp("hostile"), "HOST1", {
-        "app": {"directory": "app", "health_command": HEALTH, "health_timeout_s": 10.0}})
+    w = World(
+        tmp_path_factory.mktemp("hostile"),
+        "HOST1",
+        {"app": {"directory": "app", "health_command": HEALTH, "health_timeout_s": 10.0}},
+    )
     yield w
     w.close()
 
@@ -78,8 +80,9 @@ def test_documents_the_sdk_cannot_read_are_rejected_by_id_and_the_queue_moves_on
     # Plain JSON the SDK reads, but over AWS's 32 KB for a document.
     world.jobs.create("oversized", world.thing, {"operation": "ota-update", "pad": "x" * (MAX_DOCUMENT_BYTES + 100)})
     data = release("1.1.0")
-    world.jobs.create("update", world.thing, our_doc("app", "1.1.0", "app.tar", data, world.signer.sign(data),
-                                                     url=world.https(data)))
+    world.jobs.create(
+        "update", world.thing, our_doc("app", "1.1.0", "app.tar", data, world.signer.sign(data), url=world.https(data))
+    )
     for job_id, _, says in HOSTILE + [("oversized", b"", f"AWS's limit is {MAX_DOCUMENT_BYTES}")]:
         ex = _wait(world, job_id, "REJECTED")
         reason = ex["statusDetails"].get("reason", "")
@@ -114,9 +117,10 @@ def test_job_text_cannot_forge_a_log_line(world, agent):
 # -- the notify-next subscription's failures, against a real broker ------------------------------------
 @pytest.fixture
 def device(tmp_path):
+    from cloudkit import provision_device
+
     from localcloud.cloud import LocalCloud
     from localcloud.jobs import Jobs
-    from cloudkit import provision_device
 
     c = LocalCloud(tmp_path / "cloud")
     c.registry.allow_serials(["SN-H1"])
@@ -130,8 +134,13 @@ def device(tmp_path):
 def _engine(dev, thing: str, state: dict | None = None) -> JobsEngine:
     state = {} if state is None else state
     conn = session_conn(dev)
-    return JobsEngine(thing, conn, load_state=lambda: dict(state), save_state=lambda d: (state.clear(), state.update(d)),
-                      handlers={"ok": lambda job_id, doc, progress: Outcome("SUCCEEDED", {"result": "done"})})
+    return JobsEngine(
+        thing,
+        conn,
+        load_state=lambda: dict(state),
+        save_state=lambda d: (state.clear(), state.update(d)),
+        handlers={"ok": lambda job_id, doc, progress: Outcome("SUCCEEDED", {"result": "done"})},
+    )
 
 
 @pytest.fixture
@@ -190,8 +199,12 @@ def test_a_halted_subscription_is_opened_again_with_a_bounded_backoff(device, ca
         ev = rr.SubscriptionStatusEvent(2)
         ev.error = awscrt.exceptions.from_code(5170)  # AWS_ERROR_MQTT_REQUEST_RESPONSE_SUBSCRIBE_FAILURE
         eng._on_stream_status(ev)
-        _logged(caplog, r"notify-next subscription halted \(AWS_ERROR_MQTT_REQUEST_RESPONSE_SUBSCRIBE_FAILURE\); "
-                        r"subscribing again in 1 s", 5)
+        _logged(
+            caplog,
+            r"notify-next subscription halted \(AWS_ERROR_MQTT_REQUEST_RESPONSE_SUBSCRIBE_FAILURE\); "
+            r"subscribing again in 1 s",
+            5,
+        )
         deadline = time.monotonic() + 15
         while (eng._stream is None or eng._stream is first) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -242,7 +255,11 @@ def test_an_update_the_cloud_refuses_as_invalid_does_not_hold_up_the_queue(devic
 
 # -- the scanner (pure) ---------------------------------------------------------------------------------
 def _message(doc: bytes, job_id: bytes = b"j-1", token: bytes = b"tok", first: bool = True) -> bytes:
-    ex = b'"jobId":"' + job_id + b'","jobDocument":' + doc if first else b'"jobDocument":' + doc + b',"jobId":"' + job_id + b'"'
+    ex = (
+        b'"jobId":"' + job_id + b'","jobDocument":' + doc
+        if first
+        else b'"jobDocument":' + doc + b',"jobId":"' + job_id + b'"'
+    )
     return b'{"clientToken":"' + token + b'","execution":{"thingName":"t",' + ex + b',"versionNumber":2}}'
 
 
@@ -258,8 +275,9 @@ def test_scanner_names_the_job_and_the_problem(first, job_id, doc, says):
 def test_scanner_on_plain_documents_and_edge_cases():
     from agent.jobs.engine import RawExecution, scan_execution
 
-    assert scan_execution(_message(b'{"operation":"x","a":[1,2.5,-3e2,true,null,"\\ud83d\\ude00\\n"]}')) == \
-        RawExecution("j-1", "tok", None)
+    assert scan_execution(
+        _message(b'{"operation":"x","a":[1,2.5,-3e2,true,null,"\\ud83d\\ude00\\n"]}')
+    ) == RawExecution("j-1", "tok", None)
     assert scan_execution(b'{"timestamp":1,"clientToken":"tok"}') == RawExecution(None, "tok", None)  # no job
     deep_ok = b"[" * MAX_DEPTH + b"]" * MAX_DEPTH
     assert scan_execution(_message(deep_ok)).problem is None
@@ -287,8 +305,14 @@ def test_scanner_on_plain_documents_and_edge_cases():
 def test_scanner_bounds_its_work():
     from agent.jobs.engine import scan_execution
 
-    for body in (b"[" * 200_000, b'{"a":' * 60_000, b'"' + b"\\n" * 100_000 + b'"', b"1," * 100_000,
-                 _message(b"[" * 60_000 + b"]" * 60_000), _message(b"[" + b"1," * 60_000 + b"1]")):
+    for body in (
+        b"[" * 200_000,
+        b'{"a":' * 60_000,
+        b'"' + b"\\n" * 100_000 + b'"',
+        b"1," * 100_000,
+        _message(b"[" * 60_000 + b"]" * 60_000),
+        _message(b"[" + b"1," * 60_000 + b"1]"),
+    ):
         t = time.perf_counter()
         r = scan_execution(body)
         assert time.perf_counter() - t < 2.0 and r.problem
@@ -297,13 +321,19 @@ def test_scanner_bounds_its_work():
 
 JSONISH = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
-    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4), max_leaves=20)
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+    max_leaves=20,
+)
 
 
 @settings(max_examples=1500, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(st.binary(max_size=400),
-                 st.text(alphabet='{}[]":,\\u0123456789abcdefnrtlsNIy- \n\x00\xff', max_size=200).map(str.encode),
-                 st.builds(lambda b: _message(b), st.binary(max_size=200))))
+@given(
+    st.one_of(
+        st.binary(max_size=400),
+        st.text(alphabet='{}[]":,\\u0123456789abcdefnrtlsNIy- \n\x00\xff', max_size=200).map(str.encode),
+        st.builds(lambda b: _message(b), st.binary(max_size=200)),
+    )
+)
 def test_scanner_property_any_bytes_give_a_result(data):
     from agent.jobs.engine import RawExecution, scan_execution
 
@@ -341,8 +371,8 @@ def test_document_check_is_iterative_and_bounded():
         doc = [doc]
     assert "deeper" in document_problem(doc)
     assert "values" in document_problem([0] * (MAX_DOCUMENT_BYTES + 1))
-    assert document_problem({"operation": "x", "n": 2 ** 64 - 1, "f": 1.5, "s": "\U0001f600"}) is None
-    assert "64 bits" in document_problem({"n": -(2 ** 64)})
+    assert document_problem({"operation": "x", "n": 2**64 - 1, "f": 1.5, "s": "\U0001f600"}) is None
+    assert "64 bits" in document_problem({"n": -(2**64)})
     assert "NaN" in document_problem({"n": float("nan")}) and "NaN" in document_problem([float("-inf")])
     assert "surrogate" in document_problem({"\udc00": 1})
 
@@ -356,8 +386,10 @@ def _format(msg, *args, exc_info=None) -> str:
 
 
 def test_formatter_escapes_controls_and_bounds_the_message():
-    assert _format("job %s started (%s)", "j", "x\n2026 INFO agent: forged\r\u2028\u2029\x85\x1b\x00\t\ud800") == \
-        "INFO agent.jobs: job j started (x\\n2026 INFO agent: forged\\r\\u2028\\u2029\\x85\\x1b\\x00\\t\\ud800)"
+    assert (
+        _format("job %s started (%s)", "j", "x\n2026 INFO agent: forged\r\u2028\u2029\x85\x1b\x00\t\ud800")
+        == "INFO agent.jobs: job j started (x\\n2026 INFO agent: forged\\r\\u2028\\u2029\\x85\\x1b\\x00\\t\\ud800)"
+    )
     assert _format("plain %d", 3) == "INFO agent.jobs: plain 3"
     long = _format("%s", "y" * 10_000)
     assert len(long) < 4200 and long.endswith("... [5904 more characters]")
@@ -379,11 +411,18 @@ def test_every_entry_point_logs_one_line_per_record(entry):
 
     setup = "m._setup_logging('info')" if entry == "cli" else "m.main(['--config', '/nonexistent/config.toml'])"
     module = {"cli": "agent.cli", "launcher": "agent.launch", "privileged": "agent.update.privileged"}[entry]
-    code = (f"import logging\nimport {module} as m\ntry:\n    {setup}\nexcept BaseException:\n    pass\n"
-            "logging.getLogger('agent.jobs').warning('job %s started (%s)', 'j1', "
-            "'x\\n2026-01-01T00:00:00.000 INFO agent: forged\\r\\u2028')\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
-                       text=True, timeout=60)
+    code = (
+        f"import logging\nimport {module} as m\ntry:\n    {setup}\nexcept BaseException:\n    pass\n"
+        "logging.getLogger('agent.jobs').warning('job %s started (%s)', 'j1', "
+        "'x\\n2026-01-01T00:00:00.000 INFO agent: forged\\r\\u2028')\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     line = next(line for line in r.stderr.splitlines() if "agent.jobs" in line)
     assert line.endswith("job j1 started (x\\n2026-01-01T00:00:00.000 INFO agent: forged\\r\\u2028)"), r.stderr
     assert not [line for line in r.stderr.splitlines() if line.startswith("2026-01-01")], r.stderr
@@ -420,8 +459,13 @@ def test_escape_property_keeps_safe_text_and_is_bounded(text):
 
 def test_engine_never_dies_on_a_raw_message():
     eng = JobsEngine("gw-1", conn=None, load_state=dict, save_state=lambda d: None)
-    for topic in ("$aws/things/gw-1/jobs/notify-next", "$aws/things/gw-1/jobs/start-next/accepted",
-                  "$aws/things/gw-1/jobs/notify", "$aws/things/gw-2/jobs/notify-next", "other"):
+    for topic in (
+        "$aws/things/gw-1/jobs/notify-next",
+        "$aws/things/gw-1/jobs/start-next/accepted",
+        "$aws/things/gw-1/jobs/notify",
+        "$aws/things/gw-2/jobs/notify-next",
+        "other",
+    ):
         for payload in (b"", b"\xff" * 10, b"[" * 300_000, _message(b"NaN", b"bad-1")):
             eng.on_raw_message(topic, payload)
     assert len(eng._raw) <= 8 and all(len(p) <= 128 * 1024 + 1 for _, p in eng._raw)

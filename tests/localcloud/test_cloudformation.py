@@ -17,8 +17,12 @@ STACK = PROV / "fleet-stack.yaml"
 BIN = Path(sys.executable).parent
 
 # What the agent reports in a custom metric -> CloudFormation's AWS::IoT::CustomMetric MetricType.
-METRIC_TYPES = {"number": "number", "number_list": "number-list", "string_list": "string-list",
-                "ip_list": "ip-address-list"}
+METRIC_TYPES = {
+    "number": "number",
+    "number_list": "number-list",
+    "string_list": "string-list",
+    "ip_list": "ip-address-list",
+}
 
 
 # cfn-lint and checkov live in their own virtualenv under .deps (CI may cache it): checkov pins old
@@ -32,8 +36,12 @@ def tools() -> Path:
     marker = TOOLS / "installed.txt"
     if not marker.exists() or marker.read_text() != " ".join(TOOL_VERSIONS):
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(TOOLS)], check=True, timeout=120)
-        r = subprocess.run([str(TOOLS / "bin" / "python"), "-m", "pip", "install", "-q", *TOOL_VERSIONS],
-                           capture_output=True, text=True, timeout=900)
+        r = subprocess.run(
+            [str(TOOLS / "bin" / "python"), "-m", "pip", "install", "-q", *TOOL_VERSIONS],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
         marker.write_text(" ".join(TOOL_VERSIONS))
     return TOOLS / "bin"
@@ -45,11 +53,19 @@ def tool(name: str) -> str:
 
 @functools.cache
 def _stack_json() -> str:
-    r = subprocess.run([str(tools() / "python"), "-c",
-                        "import json, sys\nfrom cfnlint.decode import decode\n"
-                        "t, m = decode(sys.argv[1])\n"
-                        "print(json.dumps({'template': t, 'errors': [str(x) for x in m or []]}, default=str))",
-                        str(STACK)], capture_output=True, text=True, timeout=240)
+    r = subprocess.run(
+        [
+            str(tools() / "python"),
+            "-c",
+            "import json, sys\nfrom cfnlint.decode import decode\n"
+            "t, m = decode(sys.argv[1])\n"
+            "print(json.dumps({'template': t, 'errors': [str(x) for x in m or []]}, default=str))",
+            str(STACK),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 
@@ -120,8 +136,23 @@ def test_cfn_lint_is_clean():
 
 
 def test_checkov_has_no_failed_checks():
-    r = subprocess.run([tool("checkov"), "-f", str(STACK), "--framework", "cloudformation", "--compact", "--quiet",
-                        "-o", "json", "--skip-download"], capture_output=True, text=True, timeout=240)
+    r = subprocess.run(
+        [
+            tool("checkov"),
+            "-f",
+            str(STACK),
+            "--framework",
+            "cloudformation",
+            "--compact",
+            "--quiet",
+            "-o",
+            "json",
+            "--skip-download",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     out = json.loads(r.stdout)
     reports = out if isinstance(out, list) else [out]
     assert [rep["check_type"] for rep in reports] == ["cloudformation"], r.stdout[:2000]
@@ -135,11 +166,14 @@ def test_checkov_has_no_failed_checks():
             assert len(str(skip.get("comment", "")).strip()) > 20, (name, skip)
 
 
-@pytest.mark.parametrize("resource,policy_file", [
-    ("ClaimPolicy", "claim-policy.json"),
-    ("DevicePolicy", "device-policy.json"),
-    ("QuarantinePolicy", "quarantine-policy.json"),
-])
+@pytest.mark.parametrize(
+    "resource,policy_file",
+    [
+        ("ClaimPolicy", "claim-policy.json"),
+        ("DevicePolicy", "device-policy.json"),
+        ("QuarantinePolicy", "quarantine-policy.json"),
+    ],
+)
 def test_policies_equal_the_json_files(resource, policy_file):
     template = load_stack()
     res = template["Resources"][resource]
@@ -163,7 +197,8 @@ def test_policy_names_and_provisioning_template_match_the_files():
     assert props["ProvisioningRoleArn"] == {"Fn::GetAtt": ["ProvisioningRole", "Arn"]}
     role = template["Resources"]["ProvisioningRole"]["Properties"]
     assert [resolve(a, params) for a in role["ManagedPolicyArns"]] == [
-        "arn:aws:iam::aws:policy/service-role/AWSIoTThingsRegistration"]
+        "arn:aws:iam::aws:policy/service-role/AWSIoTThingsRegistration"
+    ]
 
     body = json.loads(resolve(props["TemplateBody"], params))
     thing = body["Resources"]["thing"]["Properties"]
@@ -187,10 +222,17 @@ def agent_custom_metrics(tmp_path) -> dict[str, str]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gw-test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=90))
-            .sign(key, hashes.SHA256()))
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=90))
+        .sign(key, hashes.SHA256())
+    )
     pem = tmp_path / "device.pem"
     pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
@@ -207,8 +249,10 @@ def test_custom_metrics_are_what_the_agent_reports(tmp_path):
     agent = agent_custom_metrics(tmp_path)
     template = load_stack()
 
-    defined = {r["Properties"]["MetricName"]: r["Properties"]["MetricType"]
-               for r in resources_of(template, "AWS::IoT::CustomMetric").values()}
+    defined = {
+        r["Properties"]["MetricName"]: r["Properties"]["MetricType"]
+        for r in resources_of(template, "AWS::IoT::CustomMetric").values()
+    }
     assert defined == agent
 
     (profile,) = resources_of(template, "AWS::IoT::SecurityProfile").values()

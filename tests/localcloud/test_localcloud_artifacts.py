@@ -11,11 +11,11 @@ import urllib.error
 import urllib.request
 
 import pytest
+from cloudkit import provision_device
+from test_localcloud_jobs import raw_request
 
 from localcloud.artifacts import Artifacts
 from localcloud.cloud import LocalCloud
-from cloudkit import provision_device
-from test_localcloud_jobs import raw_request
 
 
 def fetch(url: str, ca: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
@@ -35,14 +35,46 @@ def test_job_document_urls_are_presigned_and_serve_ranges(tmp_path):
     try:
         data = os.urandom(10000)
         (tmp_path / "app.bin").write_bytes(data)
-        r = subprocess.run([sys.executable, "-m", "localcloud", "--dir", str(c.directory), "artifacts", "put",
-                            str(tmp_path / "app.bin"), "--key", "ota/app-1.2.0.bin"], capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "localcloud",
+                "--dir",
+                str(c.directory),
+                "artifacts",
+                "put",
+                str(tmp_path / "app.bin"),
+                "--key",
+                "ota/app-1.2.0.bin",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         placeholder = r.stdout.strip()
         assert placeholder == "${aws:iot:s3-presigned-url:https://s3.amazonaws.com/localcloud/ota/app-1.2.0.bin}"
         doc = tmp_path / "job.json"
         doc.write_text(json.dumps({"operation": "install", "url": placeholder}))
-        subprocess.run([sys.executable, "-m", "localcloud", "--dir", str(c.directory), "jobs", "create", "--thing",
-                        "gw-SN-0001", "--document", str(doc), "--job-id", "ota-1"], check=True, timeout=30)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "localcloud",
+                "--dir",
+                str(c.directory),
+                "jobs",
+                "create",
+                "--thing",
+                "gw-SN-0001",
+                "--document",
+                str(doc),
+                "--job-id",
+                "ota-1",
+            ],
+            check=True,
+            timeout=30,
+        )
         dev, _ = provision_device(c, info, tmp_path, "SN-0001")
         try:
             dev.subscribe("$aws/things/gw-SN-0001/jobs/+/accepted")
@@ -63,8 +95,23 @@ def test_job_document_urls_are_presigned_and_serve_ranges(tmp_path):
         assert fetch(url.replace("app-1.2.0", "app-9"), ca)[0] == 403
         assert fetch(url.split("?")[0], ca)[0] == 403
         # The raw document keeps the placeholder; the URL is made per delivery.
-        listing = subprocess.run([sys.executable, "-m", "localcloud", "--dir", str(c.directory), "jobs", "describe",
-                                  "ota-1", "--thing", "gw-SN-0001"], capture_output=True, text=True, timeout=30).stdout
+        listing = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "localcloud",
+                "--dir",
+                str(c.directory),
+                "jobs",
+                "describe",
+                "ota-1",
+                "--thing",
+                "gw-SN-0001",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
         assert "${aws:iot:s3-presigned-url:" in listing
     finally:
         c.down()

@@ -5,13 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 
 import pytest
-from awsiot import iotidentity
-from cryptography.hazmat.primitives import serialization
+from cloudkit import Client, new_csr, provision_device
 
-from cloudkit import Client, identity_client, new_csr, provision_device
 from localcloud.cloud import LocalCloud
 
 
@@ -71,7 +68,9 @@ def test_provisioning_replies_reach_only_the_requester(cloud, tmp_path):
     try:
         one, two = clients
         csr_pem, _ = new_csr()
-        assert one.publish("$aws/certificates/create-from-csr/json", json.dumps({"certificateSigningRequest": csr_pem})) in (0, 16)
+        assert one.publish(
+            "$aws/certificates/create-from-csr/json", json.dumps({"certificateSigningRequest": csr_pem})
+        ) in (0, 16)
         reply = json.loads(one.expect("$aws/certificates/create-from-csr/json/accepted"))
         assert set(reply) == {"certificateId", "certificatePem", "certificateOwnershipToken"}
         assert two.received(1.0) == []
@@ -89,14 +88,20 @@ def test_revoked_and_deactivated_certificates_cannot_connect(cloud, tmp_path):
     r = subprocess.run(cli + ["certs", "deactivate", cid[:16]], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "INACTIVE" in r.stdout
     with pytest.raises(TimeoutError):
-        Client(info["port"], c.ca.cert_path, tmp_path / "SN-0003.pem", tmp_path / "SN-0003.key", "gw-SN-0003").start(wait=4)
+        Client(info["port"], c.ca.cert_path, tmp_path / "SN-0003.pem", tmp_path / "SN-0003.key", "gw-SN-0003").start(
+            wait=4
+        )
     r = subprocess.run(cli + ["certs", "activate", cid], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0
-    Client(info["port"], c.ca.cert_path, tmp_path / "SN-0003.pem", tmp_path / "SN-0003.key", "gw-SN-0003").start().stop()
+    Client(
+        info["port"], c.ca.cert_path, tmp_path / "SN-0003.pem", tmp_path / "SN-0003.key", "gw-SN-0003"
+    ).start().stop()
     r = subprocess.run(cli + ["certs", "revoke", cid], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "REVOKED" in r.stdout
     with pytest.raises(TimeoutError):
-        Client(info["port"], c.ca.cert_path, tmp_path / "SN-0003.pem", tmp_path / "SN-0003.key", "gw-SN-0003").start(wait=4)
+        Client(info["port"], c.ca.cert_path, tmp_path / "SN-0003.pem", tmp_path / "SN-0003.key", "gw-SN-0003").start(
+            wait=4
+        )
     r = subprocess.run(cli + ["certs", "activate", cid], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "revocation is final" in r.stderr
     listing = subprocess.run(cli + ["certs", "list"], capture_output=True, text=True, timeout=30).stdout
@@ -119,7 +124,9 @@ def test_up_down_up_keeps_things_and_certificates(tmp_path):
         assert info2["port"] == info["port"]
         assert [n for n, _ in c2.registry.things()] == ["gw-SN-0005"]
         assert c2.registry.certificate(cid).status == "ACTIVE"
-        Client(info2["port"], c2.ca.cert_path, tmp_path / "SN-0005.pem", tmp_path / "SN-0005.key", "gw-SN-0005").start().stop()
+        Client(
+            info2["port"], c2.ca.cert_path, tmp_path / "SN-0005.pem", tmp_path / "SN-0005.key", "gw-SN-0005"
+        ).start().stop()
     finally:
         c2.down()
 
@@ -129,13 +136,17 @@ def test_device_must_use_its_thing_name_as_client_id(cloud, tmp_path):
     c, info = cloud
     dev, _ = provision_device(c, info, tmp_path, "SN-0004")
     dev.stop()
-    imposter = Client(info["port"], c.ca.cert_path, tmp_path / "SN-0004.pem", tmp_path / "SN-0004.key", "not-the-thing").start()
+    imposter = Client(
+        info["port"], c.ca.cert_path, tmp_path / "SN-0004.pem", tmp_path / "SN-0004.key", "not-the-thing"
+    ).start()
     try:
         assert imposter.publish("dt/gw-SN-0004/x", "hi") == 135
         imposter.subscribe("cmd/gw-SN-0004/#")
     finally:
         imposter.stop()
-    good = Client(info["port"], c.ca.cert_path, tmp_path / "SN-0004.pem", tmp_path / "SN-0004.key", "gw-SN-0004").start()
+    good = Client(
+        info["port"], c.ca.cert_path, tmp_path / "SN-0004.pem", tmp_path / "SN-0004.key", "gw-SN-0004"
+    ).start()
     try:
         assert good.publish("dt/gw-SN-0004/x", "hi") in (0, 16)
     finally:

@@ -9,19 +9,25 @@ import time
 
 import cbor2
 import pytest
+from cloudkit import provision_device
 
 from localcloud.cloud import LocalCloud
 from localcloud.defender import validate
-from cloudkit import provision_device
 
 
 def report(rid: int, short: bool) -> dict:
     long = {
         "header": {"report_id": rid, "version": "1.0"},
         "metrics": {
-            "tcp_connections": {"established_connections": {
-                "connections": [{"remote_addr": "192.0.2.7:443", "local_port": 50123, "local_interface": "eth0"},
-                                {"remote_addr": "[2001:db8::1]:8883", "local_port": 50124}], "total": 2}},
+            "tcp_connections": {
+                "established_connections": {
+                    "connections": [
+                        {"remote_addr": "192.0.2.7:443", "local_port": 50123, "local_interface": "eth0"},
+                        {"remote_addr": "[2001:db8::1]:8883", "local_port": 50124},
+                    ],
+                    "total": 2,
+                }
+            },
             "listening_tcp_ports": {"ports": [{"port": 22, "interface": "eth0"}], "total": 1},
             "listening_udp_ports": {"ports": [{"port": 5353}], "total": 1},
             "network_stats": {"bytes_in": 10, "bytes_out": 20, "packets_in": 1, "packets_out": 2},
@@ -51,9 +57,11 @@ def test_report_fixtures_follow_the_specification():
 def test_the_troubleshooting_guides_malformed_report_gets_its_documented_code():
     # The example from AWS's Device Defender troubleshooting guide: a "number" custom metric not wrapped in
     # a list is answered ErrorCode InvalidPayload, ErrorMessage "Malformed metrics report".
-    doc = {"header": {"report_id": 12334567, "version": "1.0"},
-           "metrics": {"network_stats": {"bytes_in": 30680, "bytes_out": 10652, "packets_in": 113, "packets_out": 118}},
-           "custom_metrics": {"my_custom_metric": {"number": 0}}}
+    doc = {
+        "header": {"report_id": 12334567, "version": "1.0"},
+        "metrics": {"network_stats": {"bytes_in": 30680, "bytes_out": 10652, "packets_in": 113, "packets_out": 118}},
+        "custom_metrics": {"my_custom_metric": {"number": 0}},
+    }
     code, message = validate(doc)
     assert code == "InvalidPayload" and message.startswith("Malformed metrics report")
     doc["custom_metrics"]["my_custom_metric"] = [{"number": 0}]
@@ -109,7 +117,10 @@ def test_reports_in_all_four_encodings_accepted_then_throttled_and_rejected(clou
         # AWS's code and message for a report that breaks the specification (troubleshooting guide):
         # InvalidPayload, "Malformed metrics report" (here followed by what is wrong).
         assert kind == "rejected" and doc["statusDetails"]["ErrorCode"] == "InvalidPayload"
-        assert doc["statusDetails"]["ErrorMessage"].startswith("Malformed metrics report") and "port" in doc["statusDetails"]["ErrorMessage"]
+        assert (
+            doc["statusDetails"]["ErrorMessage"].startswith("Malformed metrics report")
+            and "port" in doc["statusDetails"]["ErrorMessage"]
+        )
         assert set(doc) == {"thingName", "status", "statusDetails", "timestamp", "reportId"}
         kind, doc = send(dev, "cbor", b"\xff\x00garbage")
         assert kind == "rejected" and doc["statusDetails"]["ErrorCode"] == "InvalidPayload"
@@ -117,9 +128,13 @@ def test_reports_in_all_four_encodings_accepted_then_throttled_and_rejected(clou
         assert kind == "rejected"
     finally:
         dev.stop()
-    out = subprocess.run([sys.executable, "-m", "localcloud", "--dir", str(c.directory), "defender", "reports", "gw-SN-0001"],
-                         capture_output=True, text=True, timeout=30).stdout.splitlines()
-    rows = [json.loads(l) for l in out]
+    out = subprocess.run(
+        [sys.executable, "-m", "localcloud", "--dir", str(c.directory), "defender", "reports", "gw-SN-0001"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout.splitlines()
+    rows = [json.loads(line) for line in out]
     assert [r["status"] for r in rows[:5]] == ["ACCEPTED"] * 5
     assert rows[0]["report"]["metrics"]["network_stats"]["bytes_out"] == 20
     assert {r["format"] for r in rows} == {"json", "cbor"}

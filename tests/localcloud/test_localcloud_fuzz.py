@@ -10,15 +10,17 @@ import json
 
 import cbor2
 import pytest
+from cloudkit import Client, identity_client, new_csr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cloudkit import Client, identity_client, new_csr
 from localcloud.cloud import LocalCloud
 
 TOPICS = [
-    "$aws/certificates/create-from-csr/json", "$aws/certificates/create-from-csr/cbor",
-    "$aws/certificates/create/json", "$aws/certificates/create/cbor",
+    "$aws/certificates/create-from-csr/json",
+    "$aws/certificates/create-from-csr/cbor",
+    "$aws/certificates/create/json",
+    "$aws/certificates/create/cbor",
     "$aws/provisioning-templates/iot-agent-fleet/provision/json",
     "$aws/provisioning-templates/iot-agent-fleet/provision/cbor",
 ]
@@ -27,16 +29,33 @@ DENIED_TOPICS = ["$aws/provisioning-templates/other-template/provision/json", "$
 # Permitted by the policy's wildcard but not an API: accepted by the broker, no reply (as on AWS).
 SILENT_TOPICS = ["$aws/certificates/create/xml", "$aws/certificates/create-from-csr/yaml"]
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**63, max_value=2**63 - 1),
-                    st.floats(allow_nan=False), st.text(max_size=40))
-values = st.recursive(scalars, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
-                      max_leaves=12)
-field_names = st.sampled_from(["certificateSigningRequest", "certificateOwnershipToken", "parameters", "SerialNumber", "x"])
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=False),
+    st.text(max_size=40),
+)
+values = st.recursive(
+    scalars,
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
+    max_leaves=12,
+)
+field_names = st.sampled_from(
+    ["certificateSigningRequest", "certificateOwnershipToken", "parameters", "SerialNumber", "x"]
+)
 shaped = st.dictionaries(field_names, values, max_size=3)
-csr_like = st.builds(lambda body: {"certificateSigningRequest": f"-----BEGIN CERTIFICATE REQUEST-----\n{body}\n-----END CERTIFICATE REQUEST-----\n"},
-                     st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\n", max_size=300))
-register_like = st.builds(lambda tok, params: {"certificateOwnershipToken": tok, "parameters": params},
-                          st.one_of(st.text(max_size=60), values), st.one_of(st.dictionaries(st.text(max_size=20), st.text(max_size=20), max_size=5), values))
+csr_like = st.builds(
+    lambda body: {
+        "certificateSigningRequest": f"-----BEGIN CERTIFICATE REQUEST-----\n{body}\n-----END CERTIFICATE REQUEST-----\n"
+    },
+    st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\n", max_size=300),
+)
+register_like = st.builds(
+    lambda tok, params: {"certificateOwnershipToken": tok, "parameters": params},
+    st.one_of(st.text(max_size=60), values),
+    st.one_of(st.dictionaries(st.text(max_size=20), st.text(max_size=20), max_size=5), values),
+)
 
 
 @st.composite
@@ -55,7 +74,11 @@ def request(draw):
 
 
 def decode(topic: str, payload: bytes):
-    return cbor2.loads(payload) if topic.endswith("/cbor/rejected") or topic.endswith("/cbor/accepted") else json.loads(payload)
+    return (
+        cbor2.loads(payload)
+        if topic.endswith("/cbor/rejected") or topic.endswith("/cbor/accepted")
+        else json.loads(payload)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +100,9 @@ def fuzz_cloud(tmp_path_factory):
 def test_malformed_requests_get_aws_shaped_rejections(fuzz_cloud):
     c, info, cl, stats = fuzz_cloud
 
-    @settings(max_examples=1100, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=1100, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(request())
     def one(case):
         topic, payload, expect = case
@@ -112,30 +136,58 @@ def test_malformed_requests_get_aws_shaped_rejections(fuzz_cloud):
     idc = identity_client(cl)
     from awsiot import iotidentity
 
-    created = idc.create_certificate_from_csr(iotidentity.CreateCertificateFromCsrRequest(
-        certificate_signing_request=new_csr()[0])).result(20)
-    reg = idc.register_thing(iotidentity.RegisterThingRequest(
-        template_name="iot-agent-fleet", certificate_ownership_token=created.certificate_ownership_token,
-        parameters={"SerialNumber": "SN-OK"})).result(20)
+    created = idc.create_certificate_from_csr(
+        iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=new_csr()[0])
+    ).result(20)
+    reg = idc.register_thing(
+        iotidentity.RegisterThingRequest(
+            template_name="iot-agent-fleet",
+            certificate_ownership_token=created.certificate_ownership_token,
+            parameters={"SerialNumber": "SN-OK"},
+        )
+    ).result(20)
     assert reg.thing_name == "gw-SN-OK"
     assert "Traceback" not in (c.directory / "service.log").read_text()
 
 
-JOB_CODES = {"InternalError", "InvalidJson", "InvalidRequest", "InvalidStateTransition", "ResourceNotFound",
-             "VersionMismatch", "InvalidTopic", "RequestThrottled", "TerminalStateReached"}
+JOB_CODES = {
+    "InternalError",
+    "InvalidJson",
+    "InvalidRequest",
+    "InvalidStateTransition",
+    "ResourceNotFound",
+    "VersionMismatch",
+    "InvalidTopic",
+    "RequestThrottled",
+    "TerminalStateReached",
+}
 
 
 @st.composite
 def jobs_request(draw):
-    suffix = draw(st.sampled_from(["get", "start-next", "$next/get", "j1/get", "j2/get", "nope/get", "j1/update",
-                                   "j2/update", "nope/update"]))
+    suffix = draw(
+        st.sampled_from(
+            ["get", "start-next", "$next/get", "j1/get", "j2/get", "nope/get", "j1/update", "j2/update", "nope/update"]
+        )
+    )
     kind = draw(st.sampled_from(["bytes", "doc", "shaped"]))
     if kind == "bytes":
         return suffix, draw(st.binary(max_size=100))
     if kind == "doc":
         return suffix, json.dumps(draw(values)).encode()
-    keys = st.sampled_from(["status", "statusDetails", "expectedVersion", "executionNumber", "clientToken",
-                            "includeJobDocument", "includeJobExecutionState", "stepTimeoutInMinutes", "x"])
+    keys = st.sampled_from(
+        [
+            "status",
+            "statusDetails",
+            "expectedVersion",
+            "executionNumber",
+            "clientToken",
+            "includeJobDocument",
+            "includeJobExecutionState",
+            "stepTimeoutInMinutes",
+            "x",
+        ]
+    )
     status = st.sampled_from(["IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED", "QUEUED", "CANCELED", 3])
     doc = draw(st.dictionaries(keys, st.one_of(values, status, st.integers(-5, 20000)), max_size=4))
     return suffix, json.dumps(doc).encode()
@@ -159,8 +211,10 @@ def test_malformed_jobs_requests_get_aws_shaped_rejections(fuzz_cloud, tmp_path)
     dev.subscribe(f"{base}/+/+/rejected")
     stats = {"cases": 0, "accepted": 0, "rejected": 0}
     try:
-        @settings(max_examples=500, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+
+        @settings(
+            max_examples=500, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+        )
         @given(jobs_request())
         def one(case):
             suffix, payload = case
@@ -195,15 +249,22 @@ def defender_or_stream_request(draw):
         topic = f"defender/metrics/{fmt}"
         keys = st.sampled_from(["header", "hed", "metrics", "met", "custom_metrics", "cmet", "report_id", "version"])
         metric_names = st.sampled_from(["network_stats", "listening_tcp_ports", "tcp_connections", "x"])
-        plausible = st.builds(lambda rid, m: {"header": {"report_id": rid, "version": "1.0"}, "metrics": m},
-                              st.integers(0, 2**40), st.dictionaries(metric_names, values, max_size=2))
+        plausible = st.builds(
+            lambda rid, m: {"header": {"report_id": rid, "version": "1.0"}, "metrics": m},
+            st.integers(0, 2**40),
+            st.dictionaries(metric_names, values, max_size=2),
+        )
         doc = draw(st.one_of(values, st.dictionaries(keys, values, max_size=3), plausible))
     else:
         stream = draw(st.sampled_from(["fz", "missing"]))
         topic = f"streams/{stream}/{api}/{fmt}"
         keys = st.sampled_from(["c", "s", "f", "l", "o", "n", "b", "q"])
-        doc = draw(st.one_of(values, st.dictionaries(keys, st.one_of(values, st.integers(-3, 300000), st.binary(max_size=8)),
-                                                     max_size=5)))
+        doc = draw(
+            st.one_of(
+                values,
+                st.dictionaries(keys, st.one_of(values, st.integers(-3, 300000), st.binary(max_size=8)), max_size=5),
+            )
+        )
     raw = draw(st.booleans()) and draw(st.booleans())
     if raw:
         return api, topic, fmt, draw(st.binary(max_size=64))
@@ -215,8 +276,9 @@ def defender_or_stream_request(draw):
 
 
 def test_malformed_defender_and_stream_requests(fuzz_cloud, tmp_path):
-    from localcloud.streams import Streams
     from cloudkit import provision_device
+
+    from localcloud.streams import Streams
 
     c, info, _, _ = fuzz_cloud
     (tmp_path / "blob").write_bytes(bytes(range(256)) * 20)
@@ -224,13 +286,19 @@ def test_malformed_defender_and_stream_requests(fuzz_cloud, tmp_path):
     c.registry.allow_serials(["SN-DS"])
     dev, _ = provision_device(c, info, tmp_path, "SN-DS")
     base = "$aws/things/gw-SN-DS"
-    for t in (f"{base}/defender/metrics/+/+", f"{base}/streams/+/description/+", f"{base}/streams/+/data/+",
-              f"{base}/streams/+/rejected/+"):
+    for t in (
+        f"{base}/defender/metrics/+/+",
+        f"{base}/streams/+/description/+",
+        f"{base}/streams/+/data/+",
+        f"{base}/streams/+/rejected/+",
+    ):
         dev.subscribe(t)
     stats = {"cases": 0, "defender": 0, "stream_replies": 0, "rejected": 0}
     try:
-        @settings(max_examples=400, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+
+        @settings(
+            max_examples=400, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+        )
         @given(defender_or_stream_request())
         def one(case):
             api, topic, fmt, body = case
@@ -239,7 +307,11 @@ def test_malformed_defender_and_stream_requests(fuzz_cloud, tmp_path):
             replies = [(t, p)] + dev.received(0.05 if api == "get" else 0.0)
             stats["cases"] += 1
             for t, p in replies:
-                doc = cbor2.loads(p) if t.endswith("/cbor") or t.endswith("cbor/accepted") or t.endswith("cbor/rejected") else json.loads(p)
+                doc = (
+                    cbor2.loads(p)
+                    if t.endswith("/cbor") or t.endswith("cbor/accepted") or t.endswith("cbor/rejected")
+                    else json.loads(p)
+                )
                 if api == "defender":
                     stats["defender"] += 1
                     assert t in (f"{base}/{topic}/accepted", f"{base}/{topic}/rejected"), t

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 from awsiot import mqtt5_client_builder
+from cloudkit import Client
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from cloudkit import Client
 from localcloud import jitp
 from localcloud.cloud import LocalCloud
 from localcloud.pki import CertificateAuthority
@@ -38,8 +38,13 @@ def cloud(tmp_path):
 
 
 def cli(c: LocalCloud, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "localcloud", "--dir", str(c.directory), *args],
-                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "localcloud", "--dir", str(c.directory), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
 
 
 def cert_id(path: Path) -> str:
@@ -63,11 +68,19 @@ def attempt(port: int, c: LocalCloud, cert: Path, key: Path, client_id: str, tim
 
     stopped = threading.Event()
     client = mqtt5_client_builder.mtls_from_path(
-        endpoint="localhost", port=port, cert_filepath=str(cert), pri_key_filepath=str(key),
-        ca_filepath=str(c.ca.cert_path), client_id=client_id, enable_metrics_collection=False,
-        min_reconnect_delay_ms=60_000, max_reconnect_delay_ms=60_000,
-        on_lifecycle_connection_success=ok, on_lifecycle_connection_failure=failed,
-        on_lifecycle_stopped=lambda d: stopped.set())
+        endpoint="localhost",
+        port=port,
+        cert_filepath=str(cert),
+        pri_key_filepath=str(key),
+        ca_filepath=str(c.ca.cert_path),
+        client_id=client_id,
+        enable_metrics_collection=False,
+        min_reconnect_delay_ms=60_000,
+        max_reconnect_delay_ms=60_000,
+        on_lifecycle_connection_success=ok,
+        on_lifecycle_connection_failure=failed,
+        on_lifecycle_stopped=lambda d: stopped.set(),
+    )
     client.start()
     try:
         assert done.wait(timeout), "no connection outcome"
@@ -117,8 +130,7 @@ def test_first_connection_registers_and_is_dropped_then_the_device_connects_as_i
     assert rec.thing == "sensor-0001" and rec.kind == "device" and rec.cn == jitp.username_for(cid)
     assert [cc.id for cc in c.registry.certificates()].count(cid) == 1
     things = dict(c.registry.things())
-    assert things == {"sensor-0001": {"provisioning": "jitp",
-                                      "certificateSerial": format(dev.cert.serial_number, "x")}}
+    assert things == {"sensor-0001": {"provisioning": "jitp", "certificateSerial": format(dev.cert.serial_number, "x")}}
     assert "just-in-time provisioning requested" in (c.broker_dir / "mosquitto.log").read_text()
 
     # The next connection is the thing, with the device policy.
@@ -179,8 +191,12 @@ def test_two_quick_first_connections_register_the_thing_once(cloud, tmp_path):
     os.kill(service, signal.SIGSTOP)
     try:
         results: list = []
-        threads = [threading.Thread(target=lambda: results.append(
-            attempt(info["jitp_port"], c, dev.cert_path, dev.key_path, "sensor-0007"))) for _ in range(3)]
+        threads = [
+            threading.Thread(
+                target=lambda: results.append(attempt(info["jitp_port"], c, dev.cert_path, dev.key_path, "sensor-0007"))
+            )
+            for _ in range(3)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -257,7 +273,9 @@ def test_register_ca_refuses_what_it_could_not_honour(tmp_path):
         c.register_ca(maker.cert_path.read_bytes(), {"templateBody": json.dumps(body)})
     assert c.registry.ca_certificates() == []
     first = c.register_ca(maker.cert_path.read_bytes(), template)
-    assert c.register_ca(maker.cert_path.read_bytes(), json.dumps(template)) == first  # again: same CA, template replaced
+    assert (
+        c.register_ca(maker.cert_path.read_bytes(), json.dumps(template)) == first
+    )  # again: same CA, template replaced
     assert [ca.id for ca in c.registry.ca_certificates()] == [first]
     assert len(list((c.broker_dir / "cas").glob("*.0"))) == 1
     r = cli(c, "ca", "list")

@@ -11,11 +11,10 @@ import time
 import awscrt.mqtt_request_response as rr
 import pytest
 from awsiot import ServiceStreamOptions, V2ServiceException, iotjobs
+from cloudkit import Client, provision_device
 
-from cloudkit import Client
 from localcloud.cloud import LocalCloud
 from localcloud.jobs import Jobs
-from cloudkit import provision_device
 
 
 @pytest.fixture
@@ -28,8 +27,12 @@ def cloud(tmp_path):
 
 
 def jobs_cli(c, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "localcloud", "--dir", str(c.directory), "jobs", *args],
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "localcloud", "--dir", str(c.directory), "jobs", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_sdk_jobs_client_receives_starts_and_completes_a_job(cloud, tmp_path):
@@ -37,14 +40,18 @@ def test_sdk_jobs_client_receives_starts_and_completes_a_job(cloud, tmp_path):
     dev, _ = provision_device(c, info, tmp_path, "SN-0001")
     thing = "gw-SN-0001"
     try:
-        jc = iotjobs.IotJobsClientV2(dev.mqtt, rr.ClientOptions(max_request_response_subscriptions=4,
-                                                                 max_streaming_subscriptions=2,
-                                                                 operation_timeout_in_seconds=15))
-        events: "queue.Queue" = queue.Queue()
-        subscribed: "queue.Queue" = queue.Queue()
+        jc = iotjobs.IotJobsClientV2(
+            dev.mqtt,
+            rr.ClientOptions(
+                max_request_response_subscriptions=4, max_streaming_subscriptions=2, operation_timeout_in_seconds=15
+            ),
+        )
+        events: queue.Queue = queue.Queue()
+        subscribed: queue.Queue = queue.Queue()
         stream = jc.create_next_job_execution_changed_stream(
             iotjobs.NextJobExecutionChangedSubscriptionRequest(thing_name=thing),
-            ServiceStreamOptions(incoming_event_listener=events.put, subscription_status_listener=subscribed.put))
+            ServiceStreamOptions(incoming_event_listener=events.put, subscription_status_listener=subscribed.put),
+        )
         stream.open()
         subscribed.get(timeout=10)
         doc = tmp_path / "job.json"
@@ -54,21 +61,30 @@ def test_sdk_jobs_client_receives_starts_and_completes_a_job(cloud, tmp_path):
         ev = events.get(timeout=10)
         assert ev.execution.job_id == "job-1" and ev.execution.job_document == {"operation": "reboot", "why": "test"}
 
-        started = jc.start_next_pending_job_execution(iotjobs.StartNextPendingJobExecutionRequest(
-            thing_name=thing, status_details={"step": "starting"})).result(15)
+        started = jc.start_next_pending_job_execution(
+            iotjobs.StartNextPendingJobExecutionRequest(thing_name=thing, status_details={"step": "starting"})
+        ).result(15)
         assert started.execution.job_id == "job-1"
         assert started.execution.status == "IN_PROGRESS" and started.execution.version_number == 2
-        upd = jc.update_job_execution(iotjobs.UpdateJobExecutionRequest(
-            thing_name=thing, job_id="job-1", status="SUCCEEDED", status_details={"result": "ok"},
-            expected_version=2, include_job_execution_state=True)).result(15)
+        upd = jc.update_job_execution(
+            iotjobs.UpdateJobExecutionRequest(
+                thing_name=thing,
+                job_id="job-1",
+                status="SUCCEEDED",
+                status_details={"result": "ok"},
+                expected_version=2,
+                include_job_execution_state=True,
+            )
+        ).result(15)
         assert upd.execution_state.status == "SUCCEEDED"
         assert upd.execution_state.status_details == {"step": "starting", "result": "ok"}
         # Nothing left: notify-next arrives without an execution.
         ev = events.get(timeout=10)
         assert ev.execution is None
         with pytest.raises(V2ServiceException) as e:
-            jc.update_job_execution(iotjobs.UpdateJobExecutionRequest(
-                thing_name=thing, job_id="job-1", status="FAILED")).result(15)
+            jc.update_job_execution(
+                iotjobs.UpdateJobExecutionRequest(thing_name=thing, job_id="job-1", status="FAILED")
+            ).result(15)
         assert e.value.modeled_error.code == "InvalidStateTransition"
         del stream
     finally:
@@ -113,8 +129,11 @@ def test_versions_errors_and_step_timeouts(cloud, tmp_path):
         assert (kind, doc["code"]) == ("rejected", "InvalidJson")
         kind, doc = raw_request(dev, f"{base}/j1/update", {"status": "FAILED", "bogus": 1})
         assert (kind, doc["code"]) == ("rejected", "InvalidRequest") and "bogus" in doc["message"]
-        kind, doc = raw_request(dev, f"{base}/j1/update", {"status": "REJECTED", "statusDetails": {"reason": "bad doc"},
-                                                           "executionNumber": 1, "expectedVersion": 1})
+        kind, doc = raw_request(
+            dev,
+            f"{base}/j1/update",
+            {"status": "REJECTED", "statusDetails": {"reason": "bad doc"}, "executionNumber": 1, "expectedVersion": 1},
+        )
         assert kind == "accepted"
         # j2 has a 1-minute step timeout: start it, then move the cloud's clock past it.
         kind, doc = raw_request(dev, f"{base}/start-next", {"stepTimeoutInMinutes": 1})
@@ -125,7 +144,9 @@ def test_versions_errors_and_step_timeouts(cloud, tmp_path):
             time.sleep(0.1)
         assert jobs.execution("j2", thing)["status"] == "TIMED_OUT"
         kind, doc = raw_request(dev, f"{base}/j2/update", {"status": "SUCCEEDED"})
-        assert (kind, doc["code"]) == ("rejected", "InvalidStateTransition") and doc["executionState"]["status"] == "TIMED_OUT"
+        assert (kind, doc["code"]) == ("rejected", "InvalidStateTransition") and doc["executionState"][
+            "status"
+        ] == "TIMED_OUT"
         kind, doc = raw_request(dev, f"{base}/start-next", {})
         assert kind == "accepted" and "execution" not in doc
     finally:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from awsiot import V2ServiceException, iotidentity
+from cloudkit import Client, identity_client, new_csr
 from cryptography import x509
 
-from cloudkit import Client, identity_client, new_csr
 from localcloud.cloud import LocalCloud
 
 
@@ -28,10 +26,15 @@ def claim_client(cloud, info, tmp_path, client_id="claimer-1") -> Client:
 
 def provision(idc, csr_pem, serial="SN-0001"):
     created = idc.create_certificate_from_csr(
-        iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=csr_pem)).result(20)
-    reg = idc.register_thing(iotidentity.RegisterThingRequest(
-        template_name="iot-agent-fleet", certificate_ownership_token=created.certificate_ownership_token,
-        parameters={"SerialNumber": serial})).result(20)
+        iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=csr_pem)
+    ).result(20)
+    reg = idc.register_thing(
+        iotidentity.RegisterThingRequest(
+            template_name="iot-agent-fleet",
+            certificate_ownership_token=created.certificate_ownership_token,
+            parameters={"SerialNumber": serial},
+        )
+    ).result(20)
     return created, reg
 
 
@@ -48,9 +51,13 @@ def test_sdk_identity_client_provisions_a_device_from_a_claim_certificate(cloud,
         rec = c.registry.certificate(created.certificate_id)
         assert rec.status == "ACTIVE" and rec.thing == "gw-SN-0001"
         # Repeating RegisterThing with the same token (an answer lost in transit) is idempotent.
-        again = idc.register_thing(iotidentity.RegisterThingRequest(
-            template_name="iot-agent-fleet", certificate_ownership_token=created.certificate_ownership_token,
-            parameters={"SerialNumber": "SN-0001"})).result(20)
+        again = idc.register_thing(
+            iotidentity.RegisterThingRequest(
+                template_name="iot-agent-fleet",
+                certificate_ownership_token=created.certificate_ownership_token,
+                parameters={"SerialNumber": "SN-0001"},
+            )
+        ).result(20)
         assert again.thing_name == "gw-SN-0001" and len(c.registry.certificates()) == 2
         assert [n for n, _ in c.registry.things()] == ["gw-SN-0001"]
     finally:
@@ -60,8 +67,9 @@ def test_sdk_identity_client_provisions_a_device_from_a_claim_certificate(cloud,
     from cryptography.hazmat.primitives import serialization
 
     (tmp_path / "dev.pem").write_text(created.certificate_pem)
-    (tmp_path / "dev.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                         serialization.NoEncryption()))
+    (tmp_path / "dev.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     dev = Client(info["port"], c.ca.cert_path, tmp_path / "dev.pem", tmp_path / "dev.key", "gw-SN-0001").start()
     try:
         assert dev.publish("dt/gw-SN-0001/hello", "hi") in (0, 16)
@@ -82,8 +90,13 @@ def test_rejections_use_aws_error_payload(cloud, tmp_path):
         assert (err.status_code, err.error_code) == (403, "Forbidden")
         assert "SN-9999" in err.error_message
         with pytest.raises(V2ServiceException) as e:
-            idc.create_certificate_from_csr(iotidentity.CreateCertificateFromCsrRequest(
-                certificate_signing_request="-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n")).result(20)
+            idc.create_certificate_from_csr(
+                iotidentity.CreateCertificateFromCsrRequest(
+                    certificate_signing_request=(
+                        "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+                    )
+                )
+            ).result(20)
         assert e.value.modeled_error.error_code == "InvalidCsr"
         assert not c.registry.things()
     finally:
@@ -99,15 +112,23 @@ def test_pending_certificate_cannot_connect_until_registered(cloud, tmp_path):
         idc = identity_client(claim)
         csr_pem, key = new_csr()
         created = idc.create_certificate_from_csr(
-            iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=csr_pem)).result(20)
+            iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=csr_pem)
+        ).result(20)
         (tmp_path / "p.pem").write_text(created.certificate_pem)
-        (tmp_path / "p.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                           serialization.NoEncryption()))
+        (tmp_path / "p.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
         with pytest.raises(TimeoutError):
             Client(info["port"], c.ca.cert_path, tmp_path / "p.pem", tmp_path / "p.key", "pending").start(wait=4)
-        idc.register_thing(iotidentity.RegisterThingRequest(
-            template_name="iot-agent-fleet", certificate_ownership_token=created.certificate_ownership_token,
-            parameters={"SerialNumber": "SN-0002"})).result(20)
+        idc.register_thing(
+            iotidentity.RegisterThingRequest(
+                template_name="iot-agent-fleet",
+                certificate_ownership_token=created.certificate_ownership_token,
+                parameters={"SerialNumber": "SN-0002"},
+            )
+        ).result(20)
         Client(info["port"], c.ca.cert_path, tmp_path / "p.pem", tmp_path / "p.key", "gw-SN-0002").start().stop()
     finally:
         claim.stop()

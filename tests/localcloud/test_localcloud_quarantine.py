@@ -9,24 +9,29 @@ import sys
 import time
 
 import pytest
+from cloudkit import Client, new_csr, provision_device
+from test_localcloud_jobs import raw_request
 
-from cloudkit import Client, new_csr
 from localcloud import policy
 from localcloud.cloud import LocalCloud
 from localcloud.jobs import Jobs
-from cloudkit import provision_device
-from test_localcloud_jobs import raw_request
 
 THING, OTHER = "gw-SN-0001", "gw-SN-0002"
 
 # (access, topic) for the quarantined thing: the broker must agree with provisioning/quarantine-policy.json.
 QUARANTINE_CASES = [
-    ("write", "dt/{me}/telemetry"), ("write", "dt/{me}/certificate-rotation/commit"),
-    ("write", "dt/{me}/certificate-rotation/abandon"), ("write", "cmd/{me}/x"),
-    ("write", "$aws/things/{me}/shadow/update"), ("write", "$aws/things/{me}/shadow/name/inventory/update"),
-    ("write", "$aws/things/{me}/defender/metrics/json"), ("write", "$aws/things/{me}/jobs/get"),
-    ("write", "$aws/things/{me}/jobs/$next/get"), ("write", "$aws/things/{me}/streams/fw-1/get/json"),
-    ("write", "$aws/things/{other}/jobs/get"), ("write", "dt/{other}/certificate-rotation/commit"),
+    ("write", "dt/{me}/telemetry"),
+    ("write", "dt/{me}/certificate-rotation/commit"),
+    ("write", "dt/{me}/certificate-rotation/abandon"),
+    ("write", "cmd/{me}/x"),
+    ("write", "$aws/things/{me}/shadow/update"),
+    ("write", "$aws/things/{me}/shadow/name/inventory/update"),
+    ("write", "$aws/things/{me}/defender/metrics/json"),
+    ("write", "$aws/things/{me}/jobs/get"),
+    ("write", "$aws/things/{me}/jobs/$next/get"),
+    ("write", "$aws/things/{me}/streams/fw-1/get/json"),
+    ("write", "$aws/things/{other}/jobs/get"),
+    ("write", "dt/{other}/certificate-rotation/commit"),
     ("write", "$aws/certificates/create-from-csr/json"),
     ("write", "$aws/provisioning-templates/iot-agent-rotation/provision/json"),
     ("write", "$aws/provisioning-templates/iot-agent-fleet/provision/json"),
@@ -43,8 +48,12 @@ def cloud(tmp_path):
 
 
 def cli(c: LocalCloud, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "localcloud", "--dir", str(c.directory), *args],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "localcloud", "--dir", str(c.directory), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def service_writer(c: LocalCloud, port: int) -> Client:
@@ -87,16 +96,23 @@ def test_quarantined_device_keeps_jobs_and_rotation_but_not_telemetry_until_rele
         # Jobs: start-next and update still work.
         kind, doc = raw_request(dev, f"$aws/things/{THING}/jobs/start-next", {})
         assert kind == "accepted" and doc["execution"]["jobId"] == "fix-1", doc
-        kind, doc = raw_request(dev, f"$aws/things/{THING}/jobs/fix-1/update",
-                                {"status": "IN_PROGRESS", "statusDetails": {"step": "rotating"},
-                                 "expectedVersion": doc["execution"]["versionNumber"]})
+        kind, doc = raw_request(
+            dev,
+            f"$aws/things/{THING}/jobs/fix-1/update",
+            {
+                "status": "IN_PROGRESS",
+                "statusDetails": {"step": "rotating"},
+                "expectedVersion": doc["execution"]["versionNumber"],
+            },
+        )
         assert kind == "accepted", doc
         # Certificate rotation: a new certificate from a CSR, and the rotation topic answered by the cloud.
         csr, _ = new_csr()
         kind, doc = raw_request(dev, "$aws/certificates/create-from-csr/json", {"certificateSigningRequest": csr})
         assert kind == "accepted" and doc["certificatePem"].startswith("-----BEGIN CERTIFICATE-----")
-        assert dev.publish(f"dt/{THING}/certificate-rotation/commit",
-                           json.dumps({"newCertificateId": "x", "oldCertificateId": "y"})) in (0, 16)
+        assert dev.publish(
+            f"dt/{THING}/certificate-rotation/commit", json.dumps({"newCertificateId": "x", "oldCertificateId": "y"})
+        ) in (0, 16)
         assert json.loads(dev.expect(f"cmd/{THING}/certificate-rotation/commit/rejected"))["code"] == "InvalidRequest"
 
         # Other things are not affected.

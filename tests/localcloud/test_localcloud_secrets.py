@@ -13,8 +13,8 @@ import stat
 from pathlib import Path
 
 from awsiot import iotidentity
-
 from cloudkit import Client, identity_client, new_csr
+
 from localcloud.cloud import LocalCloud
 from localcloud.registry import Registry
 
@@ -49,13 +49,19 @@ def test_no_secret_under_the_cloud_folder_is_readable_by_group_or_others(tmp_pat
         try:
             idc = identity_client(claim)
             created = idc.create_certificate_from_csr(
-                iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=new_csr()[0])).result(20)
-            idc.register_thing(iotidentity.RegisterThingRequest(
-                template_name="iot-agent-fleet", certificate_ownership_token=created.certificate_ownership_token,
-                parameters={"SerialNumber": "SN-0001"})).result(20)
+                iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=new_csr()[0])
+            ).result(20)
+            idc.register_thing(
+                iotidentity.RegisterThingRequest(
+                    template_name="iot-agent-fleet",
+                    certificate_ownership_token=created.certificate_ownership_token,
+                    parameters={"SerialNumber": "SN-0001"},
+                )
+            ).result(20)
             # A second certificate whose token is still pending: two live tokens on disk.
             pending = idc.create_certificate_from_csr(
-                iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=new_csr()[0])).result(20)
+                iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=new_csr()[0])
+            ).result(20)
         finally:
             claim.stop()
         tokens = [created.certificate_ownership_token.encode(), pending.certificate_ownership_token.encode()]
@@ -65,12 +71,24 @@ def test_no_secret_under_the_cloud_folder_is_readable_by_group_or_others(tmp_pat
         names = {p.relative_to(c.directory).as_posix() for p in found}
         # What must be among them: the registry with its WAL (the service and this process have it
         # open), the CA, server, service and claim keys, and the URL-signing key.
-        assert {"registry.sqlite", "registry.sqlite-wal", "registry.sqlite-shm", "pki/localcloud-root-CA.key",
-                "pki/server.key", "pki/service.key", "pki/claim-secrets.key", "pki/url-secret"} <= names, names
-        assert any(why == "certificate ownership token" or p.name.startswith("registry.sqlite")
-                   for p, why in found.items())
-        readable = {p.relative_to(c.directory).as_posix(): (oct(p.stat().st_mode & 0o777), why)
-                    for p, why in found.items() if p.stat().st_mode & GROUP_OTHER}
+        assert {
+            "registry.sqlite",
+            "registry.sqlite-wal",
+            "registry.sqlite-shm",
+            "pki/localcloud-root-CA.key",
+            "pki/server.key",
+            "pki/service.key",
+            "pki/claim-secrets.key",
+            "pki/url-secret",
+        } <= names, names
+        assert any(
+            why == "certificate ownership token" or p.name.startswith("registry.sqlite") for p, why in found.items()
+        )
+        readable = {
+            p.relative_to(c.directory).as_posix(): (oct(p.stat().st_mode & 0o777), why)
+            for p, why in found.items()
+            if p.stat().st_mode & GROUP_OTHER
+        }
         assert not readable, f"secrets readable by group/others: {readable}"
         # The folders that hold them: the cloud's own folder and pki/ are 0700.
         for d in {c.directory, c.directory / "pki", *(p.parent for p in found)}:

@@ -12,11 +12,10 @@ import time
 import awscrt.mqtt_request_response as rr
 import pytest
 from awsiot import ServiceStreamOptions, V2ServiceException, iotjobs, iotshadow
+from cloudkit import Client, provision_device
 
-from cloudkit import Client
 from localcloud.cloud import LocalCloud
 from localcloud.shadows import Shadows, compare, parse_where
-from cloudkit import provision_device
 
 SHADOW = "inventory"
 
@@ -31,26 +30,37 @@ def cloud(tmp_path):
 
 
 def cli(c, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "localcloud", "--dir", str(c.directory), *args],
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "localcloud", "--dir", str(c.directory), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def shadow_client(dev: Client) -> iotshadow.IotShadowClientV2:
-    return iotshadow.IotShadowClientV2(dev.mqtt, rr.ClientOptions(max_request_response_subscriptions=6,
-                                                                   max_streaming_subscriptions=3,
-                                                                   operation_timeout_in_seconds=10))
+    return iotshadow.IotShadowClientV2(
+        dev.mqtt,
+        rr.ClientOptions(
+            max_request_response_subscriptions=6, max_streaming_subscriptions=3, operation_timeout_in_seconds=10
+        ),
+    )
 
 
 def report(sc, thing: str, reported: dict, version: int | None = None) -> iotshadow.UpdateShadowResponse:
-    return sc.update_named_shadow(iotshadow.UpdateNamedShadowRequest(
-        thing_name=thing, shadow_name=SHADOW, state=iotshadow.ShadowState(reported=reported), version=version)).result(15)
+    return sc.update_named_shadow(
+        iotshadow.UpdateNamedShadowRequest(
+            thing_name=thing, shadow_name=SHADOW, state=iotshadow.ShadowState(reported=reported), version=version
+        )
+    ).result(15)
 
 
-def open_stream(create, request) -> "queue.Queue":
-    events: "queue.Queue" = queue.Queue()
-    status: "queue.Queue" = queue.Queue()
-    stream = create(request, ServiceStreamOptions(incoming_event_listener=events.put,
-                                                  subscription_status_listener=status.put))
+def open_stream(create, request) -> queue.Queue:
+    events: queue.Queue = queue.Queue()
+    status: queue.Queue = queue.Queue()
+    stream = create(
+        request, ServiceStreamOptions(incoming_event_listener=events.put, subscription_status_listener=status.put)
+    )
     stream.open()
     st = status.get(timeout=10)
     assert st.error is None, st.error
@@ -84,10 +94,14 @@ def test_sdk_update_get_delta_conflict_delete(cloud, tmp_path):
         assert set(got.metadata.reported) == {"targets", "uptime_s"}
 
         # The app (here the CLI, as UpdateThingShadow) asks for 1.2.0: the device gets the delta.
-        deltas = open_stream(sc.create_named_shadow_delta_updated_stream,
-                             iotshadow.NamedShadowDeltaUpdatedSubscriptionRequest(thing_name=thing, shadow_name=SHADOW))
-        docs = open_stream(sc.create_named_shadow_updated_stream,
-                           iotshadow.NamedShadowUpdatedSubscriptionRequest(thing_name=thing, shadow_name=SHADOW))
+        deltas = open_stream(
+            sc.create_named_shadow_delta_updated_stream,
+            iotshadow.NamedShadowDeltaUpdatedSubscriptionRequest(thing_name=thing, shadow_name=SHADOW),
+        )
+        docs = open_stream(
+            sc.create_named_shadow_updated_stream,
+            iotshadow.NamedShadowUpdatedSubscriptionRequest(thing_name=thing, shadow_name=SHADOW),
+        )
         r = cli(c, "shadows", "update", thing, SHADOW, "--desired", '{"targets": {"app": {"current": "1.2.0"}}}')
         assert r.returncode == 0 and r.stdout.strip() == "version 3", r.stderr
         ev = deltas.get(timeout=10)
@@ -106,7 +120,12 @@ def test_sdk_update_get_delta_conflict_delete(cloud, tmp_path):
         assert up.version == 4
         assert docs.get(timeout=10).current.version == 4
         # Desired equal to reported: accepted, but no delta (nor for the reported update above).
-        assert cli(c, "shadows", "update", thing, SHADOW, "--desired", '{"targets": {"app": {"current": "1.2.0"}}}').returncode == 0
+        assert (
+            cli(
+                c, "shadows", "update", thing, SHADOW, "--desired", '{"targets": {"app": {"current": "1.2.0"}}}'
+            ).returncode
+            == 0
+        )
         assert docs.get(timeout=10).current.version == 5  # the update went through ...
         with pytest.raises(queue.Empty):
             deltas.get(timeout=1.0)  # ... and no delta was published
@@ -121,8 +140,10 @@ def test_delta_only_when_desired_differs_and_delete(cloud, tmp_path):
     try:
         sc = shadow_client(dev)
         report(sc, thing, {"mode": "eco", "level": 3})
-        deltas = open_stream(sc.create_named_shadow_delta_updated_stream,
-                             iotshadow.NamedShadowDeltaUpdatedSubscriptionRequest(thing_name=thing, shadow_name=SHADOW))
+        deltas = open_stream(
+            sc.create_named_shadow_delta_updated_stream,
+            iotshadow.NamedShadowDeltaUpdatedSubscriptionRequest(thing_name=thing, shadow_name=SHADOW),
+        )
         assert cli(c, "shadows", "update", thing, SHADOW, "--desired", '{"mode": "eco"}').returncode == 0
         assert cli(c, "shadows", "update", thing, SHADOW, "--desired", '{"level": 4}').returncode == 0
         ev = deltas.get(timeout=10)
@@ -133,11 +154,16 @@ def test_delta_only_when_desired_differs_and_delete(cloud, tmp_path):
         with pytest.raises(queue.Empty):
             deltas.get(timeout=1.0)
 
-        gone = sc.delete_named_shadow(iotshadow.DeleteNamedShadowRequest(thing_name=thing, shadow_name=SHADOW)).result(15)
+        gone = sc.delete_named_shadow(iotshadow.DeleteNamedShadowRequest(thing_name=thing, shadow_name=SHADOW)).result(
+            15
+        )
         assert gone.version == 4
         with pytest.raises(V2ServiceException) as e:
             sc.get_named_shadow(iotshadow.GetNamedShadowRequest(thing_name=thing, shadow_name=SHADOW)).result(15)
-        assert (e.value.modeled_error.code, e.value.modeled_error.message) == (404, "No shadow exists with name: 'inventory'")
+        assert (e.value.modeled_error.code, e.value.modeled_error.message) == (
+            404,
+            "No shadow exists with name: 'inventory'",
+        )
         with pytest.raises(V2ServiceException) as e:
             sc.delete_named_shadow(iotshadow.DeleteNamedShadowRequest(thing_name=thing, shadow_name=SHADOW)).result(15)
         assert e.value.modeled_error.code == 404
@@ -172,6 +198,7 @@ def test_hostile_payloads_are_rejected_in_aws_shape(cloud, tmp_path):
         for op in ("get", "update", "delete"):
             dev.subscribe(f"{base}/{op}/accepted")
             dev.subscribe(f"{base}/{op}/rejected")
+
         def rejected(payload, code: int, message: str, op: str = "update") -> None:
             kind, doc = raw(dev, f"{base}/{op}", payload)
             assert (kind, doc["code"], doc["message"]) == ("rejected", code, message), doc
@@ -195,7 +222,11 @@ def test_hostile_payloads_are_rejected_in_aws_shape(cloud, tmp_path):
             deep = {"d": deep}
         rejected({"state": {"reported": deep}}, 400, "JSON contains too many levels of nesting; maximum is 6")
         rejected({"state": {"reported": {"blob": "x" * 9000}}}, 413, "The payload exceeds the maximum size allowed")
-        rejected(b'{"state": {"reported": {"a": "' + b"x" * 70000 + b'"}}}', 413, "The payload exceeds the maximum size allowed")
+        rejected(
+            b'{"state": {"reported": {"a": "' + b"x" * 70000 + b'"}}}',
+            413,
+            "The payload exceeds the maximum size allowed",
+        )
         rejected(b"", 404, "No shadow exists with name: 'inventory'", op="get")
         # The error echoes a valid client token, as the SDK's correlation needs.
         kind, doc = raw(dev, f"{base}/update", {"state": {"reported": 5}, "clientToken": "tok-1"})
@@ -240,9 +271,10 @@ def test_another_things_shadow_is_out_of_reach(cloud, tmp_path):
         assert b.publish(f"{victim}/delete", b"") == 135
         assert b.publish("$aws/things/gw-SN-0001/shadow/update", b'{"state": {"reported": {"x": 1}}}') == 135
         # The SDK, pointed at another thing, gets nothing back.
-        with pytest.raises(Exception):
-            shadow_client(b).get_named_shadow(iotshadow.GetNamedShadowRequest(
-                thing_name="gw-SN-0001", shadow_name=SHADOW)).result(15)
+        with pytest.raises(V2ServiceException):
+            shadow_client(b).get_named_shadow(
+                iotshadow.GetNamedShadowRequest(thing_name="gw-SN-0001", shadow_name=SHADOW)
+            ).result(15)
         # A's own traffic never reaches B.
         report(shadow_client(a), "gw-SN-0001", {"secret": "still a's"})
         assert not [m for m in b.received(1.0) if "gw-SN-0001" in m[0]]
@@ -284,24 +316,53 @@ def test_fleet_query_and_job_fan_out(cloud, tmp_path):
 
         job = tmp_path / "job.json"
         job.write_text(json.dumps({"operation": "update", "version": "1.2.0"}))
-        r = cli(c, "jobs", "create", "--query", "reported.targets.app.current<1.2.0", "--shadow", SHADOW,
-                "--document", str(job), "--job-id", "app-1_2_0")
+        r = cli(
+            c,
+            "jobs",
+            "create",
+            "--query",
+            "reported.targets.app.current<1.2.0",
+            "--shadow",
+            SHADOW,
+            "--document",
+            str(job),
+            "--job-id",
+            "app-1_2_0",
+        )
         assert r.returncode == 0, r.stderr
         assert r.stdout.splitlines() == ["app-1_2_0\tgw-SN-0001", "app-1_2_0\tgw-SN-0003"]
         # Each selected device sees the job through the SDK's jobs client; the others see nothing.
         for serial in versions:
-            jc = iotjobs.IotJobsClientV2(devices[serial].mqtt, rr.ClientOptions(
-                max_request_response_subscriptions=4, max_streaming_subscriptions=2, operation_timeout_in_seconds=10))
-            pending = jc.get_pending_job_executions(iotjobs.GetPendingJobExecutionsRequest(
-                thing_name=f"gw-{serial}")).result(15)
+            jc = iotjobs.IotJobsClientV2(
+                devices[serial].mqtt,
+                rr.ClientOptions(
+                    max_request_response_subscriptions=4, max_streaming_subscriptions=2, operation_timeout_in_seconds=10
+                ),
+            )
+            pending = jc.get_pending_job_executions(
+                iotjobs.GetPendingJobExecutionsRequest(thing_name=f"gw-{serial}")
+            ).result(15)
             ids = [j.job_id for j in pending.queued_jobs or []]
             assert ids == (["app-1_2_0"] if serial in ("SN-0001", "SN-0003") else []), serial
         listing = cli(c, "jobs", "list").stdout.splitlines()
-        assert [line.split("\t")[:3] for line in listing] == [["app-1_2_0", "gw-SN-0001", "QUEUED"],
-                                                               ["app-1_2_0", "gw-SN-0003", "QUEUED"]]
+        assert [line.split("\t")[:3] for line in listing] == [
+            ["app-1_2_0", "gw-SN-0001", "QUEUED"],
+            ["app-1_2_0", "gw-SN-0003", "QUEUED"],
+        ]
         # No match: nothing is created.
-        r = cli(c, "jobs", "create", "--query", "reported.targets.app.current<1.0", "--shadow", SHADOW,
-                "--document", str(job), "--job-id", "none")
+        r = cli(
+            c,
+            "jobs",
+            "create",
+            "--query",
+            "reported.targets.app.current<1.0",
+            "--shadow",
+            SHADOW,
+            "--document",
+            str(job),
+            "--job-id",
+            "none",
+        )
         assert r.returncode == 2 and "no thing matches" in r.stderr
         assert cli(c, "jobs", "describe", "none", "--thing", "gw-SN-0001").returncode == 2
     finally:
@@ -337,9 +398,26 @@ def test_concurrent_writers_never_share_a_version(cloud, tmp_path):
     try:
         sc = shadow_client(dev)
         report(sc, thing, {"n": 0})
-        procs = [subprocess.Popen([sys.executable, "-m", "localcloud", "--dir", str(c.directory), "shadows", "update",
-                                   thing, SHADOW, "--desired", json.dumps({f"k{i}": i})], stdout=subprocess.PIPE, text=True)
-                 for i in range(6)]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "localcloud",
+                    "--dir",
+                    str(c.directory),
+                    "shadows",
+                    "update",
+                    thing,
+                    SHADOW,
+                    "--desired",
+                    json.dumps({f"k{i}": i}),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(6)
+        ]
         device_versions = [report(sc, thing, {"n": i}).version for i in range(1, 7)]
         cli_versions = [int(p.communicate(timeout=30)[0].split()[1]) for p in procs]
         assert all(p.returncode == 0 for p in procs)
@@ -363,17 +441,35 @@ def test_fuzzed_requests_get_exactly_one_aws_shaped_reply(cloud, tmp_path):
     for p in prefixes:
         dev.subscribe(f"{p}/+/accepted")
         dev.subscribe(f"{p}/+/rejected")
-    scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False, allow_infinity=False),
-                        st.text(max_size=20))
-    values = st.recursive(scalars, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
-                          max_leaves=15)
+    scalars = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=20),
+    )
+    values = st.recursive(
+        scalars,
+        lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
+        max_leaves=15,
+    )
     section = st.one_of(st.none(), values, st.dictionaries(st.sampled_from(["a", "b", "c"]), values, max_size=3))
-    shaped = st.fixed_dictionaries({}, optional={
-        "state": st.one_of(values, st.fixed_dictionaries({}, optional={"desired": section, "reported": section, "delta": values})),
-        "version": st.one_of(st.integers(-1, 40), values), "clientToken": st.one_of(st.text(max_size=70), values)})
-    payloads = st.one_of(st.binary(max_size=80), values.map(lambda v: json.dumps(v).encode()),
-                         shaped.map(lambda v: json.dumps(v).encode()),
-                         st.integers(1, 12000).map(lambda n: json.dumps({"state": {"reported": {"x": "y" * n}}}).encode()))
+    shaped = st.fixed_dictionaries(
+        {},
+        optional={
+            "state": st.one_of(
+                values, st.fixed_dictionaries({}, optional={"desired": section, "reported": section, "delta": values})
+            ),
+            "version": st.one_of(st.integers(-1, 40), values),
+            "clientToken": st.one_of(st.text(max_size=70), values),
+        },
+    )
+    payloads = st.one_of(
+        st.binary(max_size=80),
+        values.map(lambda v: json.dumps(v).encode()),
+        shaped.map(lambda v: json.dumps(v).encode()),
+        st.integers(1, 12000).map(lambda n: json.dumps({"state": {"reported": {"x": "y" * n}}}).encode()),
+    )
     stats = {"accepted": 0, "rejected": 0}
     versions = {p: 0 for p in prefixes}
 
@@ -405,7 +501,7 @@ def test_fuzzed_requests_get_exactly_one_aws_shaped_reply(cloud, tmp_path):
         assert up.version >= 1
         print("fuzz:", stats, versions)
         shadows = Shadows(c.registry.db, c.registry.lock)
-        for (t, name, version) in shadows.list(thing):
+        for t, name, _version in shadows.list(thing):
             state = shadows.get(t, name)["state"]
             state.pop("delta", None)
             assert len(json.dumps(state, separators=(",", ":"), ensure_ascii=False).encode()) <= 8 * 1024

@@ -10,9 +10,9 @@ import sys
 
 import cbor2
 import pytest
+from cloudkit import provision_device
 
 from localcloud.cloud import LocalCloud
-from cloudkit import provision_device
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def request(dev, thing, stream, op, fmt, doc, expect_n=1):
         if t == f"{base}/{op}/{fmt}":
             continue  # our own request, echoed by the wildcard subscription
         d = cbor2.loads(p) if fmt == "cbor" else json.loads(p)
-        out.append((t[len(base) + 1:], d))
+        out.append((t[len(base) + 1 :], d))
     return out
 
 
@@ -42,9 +42,26 @@ def test_stream_describe_and_get_blocks(cloud, tmp_path):
     c, info = cloud
     data = os.urandom(5000)
     (tmp_path / "fw.bin").write_bytes(data)
-    r = subprocess.run([sys.executable, "-m", "localcloud", "--dir", str(c.directory), "streams", "create",
-                        "--file", str(tmp_path / "fw.bin"), "--stream-id", "fw-1", "--description", "firmware"],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "localcloud",
+            "--dir",
+            str(c.directory),
+            "streams",
+            "create",
+            "--file",
+            str(tmp_path / "fw.bin"),
+            "--stream-id",
+            "fw-1",
+            "--description",
+            "firmware",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 0 and r.stdout.strip() == "fw-1"
     dev, _ = provision_device(c, info, tmp_path, "SN-0001")
     thing = "gw-SN-0001"
@@ -58,7 +75,7 @@ def test_stream_describe_and_get_blocks(cloud, tmp_path):
         # Bitmap (CBOR): blocks 1 and 3 only, bytes as a CBOR byte string.
         blocks = request(dev, thing, "fw-1", "get", "cbor", {"f": 0, "l": 1024, "o": 0, "b": bytes([0b00001010])}, 2)
         assert sorted(d["i"] for _, d in blocks) == [1, 3]
-        assert all(d["p"] == data[d["i"] * 1024:(d["i"] + 1) * 1024] for _, d in blocks)
+        assert all(d["p"] == data[d["i"] * 1024 : (d["i"] + 1) * 1024] for _, d in blocks)
         # Bitmap (JSON): AWS's hex string, "0x0a" = blocks 1 and 3 from the offset.
         blocks = request(dev, thing, "fw-1", "get", "json", {"f": 0, "l": 1024, "o": 0, "b": "0x0a"}, 2)
         assert sorted(d["i"] for _, d in blocks) == [1, 3]
@@ -109,14 +126,18 @@ def test_get_stream_limits_without_a_broker(tmp_path):
     # With a bitmap, n limits the blocks sent; bits past the end of the file are ignored.
     out = s.handle("big", "get", {"f": 0, "l": 65536, "o": 3, "b": "0xff", "n": 1})
     assert [d["i"] for _, d in out] == [3]
-    out = s.handle("big", "get", {"f": 0, "l": 65536, "o": 3, "b": bytes([0xff])})
+    out = s.handle("big", "get", {"f": 0, "l": 65536, "o": 3, "b": bytes([0xFF])})
     assert [d["i"] for _, d in out] == [3, 4]
     assert s.handle("big", "get", {"f": 0, "l": 65536, "o": 9, "b": "0x01"})[0][1]["o"] == "ResourceNotFound"
     assert s.handle("big", "get", {"f": 0, "l": 65536, "b": "0x00"})[0][1]["o"] == "InvalidRequest"
     # A bitmap must be under 12,288 bytes.
     assert s.handle("big", "get", {"f": 0, "l": 256, "b": "0x" + "00" * 12286 + "01"})[0][1]["o"] == "ResourceNotFound"
-    assert s.handle("big", "get", {"f": 0, "l": 256, "b": "0x" + "00" * 12287 + "01"})[0][1]["o"] == "BlockBitmapLimitExceeded"
+    assert (
+        s.handle("big", "get", {"f": 0, "l": 256, "b": "0x" + "00" * 12287 + "01"})[0][1]["o"]
+        == "BlockBitmapLimitExceeded"
+    )
     # The stream's file gone from disk: an answer all the same.
     (tmp_path / "streams" / "big" / "0").unlink()
     assert s.handle("big", "get", {"f": 0, "l": 4096, "c": "t"}) == [
-        ("rejected", {"o": "ResourceNotFound", "m": "stream file data not found", "c": "t"})]
+        ("rejected", {"o": "ResourceNotFound", "m": "stream file data not found", "c": "t"})
+    ]

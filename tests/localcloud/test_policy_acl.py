@@ -7,24 +7,32 @@ localcloud.policy.permits, and the same case is tried against the real broker.
 from __future__ import annotations
 
 import pytest
+from cloudkit import Client, provision_device
 
-from cloudkit import Client
 from localcloud import policy
 from localcloud.cloud import LocalCloud
-from cloudkit import provision_device
 
 DEVICE_CASES = [
-    ("write", "dt/{me}/telemetry"), ("write", "dt/{other}/telemetry"), ("write", "$aws/things/{me}/shadow/update"),
-    ("write", "$aws/things/{other}/shadow/update"), ("write", "$aws/things/{me}/jobs/get"),
-    ("write", "cmd/{me}/x"), ("write", "$aws/certificates/create/json"),
-    ("write", "$aws/provisioning-templates/iot-agent-fleet/provision/json"), ("write", "other/topic"),
-    ("read", "cmd/{me}/reboot"), ("read", "cmd/{other}/reboot"), ("read", "$aws/things/{me}/jobs/notify"),
+    ("write", "dt/{me}/telemetry"),
+    ("write", "dt/{other}/telemetry"),
+    ("write", "$aws/things/{me}/shadow/update"),
+    ("write", "$aws/things/{other}/shadow/update"),
+    ("write", "$aws/things/{me}/jobs/get"),
+    ("write", "cmd/{me}/x"),
+    ("write", "$aws/certificates/create/json"),
+    ("write", "$aws/provisioning-templates/iot-agent-fleet/provision/json"),
+    ("write", "other/topic"),
+    ("read", "cmd/{me}/reboot"),
+    ("read", "cmd/{other}/reboot"),
+    ("read", "$aws/things/{me}/jobs/notify"),
     ("read", "$aws/things/{other}/jobs/notify"),
 ]
 CLAIM_CASES = [
-    ("write", "$aws/certificates/create/json"), ("write", "$aws/certificates/create-from-csr/json"),
+    ("write", "$aws/certificates/create/json"),
+    ("write", "$aws/certificates/create-from-csr/json"),
     ("write", "$aws/provisioning-templates/iot-agent-fleet/provision/json"),
-    ("write", "$aws/provisioning-templates/other/provision/json"), ("write", "dt/{other}/telemetry"),
+    ("write", "$aws/provisioning-templates/other/provision/json"),
+    ("write", "dt/{other}/telemetry"),
     ("write", "$aws/things/{other}/shadow/update"),
 ]
 
@@ -83,8 +91,9 @@ def c_service_writer(c: LocalCloud) -> Client:
     """A client with the service identity (it may publish anywhere), to test what a device may read."""
     if not hasattr(c, "_svc_writer"):
         pki = c.directory / "pki"
-        c._svc_writer = Client(c.endpoint()["port"], c.ca.cert_path, pki / "service.pem", pki / "service.key",
-                               "acl-probe-writer").start()
+        c._svc_writer = Client(
+            c.endpoint()["port"], c.ca.cert_path, pki / "service.pem", pki / "service.key", "acl-probe-writer"
+        ).start()
     return c._svc_writer
 
 
@@ -96,8 +105,11 @@ def test_policies_are_least_privilege():
         for res in st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]:
             # Nothing outside the thing's own namespace, except the two certificate-rotation APIs, whose
             # replies go to the calling connection only (and whose template binds the caller's thing).
-            assert "${iot:Connection.Thing.ThingName}" in res or "/$aws/certificates/create-from-csr/json" in res \
-                or "/$aws/provisioning-templates/iot-agent-rotation/provision/json" in res, res
+            assert (
+                "${iot:Connection.Thing.ThingName}" in res
+                or "/$aws/certificates/create-from-csr/json" in res
+                or "/$aws/provisioning-templates/iot-agent-rotation/provision/json" in res
+            ), res
     claim = policy.load_policy("claim-policy.json")
     for st in claim["Statement"][1:]:
         for res in st["Resource"]:

@@ -11,10 +11,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from mpkit import REPO, LoopbackTLSServer, run_unix
 
 from localcloud import procs
 from localcloud.pki import CertificateAuthority
-from mpkit import REPO, LoopbackTLSServer, run_unix
 
 CONNECT = """
 import board, mqtt, gc, time
@@ -60,8 +60,14 @@ asyncio.run(main())
 
 def _client(bench, name: str, loops: int, ca: str | None = None) -> dict:
     issued = bench.ca.issue_client(name, name)
-    return {"port": bench.broker.port, "ca": ca or bench.ca.cert_path.read_text(), "loops": loops,
-            "cert": issued.cert_path.read_text(), "key": issued.key_path.read_text(), "client_id": name}
+    return {
+        "port": bench.broker.port,
+        "ca": ca or bench.ca.cert_path.read_text(),
+        "loops": loops,
+        "cert": issued.cert_path.read_text(),
+        "key": issued.key_path.read_text(),
+        "client_id": name,
+    }
 
 
 def test_mqtt_over_the_boards_own_tls_gets_its_connack(bench, tmp_path):
@@ -80,8 +86,10 @@ def test_fifty_reconnects_keep_memory_flat(bench, tmp_path):
     loops = [tuple(map(int, t)) for t in re.findall(r"loop (\d+) heap (\d+) rss (\d+) fds (\d+)", r.stdout)]
     assert len(loops) == 50, r.stdout[-3000:]
     heap, rss, fds = ({n: t[k] for n, *t in loops} for k in range(3))
-    print(f"GC heap after loop 10: {heap[10]} B, after 50: {heap[50]} B; RSS {rss[10]} KB -> {rss[50]} KB; "
-          f"open files {fds[10]} -> {fds[50]}")
+    print(
+        f"GC heap after loop 10: {heap[10]} B, after 50: {heap[50]} B; RSS {rss[10]} KB -> {rss[50]} KB; "
+        f"open files {fds[10]} -> {fds[50]}"
+    )
     # The 50 closed stream objects stay referenced, ~100 bytes each with the list; what close() must let go
     # of is the socket (~4 KB of GC heap each) and its TLS session (C heap; forty would be ~1 MB of RSS).
     assert heap[50] - heap[10] <= 40 * 160, loops
@@ -128,10 +136,11 @@ asyncio.run(main())
 def pki(tmp_path_factory):
     d = tmp_path_factory.mktemp("pki")
     good, foreign = CertificateAuthority(d / "good", name="board root"), CertificateAuthority(d / "foreign")
-    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30)
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
     client = good.issue_client("board", "board")
     return {
-        "ca": good, "client": client,
+        "ca": good,
+        "client": client,
         "ok": good.issue_server("ok", ["localhost"]),
         "foreign CA": foreign.issue_server("foreign", ["localhost"]),
         "wrong host name": good.issue_server("elsewhere", ["broker.example.com"]),
@@ -147,9 +156,18 @@ def test_tls_verifies_the_server_before_returning(pki, case, tmp_path):
     server = pki[case]
     rec = LoopbackTLSServer(server.cert_path, server.key_path)
     try:
-        r = run_unix(TLS_ONLY, tmp_path, {"host": "localhost", "port": rec.port, "ca": pki["ca"].cert_path.read_text(),
-                                          "cert": pki["client"].cert_path.read_text(),
-                                          "key": pki["client"].key_path.read_text()}, timeout=60)
+        r = run_unix(
+            TLS_ONLY,
+            tmp_path,
+            {
+                "host": "localhost",
+                "port": rec.port,
+                "ca": pki["ca"].cert_path.read_text(),
+                "cert": pki["client"].cert_path.read_text(),
+                "key": pki["client"].key_path.read_text(),
+            },
+            timeout=60,
+        )
     finally:
         rec.close()
     assert r.returncode == 0, r.stdout + r.stderr
@@ -169,10 +187,18 @@ def test_a_server_that_never_answers_the_handshake_times_out(tmp_path, pki):
     sock.bind(("127.0.0.1", procs.free_port()))
     sock.listen()
     try:
-        r = run_unix("import board\nboard.TLS_TIMEOUT_S = 2\n" + TLS_ONLY.split("import board\n", 1)[1], tmp_path,
-                     {"host": "localhost", "port": sock.getsockname()[1], "ca": pki["ca"].cert_path.read_text(),
-                      "cert": pki["client"].cert_path.read_text(), "key": pki["client"].key_path.read_text()},
-                     timeout=30)
+        r = run_unix(
+            "import board\nboard.TLS_TIMEOUT_S = 2\n" + TLS_ONLY.split("import board\n", 1)[1],
+            tmp_path,
+            {
+                "host": "localhost",
+                "port": sock.getsockname()[1],
+                "ca": pki["ca"].cert_path.read_text(),
+                "cert": pki["client"].cert_path.read_text(),
+                "key": pki["client"].key_path.read_text(),
+            },
+            timeout=30,
+        )
     finally:
         sock.close()
     assert r.returncode == 0, r.stdout + r.stderr

@@ -9,13 +9,14 @@ import json
 import os
 
 import pytest
+from boardkit import THING, MpWorld
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-
-from boardkit import SERIAL, THING, MpWorld
-from localcloud.defender import DefenderStore
 from mpkit import run_unix
 from otakit import CodeSigner
+
+from localcloud.defender import DefenderStore
+
 
 @pytest.fixture
 def world(tmp_path):
@@ -70,8 +71,10 @@ def test_provision_defender_ota_rotation_lifecycle(world):
     assert not (w.flash / "app.old").exists() and not (w.flash / "ota" / "download.bin").exists()
 
     # A release that cannot connect (wrong client ID) fails its self-test and is rolled back.
-    bad = w.release("1.2.0", patch={"agent.py": ("store.read(ident[\"key\"]), self.thing)",
-                                                 "store.read(ident[\"key\"]), self.thing + \"-x\")")})
+    bad = w.release(
+        "1.2.0",
+        patch={"agent.py": ('store.read(ident["key"]), self.thing)', 'store.read(ident["key"]), self.thing + "-x")')},
+    )
     ex = w.run_job("ota-120", w.ota_doc("1.2.0", bad), "FAILED", timeout=180)
     assert "rolled back to 1.1.0" in ex["statusDetails"]["reason"], ex
     assert w.app_version() == "1.1.0"
@@ -126,16 +129,37 @@ def test_refused_updates_install_nothing(world):
         ("schema", {**doc, "schema": 2}, "REJECTED", "schema"),
         ("extra-field", {**doc, "run": "rm -rf /"}, "REJECTED", "unknown field"),
         ("operation", {"operation": "format-flash"}, "REJECTED", "unsupported operation"),
-        ("tampered", w.ota_doc("2.0.0", bytes(tampered), signature=w.signer.sign(good),
-                               sha256=__import__("hashlib").sha256(good).hexdigest()), "REJECTED", "sha256"),
-        ("tampered-signed-hash", w.ota_doc("2.0.0", bytes(tampered), signature=w.signer.sign(good)), "REJECTED",
-         "signature"),
-        ("traversal", w.ota_doc("2.0.0", tar({"VERSION": b"2.0.0\n", "../main.py": b"print('owned')\n"})),
-         "REJECTED", "not a plain file"),
+        (
+            "tampered",
+            w.ota_doc(
+                "2.0.0",
+                bytes(tampered),
+                signature=w.signer.sign(good),
+                sha256=__import__("hashlib").sha256(good).hexdigest(),
+            ),
+            "REJECTED",
+            "sha256",
+        ),
+        (
+            "tampered-signed-hash",
+            w.ota_doc("2.0.0", bytes(tampered), signature=w.signer.sign(good)),
+            "REJECTED",
+            "signature",
+        ),
+        (
+            "traversal",
+            w.ota_doc("2.0.0", tar({"VERSION": b"2.0.0\n", "../main.py": b"print('owned')\n"})),
+            "REJECTED",
+            "not a plain file",
+        ),
         ("version-file", w.ota_doc("2.0.0", w.release("2.0.1")), "REJECTED", "VERSION"),
         ("oversized", w.ota_doc("2.0.0", good, size=10 * 1024 * 1024), "REJECTED", "artifact.size"),
-        ("truncated", w.ota_doc("2.0.0", good[:4096], size=len(good), sha256=__import__("hashlib").sha256(good)
-                                .hexdigest()), "FAILED", "stream"),
+        (
+            "truncated",
+            w.ota_doc("2.0.0", good[:4096], size=len(good), sha256=__import__("hashlib").sha256(good).hexdigest()),
+            "FAILED",
+            "stream",
+        ),
     ]
     main_py = (w.flash / "main.py").read_bytes()
     for job_id, d, status, reason in cases:

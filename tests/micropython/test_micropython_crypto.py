@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import importlib.util
 import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -22,13 +22,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, utils
 from cryptography.x509.oid import NameOID
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mpkit import REPO, LoopbackTLSServer, run_unix
 
 from localcloud.pki import CertificateAuthority
-from mpkit import REPO, LoopbackTLSServer, run_unix
 
 N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 PREHASHED = ec.ECDSA(utils.Prehashed(hashes.SHA256()))
+SHA256 = hashes.SHA256()
 CN = "mp-thing-0042"
 
 # RFC 6979 appendix A.2.5: P-256, SHA-256
@@ -36,10 +38,14 @@ RFC_X = 0xC9AFA9D845BA75166B5C215767B1D6934E50C3DB36E89B127B8A622B120F6721
 RFC_UX = 0x60FED4BA255A9D31C961EB74C6356D68C049B8923B61FA6CE669622E60F29FB6
 RFC_UY = 0x7903FE1008B8BC99A41AE9E95628BC64F2F1B20C2D7E9F5177A3C294D4462299
 RFC_RS = {
-    "sample": (0xEFD48B2AACB6A8FD1140DD9CD45E81D69D2C877B56AAF991C34D0EA84EAF3716,
-               0xF7CB1C942D657C41D436C7A1B6E29F65F3E900DBB9AFF4064DC4AB2F843ACDA8),
-    "test": (0xF1ABB023518351CD71D881567B1EA663ED3EFCF6C5132B354F28D3B0B7D38367,
-             0x019F4113742A2B14BD25926B49C649155F267E60D3814B4C0CC84250E46F0083),
+    "sample": (
+        0xEFD48B2AACB6A8FD1140DD9CD45E81D69D2C877B56AAF991C34D0EA84EAF3716,
+        0xF7CB1C942D657C41D436C7A1B6E29F65F3E900DBB9AFF4064DC4AB2F843ACDA8,
+    ),
+    "test": (
+        0xF1ABB023518351CD71D881567B1EA663ED3EFCF6C5132B354F28D3B0B7D38367,
+        0x019F4113742A2B14BD25926B49C649155F267E60D3814B4C0CC84250E46F0083,
+    ),
 }
 
 # The same script runs in both interpreters; each prelude supplies rnd(n) and ms() (mpkit's supplies PARAMS).
@@ -134,14 +140,20 @@ def _spki_pem(key) -> str:
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
-def _cert_pem(subject_key, issuer_key, hash_alg=hashes.SHA256()) -> str:
-    now = dt.datetime.now(dt.timezone.utc)
+def _cert_pem(subject_key, issuer_key, hash_alg=SHA256) -> str:
+    now = dt.datetime.now(dt.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "p256 test")])
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(subject_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(issuer_key, hash_alg))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(subject_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(issuer_key, hash_alg)
+    )
     return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
@@ -212,7 +224,7 @@ def _hostile(good: bytes) -> dict[str, bytes]:
     rng = random.Random(6979)
     for i in range(len(good)):
         bit = 1 << rng.randrange(8)
-        cases[f"bit flip at byte {i}"] = good[:i] + bytes([good[i] ^ bit]) + good[i + 1:]
+        cases[f"bit flip at byte {i}"] = good[:i] + bytes([good[i] ^ bit]) + good[i + 1 :]
     for n in (1, 8, 70, 72, 300):
         cases[f"random {n} bytes"] = bytes([0x30]) + rng.randbytes(n - 1)
     return cases
@@ -220,7 +232,7 @@ def _hostile(good: bytes) -> dict[str, bytes]:
 
 def _flip(b: bytes, rng: random.Random, lo: int = 0) -> bytes:
     i = rng.randrange(lo, len(b))
-    return b[:i] + bytes([b[i] ^ (1 << rng.randrange(8))]) + b[i + 1:]
+    return b[:i] + bytes([b[i] ^ (1 << rng.randrange(8))]) + b[i + 1 :]
 
 
 def _params_and_expectations():
@@ -252,15 +264,17 @@ def _params_and_expectations():
         if r >> 255:
             break
     unpadded = _seq(b"\x02\x20" + r.to_bytes(32, "big") + _der_int(s))
-    cases += [("key 0: r >= 2^255, padded", pub0, digest0, high, True),
-              ("hostile: the same r without its pad (a negative INTEGER)", pub0, digest0, unpadded, False)]
+    cases += [
+        ("key 0: r >= 2^255, padded", pub0, digest0, high, True),
+        ("hostile: the same r without its pad (a negative INTEGER)", pub0, digest0, unpadded, False),
+    ]
     cases += [(f"hostile: {name}", pub0, digest0, sig, False) for name, sig in _hostile(good).items()]
     p = 0xFFFFFFFF00000001000000000000000000000000FFFFFFFFFFFFFFFFFFFFFFFF
     # A point whose x is small enough that x + p still fits in 32 bytes (a non-canonical encoding of it), with a
     # signature nobody holds the key for: R = aG + bQ, r = R.x, s = r/b, e = a*s verifies as u1 = a, u2 = b.
     x0 = 0
     while True:
-        rhs = (x0 ** 3 - 3 * x0 + 0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B) % p
+        rhs = (x0**3 - 3 * x0 + 0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B) % p
         y0 = pow(rhs, (p + 1) // 4, p)
         if y0 * y0 % p == rhs:
             break
@@ -271,14 +285,24 @@ def _params_and_expectations():
     fs = fr * pow(b, -1, N) % N
     forged, forged_digest = _der_sig(fr, fs), (a * fs % N).to_bytes(32, "big")
     cases += [
-        ("bad pub: compressed (only uncompressed points are taken)", bytes([2 | pub0[-1] & 1]) + pub0[1:33], digest0,
-         good, False),
+        (
+            "bad pub: compressed (only uncompressed points are taken)",
+            bytes([2 | pub0[-1] & 1]) + pub0[1:33],
+            digest0,
+            good,
+            False,
+        ),
         ("bad pub: no prefix", pub0[1:], digest0, good, False),
         ("bad pub: prefix 05", b"\x05" + pub0[1:], digest0, good, False),
         ("bad pub: x = p", b"\x04" + p.to_bytes(32, "big") + pub0[33:], digest0, good, False),
         ("point with a small x, forged signature", small, forged_digest, forged, True),
-        ("bad pub: the same point with x + p", b"\x04" + (x0 + p).to_bytes(32, "big") + small[33:], forged_digest,
-         forged, False),
+        (
+            "bad pub: the same point with x + p",
+            b"\x04" + (x0 + p).to_bytes(32, "big") + small[33:],
+            forged_digest,
+            forged,
+            False,
+        ),
         ("bad pub: all zero", b"\x04" + bytes(64), digest0, good, False),
         ("bad pub: empty", b"", digest0, good, False),
         ("digest too short", pub0, digest0[:31], good, False),
@@ -310,8 +334,11 @@ def _params_and_expectations():
         ("pub_from_spki_pem", _spki_pem(rsa_key.public_key()), "ValueError: not a P-256"),
         ("pub_from_spki_pem", _spki_pem(ed25519.Ed25519PrivateKey.generate().public_key()), "ValueError: not a P-256"),
         ("pub_from_spki_pem", _spki_pem(k1.public_key()), "ValueError: not a P-256"),
-        ("pub_from_spki_pem", _spki_pem(ec.generate_private_key(ec.BrainpoolP256R1()).public_key()),
-         "ValueError: not a P-256"),
+        (
+            "pub_from_spki_pem",
+            _spki_pem(ec.generate_private_key(ec.BrainpoolP256R1()).public_key()),
+            "ValueError: not a P-256",
+        ),
         ("pub_from_cert_pem", _cert_pem(p384, issuer), "ValueError: not a P-256"),
         ("pub_from_cert_pem", _cert_pem(rsa_key, issuer), "ValueError: not a P-256"),
         ("pub_from_spki_pem", spki(b"\x02" + sub_pub[1:33]), "ValueError: not an uncompressed P-256 point"),
@@ -320,12 +347,21 @@ def _params_and_expectations():
         ("pub_from_cert_pem", _spki_pem(known.public_key()), "ValueError: no PEM CERTIFICATE"),
     ]
     digests = [os.urandom(32) for _ in range(8)] + [b"\0" * 32, b"\xff" * 32]
-    params = {"known_d": "%064x" % known.private_numbers().private_value, "cn": CN, "rfc_x": "%064x" % RFC_X,
-              "digests": [g.hex() for g in digests],
-              "verify": [[p.hex(), g.hex(), s.hex()] for _, p, g, s, _ in cases],
-              "pems": [[f, text] for f, text, _ in pems]}
-    expect = {"known_d": params["known_d"], "known_pub": _pub_bytes(known.public_key()).hex(), "verify": [(n, w) for n, _, _, _, w in cases],
-              "pems": [want for _, _, want in pems], "digests": digests}
+    params = {
+        "known_d": f"{known.private_numbers().private_value:064x}",
+        "cn": CN,
+        "rfc_x": f"{RFC_X:064x}",
+        "digests": [g.hex() for g in digests],
+        "verify": [[p.hex(), g.hex(), s.hex()] for _, p, g, s, _ in cases],
+        "pems": [[f, text] for f, text, _ in pems],
+    }
+    expect = {
+        "known_d": params["known_d"],
+        "known_pub": _pub_bytes(known.public_key()).hex(),
+        "verify": [(n, w) for n, _, _, _, w in cases],
+        "pems": [want for _, _, want in pems],
+        "digests": digests,
+    }
     return params, expect
 
 
@@ -337,12 +373,13 @@ def batch(request, tmp_path_factory):
         r = run_unix(PRELUDE_MP + BATCH, tmp, params, timeout=120)
     else:
         (tmp / "batch.py").write_text(PRELUDE_CPY + BATCH)
-        r = subprocess.run([sys.executable, str(tmp / "batch.py"), json.dumps(params)], capture_output=True,
-                           text=True, timeout=120)
+        r = subprocess.run(
+            [sys.executable, str(tmp / "batch.py"), json.dumps(params)], capture_output=True, text=True, timeout=120
+        )
     assert r.returncode == 0, r.stdout + r.stderr
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     assert len(lines) == 1, r.stdout + r.stderr
-    out = json.loads(lines[0][len("RESULT "):])
+    out = json.loads(lines[0][len("RESULT ") :])
     return request.param, out, expect, tmp
 
 
@@ -350,7 +387,7 @@ def test_keygen_rejects_out_of_range_draws_and_derives_the_public_key(batch):
     _, out, expect, _ = batch
     d, pub, left = out["rejection"]
     assert (d, pub, left) == (expect["known_d"], expect["known_pub"], 0)
-    assert out["rfc_pub"] == "04%064x%064x" % (RFC_UX, RFC_UY)
+    assert out["rfc_pub"] == f"04{RFC_UX:064x}{RFC_UY:064x}"
 
 
 def test_keygen_sign_verify_are_fast(batch):
@@ -397,8 +434,11 @@ def test_the_csr_verifies_in_cryptography_and_openssl(batch):
     der[at] ^= 1
     (tmp / "tampered.csr").write_bytes(bytes(der))
     assert not x509.load_der_x509_csr(bytes(der)).is_signature_valid
-    r = subprocess.run(["openssl", "req", "-inform", "DER", "-in", str(tmp / "tampered.csr"), "-noout", "-verify"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["openssl", "req", "-inform", "DER", "-in", str(tmp / "tampered.csr"), "-noout", "-verify"],
+        capture_output=True,
+        text=True,
+    )
     # OpenSSL 3.0 exits 0 here too, so only its message tells the two apart
     assert "verify failure" in r.stderr and "verify OK" not in r.stdout + r.stderr, r.stdout + r.stderr
 
@@ -430,11 +470,14 @@ def test_board_tls_authenticates_with_the_key_and_a_certificate_for_its_csr(batc
     server = ca.issue_server("server", ["localhost"])
     cert_pem = ca.sign_csr(own["csr_pem"].encode(), CN).public_bytes(serialization.Encoding.PEM).decode()
     greeting = b"HELLO FROM " + CN.encode()
-    srv = LoopbackTLSServer(server.cert_path, server.key_path, client_ca=ca.cert_path, version=version,
-                           expect=greeting)
+    srv = LoopbackTLSServer(server.cert_path, server.key_path, client_ca=ca.cert_path, version=version, expect=greeting)
     try:
-        r = run_unix(TLS_CLIENT, tmp_path, {"port": srv.port, "ca": ca.cert_path.read_text(), "cert": cert_pem,
-                                            "key": own["key_pem"], "cn": CN}, timeout=60)
+        r = run_unix(
+            TLS_CLIENT,
+            tmp_path,
+            {"port": srv.port, "ca": ca.cert_path.read_text(), "cert": cert_pem, "key": own["key_pem"], "cn": CN},
+            timeout=60,
+        )
     finally:
         srv.close()
     seen = (srv.handshakes, srv.version, srv.cipher, srv.received, r.stdout, r.stderr)
@@ -454,7 +497,7 @@ def test_its_signatures_verify_in_cryptography(batch):
     pub = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), bytes.fromhex(out["own"]["pub"]))
     sigs = [bytes.fromhex(s) for s in out["own"]["sigs"]]
     assert len(sigs) == len(expect["digests"])
-    for digest, sig in zip(expect["digests"], sigs):
+    for digest, sig in zip(expect["digests"], sigs, strict=True):
         pub.verify(sig, digest, PREHASHED)  # raises InvalidSignature if not
         assert not _crypto_verifies(bytes.fromhex(out["own"]["pub"]), bytes([digest[0] ^ 1]) + digest[1:], sig)
     assert len(set(sigs)) == len(sigs)
@@ -472,7 +515,7 @@ def test_verify_agrees_with_cryptography_and_rejects_hostile_input_without_raisi
     _, out, expect, _ = batch
     got = out["verify"]
     assert len(got) == len(expect["verify"])
-    wrong = [(name, want, have) for (name, want), have in zip(expect["verify"], got) if have is not want]
+    wrong = [(name, want, have) for (name, want), have in zip(expect["verify"], got, strict=True) if have is not want]
     assert not wrong, wrong
     assert sum(1 for _, w in expect["verify"] if w) == 9 * 2 + 2  # each key twice, r with its pad, the forgery
     assert sum(1 for n, _ in expect["verify"] if "hostile" in n) > 100

@@ -14,7 +14,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-
 from mpkit import run_unix
 
 CERTIFICATE_CASES = """
@@ -70,12 +69,19 @@ print(json.dumps(out))
 
 
 def certificate(key: ec.EllipticCurvePrivateKey, ca: ec.EllipticCurvePrivateKey) -> bytes:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "AWS IoT Certificate")])
-    return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now)
-            .not_valid_after(now + dt.timedelta(days=365)).sign(ca, hashes.SHA256())
-            .public_bytes(serialization.Encoding.DER))
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=365))
+        .sign(ca, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
 
 
 def pem(der: bytes) -> str:
@@ -95,9 +101,14 @@ def test_certificate_answers_are_checked_before_anything_is_saved(tmp_path):
     # The identity in use, its certificate file named as the board names them now (the full id) and as it did
     # before (the id's first 16 hex digits), so that an overwrite shows whichever naming the code uses.
     cur = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-    in_use = {"files": {f"id/cert-rot-{cur[:16]}.pem": "IN USE", f"id/cert-rot-{cur}.pem": "IN USE",
-                        "id/key-rot-1.pem": "IN USE KEY"},
-              "ident": {"thing": "gw-1", "cert": f"id/cert-rot-{cur}.pem", "key": "id/key-rot-1.pem", "cert_id": cur}}
+    in_use = {
+        "files": {
+            f"id/cert-rot-{cur[:16]}.pem": "IN USE",
+            f"id/cert-rot-{cur}.pem": "IN USE",
+            "id/key-rot-1.pem": "IN USE KEY",
+        },
+        "ident": {"thing": "gw-1", "cert": f"id/cert-rot-{cur}.pem", "key": "id/key-rot-1.pem", "cert_id": cur},
+    }
     cases = {
         "good": {"resp": good},
         "wrapped": {"resp": {**good, "certificatePem": "Bag Attributes\n" + pem(der) + "\n\n"}},
@@ -109,8 +120,13 @@ def test_certificate_answers_are_checked_before_anything_is_saved(tmp_path):
         "names-the-one-in-use": {"resp": good, **in_use, "ident": {**in_use["ident"], "cert_id": cid}},
         "other-key": {"resp": {**good, "certificateId": cid_other, "certificatePem": pem(der_other)}},
         "two-certificates": {"resp": {**good, "certificatePem": pem(der) + pem(der_other)}},
-        "bytes-after-the-certificate": {"resp": {**good, "certificateId": hashlib.sha256(der + b"\0\0").hexdigest(),
-                                                 "certificatePem": pem_block(der + b"\0\0")}},
+        "bytes-after-the-certificate": {
+            "resp": {
+                **good,
+                "certificateId": hashlib.sha256(der + b"\0\0").hexdigest(),
+                "certificatePem": pem_block(der + b"\0\0"),
+            }
+        },
         "pem-too-long": {"resp": {**good, "certificatePem": "#" * 4000 + pem(der)}},
         "token-empty": {"resp": {**good, "certificateOwnershipToken": ""}},
         "token-too-long": {"resp": {**good, "certificateOwnershipToken": "t" * 4097}},
@@ -119,19 +135,26 @@ def test_certificate_answers_are_checked_before_anything_is_saved(tmp_path):
         "pem-missing": {"resp": {**good, "certificatePem": None}},
     }
     pub = key.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
-    r = run_unix(CERTIFICATE_CASES, tmp_path, {"pub": pub.hex(), "cases": [{"name": n, **c} for n, c in
-                                                                             cases.items()]})
+    r = run_unix(CERTIFICATE_CASES, tmp_path, {"pub": pub.hex(), "cases": [{"name": n, **c} for n, c in cases.items()]})
     assert r.returncode == 0, r.stdout + r.stderr
     got = json.loads(r.stdout.strip().splitlines()[-1])
     wrong = []
     for name, case in cases.items():
         if name in ("good", "wrapped"):
             # Saved under the full certificate id: the checked certificate and nothing around it.
-            if got[name].get("saved") != {"cert": f"id/cert-rot-{cid}.pem", "cert_id": cid,
-                                          "token": good["certificateOwnershipToken"]} \
-                    or got[name]["files"] != {f"cert-rot-{cid}.pem": pem(der)}:
-                wrong.append((name, "not saved as expected", got[name].get("saved", got[name]).get("cert"),
-                              sorted(got[name]["files"])))
+            if got[name].get("saved") != {
+                "cert": f"id/cert-rot-{cid}.pem",
+                "cert_id": cid,
+                "token": good["certificateOwnershipToken"],
+            } or got[name]["files"] != {f"cert-rot-{cid}.pem": pem(der)}:
+                wrong.append(
+                    (
+                        name,
+                        "not saved as expected",
+                        got[name].get("saved", got[name]).get("cert"),
+                        sorted(got[name]["files"]),
+                    )
+                )
             continue
         before = {k[3:]: v for k, v in case.get("files", {}).items()}
         if any(got[name]["files"].get(f) != v for f, v in before.items()):

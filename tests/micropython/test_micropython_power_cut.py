@@ -18,14 +18,18 @@ import time
 from pathlib import Path
 
 import pytest
-
 from boardkit import MP, THING, MpWorld
 
 PROVISIONING = ["prov.after_key", "prov.after_certificate", "prov.after_identity"]
 UPDATE = ["ota.mid_download", "ota.after_unpack", "ota.after_pending", "loader.mid_swap", "ota.after_commit_saved"]
 ROLLBACK = ["loader.mid_rollback"]
-ROTATION = ["rot.after_key", "rot.after_certificate", "rot.after_registered", "rot.after_proven",
-            "rot.after_commit_sent"]
+ROTATION = [
+    "rot.after_key",
+    "rot.after_certificate",
+    "rot.after_registered",
+    "rot.after_proven",
+    "rot.after_commit_sent",
+]
 CLOUD = ["request.answered"]  # after any request the cloud accepted (the first is CreateCertificateFromCsr)
 
 
@@ -68,8 +72,15 @@ def test_power_cut(point, tmp_path):
             assert ex["statusDetails"]["version"] == "1.1.0"
             clean_release(w, "1.1.0")
         elif point in ROLLBACK:
-            bad = w.release("1.2.0", patch={"agent.py": ('store.read(ident["key"]), self.thing)',
-                                                         'store.read(ident["key"]), self.thing + "-x")')})
+            bad = w.release(
+                "1.2.0",
+                patch={
+                    "agent.py": (
+                        'store.read(ident["key"]), self.thing)',
+                        'store.read(ident["key"]), self.thing + "-x")',
+                    )
+                },
+            )
             ex = w.run_job("ota", w.ota_doc("1.2.0", bad), "FAILED", timeout=120)
             assert "rolled back to 1.0.0" in ex["statusDetails"]["reason"]
             clean_release(w, "1.0.0")
@@ -88,7 +99,7 @@ def test_power_cut(point, tmp_path):
 # -- sweeps: a cut after every step ----------------------------------------------------------------
 # One Defender report at the first connection, then none, and jobs queued before the board boots: the
 # numbering of the sweep points is then the same from run to run.
-QUIET = {"defender_interval_s": 10 ** 9, "backoff_min_s": 0.2, "backoff_max_s": 0.5}
+QUIET = {"defender_interval_s": 10**9, "backoff_min_s": 0.2, "backoff_max_s": 0.5}
 
 
 def new_sweep_run(w: MpWorld) -> None:
@@ -115,7 +126,7 @@ def settle(w: MpWorld, b, k: int | str, converged, timeout: float = 60) -> bool:
             last, since = n, time.monotonic()
         lines = list(b.lines)
         cut = [i for i, line in enumerate(lines) if line.startswith(mark)]
-        back = not cut or any(f"connected as {THING}" in line for line in lines[cut[0]:])
+        back = not cut or any(f"connected as {THING}" in line for line in lines[cut[0] :])
         try:
             ok = converged()
         except (OSError, ValueError, KeyError, TypeError):
@@ -145,7 +156,7 @@ def sweep(prepare, run, workers: int = 2) -> int:
                 try:
                     assert k < 80, "the sweep does not end"
                     cut = run(ctx, k)
-                except BaseException as e:  # noqa: BLE001  (re-raised below, in the test's thread)
+                except BaseException as e:
                     with lock:
                         state["errors"].append((k, e))
                     return
@@ -201,8 +212,16 @@ def test_provisioning_converges_after_a_power_cut_at_every_step(tmp_path):
         w = MpWorld(tmp_path / f"k{k}", config=QUIET)
         try:
             b = w.boot(max_boots=12, params={"cut_sync": k})
-            cut = settle(w, b, k, lambda: on_identity(w) and (w.flash / "state" / "defender.json").exists()
-                         and not (w.flash / "state" / "prov.json").exists())
+            cut = settle(
+                w,
+                b,
+                k,
+                lambda: (
+                    on_identity(w)
+                    and (w.flash / "state" / "defender.json").exists()
+                    and not (w.flash / "state" / "prov.json").exists()
+                ),
+            )
             one_identity(w)
             assert len(attached(w)) == 1, attached(w)  # one thing, one certificate: registered once
             return cut
@@ -230,8 +249,17 @@ def test_rotation_converges_after_a_power_cut_at_every_step(outcome, tmp_path):
         w.jobs.create(job, THING, {"operation": "rotate-certificate"})
         b = w.boot(max_boots=12, params={"cut_sync": k})
         try:
-            cut = settle(w, b, k, lambda: w.jobs.execution(job, THING)["status"] == outcome and on_identity(w)
-                         and "old" not in w.identity() and not (w.flash / "state" / "rot.json").exists())
+            cut = settle(
+                w,
+                b,
+                k,
+                lambda: (
+                    w.jobs.execution(job, THING)["status"] == outcome
+                    and on_identity(w)
+                    and "old" not in w.identity()
+                    and not (w.flash / "state" / "rot.json").exists()
+                ),
+            )
             ident = one_identity(w)
             # One job, one rotation: exactly one more certificate was registered to the thing.
             assert len(attached(w)) == before + 1, (k, attached(w))
@@ -260,14 +288,25 @@ def test_an_update_converges_after_a_power_cut_at_every_step(tmp_path):
         w.jobs.create(job, THING, w.ota_doc(version, w.release(version)))
         b = w.boot(max_boots=12, params={"cut_sync": k})
         try:
-            cut = settle(w, b, k, lambda: w.jobs.execution(job, THING)["status"] in ("SUCCEEDED", "FAILED")
-                         and json.loads((w.flash / "state" / "boot.json").read_text()) == {})
+            cut = settle(
+                w,
+                b,
+                k,
+                lambda: (
+                    w.jobs.execution(job, THING)["status"] in ("SUCCEEDED", "FAILED")
+                    and json.loads((w.flash / "state" / "boot.json").read_text()) == {}
+                ),
+            )
             lines = list(b.lines)
             if w.jobs.execution(job, THING)["status"] == "FAILED":
                 at = [i for i, line in enumerate(lines) if line.startswith("### power cut at")]
                 staged = [i for i, line in enumerate(lines) if "staged; resetting" in line]
-                assert at and staged and staged[0] < at[0] and not any("self-test passed" in line
-                                                                       for line in lines[:at[0]]), b.text()
+                assert (
+                    at
+                    and staged
+                    and staged[0] < at[0]
+                    and not any("self-test passed" in line for line in lines[: at[0]])
+                ), b.text()
                 assert "rolled back to " + before in w.jobs.execution(job, THING)["statusDetails"]["reason"]
                 assert version in json.loads((w.flash / "state" / "broken.json").read_text())
                 clean_release(w, before)
@@ -296,8 +335,17 @@ def test_a_cut_right_after_the_new_certificate_is_proven_keeps_the_identity(tmp_
         b.wait_for(r"### exit 75", 60)
         assert json.loads((w.flash / "state" / "rot.json").read_text())["step"] == "switch"
         b = w.boot(max_boots=8, params={"cut_on_change": ["state/identity.json", "state/rot.json"]})
-        settle(w, b, "change", lambda: w.jobs.execution("rotate", THING)["status"] == "SUCCEEDED" and on_identity(w)
-               and "old" not in w.identity() and not (w.flash / "state" / "rot.json").exists())
+        settle(
+            w,
+            b,
+            "change",
+            lambda: (
+                w.jobs.execution("rotate", THING)["status"] == "SUCCEEDED"
+                and on_identity(w)
+                and "old" not in w.identity()
+                and not (w.flash / "state" / "rot.json").exists()
+            ),
+        )
         ident = one_identity(w)
         assert ident["cert_id"] != old["cert_id"] and len(attached(w)) == 2
     finally:

@@ -12,14 +12,17 @@ import pytest
 from agent.cli import _parser
 
 
-@pytest.mark.parametrize("argv", [
-    ["--config", "/etc/x.toml", "run"],
-    ["run", "--config", "/etc/x.toml"],
-    ["keys", "list", "--config", "/etc/x.toml"],
-    ["keys", "--config", "/etc/x.toml", "list"],
-    ["factory", "init", "--serial", "S", "--csr-out", "c.pem", "--config", "/etc/x.toml"],
-    ["status", "--json", "--config", "/etc/x.toml"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--config", "/etc/x.toml", "run"],
+        ["run", "--config", "/etc/x.toml"],
+        ["keys", "list", "--config", "/etc/x.toml"],
+        ["keys", "--config", "/etc/x.toml", "list"],
+        ["factory", "init", "--serial", "S", "--csr-out", "c.pem", "--config", "/etc/x.toml"],
+        ["status", "--json", "--config", "/etc/x.toml"],
+    ],
+)
 def test_config_before_or_after_the_subcommand(argv):
     args = _parser().parse_args(argv)
     assert args.config == Path("/etc/x.toml")
@@ -38,7 +41,11 @@ def test_defaults_and_the_later_option_wins():
 
 def test_the_installed_command_takes_config_after_the_subcommand(tmp_path):
     missing = tmp_path / "missing.toml"
-    r = subprocess.run([sys.executable, "-m", "agent.cli", "check-config", "--config", str(missing)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "check-config", "--config", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode != 0
     assert f"{missing}: config file not found" in r.stdout + r.stderr, r.stdout + r.stderr

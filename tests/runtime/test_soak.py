@@ -1,7 +1,7 @@
 """Soak and fault campaign: the agent runs with every feature on while the test restarts the broker,
 kills the agent with SIGKILL after a random state-changing operation (agent.killpoints) of updates
-and rotations, fills the job queue and rotates the certificate. At the end no job status is lost, the device is connected with exactly one
-identity, and the state store is valid.
+and rotations, fills the job queue and rotates the certificate. At the end no job status is lost, the
+device is connected with exactly one identity, and the state store is valid.
 
 Sized for CI (12 rounds, about a minute); `IOT_AGENT_SOAK_ROUNDS=100` runs a longer campaign locally, and
 `IOT_AGENT_SOAK_SEED` replays one.
@@ -14,14 +14,15 @@ import os
 import random
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
-
-from agent.update.install import slot
-from agent.base.state import StateStore
+from cloudkit import wait_status
 from otakit import HEALTH, World, release, signed_doc
 from sweep import sweep_env
-from cloudkit import wait_status
+
+from agent.base.state import StateStore
+from agent.update.install import slot
 
 ROUNDS = int(os.environ.get("IOT_AGENT_SOAK_ROUNDS", "12"))
 SEED = int(os.environ.get("IOT_AGENT_SOAK_SEED", str(int(time.time()))))
@@ -50,8 +51,16 @@ def test_soak_under_faults(tmp_path, agents):
         if not good:
             data = data[:-1] + bytes([data[-1] ^ 1])
         via_stream = rnd.random() < 0.5
-        doc = signed_doc(w.signer, "app", version, "app.tar", data, url=None if via_stream else w.https(data),
-                         stream=(w.stream(data), 0) if via_stream else None, manifest=manifest)
+        doc = signed_doc(
+            w.signer,
+            "app",
+            version,
+            "app.tar",
+            data,
+            url=None if via_stream else w.https(data),
+            stream=(w.stream(data), 0) if via_stream else None,
+            manifest=manifest,
+        )
         job = f"soak-{n[0]}"
         w.jobs.create(job, w.thing, doc)
         expected[job] = "SUCCEEDED" if good else "REJECTED"
@@ -122,11 +131,15 @@ def test_soak_under_faults(tmp_path, agents):
         status = json.loads(w.dev.cli("status", "--json").stdout)
         active = [c for c in w.cloud.registry.certificates() if c.thing == w.thing and c.status == "ACTIVE"]
         assert len(active) == 1, [(c.id[:8], c.status) for c in w.cloud.registry.certificates() if c.thing == w.thing]
-        assert open(status["certificate_file"]).read().strip() == active[0].pem.strip()
-        keys = [l.split("\t")[0] for l in w.dev.cli("keys", "list").stdout.splitlines() if l.startswith("device")]
+        assert Path(status["certificate_file"]).read_text().strip() == active[0].pem.strip()
+        keys = [
+            line.split("\t")[0] for line in w.dev.cli("keys", "list").stdout.splitlines() if line.startswith("device")
+        ]
         assert keys == [status["key_label"]]
-        last_good = max((int(j.split("-")[1]) for j, s in expected.items() if j.split("-")[1].isdigit()
-                         and s == "SUCCEEDED"), default=None)
+        last_good = max(
+            (int(j.split("-")[1]) for j, s in expected.items() if j.split("-")[1].isdigit() and s == "SUCCEEDED"),
+            default=None,
+        )
         assert slot(w.app, "current") == f"1.{last_good}.0"
         assert status["updates"]["app"]["current"] == f"1.{last_good}.0"  # what `iot-agent status --json` says
         assert status["jobs"]["last"]["status"] in TERMINAL and status["jobs"]["unsent_updates"] == 0

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from agent.session.clock import FLOOR, ClockGate, NtpAnswer, judge_answer, judge_floor, query_ntp
 from agent.base.config import ClockConfig
 from agent.base.errors import ClockError
+from agent.session.clock import FLOOR, ClockGate, NtpAnswer, judge_answer, judge_floor, query_ntp
 from localcloud.ntp import Chrony, NtpResponder
 
 

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
-import gc
-import time
 
 import pytest
 
-from agent.session.connection import Connection
 from agent.identity.current import Identity
 from agent.runtime.daemon import settings_for
 from agent.runtime.features import load
+from agent.session.connection import Connection
 from localcloud.broker import Broker
 from localcloud.observer import Observer
 
@@ -60,16 +58,18 @@ def test_publish_own_topic_delivered_other_device_topic_refused(bench, token, ob
 def _bad_servers(bench, tmp_path) -> dict:
     from localcloud.pki import CertificateAuthority
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     rogue = CertificateAuthority(tmp_path / "rogue", "rogue CA")
     return {
         # mosquitto still verifies our client certificates with the real CA: only the server side changes.
         "other-ca": rogue.issue_server("rogue-server", ["localhost", "127.0.0.1"]),
         "wrong-host": bench.ca.issue_server("other-host", ["iot.example.com"]),
-        "expired": bench.ca.issue_server("expired", ["localhost", "127.0.0.1"], days=1,
-                                         not_before=now - dt.timedelta(days=3)),
-        "not-yet-valid": bench.ca.issue_server("future", ["localhost", "127.0.0.1"], days=30,
-                                               not_before=now + dt.timedelta(days=2)),
+        "expired": bench.ca.issue_server(
+            "expired", ["localhost", "127.0.0.1"], days=1, not_before=now - dt.timedelta(days=3)
+        ),
+        "not-yet-valid": bench.ca.issue_server(
+            "future", ["localhost", "127.0.0.1"], days=30, not_before=now + dt.timedelta(days=2)
+        ),
     }
 
 
@@ -88,7 +88,7 @@ def test_bad_server_certificates_are_refused_without_fallback(bench, softhsm, ag
         dev.config_path.write_text(config)
         runs[case] = agents(dev)
     try:
-        for case, a in runs.items():
+        for _case, a in runs.items():
             a.wait_for(r"connection to localhost:\d+ failed: AWS_IO_TLS_ERROR_NEGOTIATION_FAILURE", timeout=60)
         for case, a in runs.items():
             assert "connected to localhost" not in a.text(), case
@@ -104,7 +104,9 @@ def test_the_same_certificate_chain_is_accepted(bench, softhsm, agents, tmp_path
     b = Broker(tmp_path / "broker-good", bench.ca, bench.ca.issue_server("fresh", ["localhost"])).start()
     try:
         dev = bench.enroll(softhsm, "gw-control")
-        dev.config_path.write_text(dev.config_path.read_text().replace(f"port = {bench.broker.port}", f"port = {b.port}"))
+        dev.config_path.write_text(
+            dev.config_path.read_text().replace(f"port = {bench.broker.port}", f"port = {b.port}")
+        )
         agents(dev).wait_for(r"connected to localhost:\d+ as gw-control")
         assert ("gw-control", "gw-control") in b.connected_clients()
     finally:
@@ -135,13 +137,12 @@ class TlsOnlyServer:
         self._t.start()
 
     def _serve(self):
-        import socket
         import ssl
 
         while not self._stop.is_set():
             try:
                 conn, _ = self.sock.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             conn.settimeout(5)
             try:
@@ -165,7 +166,9 @@ def test_tls_below_1_2_is_refused(bench, softhsm, agents, max_version, refused):
     srv = TlsOnlyServer(bench.broker.server, bench.ca.cert_path, getattr(ssl.TLSVersion, max_version))
     try:
         dev = bench.enroll(softhsm, "gw-tls")
-        dev.config_path.write_text(dev.config_path.read_text().replace(f"port = {bench.broker.port}", f"port = {srv.port}"))
+        dev.config_path.write_text(
+            dev.config_path.read_text().replace(f"port = {bench.broker.port}", f"port = {srv.port}")
+        )
         a = agents(dev)
         a.wait_for(r"connection to localhost:\d+ failed", timeout=60)
         if refused:
@@ -184,7 +187,8 @@ def test_wrong_pin_or_key_label_is_one_clear_line_and_exit_2(bench, softhsm):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == (
         "iot-agent: token 'iot-agent' refused the PIN (a TPM locks out after repeated failures); fix the PIN file "
-        "(AWS_ERROR_PKCS11_CKR_PIN_INCORRECT)")
+        "(AWS_ERROR_PKCS11_CKR_PIN_INCORRECT)"
+    )
     assert "987654" not in r.stderr + r.stdout
     softhsm.pin_file()  # the right PIN again
     dev.config_path.write_text(dev.config_path.read_text().replace('key_label = "device"', 'key_label = "nokey"'))

@@ -11,8 +11,15 @@ def test_demo_main_job():
     assert "agent: provisioned as gw-SN-000123" in out
     assert "PUBACK 135" in out
     verified = out.split("Verified:")[1].strip().splitlines()
-    for step in ("clock trusted", "provisioned by claim", "Device Defender report", "signed update",
-                 "tampered update REJECTED", "certificate rotated", "another device's topic refused"):
+    for step in (
+        "clock trusted",
+        "provisioned by claim",
+        "Device Defender report",
+        "signed update",
+        "tampered update REJECTED",
+        "certificate rotated",
+        "another device's topic refused",
+    ):
         assert any(step in v for v in verified), (step, verified)
     assert "10 steps verified" in out
     status = out.split("iot-agent status:")[1]

@@ -13,8 +13,12 @@ from agent.runtime import features
 from agent.update.config import OtaTargetConfig
 
 # Every config dataclass by its class name, with the registry's bounds and parser.
-agent_config = types.SimpleNamespace(**{c.__name__: c for c in features.SECTION_CLASSES.values()},
-                                     OtaTargetConfig=OtaTargetConfig, BOUNDS=features.BOUNDS, parse=features.parse)
+agent_config = types.SimpleNamespace(
+    **{c.__name__: c for c in features.SECTION_CLASSES.values()},
+    OtaTargetConfig=OtaTargetConfig,
+    BOUNDS=features.BOUNDS,
+    parse=features.parse,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
@@ -22,8 +26,8 @@ README = (REPO / "README.md").read_text()
 
 def section(title: str) -> str:
     start = README.index(title)
-    nxt = re.search(r"^## ", README[start + len(title):], re.M)
-    return README[start:start + len(title) + nxt.start()] if nxt else README[start:]
+    nxt = re.search(r"^## ", README[start + len(title) :], re.M)
+    return README[start : start + len(title) + nxt.start()] if nxt else README[start:]
 
 
 def fields(cls) -> set[str]:
@@ -82,8 +86,9 @@ def test_config_reference_documents_each_numeric_range():
                 comment = comments.get((table, key))
                 assert comment is not None, f"[{table}] {key}: no comment in the README's reference"
                 want = "finite numbers" if bound is None else bound.text()
-                assert comment == want or comment.startswith(want + ";"), \
+                assert comment == want or comment.startswith(want + ";"), (
                     f"[{table}] {key}: README says {comment!r}, the bounds table {want!r}"
+                )
                 checked.add((table, key))
     stray = {k for k, c in comments.items() if RANGE.match(c) and k not in checked}
     assert not stray, f"README shows ranges for keys without bounds: {stray}"
@@ -96,8 +101,14 @@ def test_config_example_parses():
 
 def test_board_config_reference_matches_the_board_agent():
     src = (REPO / "micropython" / "agent.py").read_text()
-    required = set(re.search(r"^REQUIRED = \((.*?)\)$", src, re.M | re.S).group(1).replace('"', "").replace(" ", "")
-                   .replace("\n", "").split(","))
+    required = set(
+        re.search(r"^REQUIRED = \((.*?)\)$", src, re.M | re.S)
+        .group(1)
+        .replace('"', "")
+        .replace(" ", "")
+        .replace("\n", "")
+        .split(",")
+    )
     defaults = set(re.findall(r'"(\w+)":', re.search(r"^DEFAULTS = \{(.*?)\}$", src, re.M | re.S).group(1)))
     text = section("## MicroPython boards")
     example = json.loads(re.search(r"```json\n(.*?)```", text, re.S).group(1))

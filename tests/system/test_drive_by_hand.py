@@ -48,8 +48,8 @@ trap 'printf "%s\\n%s\\n" "${W:-}" "${agent_pid:-}" > "$DBH_STATE"' EXIT
 def section() -> str:
     text = (REPO / "README.md").read_text()
     start = text.index(TITLE)
-    nxt = re.search(r"^## ", text[start + len(TITLE):], re.M)
-    return text[start:start + len(TITLE) + nxt.start()] if nxt else text[start:]
+    nxt = re.search(r"^## ", text[start + len(TITLE) :], re.M)
+    return text[start : start + len(TITLE) + nxt.start()] if nxt else text[start:]
 
 
 def sh_blocks() -> list[str]:
@@ -118,8 +118,10 @@ class Run:
     def explain(self) -> str:
         log = (self.lab / "agent.log") if self.lab else None
         tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else "(no agent.log)"
-        return (f"exit {self.rc} after {self.elapsed_s:.1f} s\n--- stdout\n{self.stdout[-3000:]}\n"
-                f"--- stderr\n{self.stderr[-3000:]}\n--- agent.log\n{tail}")
+        return (
+            f"exit {self.rc} after {self.elapsed_s:.1f} s\n--- stdout\n{self.stdout[-3000:]}\n"
+            f"--- stderr\n{self.stderr[-3000:]}\n--- agent.log\n{tail}"
+        )
 
 
 def _env() -> dict[str, str]:
@@ -142,8 +144,14 @@ def run_script(tmp_path: Path, edit=lambda s: s) -> Run:
     out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
     t0 = time.monotonic()
     with open(out_path, "w") as out, open(err_path, "w") as err:
-        proc = subprocess.Popen(["bash", str(tmp_path / "drive-by-hand.sh")], cwd=tmp_path, env=env,
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        proc = subprocess.Popen(
+            ["bash", str(tmp_path / "drive-by-hand.sh")],
+            cwd=tmp_path,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+        )
     lab = agent_pid = None
     note = ""
     try:
@@ -171,8 +179,9 @@ def run_script(tmp_path: Path, edit=lambda s: s) -> Run:
         if agent_pid is not None and "iot-agent" in _cmdline(agent_pid):  # that PID, still the agent
             stop_pid(agent_pid)
         if lab is not None and (lab / ".localcloud").is_dir():
-            subprocess.run(["localcloud", "--dir", str(lab / ".localcloud"), "down"], env=_env(),
-                           capture_output=True, timeout=60)
+            subprocess.run(
+                ["localcloud", "--dir", str(lab / ".localcloud"), "down"], env=_env(), capture_output=True, timeout=60
+            )
     out, err = out_path.read_text(errors="replace"), err_path.read_text(errors="replace") + note
     return Run(proc.returncode, out, err, lab, agent_pid, ntp_port, elapsed)
 

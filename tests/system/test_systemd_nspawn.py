@@ -26,11 +26,24 @@ THING = f"gw-{SERIAL}"
 
 class Container:
     def __init__(self, rootfs: Path, xchg: Path, log: Path):
-        self.log = open(log, "w")
-        self.proc = subprocess.Popen(
-            ["systemd-nspawn", "-q", "-D", str(rootfs), "--register=no", "--keep-unit", "--volatile=overlay",
-             "--boot", "--console=pipe", f"--bind={xchg}:/xchg"],
-            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
+        with open(log, "w") as out:  # the container writes to its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [
+                    "systemd-nspawn",
+                    "-q",
+                    "-D",
+                    str(rootfs),
+                    "--register=no",
+                    "--keep-unit",
+                    "--volatile=overlay",
+                    "--boot",
+                    "--console=pipe",
+                    f"--bind={xchg}:/xchg",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         self.pid1 = None
         try:
             self._wait_booted()
@@ -54,8 +67,9 @@ class Container:
         assert r.stdout.strip() in ("running", "degraded"), r.stdout + r.stderr
 
     def run(self, *cmd: str, timeout: float = 60, check: bool = True, input: str | None = None):
-        r = subprocess.run(["nsenter", "-t", str(self.pid1), "-a", *cmd], capture_output=True, text=True,
-                           timeout=timeout, input=input)
+        r = subprocess.run(
+            ["nsenter", "-t", str(self.pid1), "-a", *cmd], capture_output=True, text=True, timeout=timeout, input=input
+        )
         if check and r.returncode != 0:
             raise AssertionError(f"{cmd}: exit {r.returncode}: {r.stdout}{r.stderr}")
         return r
@@ -87,7 +101,6 @@ class Container:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +131,9 @@ def device(image, tmp_path_factory):
         box = Container(image, xchg, d / "container.log")
         box.write("/etc/iot-agent/ca.pem", Path(info["ca_file"]).read_text())
         box.write("/etc/iot-agent/pkcs11-pin", "1234\n", mode="0600")
-        box.write("/etc/iot-agent/config.toml", f"""
+        box.write(
+            "/etc/iot-agent/config.toml",
+            f"""
 [device]
 state_dir = "/var/lib/iot-agent"
 [broker]
@@ -138,23 +153,55 @@ retry_max_s = 5.0
 ntp_servers = ["{ntp.server}"]
 retry_min_s = 0.5
 retry_max_s = 2.0
-""")
+""",
+        )
         # The SoftHSM token lives in the agent's state folder; the unit learns where through a drop-in.
-        box.write("/var/lib/iot-agent/softhsm2.conf",
-                  "directories.tokendir = /var/lib/iot-agent/tokens\nobjectstore.backend = file\nlog.level = ERROR\n", owner="iot-agent")
+        box.write(
+            "/var/lib/iot-agent/softhsm2.conf",
+            "directories.tokendir = /var/lib/iot-agent/tokens\nobjectstore.backend = file\nlog.level = ERROR\n",
+            owner="iot-agent",
+        )
         box.run("install", "-d", "-o", "iot-agent", "-g", "iot-agent", "-m", "0700", "/var/lib/iot-agent/tokens")
         box.run("mkdir", "-p", "/etc/systemd/system/iot-agent.service.d")
-        box.write("/etc/systemd/system/iot-agent.service.d/softhsm.conf",
-                  "[Service]\nEnvironment=SOFTHSM2_CONF=/var/lib/iot-agent/softhsm2.conf\nWatchdogSec=10\n")
+        box.write(
+            "/etc/systemd/system/iot-agent.service.d/softhsm.conf",
+            "[Service]\nEnvironment=SOFTHSM2_CONF=/var/lib/iot-agent/softhsm2.conf\nWatchdogSec=10\n",
+        )
         box.run("systemctl", "daemon-reload")
         env = ["env", "SOFTHSM2_CONF=/var/lib/iot-agent/softhsm2.conf"]
-        box.run("runuser", "-u", "iot-agent", "--", *env, "softhsm2-util", "--init-token", "--free", "--label",
-                "iot-agent", "--pin", "1234", "--so-pin", "5678")
+        box.run(
+            "runuser",
+            "-u",
+            "iot-agent",
+            "--",
+            *env,
+            "softhsm2-util",
+            "--init-token",
+            "--free",
+            "--label",
+            "iot-agent",
+            "--pin",
+            "1234",
+            "--so-pin",
+            "5678",
+        )
         # The factory steps, as the agent's user, with the PIN handed over as the service would.
-        factory = ["systemd-run", "--quiet", "--pipe", "--wait", "-p", "User=iot-agent",
-                   "-p", "LoadCredential=pkcs11-pin:/etc/iot-agent/pkcs11-pin",
-                   "-p", "Environment=SOFTHSM2_CONF=/var/lib/iot-agent/softhsm2.conf",
-                   "/opt/iot-agent/venv/bin/iot-agent", "--config", "/etc/iot-agent/config.toml", "factory"]
+        factory = [
+            "systemd-run",
+            "--quiet",
+            "--pipe",
+            "--wait",
+            "-p",
+            "User=iot-agent",
+            "-p",
+            "LoadCredential=pkcs11-pin:/etc/iot-agent/pkcs11-pin",
+            "-p",
+            "Environment=SOFTHSM2_CONF=/var/lib/iot-agent/softhsm2.conf",
+            "/opt/iot-agent/venv/bin/iot-agent",
+            "--config",
+            "/etc/iot-agent/config.toml",
+            "factory",
+        ]
         box.run(*factory, "init", "--serial", SERIAL, "--csr-out", "/xchg/claim.csr")
         cloud.sign_claim_csr((xchg / "claim.csr").read_bytes(), xchg / "claim.pem")
         box.run(*factory, "claim-cert", "/xchg/claim.pem")
@@ -189,15 +236,18 @@ def test_the_service_provisions_reports_status_and_stays_in_its_sandbox(device):
         assert r.returncode != 0 and "Read-only file system" in r.stderr, (path, r.stderr)
     box.run(*as_agent, "sh", "-c", "echo x > /var/lib/iot-agent/probe && rm /var/lib/iot-agent/probe")
     # Everything the agent owns outside its state folder: nothing.
-    found = box.run("find", "/", "-xdev", "-user", "iot-agent", "-not", "-path", "/var/lib/iot-agent*",
-                    check=False).stdout.split()
+    found = box.run(
+        "find", "/", "-xdev", "-user", "iot-agent", "-not", "-path", "/var/lib/iot-agent*", check=False
+    ).stdout.split()
     assert found == [], found
 
 
 def test_the_watchdog_restarts_a_hung_agent(device):
     box, _ = device
-    box.write("/etc/systemd/system/iot-agent.service.d/hang.conf",
-              "[Service]\nEnvironment=IOT_AGENT_TEST_FAILPOINT=daemon.main_loop_hang\n")
+    box.write(
+        "/etc/systemd/system/iot-agent.service.d/hang.conf",
+        "[Service]\nEnvironment=IOT_AGENT_TEST_FAILPOINT=daemon.main_loop_hang\n",
+    )
     box.run("systemctl", "daemon-reload")
     box.run("journalctl", "--rotate", check=False)
     box.run("journalctl", "--vacuum-time=1s", check=False)
@@ -227,10 +277,16 @@ def test_the_path_unit_runs_the_privileged_install_step(device, tmp_path):
     box, _ = device
     signer = CodeSigner(tmp_path / "signer")
     box.write("/etc/iot-agent/codesign.pem", signer.cert_path.read_text())
-    box.write("/etc/iot-agent/install.toml", 'code_signing_certificate = "/etc/iot-agent/codesign.pem"\n'
-              'spool = "/var/lib/iot-agent/ota/spool"\n[targets.firmware]\ndirectory = "/opt/firmware"\n', mode="0600")
+    box.write(
+        "/etc/iot-agent/install.toml",
+        'code_signing_certificate = "/etc/iot-agent/codesign.pem"\n'
+        'spool = "/var/lib/iot-agent/ota/spool"\n[targets.firmware]\ndirectory = "/opt/firmware"\n',
+        mode="0600",
+    )
     box.run("mkdir", "-p", "/etc/systemd/system/iot-agent-install.service.d", "/opt/firmware")
-    box.write("/etc/systemd/system/iot-agent-install.service.d/targets.conf", "[Service]\nReadWritePaths=/opt/firmware\n")
+    box.write(
+        "/etc/systemd/system/iot-agent-install.service.d/targets.conf", "[Service]\nReadWritePaths=/opt/firmware\n"
+    )
     box.run("systemctl", "daemon-reload")
     box.run("systemctl", "start", "iot-agent-install.path")
     spool = "/var/lib/iot-agent/ota/spool"
@@ -244,8 +300,15 @@ def test_the_path_unit_runs_the_privileged_install_step(device, tmp_path):
         xfer = Path(f"/proc/{box.pid1}/root/xchg/{key}.artifact")  # the shared folder, seen from the host
         xfer.write_bytes(data)
         box.run("runuser", "-u", "iot-agent", "--", "cp", f"/xchg/{key}.artifact", f"{spool}/{key}.artifact")
-        req = json.dumps({"job_id": key, "target": "firmware", "name": "fw.tar", "signature": sig,
-                          "manifest": base64.b64encode(raw).decode()})
+        req = json.dumps(
+            {
+                "job_id": key,
+                "target": "firmware",
+                "name": "fw.tar",
+                "signature": sig,
+                "manifest": base64.b64encode(raw).decode(),
+            }
+        )
         box.run("runuser", "-u", "iot-agent", "--", "sh", "-c", f"cat > {spool}/{key}.request.json", input=req)
         deadline, result = time.monotonic() + 60, None
         while time.monotonic() < deadline and result is None:

@@ -3,6 +3,7 @@ notify protocol against a real datagram socket, and an install script that chang
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -37,15 +38,24 @@ def unit_root(tmp_path_factory):
 
 @pytest.mark.parametrize("unit", UNITS)
 def test_units_verify(unit_root, unit):
-    r = subprocess.run(["systemd-analyze", "verify", "--man=no", f"--root={unit_root}", unit],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", f"--root={unit_root}", unit],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr
 
 
 @pytest.mark.parametrize("unit", ["iot-agent.service", "iot-agent-install.service"])
 def test_exposure_score(unit, capsys):
-    r = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", unit],
-                       cwd=REPO / "systemd", capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", unit],
+        cwd=REPO / "systemd",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     m = re.search(rf"Overall exposure level for {re.escape(unit)}: (\d+\.\d+)", r.stdout)
     assert m, r.stdout[-2000:] + r.stderr
     score = float(m.group(1))
@@ -69,10 +79,8 @@ def test_notify_protocol_and_watchdog_over_a_real_socket(tmp_path, monkeypatch):
     def drain(seconds: float) -> list[str]:
         end, out = time.monotonic() + seconds, []
         while time.monotonic() < end:
-            try:
+            with contextlib.suppress(TimeoutError):
                 out.append(srv.recv(4096).decode())
-            except socket.timeout:
-                pass
         return out
 
     stop = threading.Event()
@@ -112,15 +120,25 @@ def test_install_script_twice_changes_nothing(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
     env = {**os.environ, "IOT_AGENT_PIP_ARGS": "--no-deps"}
-    first = subprocess.run(["sh", str(REPO / "scripts/install.sh"), "--root", str(root)], capture_output=True,
-                           text=True, timeout=600, env=env)
+    first = subprocess.run(
+        ["sh", str(REPO / "scripts/install.sh"), "--root", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert first.returncode == 0, first.stdout + first.stderr
     assert "installed the agent" in first.stdout and (root / "etc/systemd/system/iot-agent.service").is_file()
     assert (root / "opt/iot-agent/venv/bin/iot-agent-launch").is_file()
     assert (root / "etc/iot-agent/config.toml").is_file()
     before = _snapshot(root)
-    second = subprocess.run(["sh", str(REPO / "scripts/install.sh"), "--root", str(root)], capture_output=True,
-                            text=True, timeout=600, env=env)
+    second = subprocess.run(
+        ["sh", str(REPO / "scripts/install.sh"), "--root", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert second.returncode == 0 and second.stdout.strip() == "install: nothing to change", second.stdout
     assert _snapshot(root) == before
 
@@ -142,7 +160,7 @@ def test_the_agent_speaks_the_notify_protocol_and_stops_feeding_a_hung_watchdog(
         while not stop.is_set():
             try:
                 msgs.append((time.monotonic(), srv.recv(4096).decode()))
-            except socket.timeout:
+            except TimeoutError:
                 pass
             except OSError:
                 return

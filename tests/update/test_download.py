@@ -78,8 +78,13 @@ def test_truncated_transfer_leaves_a_resumable_partial(tmp_path):
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
         with pytest.raises(DownloadError, match="truncated|connection lost"):
-            https_download(f"https://localhost:{httpd.server_address[1]}/x", tmp_path / "p", len(data),
-                           ca_file=ca.cert_path, timeout=5)
+            https_download(
+                f"https://localhost:{httpd.server_address[1]}/x",
+                tmp_path / "p",
+                len(data),
+                ca_file=ca.cert_path,
+                timeout=5,
+            )
         assert (tmp_path / "p").stat().st_size == 200_000
     finally:
         httpd.shutdown()

@@ -22,11 +22,11 @@ import threading
 from pathlib import Path
 
 import pytest
-
-from agent.update.install import slot
 from otakit import HEALTH, World, make_tar, our_doc, release
 from sweep import Run
 from test_ota_privileged import helper_config
+
+from agent.update.install import slot
 
 HERE = Path(__file__).resolve().parent.parent  # tests/, beside killwrap.py
 REPO = HERE.parent
@@ -34,10 +34,16 @@ REPO = HERE.parent
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    w = World(tmp_path_factory.mktemp("findupd"), "FUPD", {
-        "app": {"directory": "app", "health_command": HEALTH, "health_timeout_s": 10.0},
-        "blob": {"directory": "blob", "unpack": False},
-        "fw": {"directory": "fw", "privileged": True}}, ota={"privileged_timeout_s": 60.0})
+    w = World(
+        tmp_path_factory.mktemp("findupd"),
+        "FUPD",
+        {
+            "app": {"directory": "app", "health_command": HEALTH, "health_timeout_s": 10.0},
+            "blob": {"directory": "blob", "unpack": False},
+            "fw": {"directory": "fw", "privileged": True},
+        },
+        ota={"privileged_timeout_s": 60.0},
+    )
     w.fw = w.root / "device" / "fw"
     w.spool = w.dev.directory / "state" / "ota" / "spool"
     w.helper_cfg = helper_config(w.root / "install.toml", w.signer.cert_path, w.spool, w.fw)
@@ -52,10 +58,14 @@ def path_unit(world):
 
     def loop():
         while not stop.wait(0.2):
-            if world.spool.is_dir() and any(p.name.endswith((".request.json", ".claimed.json"))
-                                            for p in world.spool.iterdir()):
-                subprocess.run([sys.executable, "-m", "agent.update.privileged", "--config", str(world.helper_cfg)],
-                               cwd=REPO, timeout=60)
+            if world.spool.is_dir() and any(
+                p.name.endswith((".request.json", ".claimed.json")) for p in world.spool.iterdir()
+            ):
+                subprocess.run(
+                    [sys.executable, "-m", "agent.update.privileged", "--config", str(world.helper_cfg)],
+                    cwd=REPO,
+                    timeout=60,
+                )
 
     t = threading.Thread(target=loop, daemon=True)
     t.start()
@@ -122,10 +132,21 @@ def test_the_root_helper_takes_no_version_from_the_request(world, tmp_path):
     old = make_tar({"app.txt": b"app 1.0.0\n"})
     key = "00000000000000d1"
     (spool / f"{key}.artifact").write_bytes(old)
-    (spool / f"{key}.request.json").write_text(json.dumps({
-        "job_id": "relabel", "target": "fw", "version": "99.0.0", "version_label": "99.0.0", "name": "fw.tar",
-        "signature": world.signer.sign(old)}))
-    subprocess.run([sys.executable, "-m", "agent.update.privileged", "--config", str(cfg)], cwd=REPO, timeout=60, check=True)
+    (spool / f"{key}.request.json").write_text(
+        json.dumps(
+            {
+                "job_id": "relabel",
+                "target": "fw",
+                "version": "99.0.0",
+                "version_label": "99.0.0",
+                "name": "fw.tar",
+                "signature": world.signer.sign(old),
+            }
+        )
+    )
+    subprocess.run(
+        [sys.executable, "-m", "agent.update.privileged", "--config", str(cfg)], cwd=REPO, timeout=60, check=True
+    )
     result = json.loads((spool / f"{key}.result.json").read_text())
     assert result["status"] == "REJECTED", result
     assert slot(fw, "current") is None
@@ -136,8 +157,20 @@ def test_a_kill_right_after_the_hand_over_ends_with_one_outcome(world, path_unit
     agent is down; after a restart the agent records the install and the job is SUCCEEDED."""
     data = release("1.0.0", target="fw")
     world.jobs.create("handover", world.thing, _legacy(world, "fw", "1.0.0", "fw.tar", data))
-    cut = Run([sys.executable, str(HERE / "killwrap.py"), "--path", "*.request.json", "--",
-               "--config", str(world.dev.config_path), "run"], world.token.full_env(), tmp_path / "cut.log").start()
+    cut = Run(
+        [
+            sys.executable,
+            str(HERE / "killwrap.py"),
+            "--path",
+            "*.request.json",
+            "--",
+            "--config",
+            str(world.dev.config_path),
+            "run",
+        ],
+        world.token.full_env(),
+        tmp_path / "cut.log",
+    ).start()
     assert cut.proc.wait(90) == -9, cut.text()[-3000:]
     cut.reap()
     a = _agent(world)
@@ -149,6 +182,8 @@ def test_a_kill_right_after_the_hand_over_ends_with_one_outcome(world, path_unit
         assert status["updates"]["fw"]["current"] == "1.0.0"
         state = json.loads((world.dev.directory / "state" / "state.json").read_text())["data"]
         assert state["ota"]["installed"].get("fw") == "1.0.0", state["ota"]
-        assert not [p for p in world.spool.iterdir() if p.name.endswith((".json", ".artifact"))], os.listdir(world.spool)
+        assert not [p for p in world.spool.iterdir() if p.name.endswith((".json", ".artifact"))], os.listdir(
+            world.spool
+        )
     finally:
         assert a.stop() == 0

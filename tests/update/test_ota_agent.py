@@ -15,17 +15,27 @@ import ssl
 import threading
 
 import pytest
+from otakit import AFR_PATH, HEALTH, CodeSigner, World, afr_doc, make_tar, our_doc, release, signed_doc
 
 from agent.update.install import slot
 from agent.update.manifest import make as make_manifest
-from otakit import AFR_PATH, HEALTH, CodeSigner, World, afr_doc, make_tar, our_doc, release, signed_doc
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    w = World(tmp_path_factory.mktemp("ota"), "OTA1", {
-        "app": {"directory": "app", "health_command": HEALTH, "health_timeout_s": 10.0, "afr_ota_filepath": AFR_PATH},
-        "blob": {"directory": "blob", "unpack": False}})
+    w = World(
+        tmp_path_factory.mktemp("ota"),
+        "OTA1",
+        {
+            "app": {
+                "directory": "app",
+                "health_command": HEALTH,
+                "health_timeout_s": 10.0,
+                "afr_ota_filepath": AFR_PATH,
+            },
+            "blob": {"directory": "blob", "unpack": False},
+        },
+    )
     yield w
     w.close()
 
@@ -47,7 +57,11 @@ def test_happy_paths_https_and_streams_for_every_document_kind(world, agent):
         ("signed-https", "1.0.1", lambda d: world.signed("app", "1.0.1", "app.tar", d)),
         ("signed-stream", "1.0.2", lambda d: world.signed("app", "1.0.2", "app.tar", d, stream=True)),
         ("our-https", "1.1.0", lambda d: our_doc("app", "1.1.0", "app.tar", d, s.sign(d), url=world.https(d))),
-        ("our-stream", "1.2.0", lambda d: our_doc("app", "1.2.0", "app.tar", d, s.sign(d), stream=(world.stream(d), 0))),
+        (
+            "our-stream",
+            "1.2.0",
+            lambda d: our_doc("app", "1.2.0", "app.tar", d, s.sign(d), stream=(world.stream(d), 0)),
+        ),
         ("afr-https", "1.3.0", lambda d: afr_doc(AFR_PATH, d, s.sign(d), url=world.https(d))),
         ("afr-stream", "1.4.0", lambda d: afr_doc(AFR_PATH, d, s.sign(d), stream=world.stream(d))),
     ]
@@ -62,7 +76,7 @@ def test_happy_paths_https_and_streams_for_every_document_kind(world, agent):
         world.assert_clean(version)
         previous = version
     # Progress went out as IN_PROGRESS updates while downloading (several per job).
-    delivered = [l for _, l in agent.lines if "job signed-https: IN_PROGRESS delivered" in l]
+    delivered = [line for _, line in agent.lines if "job signed-https: IN_PROGRESS delivered" in line]
     assert len(delivered) >= 3, agent.text()[-2000:]
     # A single-file target keeps the artifact as it is; its version is bound by the signed manifest.
     blob = os.urandom(200_000)
@@ -108,51 +122,103 @@ def test_refusals_install_nothing(world, agent, truncating_server):
         return world.signed("app", version, "app.tar", data, **kw)
 
     def legacy(data=good, version="2.0.0", sig=None, **kw):
-        return our_doc("app", version, "app.tar", data, sig or s.sign(data), url=kw.pop("url", None) or world.https(data),
-                       **kw)
+        return our_doc(
+            "app", version, "app.tar", data, sig or s.sign(data), url=kw.pop("url", None) or world.https(data), **kw
+        )
 
     tampered = good[:-10] + b"X" * 10
     Truncating.data = good
     traversal = make_tar({"../evil.txt": b"owned", "app.txt": b"app 2.0.0\n"}, "2.0.0")
     manifest = make_manifest("app", "2.0.0", "app.tar", len(good), __import__("hashlib").sha256(good).hexdigest())
     cases = [
-        ("bad-signature", signed_doc(s, "app", "2.0.0", "app.tar", good, url=world.https(good),
-                                     manifest=(manifest, s.sign(b"something else"))), "REJECTED",
-         "manifest signature does not verify"),
+        (
+            "bad-signature",
+            signed_doc(
+                s,
+                "app",
+                "2.0.0",
+                "app.tar",
+                good,
+                url=world.https(good),
+                manifest=(manifest, s.sign(b"something else")),
+            ),
+            "REJECTED",
+            "manifest signature does not verify",
+        ),
         ("other-key", doc(signer=other), "REJECTED", "manifest signature does not verify"),
         ("tampered", doc(url=world.https(tampered)), "REJECTED", "sha256 does not match the signed manifest"),
         ("size-mismatch", doc(url=world.https(good + b"extra")), "REJECTED", "size mismatch"),
-        ("truncated", doc(url=f"https://localhost:{truncating_server.server_address[1]}/app.tar"),
-         "FAILED", "download failed after 2 attempts"),
+        (
+            "truncated",
+            doc(url=f"https://localhost:{truncating_server.server_address[1]}/app.tar"),
+            "FAILED",
+            "download failed after 2 attempts",
+        ),
         ("downgrade", doc(data=release("1.0.0"), version="1.0.0"), "REJECTED", "downgrade of app from 1.4.0 to 1.0.0"),
         ("replay", doc(data=release("1.4.0"), version="1.4.0"), "REJECTED", "already installed"),
-        ("version-lie", doc(data=release("1.0.0"), version="2.0.0"), "REJECTED",
-         "VERSION inside the artifact (1.0.0) differs from the signed manifest"),
-        ("other-target", doc(data=release("2.0.0", target="firmware")), "REJECTED",
-         "a release of 'firmware', not of 'app'"),
+        (
+            "version-lie",
+            doc(data=release("1.0.0"), version="2.0.0"),
+            "REJECTED",
+            "VERSION inside the artifact (1.0.0) differs from the signed manifest",
+        ),
+        (
+            "other-target",
+            doc(data=release("2.0.0", target="firmware")),
+            "REJECTED",
+            "a release of 'firmware', not of 'app'",
+        ),
         ("not-canonical", doc(version="02.0.0"), "REJECTED", "not MAJOR.MINOR.PATCH"),
         ("traversal", doc(data=traversal), "REJECTED", "not a safe tar archive"),
-        ("unknown-target", world.signed("kernel", "2.0.0", "app.tar", good), "REJECTED",
-         "unknown update target 'kernel'"),
+        (
+            "unknown-target",
+            world.signed("kernel", "2.0.0", "app.tar", good),
+            "REJECTED",
+            "unknown update target 'kernel'",
+        ),
         ("oversized-doc", {**doc(), "padding": "x" * 40_000}, "REJECTED", "limit is 32768"),
         ("oversized-artifact", doc(size=5 * 1024 * 1024), "REJECTED", "exceeds ota.max_artifact_bytes"),
         ("malformed", {"operation": "ota-update", "schema": 2, "artifact": {}}, "REJECTED", "manifest must be"),
         # Legacy documents: the signature covers the artifact, which must say what it is.
         ("legacy-bad-signature", legacy(sig=s.sign(b"something else")), "REJECTED", "signature does not verify"),
-        ("legacy-tampered", our_doc("app", "2.0.0", "app.tar", good, s.sign(good), url=world.https(tampered)),
-         "REJECTED", "sha256 does not match"),
-        ("legacy-tampered-hash-too", our_doc("app", "2.0.0", "app.tar", tampered, s.sign(good),
-                                             url=world.https(tampered)), "REJECTED", "signature does not verify"),
+        (
+            "legacy-tampered",
+            our_doc("app", "2.0.0", "app.tar", good, s.sign(good), url=world.https(tampered)),
+            "REJECTED",
+            "sha256 does not match",
+        ),
+        (
+            "legacy-tampered-hash-too",
+            our_doc("app", "2.0.0", "app.tar", tampered, s.sign(good), url=world.https(tampered)),
+            "REJECTED",
+            "signature does not verify",
+        ),
         ("legacy-no-target-file", legacy(data=release("2.0.0", target=None)), "REJECTED", "binds no version or target"),
-        ("legacy-version-lie", legacy(data=release("1.0.0"), version="2.0.0"), "REJECTED",
-         "VERSION inside the artifact (1.0.0) differs"),
-        ("afr-traversal", afr_doc("/opt/app/../../etc/passwd", good, s.sign(good), url=world.https(good)),
-         "REJECTED", "filepath must name a plain file"),
+        (
+            "legacy-version-lie",
+            legacy(data=release("1.0.0"), version="2.0.0"),
+            "REJECTED",
+            "VERSION inside the artifact (1.0.0) differs",
+        ),
+        (
+            "afr-traversal",
+            afr_doc("/opt/app/../../etc/passwd", good, s.sign(good), url=world.https(good)),
+            "REJECTED",
+            "filepath must name a plain file",
+        ),
         ("legacy-malformed", {"operation": "ota-update", "schema": 1, "target": "app"}, "REJECTED", "version"),
-        ("unhealthy", doc(data=release("2.1.0", "unhealthy\n"), version="2.1.0"), "FAILED",
-         "rolled back to 1.4.0: health check exited 1"),
-        ("broken-again", doc(data=release("2.1.0", "unhealthy\n"), version="2.1.0"), "REJECTED",
-         "failed on this device before"),
+        (
+            "unhealthy",
+            doc(data=release("2.1.0", "unhealthy\n"), version="2.1.0"),
+            "FAILED",
+            "rolled back to 1.4.0: health check exited 1",
+        ),
+        (
+            "broken-again",
+            doc(data=release("2.1.0", "unhealthy\n"), version="2.1.0"),
+            "REJECTED",
+            "failed on this device before",
+        ),
     ]
     for job_id, document, status, why in cases:
         ex = world.run(job_id, document, status)
@@ -164,8 +230,9 @@ def test_refusals_install_nothing(world, agent, truncating_server):
     assert slot(world.app, "broken") == "2.1.0"
     # A single-file target cannot carry VERSION: a legacy document cannot bind its version.
     blob = os.urandom(1000)
-    ex = world.run("blob-legacy", our_doc("blob", "8.0.0", "firmware.bin", blob, s.sign(blob), url=world.https(blob)),
-                   "REJECTED")
+    ex = world.run(
+        "blob-legacy", our_doc("blob", "8.0.0", "firmware.bin", blob, s.sign(blob), url=world.https(blob)), "REJECTED"
+    )
     assert "binds no version or target" in ex["statusDetails"]["reason"]
     world.assert_clean("7.0.0", world.blob)
     # After all that, a good update still goes through.
@@ -187,7 +254,8 @@ def test_a_stream_download_survives_a_broker_restart(world, agent):
     world.cloud.up()
     ex = world.run_wait("through-restart", "SUCCEEDED", timeout=180)
     assert ex["statusDetails"]["version"] == "3.0.0" and ex["statusDetails"]["progress"] == "100%"
-    assert any("paused while the broker is unreachable" in l or "download attempt" in l
-               for _, l in agent.lines[i:]), agent.text()[-3000:]
+    assert any(
+        "paused while the broker is unreachable" in line or "download attempt" in line for _, line in agent.lines[i:]
+    ), agent.text()[-3000:]
     assert (world.app / "current" / "app.txt").read_text() == "app 3.0.0\n"
     world.assert_clean("3.0.0")

@@ -13,26 +13,32 @@ import threading
 from pathlib import Path
 
 import pytest
+from otakit import CodeSigner, World, make_tar, release
 
 from agent.update import privileged
 from agent.update.install import slot
-from otakit import CodeSigner, World, make_tar, release
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def helper_config(path: Path, cert: Path, spool: Path, fw: Path) -> Path:
-    path.write_text(f'code_signing_certificate = "{cert}"\nspool = "{spool}"\n'
-                    f'[targets.fw]\ndirectory = "{fw}"\n'
-                    'health_command = ["sh", "-c", "test -f app.txt && ! grep -q unhealthy app.txt"]\n')
+    path.write_text(
+        f'code_signing_certificate = "{cert}"\nspool = "{spool}"\n'
+        f'[targets.fw]\ndirectory = "{fw}"\n'
+        'health_command = ["sh", "-c", "test -f app.txt && ! grep -q unhealthy app.txt"]\n'
+    )
     path.chmod(0o600)
     return path
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    w = World(tmp_path_factory.mktemp("otapriv"), "OTAP", {"fw": {"directory": "fw", "privileged": True}},
-              ota={"privileged_timeout_s": 30.0})
+    w = World(
+        tmp_path_factory.mktemp("otapriv"),
+        "OTAP",
+        {"fw": {"directory": "fw", "privileged": True}},
+        ota={"privileged_timeout_s": 30.0},
+    )
     w.fw = w.root / "device" / "fw"
     w.spool = w.dev.directory / "state" / "ota" / "spool"
     w.helper_cfg = helper_config(w.root / "install.toml", w.signer.cert_path, w.spool, w.fw)
@@ -48,12 +54,17 @@ def path_unit(world):
 
     def loop():
         while not stop.wait(0.2):
-            if world.spool.is_dir() and (list(world.spool.glob("*.request.json"))
-                                         or list(world.spool.glob("*.claimed.json"))):
+            if world.spool.is_dir() and (
+                list(world.spool.glob("*.request.json")) or list(world.spool.glob("*.claimed.json"))
+            ):
                 if hooks["before"]:
                     hooks["before"](world.spool)
-                subprocess.run([sys.executable, "-m", "agent.update.privileged", "--config", str(world.helper_cfg)],
-                               cwd=REPO, check=True, timeout=60)
+                subprocess.run(
+                    [sys.executable, "-m", "agent.update.privileged", "--config", str(world.helper_cfg)],
+                    cwd=REPO,
+                    check=True,
+                    timeout=60,
+                )
                 hooks["runs"] += 1
 
     t = threading.Thread(target=loop, daemon=True)
@@ -102,8 +113,18 @@ def test_helper_re_verifies_an_artifact_swapped_after_the_agent_checked_it(world
     assert slot(world.fw, "current") == "1.0.0" and not (world.fw / "releases" / "2.0.0").exists()
 
 
-def request(spool: Path, key: str, signer, target: str, version: str, data: bytes | None, *, name: str = "fw.tar",
-            manifest_target: str | None = None, legacy: bool = False) -> None:
+def request(
+    spool: Path,
+    key: str,
+    signer,
+    target: str,
+    version: str,
+    data: bytes | None,
+    *,
+    name: str = "fw.tar",
+    manifest_target: str | None = None,
+    legacy: bool = False,
+) -> None:
     """Write a request as an agent would (or a taken-over one could)."""
     import hashlib
 
@@ -132,21 +153,42 @@ def test_helper_refuses_requests_the_agent_should_never_send(world, tmp_path):
     r = lambda v, **kw: release(v, target="fw", **kw)  # noqa: E731
     cases = {
         "0000000000000001": (dict(target="fw", version="1.0.0", data=r("1.0.0")), "SUCCEEDED", "installed"),
-        "0000000000000002": (dict(target="fw", version="0.9.0", data=r("0.9.0")), "REJECTED",
-                             "not newer than the installed 1.0.0"),
-        "0000000000000003": (dict(target="etc", version="2.0.0", data=r("2.0.0")), "REJECTED",
-                             "not one this helper may install"),
-        "0000000000000004": (dict(target="fw", version="2.0.0", data=r("2.0.0"), signer=other), "REJECTED",
-                             "manifest signature does not verify"),
+        "0000000000000002": (
+            dict(target="fw", version="0.9.0", data=r("0.9.0")),
+            "REJECTED",
+            "not newer than the installed 1.0.0",
+        ),
+        "0000000000000003": (
+            dict(target="etc", version="2.0.0", data=r("2.0.0")),
+            "REJECTED",
+            "not one this helper may install",
+        ),
+        "0000000000000004": (
+            dict(target="fw", version="2.0.0", data=r("2.0.0"), signer=other),
+            "REJECTED",
+            "manifest signature does not verify",
+        ),
         "0000000000000005": (dict(target="fw", version="2.0.0", data=None), "REJECTED", "is a symbolic link"),
-        "0000000000000006": (dict(target="fw", version="2.0.0", data=make_tar({"../x": b"1"}, "2.0.0")), "REJECTED",
-                             "not a safe tar"),
-        "0000000000000007": (dict(target="fw", version="2.0.0", data=r("2.0.0"), manifest_target="app"), "REJECTED",
-                             "the signed manifest is for target 'app'"),
-        "0000000000000008": (dict(target="fw", version="99.0.0", data=make_tar({"app.txt": b"old"}), legacy=True),
-                             "REJECTED", "binds no version or target"),
-        "0000000000000009": (dict(target="fw", version="2.0.0", data=release("2.0.0", target="app"), legacy=True),
-                             "REJECTED", "a release of 'app', not of 'fw'"),
+        "0000000000000006": (
+            dict(target="fw", version="2.0.0", data=make_tar({"../x": b"1"}, "2.0.0")),
+            "REJECTED",
+            "not a safe tar",
+        ),
+        "0000000000000007": (
+            dict(target="fw", version="2.0.0", data=r("2.0.0"), manifest_target="app"),
+            "REJECTED",
+            "the signed manifest is for target 'app'",
+        ),
+        "0000000000000008": (
+            dict(target="fw", version="99.0.0", data=make_tar({"app.txt": b"old"}), legacy=True),
+            "REJECTED",
+            "binds no version or target",
+        ),
+        "0000000000000009": (
+            dict(target="fw", version="2.0.0", data=release("2.0.0", target="app"), legacy=True),
+            "REJECTED",
+            "a release of 'app', not of 'fw'",
+        ),
         "0000000000000010": (dict(target="fw", version="2.0", data=r("2.0.0")), "REJECTED", "not MAJOR.MINOR.PATCH"),
     }
     for key, (kw, status, why) in sorted(cases.items()):
@@ -177,14 +219,30 @@ def test_helper_never_blocks_on_or_follows_what_is_not_a_file(world, tmp_path):
     (spool / "00000000000000a1.request.json").mkdir()
     os.mkfifo(spool / "00000000000000a2.request.json")
     request(spool, "00000000000000a3", world.signer, "fw", "1.0.0", release("1.0.0", target="fw"))
-    run = lambda: subprocess.run([sys.executable, "-m", "agent.update.privileged", "--config", str(cfg_path)],  # noqa: E731
-                                 cwd=REPO, capture_output=True, text=True, timeout=60)
+
+    def run():
+        return subprocess.run(
+            [sys.executable, "-m", "agent.update.privileged", "--config", str(cfg_path)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
     r = run()
     assert r.returncode == 0, r.stderr
-    answers = {k: json.loads((spool / f"{k}.result.json").read_text()) for k in
-               ("00000000000000a1", "00000000000000a2", "00000000000000a3")}
-    assert answers["00000000000000a1"]["status"] == "REJECTED" and "not a regular file" in answers["00000000000000a1"]["reason"]
-    assert answers["00000000000000a2"]["status"] == "REJECTED" and "not a regular file" in answers["00000000000000a2"]["reason"]
+    answers = {
+        k: json.loads((spool / f"{k}.result.json").read_text())
+        for k in ("00000000000000a1", "00000000000000a2", "00000000000000a3")
+    }
+    assert (
+        answers["00000000000000a1"]["status"] == "REJECTED"
+        and "not a regular file" in answers["00000000000000a1"]["reason"]
+    )
+    assert (
+        answers["00000000000000a2"]["status"] == "REJECTED"
+        and "not a regular file" in answers["00000000000000a2"]["reason"]
+    )
     assert answers["00000000000000a3"]["status"] == "SUCCEEDED", answers
     assert not list(spool.glob("*.request.json")), os.listdir(spool)  # nothing left to start the unit again
 
@@ -208,7 +266,9 @@ def test_helper_never_blocks_on_or_follows_what_is_not_a_file(world, tmp_path):
     stop.set()
     writer.join()
     result = json.loads((spool / f"{key}.result.json").read_text())
-    assert result["status"] == "REJECTED" and ("grew past" in result["reason"] or "larger than" in result["reason"]), result
+    assert result["status"] == "REJECTED" and ("grew past" in result["reason"] or "larger than" in result["reason"]), (
+        result
+    )
     assert slot(fw, "current") == "1.0.0"
 
     # The spool swapped for a symlink to another folder: root follows nothing.

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from cloudkit import wait_status
+from otakit import World, tar_dir
 
 from agent.update.install import slot
 from agent.update.release import read_trial
-from otakit import World, tar_dir
-from cloudkit import wait_status
 
 REPO = Path(__file__).resolve().parents[2]
 DEADLINE_S = 25.0
@@ -20,15 +20,21 @@ DEADLINE_S = 25.0
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    w = World(tmp_path_factory.mktemp("otaself"), "OTAS", {"agent": {"directory": "agent-release", "self_update": True}},
-              ota={"self_update_deadline_s": DEADLINE_S})
+    w = World(
+        tmp_path_factory.mktemp("otaself"),
+        "OTAS",
+        {"agent": {"directory": "agent-release", "self_update": True}},
+        ota={"self_update_deadline_s": DEADLINE_S},
+    )
     w.target = w.root / "device" / "agent-release"
     yield w
     w.close()
 
 
 def launcher(world, agents, env=None):
-    return agents(world.dev, env=env, cmd=[sys.executable, "-m", "agent.launch", "--config", str(world.dev.config_path)])
+    return agents(
+        world.dev, env=env, cmd=[sys.executable, "-m", "agent.launch", "--config", str(world.dev.config_path)]
+    )
 
 
 def agent_release(world, job_id: str, version: str, patch=None) -> None:
@@ -49,8 +55,17 @@ def test_self_update_confirms_and_a_release_that_cannot_connect_rolls_back(world
     assert slot(world.target, "current") == "2.0.0" and read_trial(world.target) is None
 
     # 3.0.0 uses the wrong MQTT client ID: the broker refuses it, so it can never confirm.
-    agent_release(world, "self-3", "3.0.0", {"runtime/daemon.py": ("cfg, identity.thing_name, identity.certificate_file",
-                                                                   "cfg, identity.thing_name + '-x', identity.certificate_file")})
+    agent_release(
+        world,
+        "self-3",
+        "3.0.0",
+        {
+            "runtime/daemon.py": (
+                "cfg, identity.thing_name, identity.certificate_file",
+                "cfg, identity.thing_name + '-x', identity.certificate_file",
+            )
+        },
+    )
     ex = wait_status(world.jobs, "self-3", world.thing, "FAILED", timeout=DEADLINE_S + 90)
     reason = ex["statusDetails"]["reason"]
     assert "rolled back to 2.0.0" in reason and "did not confirm within the deadline" in reason, reason

@@ -6,21 +6,35 @@ from __future__ import annotations
 
 import json
 
-from agent.update import install
-from agent.runtime.features import parse
-from agent.update.ota import OtaHandler
 from otakit import CodeSigner, make_tar, our_doc
+
+from agent.runtime.features import parse
+from agent.update import install
+from agent.update.ota import OtaHandler
 
 
 def handler(tmp_path, state: dict) -> OtaHandler:
     signer = CodeSigner(tmp_path / "signer")
-    cfg = parse({"broker": {"endpoint": "localhost", "ca_file": "ca.pem"},
-                 "pkcs11": {"library": "lib.so", "token_label": "t"},
-                 "device": {"state_dir": str(tmp_path / "state")},
-                 "ota": {"code_signing_certificate": str(signer.cert_path), "download_attempts": 1,
-                         "targets": {"app": {"directory": str(tmp_path / "app")}}}})
-    h = OtaHandler(cfg, load=lambda: json.loads(json.dumps(state)), save=lambda d: (state.clear(), state.update(d)),
-                   thing="t", publish=lambda t, p: 0, subscribe=lambda t: 0)
+    cfg = parse(
+        {
+            "broker": {"endpoint": "localhost", "ca_file": "ca.pem"},
+            "pkcs11": {"library": "lib.so", "token_label": "t"},
+            "device": {"state_dir": str(tmp_path / "state")},
+            "ota": {
+                "code_signing_certificate": str(signer.cert_path),
+                "download_attempts": 1,
+                "targets": {"app": {"directory": str(tmp_path / "app")}},
+            },
+        }
+    )
+    h = OtaHandler(
+        cfg,
+        load=lambda: json.loads(json.dumps(state)),
+        save=lambda d: (state.clear(), state.update(d)),
+        thing="t",
+        publish=lambda t, p: 0,
+        subscribe=lambda t: 0,
+    )
     h.signer = signer
     return h
 
@@ -47,8 +61,17 @@ def test_an_interrupted_switch_is_undone_at_start_up(tmp_path):
         install.stage(app, v, src, "a.tar", True)
     install.activate(app, "1.0.0")
     install.activate(app, "2.0.0")  # the power went right after this switch
-    state = {"active": {"job_id": "j", "target": "app", "version": "2.0.0", "phase": "activating",
-                        "from_current": "1.0.0", "from_previous": None, "partial": str(tmp_path / "p")}}
+    state = {
+        "active": {
+            "job_id": "j",
+            "target": "app",
+            "version": "2.0.0",
+            "phase": "activating",
+            "from_current": "1.0.0",
+            "from_previous": None,
+            "partial": str(tmp_path / "p"),
+        }
+    }
     h = handler(tmp_path, state)
     h.recover()
     assert install.slot(app, "current") == "1.0.0" and install.slot(app, "previous") is None

@@ -7,13 +7,13 @@ import os
 import threading
 
 import pytest
+from cloudkit import provision_device
 
 from agent.update.download import DownloadError
 from agent.update.signing import sha256_file
 from agent.update.streamdl import StreamDownload
 from localcloud.cloud import LocalCloud
 from localcloud.streams import Streams
-from cloudkit import provision_device
 
 
 @pytest.fixture
@@ -31,8 +31,16 @@ def world(tmp_path):
 
 
 def downloader(dev, tmp_path, size, **kw):
-    dl = StreamDownload("gw-SN-S1", "fw-9", 0, tmp_path / "fw.partial", size,
-                        publish=lambda t, p: dev.publish(t, p), subscribe=dev.subscribe, **kw)
+    dl = StreamDownload(
+        "gw-SN-S1",
+        "fw-9",
+        0,
+        tmp_path / "fw.partial",
+        size,
+        publish=lambda t, p: dev.publish(t, p),
+        subscribe=dev.subscribe,
+        **kw,
+    )
     stop = threading.Event()
 
     def pump():
@@ -56,7 +64,7 @@ def test_stream_download_and_resume(world):
         with open(dl.partial, "wb") as f:
             f.truncate(len(data))
             f.seek(0)
-            f.write(data[:20 * 4096])
+            f.write(data[: 20 * 4096])
         bm = bytearray((len(data) // 4096 + 8) // 8)
         for i in range(20):
             bm[i // 8] |= 1 << (i % 8)

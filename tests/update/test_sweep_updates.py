@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
+from otakit import HEALTH, release, tar_dir
+from sweep import Outcome, Run, flush_tpm, next_serial, op_at, sweep, sweep_env
 
 from agent.update.install import slot
 from agent.update.release import read_trial
@@ -29,8 +31,6 @@ from localcloud.jobs import Jobs
 from localcloud.ntp import Chrony
 from localcloud.tokens import softhsm_token, tpm_token
 from localcloud.vendor import CodeSigner, signed_doc
-from otakit import HEALTH, release, tar_dir
-from sweep import Outcome, Run, flush_tpm, next_serial, op_at, sweep, sweep_env
 
 REPO = Path(__file__).resolve().parents[2]
 TERMINAL = ("SUCCEEDED", "FAILED", "REJECTED", "CANCELED", "TIMED_OUT")
@@ -111,9 +111,15 @@ class PathUnit:
             if not self.env or not self.spool.is_dir():
                 continue
             if any(p.name.endswith((".request.json", ".claimed.json")) for p in self.spool.iterdir()):
-                p = subprocess.Popen([sys.executable, "-m", "agent.update.privileged", "--config", str(self.cfg)], cwd=REPO,
-                                     env=self.env, start_new_session=True, stdout=subprocess.DEVNULL,
-                                     stderr=open(self.d / "helper.log", "ab"))
+                with open(self.d / "helper.log", "ab") as log:  # the helper writes to its own copy
+                    p = subprocess.Popen(
+                        [sys.executable, "-m", "agent.update.privileged", "--config", str(self.cfg)],
+                        cwd=REPO,
+                        env=self.env,
+                        start_new_session=True,
+                        stdout=subprocess.DEVNULL,
+                        stderr=log,
+                    )
                 self.pgids.write_text(f"{p.pid}\n")
                 try:
                     p.wait(120)
@@ -158,10 +164,24 @@ def update_case(world, kind: str, root: Path, flow: str):
             else:
                 target["self_update"] = True
             name = "agent" if flow == "self-update" else "app"
-            dev = fresh_device(world.cloud, token, serial, d / "device", [world.ntp.server], extra={
-                "defender": {"enabled": False}, "inventory": {"enabled": False},
-                "ota": {"code_signing_certificate": str(world.signer.cert_path), "ca_file": world.info["ca_file"],
-                        "self_update_deadline_s": 60.0, "privileged_timeout_s": 60.0, "targets": {name: target}}})
+            dev = fresh_device(
+                world.cloud,
+                token,
+                serial,
+                d / "device",
+                [world.ntp.server],
+                extra={
+                    "defender": {"enabled": False},
+                    "inventory": {"enabled": False},
+                    "ota": {
+                        "code_signing_certificate": str(world.signer.cert_path),
+                        "ca_file": world.info["ca_file"],
+                        "self_update_deadline_s": 60.0,
+                        "privileged_timeout_s": 60.0,
+                        "targets": {name: target},
+                    },
+                },
+            )
             connected = rf"connected to localhost:\d+ as {thing}"
             first = Run(agent_cmd(dev.config_path, "run"), _plain(token), d / "run0.log").start()
             if not first.wait_for(connected, 90):
@@ -171,9 +191,11 @@ def update_case(world, kind: str, root: Path, flow: str):
             if flow == "privileged":
                 spool = dev.directory / "state" / "ota" / "spool"
                 cfg = d / "install.toml"
-                cfg.write_text(f'code_signing_certificate = "{world.signer.cert_path}"\nspool = "{spool}"\n'
-                               f'[targets.app]\ndirectory = "{target_dir}"\n'
-                               f'health_command = {json.dumps(HEALTH)}\n')
+                cfg.write_text(
+                    f'code_signing_certificate = "{world.signer.cert_path}"\nspool = "{spool}"\n'
+                    f'[targets.app]\ndirectory = "{target_dir}"\n'
+                    f"health_command = {json.dumps(HEALTH)}\n"
+                )
                 cfg.chmod(0o600)
                 unit = PathUnit(spool, cfg, d)
             if flow == "self-update":
@@ -184,15 +206,20 @@ def update_case(world, kind: str, root: Path, flow: str):
                 cmd = agent_cmd(dev.config_path, "run")
             want = "FAILED" if flow == "rollback" else "SUCCEEDED"
             job = f"upd-{flow}-{kind}-{n}"
-            world.jobs.create(job, thing, signed_doc(world.signer, name, "2.0.0", f"{name}.tar", data,
-                                                     url=world.https(data)))
+            world.jobs.create(
+                job, thing, signed_doc(world.signer, name, "2.0.0", f"{name}.tar", data, url=world.https(data))
+            )
             ops = d / "ops.log"
             env = sweep_env(token.full_env(), ops, dev.directory, n)
             agent_pgids = d / "agent.pgids"
             if unit:
                 env["IOT_AGENT_TEST_KILL_ALSO"] = str(unit.pgids)
-                unit.env = {**os.environ, **{k: v for k, v in env.items() if k.startswith("IOT_AGENT_TEST")},
-                            "IOT_AGENT_TEST_KILL_ALSO": str(agent_pgids), "PYTHONDONTWRITEBYTECODE": "1"}
+                unit.env = {
+                    **os.environ,
+                    **{k: v for k, v in env.items() if k.startswith("IOT_AGENT_TEST")},
+                    "IOT_AGENT_TEST_KILL_ALSO": str(agent_pgids),
+                    "PYTHONDONTWRITEBYTECODE": "1",
+                }
                 unit.env.pop("IOT_AGENT_TEST_KILL_GROUP", None)  # the helper's own process only
             run = Run(cmd, env, d / "run1.log").start()
             agent_pgids.write_text(f"{run.proc.pid}\n")
@@ -243,7 +270,8 @@ def update_case(world, kind: str, root: Path, flow: str):
                 problems.append(f"trial left open: {read_trial(target_dir)}")
             work = dev.directory / "state" / "ota"
             leftovers = [p.name for p in work.iterdir() if p.is_file()] + (
-                [p.name for p in (work / "spool").iterdir()] if (work / "spool").is_dir() else [])
+                [p.name for p in (work / "spool").iterdir()] if (work / "spool").is_dir() else []
+            )
             if leftovers:
                 problems.append(f"left in the OTA folder: {leftovers}")
             if problems:
