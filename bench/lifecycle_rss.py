@@ -23,6 +23,7 @@ against the floor. Exit status 1 if a target is missed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -87,8 +88,14 @@ class Agent:
         self.log_path, self.state_dir = log_path, state_dir
         argv = [sys.executable, str(Path(sys.executable).parent / "iot-agent"), "--config", str(config), "run"]
         with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=log, cwd=str(state_dir.parent))
+            self.proc = subprocess.Popen(
+                argv,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                cwd=str(state_dir.parent),
+            )
 
     @property
     def pid(self) -> int:
@@ -132,10 +139,8 @@ class Agent:
 
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -166,8 +171,9 @@ def settled(agent: Agent) -> bool:
         return False
     if (data.get("rotation") or {}).get("step", "idle") != "idle":
         return False
-    events = re.findall(rf"(connected to \S+ as {THING}\b|connecting to |reconnecting with |disconnected)",
-                        agent.log_text())
+    events = re.findall(
+        rf"(connected to \S+ as {THING}\b|connecting to |reconnecting with |disconnected)", agent.log_text()
+    )
     return bool(events) and events[-1].startswith("connected to")
 
 
@@ -217,17 +223,28 @@ def measure_floor(argv: list[str], env: dict[str, str], settle: float, timeout: 
 # -- documents --------------------------------------------------------------------------------------
 def manifest_bytes(target: str, version: str, name: str, data: bytes) -> bytes:
     """README 'Updates': the release manifest a vendor signs (built here so no agent module is imported)."""
-    return json.dumps({"format": "iot-agent-release/1", "target": target, "version": version, "name": name,
-                       "size": len(data), "sha256": hashlib.sha256(data).hexdigest()},
-                      sort_keys=True, separators=(",", ":")).encode()
+    return json.dumps(
+        {
+            "format": "iot-agent-release/1",
+            "target": target,
+            "version": version,
+            "name": name,
+            "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
 
 
 def cheap_documents(replay: dict) -> list[tuple[dict, str]]:
     """One cycle of the job mix: (document, what the agent answers)."""
     return [
         ({"operation": "reboot"}, "unsupported operation"),
-        ({"operation": "collect-logs", "since": "1h", "upload": {"url": "https://example.invalid/logs"}},
-         "unsupported operation"),
+        (
+            {"operation": "collect-logs", "since": "1h", "upload": {"url": "https://example.invalid/logs"}},
+            "unsupported operation",
+        ),
         (replay, "replayed signed update: already installed"),
         ({"operation": "set-config", "config": {"telemetry_interval_s": 60, "debug": False}}, "unsupported operation"),
         ({"operation": "restart-app", "app": "app"}, "unsupported operation"),
@@ -239,8 +256,16 @@ def cheap_documents(replay: dict) -> list[tuple[dict, str]]:
     ]
 
 
-def run_jobs(jobs: Jobs, agent: Agent, first: int, count: int, batch: int, docs: list[tuple[dict, str]],
-             statuses: dict[str, int], on_progress=None) -> None:
+def run_jobs(
+    jobs: Jobs,
+    agent: Agent,
+    first: int,
+    count: int,
+    batch: int,
+    docs: list[tuple[dict, str]],
+    statuses: dict[str, int],
+    on_progress=None,
+) -> None:
     """Create `count` jobs in batches of `batch`; each batch is awaited (bounded) before the next one."""
     i = first
     end = first + count
@@ -250,9 +275,10 @@ def run_jobs(jobs: Jobs, agent: Agent, first: int, count: int, batch: int, docs:
             job_id = f"life-{j:05d}"
             jobs.create(job_id, THING, docs[j % len(docs)][0])
             ids.append(job_id)
-        wait_until(f"jobs {ids[0]}..{ids[-1]}", lambda: terminal(jobs, ids[-1]), 30 + 3 * len(ids), agent, 0.05)
+        last = ids[-1]
+        wait_until(f"jobs {ids[0]}..{last}", lambda last=last: terminal(jobs, last), 30 + 3 * len(ids), agent, 0.05)
         for job_id in ids:  # jobs run in queue order: all of the batch are done; count how
-            ex = wait_until(f"job {job_id}", lambda: terminal(jobs, job_id), 30, agent, 0.05)
+            ex = wait_until(f"job {job_id}", lambda job_id=job_id: terminal(jobs, job_id), 30, agent, 0.05)
             statuses[ex["status"]] = statuses.get(ex["status"], 0) + 1
         i += len(ids)
         if on_progress:
@@ -278,8 +304,9 @@ def main() -> int:
     # leftovers of it): compile them once into a private cache instead, outside the source tree.
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     os.environ["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
-    r = subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "agent")], timeout=300,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", str(REPO / "agent")], timeout=300, capture_output=True, text=True
+    )
     if r.returncode != 0:  # the agent will say more when it starts; this is only the cache
         say(f"warning: compiling agent/ failed: {(r.stdout + r.stderr).strip()[-300:]}")
 
@@ -297,37 +324,66 @@ def main() -> int:
         token = softhsm_token(work / "softhsm", label="iot-agent")
         signer = CodeSigner(work / "vendor")
         app_dir = work / "device" / "app"
-        dev = fresh_device(cloud, token, SERIAL, work / "device", [ntp.server], extra={
-            "ota": {"code_signing_certificate": str(signer.cert_path), "ca_file": info["ca_file"],
-                    "targets": {"app": {"directory": str(app_dir), "health_command": ["sh", "-c", "test -f app.txt"]}}}})
+        dev = fresh_device(
+            cloud,
+            token,
+            SERIAL,
+            work / "device",
+            [ntp.server],
+            extra={
+                "ota": {
+                    "code_signing_certificate": str(signer.cert_path),
+                    "ca_file": info["ca_file"],
+                    "targets": {"app": {"directory": str(app_dir), "health_command": ["sh", "-c", "test -f app.txt"]}},
+                }
+            },
+        )
         cloud.registry.allow_serials([SERIAL])
         jobs = Jobs(cloud.registry.db, cloud.registry.lock)
         streams = Streams(cloud.registry.db, cloud.registry.lock, cloud.directory / "streams")
         env = token.full_env()
-        say(f"local cloud on 127.0.0.1:{info['port']}, NTP {ntp.server}, factory-fresh device {SERIAL} (claim key on SoftHSM)")
+        say(
+            f"local cloud on 127.0.0.1:{info['port']}, NTP {ntp.server}, "
+            f"factory-fresh device {SERIAL} (claim key on SoftHSM)"
+        )
 
         # 1. provisioning by claim
         agent = Agent(dev.config_path, env, work / "agent.log", dev.directory / "state")
-        wait_until("provisioning by claim and the connection as the thing",
-                   lambda: re.search(rf"connected to \S+ as {THING}\b", agent.log_text()), 120, agent)
+        wait_until(
+            "provisioning by claim and the connection as the thing",
+            lambda: re.search(rf"connected to \S+ as {THING}\b", agent.log_text()),
+            120,
+            agent,
+        )
         agent.verify_identity()
-        wait_until("a Device Defender report", lambda: [r for r in DefenderStore(cloud.registry.db, cloud.registry.lock)
-                                                        .reports(THING) if r["status"] == "ACCEPTED"], 60, agent)
+        wait_until(
+            "a Device Defender report",
+            lambda: [
+                r
+                for r in DefenderStore(cloud.registry.db, cloud.registry.lock).reports(THING)
+                if r["status"] == "ACCEPTED"
+            ],
+            60,
+            agent,
+        )
         first_cert = [c.id for c in cloud.registry.certificates() if c.thing == THING and c.status == "ACTIVE"]
         if len(first_cert) != 1:
             raise RuntimeError(f"expected one active certificate for {THING}, found {len(first_cert)}")
         time.sleep(2)
         samples.append(("provisioning by claim (+ Defender report)", agent.sample()))
-        say(f"agent PID {agent.pid} (= state/agent.pid): provisioned by claim and connected; "
-            f"RSS {samples[-1][1]['VmRSS'] / 1024:.1f} MiB")
+        say(
+            f"agent PID {agent.pid} (= state/agent.pid): provisioned by claim and connected; "
+            f"RSS {samples[-1][1]['VmRSS'] / 1024:.1f} MiB"
+        )
 
         # 2. a signed update
         release = make_tar({"app.txt": b"app 1.1.0\n"}, "1.1.0")
         (work / "app-1.1.0.tar").write_bytes(release)
         sid = streams.create([work / "app-1.1.0.tar"], "app-1-1-0")
         raw = manifest_bytes("app", "1.1.0", "app-1.1.0.tar", release)
-        update_doc = signed_doc(signer, "app", "1.1.0", "app-1.1.0.tar", release, stream=(sid, 0),
-                                manifest=(raw, signer.sign(raw)))
+        update_doc = signed_doc(
+            signer, "app", "1.1.0", "app-1.1.0.tar", release, stream=(sid, 0), manifest=(raw, signer.sign(raw))
+        )
         jobs.create("update-1-1-0", THING, update_doc)
         ex = wait_until("the signed update", lambda: terminal(jobs, "update-1-1-0"), 120, agent)
         current = (app_dir / "current").resolve().name if (app_dir / "current").exists() else None
@@ -374,8 +430,10 @@ def main() -> int:
         jobs_elapsed = time.monotonic() - t_measured
         time.sleep(1)
         samples.append((f"{args.warmup} + {args.jobs} jobs: the whole life", agent.sample()))
-        say(f"{args.jobs} more jobs done in {jobs_elapsed:.1f} s ({args.jobs / jobs_elapsed:.1f} jobs/s); "
-            f"RSS {samples[-1][1]['VmRSS'] / 1024:.1f} MiB")
+        say(
+            f"{args.jobs} more jobs done in {jobs_elapsed:.1f} s ({args.jobs / jobs_elapsed:.1f} jobs/s); "
+            f"RSS {samples[-1][1]['VmRSS'] / 1024:.1f} MiB"
+        )
         all_jobs_elapsed = time.monotonic() - t_jobs
 
         # the agent stops; the floor runs with the device's final identity
@@ -385,9 +443,19 @@ def main() -> int:
         state = json.loads((dev.directory / "state" / "state.json").read_text())["data"]
         cfg_text = dev.config_path.read_text()
         lib = re.search(r'^library = "(.*)"$', cfg_text, re.M).group(1)
-        base = [sys.executable, str(REPO / "bench" / "baseline_connect.py"), "localhost", str(info["port"]),
-                info["ca_file"], state["certificate_file"], lib, token.label, state["key_label"],
-                str(token.pin_file()), state["thing_name"]]
+        base = [
+            sys.executable,
+            str(REPO / "bench" / "baseline_connect.py"),
+            "localhost",
+            str(info["port"]),
+            info["ca_file"],
+            state["certificate_file"],
+            lib,
+            token.label,
+            state["key_label"],
+            str(token.pin_file()),
+            state["thing_name"],
+        ]
         measure_floor(base, env, 0.3)  # warm-up: the interpreter and libraries from the page cache
         for _ in range(args.floor_runs):
             floors.append(measure_floor(base, env, 1.0))
@@ -407,36 +475,55 @@ def main() -> int:
     f_rss = statistics.median(f["VmRSS"] for f in floors)
     f_hwm = statistics.median(f["VmHWM"] for f in floors)
     print()
-    print(f"floor (awscrt+awsiot, one PKCS#11 mTLS connection; median of {len(floors)}): "
-          f"RSS {f_rss / 1024:.1f} MiB, peak {f_hwm / 1024:.1f} MiB "
-          f"(runs: {', '.join('%.1f' % (f['VmRSS'] / 1024) for f in floors)} MiB)")
-    print(f"{'agent (iot-agent run, PID = state/agent.pid)':50s} {'RSS MiB':>8s} {'ratio':>6s} {'peak MiB':>9s} "
-          f"{'anon MiB':>9s} {'threads':>7s} {'fds':>4s} {'state.json':>10s}")
+    print(
+        f"floor (awscrt+awsiot, one PKCS#11 mTLS connection; median of {len(floors)}): "
+        f"RSS {f_rss / 1024:.1f} MiB, peak {f_hwm / 1024:.1f} MiB "
+        f"(runs: {', '.join('%.1f' % (f['VmRSS'] / 1024) for f in floors)} MiB)"
+    )
+    print(
+        f"{'agent (iot-agent run, PID = state/agent.pid)':50s} {'RSS MiB':>8s} {'ratio':>6s} {'peak MiB':>9s} "
+        f"{'anon MiB':>9s} {'threads':>7s} {'fds':>4s} {'state.json':>10s}"
+    )
     for name, s in samples:
-        print(f"  after {name:43s} {s['VmRSS'] / 1024:8.1f} {s['VmRSS'] / f_rss:6.3f} {s['VmHWM'] / 1024:9.1f} "
-              f"{s['RssAnon'] / 1024:9.1f} {s['Threads']:7d} {s['fds']:4d} {s['state_bytes']:10d}")
+        print(
+            f"  after {name:43s} {s['VmRSS'] / 1024:8.1f} {s['VmRSS'] / f_rss:6.3f} {s['VmHWM'] / 1024:9.1f} "
+            f"{s['RssAnon'] / 1024:9.1f} {s['Threads']:7d} {s['fds']:4d} {s['state_bytes']:10d}"
+        )
     end = samples[-1][1]
     ratio = end["VmRSS"] / f_rss
     growth = end["VmRSS"] - warm["VmRSS"]
     per_1000 = growth * 1000 / args.jobs
-    print(f"RSS during the {args.jobs} measured jobs (jobs done: MiB): "
-          + ", ".join(f"{n}: {r / 1024:.2f}" for n, r in series))
+    print(
+        f"RSS during the {args.jobs} measured jobs (jobs done: MiB): "
+        + ", ".join(f"{n}: {r / 1024:.2f}" for n, r in series)
+    )
     if reports[-1] > reports[0]:
-        print(f"  (Device Defender reports during them: {reports[-1] - reports[0]}, after job "
-              + ", ".join(str(series[i][0]) for i in range(1, len(reports)) if reports[i] > reports[i - 1]) + ")")
+        print(
+            f"  (Device Defender reports during them: {reports[-1] - reports[0]}, after job "
+            + ", ".join(str(series[i][0]) for i in range(1, len(reports)) if reports[i] > reports[i - 1])
+            + ")"
+        )
     if end["state_bytes"] > warm["state_bytes"]:
-        print(f"  (state.json grew from {warm['state_bytes']} to {end['state_bytes']} bytes during them: bounded records "
-              f"such as ota.done, up to 200 entries, still filling; --warmup 1100 measures past that)")
-    print(f"job outcomes: {dict(sorted(statuses.items()))} of {args.warmup + args.jobs} "
-          f"(mix: {len([d for d in docs if 'replayed' in d[1]])}/{len(docs)} replayed signed updates, "
-          f"the rest unknown operations or no operation); all jobs took {all_jobs_elapsed:.1f} s")
+        print(
+            f"  (state.json grew from {warm['state_bytes']} to {end['state_bytes']} bytes during them: bounded records "
+            f"such as ota.done, up to 200 entries, still filling; --warmup 1100 measures past that)"
+        )
+    print(
+        f"job outcomes: {dict(sorted(statuses.items()))} of {args.warmup + args.jobs} "
+        f"(mix: {len([d for d in docs if 'replayed' in d[1]])}/{len(docs)} replayed signed updates, "
+        f"the rest unknown operations or no operation); all jobs took {all_jobs_elapsed:.1f} s"
+    )
     print(f"peak over the life: {end['VmHWM'] / 1024:.1f} MiB, {end['VmHWM'] / f_hwm:.3f}x the floor's peak")
-    print(f"RSS after the whole life: {ratio:.3f}x the floor (target <= {TARGET_RATIO})  "
-          f"{'ok' if ratio <= TARGET_RATIO else 'MISSED'}")
+    print(
+        f"RSS after the whole life: {ratio:.3f}x the floor (target <= {TARGET_RATIO})  "
+        f"{'ok' if ratio <= TARGET_RATIO else 'MISSED'}"
+    )
     note = "" if args.jobs >= 1000 else f" (extrapolated from {args.jobs} jobs: a quick run, page-granular)"
-    print(f"growth over {args.jobs} jobs after {args.warmup} warm-up: {growth:+d} KiB = {per_1000:+.0f} KiB per 1,000 "
-          f"jobs{note}, {per_1000 / f_rss * 100:+.2f}% of the floor per 1,000 (target <= {TARGET_GROWTH_KIB} KiB)  "
-          f"{'ok' if per_1000 <= TARGET_GROWTH_KIB else 'MISSED'}")
+    print(
+        f"growth over {args.jobs} jobs after {args.warmup} warm-up: {growth:+d} KiB = {per_1000:+.0f} KiB per 1,000 "
+        f"jobs{note}, {per_1000 / f_rss * 100:+.2f}% of the floor per 1,000 (target <= {TARGET_GROWTH_KIB} KiB)  "
+        f"{'ok' if per_1000 <= TARGET_GROWTH_KIB else 'MISSED'}"
+    )
     print(f"run time: {time.monotonic() - T0:.0f} s")
     return 0 if ratio <= TARGET_RATIO and per_1000 <= TARGET_GROWTH_KIB else 1
 
