@@ -482,12 +482,13 @@ class Rotator:
     def _done(self, f: dict, status: str, why: str, **extra: Any) -> None:
         results = dict(f.get("results", {}))
         if f.get("job_id"):
-            results[f["job_id"]] = [status, why]
+            results[f["job_id"]] = [status, why, time.time_ns()]  # when: the state file sorts keys, not by age
+        newest = sorted(results, key=lambda k: results[k][2] if len(results[k]) > 2 else 0)[-20:]
         keep = {k: f[k] for k in ("generation",) if k in f}
         record = {
             **keep,
             "step": "idle",
-            "results": dict(list(results.items())[-20:]),
+            "results": {k: results[k] for k in newest},
             "last": {"status": status, "reason": why, "at": int(time.time())},
             "attempts": 0 if status == "SUCCEEDED" else extra.get("attempts", 0),
             **{k: v for k, v in extra.items() if k != "attempts"},

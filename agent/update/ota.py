@@ -114,6 +114,11 @@ def version_in_tar(path: Path) -> str | None:
     return release_labels_in_tar(path)[0]
 
 
+def _answer_seq(entry: list) -> int:
+    """The order a recorded answer was given in (records from before the counter count as oldest)."""
+    return entry[2] if len(entry) > 2 and isinstance(entry[2], int) else 0
+
+
 # The install of one job (`ota.active` in the state file): the record names the phase before its effect.
 INSTALL = Machine(
     "OTA install",
@@ -282,7 +287,7 @@ class OtaHandler:
     def __call__(self, job_id: str, doc: Any, progress: Callable[[dict[str, str]], None]) -> Outcome:
         st = self._state()
         if job_id in st["done"]:
-            status, details = st["done"][job_id]
+            status, details = st["done"][job_id][:2]
             return Outcome(status, details)  # a repeat of a finished job: the same answer, nothing done again
         active = st.get("active")
         if active and active.get("job_id") != job_id:
@@ -751,10 +756,11 @@ class OtaHandler:
         """The job's answer, with what it changed (installed or broken), in ONE write; then the files."""
         st = self._state()
         done = dict(st["done"])
-        done[job_id] = [status, details]
-        while len(done) > MAX_DONE:
-            done.pop(next(iter(done)))
-        self._put(done=done, active=None, **record)
+        seq = int(st.get("done_seq") or 0) + 1
+        done[job_id] = [status, details, seq]
+        while len(done) > MAX_DONE:  # the oldest answer goes: the state file keeps its keys sorted, not in order
+            done.pop(min(done, key=lambda k: _answer_seq(done[k])))
+        self._put(done=done, done_seq=seq, active=None, **record)
         if active and active.get("job_id") == job_id:
             durable.remove(Path(active["partial"]))
             durable.remove(Path(active["partial"] + ".blocks"))

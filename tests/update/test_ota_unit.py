@@ -77,3 +77,40 @@ def test_an_interrupted_switch_is_undone_at_start_up(tmp_path):
     assert install.slot(app, "current") == "1.0.0" and install.slot(app, "previous") is None
     assert sorted(p.name for p in (app / "releases").iterdir()) == ["1.0.0"]
     assert state["active"]["phase"] == "verified"  # the job re-stages from the verified artifact
+
+
+def test_the_oldest_answer_is_forgotten_first_across_restarts(tmp_path):
+    """The recorded answers are bounded (MAX_DONE). The state file keeps its keys sorted, so "the first key"
+    after a reload is the smallest job id, not the oldest: a job that had just finished was forgotten
+    first, and handed out again it would have run again. Job ids here run backwards to tell the two apart."""
+    from agent.base.state import StateStore
+    from agent.update.ota import MAX_DONE
+
+    store = StateStore(tmp_path / "state")
+    h = handler(tmp_path, {})
+    h.load, h.save = (lambda: store.load().get("ota", {})), (lambda d: store.update(ota=d))
+    ids = [f"job-{n:04d}" for n in range(MAX_DONE + 10, 0, -1)]  # the oldest has the largest id
+    for job_id in ids:
+        h._finish(job_id, "REJECTED", {"reason": "test"}, None)
+    done = store.load()["ota"]["done"]
+    assert len(done) == MAX_DONE
+    assert set(done) == set(ids[-MAX_DONE:]), "the newest answers must be the ones kept"
+    assert ids[-1] in done and ids[0] not in done
+
+
+def test_a_rotation_keeps_its_newest_job_results(tmp_path):
+    """Rotation keeps the last 20 job results, by when they were recorded, not by job id."""
+    from agent.base.state import StateStore
+    from agent.identity.rotation import Rotator, job_outcome
+
+    cfg = parse(
+        {"broker": {"endpoint": "localhost", "ca_file": "ca.pem"}, "pkcs11": {"library": "l.so", "token_label": "t"}},
+        tmp_path / "config.toml",
+    )
+    rot = Rotator(cfg, StateStore(tmp_path / "state"), "gw-1")
+    ids = [f"rot-{n:02d}" for n in range(30, 0, -1)]
+    for job_id in ids:
+        rot._done({**rot.flow(), "job_id": job_id}, "FAILED", f"test {job_id}")
+    kept = rot.flow()["results"]
+    assert set(kept) == set(ids[-20:])
+    assert job_outcome(rot, ids[-1])[:2] == ("FAILED", f"test {ids[-1]}")
