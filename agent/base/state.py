@@ -50,10 +50,10 @@ def _folder_lock(directory: Path) -> _FolderLock:
 
 
 def _digest(data: Any) -> str:
-    import hashlib  # not needed by a daemon whose state never changes after start
+    from agent.base.digest import sha256
 
     canon = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canon.encode()).hexdigest()
+    return sha256(canon.encode()).hexdigest()
 
 
 @dataclass(eq=False)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import base64
 import calendar
-import hashlib as _hashlib
 import re as _re
 import time
 from dataclasses import dataclass as _dataclass
+
+from agent.base.digest import sha256 as _sha256
 
 
 def der(pem_or_der: bytes) -> bytes:
@@ -104,7 +105,7 @@ class Certificate:
     @property
     def id(self) -> str:
         """AWS IoT's certificate ID: the SHA-256 of the DER, lowercase hex."""
-        return _hashlib.sha256(self.der).hexdigest()
+        return _sha256(self.der).hexdigest()
 
 
 def _strict_time(data: bytes, i: int) -> tuple[float, int]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from typing import Any
 from agent.base import durable, killpoints
 from agent.base.backoff import Backoff
 from agent.base.config import Config
+from agent.base.digest import sha256, token_hex
 from agent.base.errors import AgentError
 from agent.base.machine import Machine, State
 from agent.base.state import StateStore
@@ -118,9 +118,7 @@ ANSWER_TIMEOUT_S = 30.0
 
 def certificate_id(cert_file: Path) -> str:
     """AWS's certificate ID: the SHA-256 of the DER certificate, in hex."""
-    import hashlib
-
-    return hashlib.sha256(der(cert_file.read_bytes())).hexdigest()
+    return sha256(der(cert_file.read_bytes())).hexdigest()
 
 
 def due(cert_file: Path, cfg: Config, now: float | None = None) -> str | None:
@@ -257,7 +255,7 @@ class Rotator:
             self._save(
                 step="keygen",
                 generation=n,
-                label=f"{self.cfg.pkcs11.key_label}-r{n}-{secrets.token_hex(2)}",
+                label=f"{self.cfg.pkcs11.key_label}-r{n}-{token_hex(2)}",
                 reason=reason,
                 old={
                     "certificate_file": str(current_cert),
@@ -413,7 +411,7 @@ class Rotator:
     def _tell_cloud(self, conn, action: str, body: dict) -> None:
         import queue
 
-        token = secrets.token_hex(8)
+        token = token_hex(8)
         answers: queue.Queue[tuple[str, bytes]] = queue.Queue()
         prefix = f"cmd/{self.thing}/certificate-rotation/{action}/"
         self.inbox = (prefix, answers)

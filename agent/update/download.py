@@ -8,13 +8,14 @@ a server that sends more is cut off, one that sends less leaves a partial file t
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from agent.base.digest import stream_sha256
 
 if TYPE_CHECKING:
     import ssl
@@ -64,7 +65,7 @@ def https_download(
 
         remove(partial)
         have = 0
-    h = hashlib.sha256()
+    h = stream_sha256()
     if have:
         with open(partial, "rb") as f:
             while chunk := f.read(CHUNK):
@@ -89,7 +90,7 @@ def https_download(
                 raise DownloadError(f"size mismatch: server has {m.group(3)} bytes, the job says {expected_size}")
         elif resp.status == 200:
             if have:  # the server ignored the range: start over
-                h, have, resumed = hashlib.sha256(), 0, 0
+                h, have, resumed = stream_sha256(), 0, 0
             length = resp.getheader("Content-Length")
             if length is not None and length.isdigit() and int(length) != expected_size:
                 raise DownloadError(f"size mismatch: server sends {length} bytes, the job says {expected_size}")

@@ -16,11 +16,11 @@ target names that target.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
 
+from agent.base.digest import sha256
 from agent.update.versions import VersionError, parse_version
 
 FORMAT = "iot-agent-release/1"
@@ -92,6 +92,6 @@ def verify(pinned_key, raw: bytes, signature_der: bytes) -> Manifest:
 
     if not isinstance(raw, (bytes, bytearray)) or not 0 < len(raw) <= MAX_MANIFEST_BYTES:
         raise ManifestError(f"manifest must be 1-{MAX_MANIFEST_BYTES} bytes")
-    if not verify_digest(pinned_key, hashlib.sha256(bytes(raw)).digest(), signature_der):
+    if not verify_digest(pinned_key, sha256(bytes(raw)).digest(), signature_der):
         raise ManifestError("manifest signature does not verify with the pinned code-signing certificate")
     return parse(bytes(raw))

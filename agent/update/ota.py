@@ -25,21 +25,23 @@ start-up from that record.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import os
 import shutil
-import tarfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import tarfile
 
 from agent.base import durable
 from agent.base.config import Config
+from agent.base.digest import sha256
 from agent.base.machine import Machine, State
 from agent.base.pemfile import read_regular_file
 from agent.jobs.engine import Outcome
@@ -95,6 +97,8 @@ def _small_member(tar: tarfile.TarFile, name: str) -> str | None:
 
 def release_labels_in_tar(path: Path) -> tuple[str | None, str | None]:
     """(VERSION, TARGET) at the top of a tar artifact, signed with it; None where absent."""
+    import tarfile  # only while an update is checked (about 1 MiB resident)
+
     try:
         with tarfile.open(path) as tar:
             version, target = _small_member(tar, "VERSION"), _small_member(tar, "TARGET")
@@ -222,7 +226,7 @@ class OtaHandler:
     @staticmethod
     def _key(job_id: str) -> str:
         """A job's file names in the work folder and the spool (job ids are network text: never a path)."""
-        return hashlib.sha256(job_id.encode()).hexdigest()[:24]
+        return sha256(job_id.encode()).hexdigest()[:24]
 
     def target_dir(self, name: str) -> Path:
         return self.cfg.resolve(self.targets[name].directory)

@@ -4,9 +4,9 @@ code-signing certificate pinned on the device. The job document never supplies i
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
+from agent.base.digest import stream_sha256
 from agent.base.errors import AgentError
 from agent.base.x509lite import subject_public_key_info
 
@@ -47,7 +47,7 @@ def verify_digest(pinned_key, sha256_digest: bytes, signature_der: bytes) -> boo
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> bytes:
-    h = hashlib.sha256()
+    h = stream_sha256()
     with open(path, "rb") as f:
         while True:
             b = f.read(chunk)

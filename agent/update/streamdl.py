@@ -12,12 +12,12 @@ import base64
 import json
 import os
 import queue
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.base.digest import token_hex
 from agent.update.download import DownloadError
 
 BLOCK = 4096
@@ -92,7 +92,7 @@ class StreamDownload:
     def run(self) -> Path:
         for kind in ("description", "data", "rejected"):
             self.subscribe(f"{self.base}/{kind}/json")
-        token = secrets.token_hex(8)
+        token = token_hex(8)
         self.publish(f"{self.base}/describe/json", json.dumps({"c": token}).encode())
         kind, desc = self._expect(("description", "rejected"), token)
         if kind == "rejected":
@@ -120,7 +120,7 @@ class StreamDownload:
                 req_bm = bytearray((max(want) - start) // 8 + 1)
                 for w in want:
                     req_bm[(w - start) // 8] |= 1 << ((w - start) % 8)
-                token = secrets.token_hex(8)
+                token = token_hex(8)
                 self.publish(
                     f"{self.base}/get/json",
                     json.dumps(
