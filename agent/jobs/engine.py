@@ -32,6 +32,7 @@ from typing import Any
 
 from agent.base import killpoints
 from agent.base.logfmt import escape
+from agent.base.memory import release_freed_memory
 
 log = logging.getLogger("agent.jobs")
 
@@ -748,3 +749,4 @@ class JobsEngine:
             return Outcome("FAILED", {"reason": f"{e.__class__.__name__}: {str(e)[:200]}"})
         finally:
             self.activity = None
+            release_freed_memory()  # an update's download and checks peak once; keep the heap at its floor

@@ -16,6 +16,7 @@ from pathlib import Path
 from agent.base import failpoints, sdnotify
 from agent.base.config import Config
 from agent.base.errors import AgentError, ClockError
+from agent.base.memory import release_freed_memory
 from agent.base.pin import read_pin
 from agent.base.state import StateStore
 from agent.identity.config import identity_mode
@@ -28,20 +29,6 @@ from agent.session.feature import Feature, MessageRouter, Session
 from agent.update.release import RESTART_EXIT
 
 log = logging.getLogger("agent")
-
-
-def release_freed_memory() -> None:
-    """Give the heap memory a finished connection freed back to the system.
-
-    glibc keeps freed memory at the top of its heap until 32 MiB of it is free, so without this the
-    agent carries the claim connection's and each old session's high-water mark for the rest of its
-    life (bench/lifecycle_rss.py). Not glibc (musl): nothing to trim, nothing done."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def settings_for(cfg: Config, identity: Identity, pin: str) -> ConnectionSettings:
