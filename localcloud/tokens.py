@@ -52,14 +52,18 @@ class Token:
     def pin_file(self) -> Path:
         return write_private(self.directory / "pkcs11-pin", self.pin)
 
+    def current_env(self) -> dict[str, str]:
+        """The token's variables, with the TPM's TCTI as it is now (a restarted swtpm may have other ports)."""
+        return {**self.env, **(self.tpm.env() if self.tpm else {})}
+
     def full_env(self) -> dict[str, str]:
         e = dict(os.environ)
-        e.update(self.env)
+        e.update(self.current_env())
         return e
 
     def apply_env(self) -> None:
         """For in-process PKCS#11 use (awscrt reads these at C_Initialize)."""
-        os.environ.update(self.env)
+        os.environ.update(self.current_env())
 
     def stop(self) -> None:
         if self.tpm:
@@ -111,21 +115,36 @@ class Swtpm:
         (self.directory / "store").mkdir(exist_ok=True, mode=0o700)
         if not self.port:
             self.port = procs.free_port(pairs=True)
-        argv = [
-            procs.find_binary("swtpm"),
-            "socket",
-            "--tpm2",
-            "--tpmstate",
-            f"dir={state}",
-            "--server",
-            f"type=tcp,port={self.port},bindaddr=127.0.0.1",
-            "--ctrl",
-            f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
-            "--flags",
-            "not-need-init,startup-clear",
-        ]
-        self.child = procs.start("swtpm", argv, self.directory / "swtpm.log")
-        procs.wait_port(self.port + 1, 10, self.child.proc)
+        log = self.directory / "swtpm.log"
+        for attempt in range(4):
+            argv = [
+                procs.find_binary("swtpm"),
+                "socket",
+                "--tpm2",
+                "--tpmstate",
+                f"dir={state}",
+                "--server",
+                f"type=tcp,port={self.port},bindaddr=127.0.0.1",
+                "--ctrl",
+                f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
+                "--flags",
+                "not-need-init,startup-clear",
+            ]
+            seen = log.stat().st_size if log.exists() else 0
+            self.child = procs.start("swtpm", argv, log)
+            try:
+                procs.wait_port(self.port + 1, 10, self.child.proc)
+                break
+            except RuntimeError:
+                # A restart on the same ports can find one still held (swtpm binds without SO_REUSEADDR, so
+                # a connection of the previous run in TIME_WAIT blocks it): take other ports. The TCTI is
+                # read from env() at each use, so users of the token follow.
+                with open(log, "rb") as f:
+                    f.seek(seen)
+                    busy = b"Address already in use" in f.read()
+                if not busy or attempt == 3:
+                    raise
+                self.port = procs.free_port(pairs=True)
         # A crash without TPM2_Shutdown counts as a dictionary-attack failure; start from a clean slate.
         self.tools("tpm2_dictionarylockout", "-c")
         self.tools("tpm2_dictionarylockout", "-s", "-n", "1000", "-t", "1", "-l", "1")
