@@ -189,6 +189,10 @@ def test_two_quick_first_connections_register_the_thing_once(cloud, tmp_path):
     # The service is held while the connections arrive, so each of them races the registration.
     service = json.loads((c.directory / "pids.json").read_text())["service"]
     os.kill(service, signal.SIGSTOP)
+    deadline = time.monotonic() + 5  # SIGSTOP is asynchronous: be sure it holds before the first connection
+    while Path(f"/proc/{service}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("T", "t"):
+        assert time.monotonic() < deadline, "the service did not stop"
+        time.sleep(0.01)
     try:
         results: list = []
         threads = [
