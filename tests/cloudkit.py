@@ -129,6 +129,21 @@ def session_conn(client: Client):
     return SimpleNamespace(service_client=service_client, connected=client.connected)
 
 
+def register_csr(idc, csr_pem: str, template: str, parameters: dict[str, str]):
+    """CreateCertificateFromCsr then RegisterThing with that template: (created, registered)."""
+    created = idc.create_certificate_from_csr(
+        iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=csr_pem)
+    ).result(20)
+    reg = idc.register_thing(
+        iotidentity.RegisterThingRequest(
+            template_name=template,
+            certificate_ownership_token=created.certificate_ownership_token,
+            parameters=parameters,
+        )
+    ).result(20)
+    return created, reg
+
+
 def provision_device(c, info, tmp_path, serial) -> tuple[Client, str]:
     """Provision through the SDK and return a connected device client and its certificate id."""
     cert, key = c.issue_claim(f"for-{serial}")
@@ -136,16 +151,7 @@ def provision_device(c, info, tmp_path, serial) -> tuple[Client, str]:
     try:
         idc = identity_client(claim)
         csr_pem, dkey = new_csr()
-        created = idc.create_certificate_from_csr(
-            iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=csr_pem)
-        ).result(20)
-        reg = idc.register_thing(
-            iotidentity.RegisterThingRequest(
-                template_name="iot-agent-fleet",
-                certificate_ownership_token=created.certificate_ownership_token,
-                parameters={"SerialNumber": serial},
-            )
-        ).result(20)
+        created, reg = register_csr(idc, csr_pem, "iot-agent-fleet", {"SerialNumber": serial})
     finally:
         claim.stop()
     pem_path, key_path = tmp_path / f"{serial}.pem", tmp_path / f"{serial}.key"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from awsiot import V2ServiceException, iotidentity
-from cloudkit import Client, identity_client, new_csr
+from cloudkit import Client, identity_client, new_csr, register_csr
 from cryptography import x509
 
 from localcloud.cloud import LocalCloud
@@ -25,17 +25,7 @@ def claim_client(cloud, info, tmp_path, client_id="claimer-1") -> Client:
 
 
 def provision(idc, csr_pem, serial="SN-0001"):
-    created = idc.create_certificate_from_csr(
-        iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=csr_pem)
-    ).result(20)
-    reg = idc.register_thing(
-        iotidentity.RegisterThingRequest(
-            template_name="iot-agent-fleet",
-            certificate_ownership_token=created.certificate_ownership_token,
-            parameters={"SerialNumber": serial},
-        )
-    ).result(20)
-    return created, reg
+    return register_csr(idc, csr_pem, "iot-agent-fleet", {"SerialNumber": serial})
 
 
 def test_sdk_identity_client_provisions_a_device_from_a_claim_certificate(cloud, tmp_path):

@@ -8,7 +8,7 @@ import json
 
 import pytest
 from awsiot import V2ServiceException, iotidentity
-from cloudkit import Client, identity_client, new_csr
+from cloudkit import Client, identity_client, new_csr, register_csr
 from cryptography.hazmat.primitives import serialization
 from test_localcloud_authz import cloud, provision_device  # noqa: F401  (fixture)
 
@@ -16,16 +16,7 @@ from test_localcloud_authz import cloud, provision_device  # noqa: F401  (fixtur
 def renew(dev: Client, thing: str, tmp_path, name: str):
     idc = identity_client(dev)
     csr_pem, key = new_csr()
-    created = idc.create_certificate_from_csr(
-        iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=csr_pem)
-    ).result(20)
-    reg = idc.register_thing(
-        iotidentity.RegisterThingRequest(
-            template_name="iot-agent-rotation",
-            certificate_ownership_token=created.certificate_ownership_token,
-            parameters={"ThingName": thing},
-        )
-    ).result(20)
+    created, reg = register_csr(idc, csr_pem, "iot-agent-rotation", {"ThingName": thing})
     pem, keyf = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
     pem.write_text(created.certificate_pem)
     keyf.write_bytes(
