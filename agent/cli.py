@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     g = _add(ks, "generate", help="generate an EC P-256 key pair on the token")
     g.add_argument("label")
     g.add_argument("--if-missing", action="store_true", help="keep an existing key with this label (for resuming)")
+    g.add_argument("--csr-out", type=Path, help="also write a CSR for the key, signed on the token (needs --cn)")
+    g.add_argument("--cn", help="the CSR's subject common name (the thing name)")
     d = _add(ks, "delete", help="delete the key pair with this label")
     d.add_argument("label")
     c = _add(ks, "csr", help="write a CSR for a token key, signed on the token")
@@ -301,13 +303,21 @@ def _keys(cfg: Config, args) -> int:
             for k in ks.list_keys():
                 print(f"{k.label}\t{k.key_type}\tid={k.key_id}")
         elif args.keys_command == "generate":
+            if args.csr_out and not args.cn:
+                raise AgentError("keys generate --csr-out needs --cn (the thing name)")
             existing = ks.find(args.label) if args.if_missing else None
             if existing:
                 print(f"kept existing {existing.key_type} key {existing.label!r} (id {existing.key_id})")
-                return 0
-            k = ks.generate_ec_key(args.label)
-            killpoints.op("token:generate", args.label)
-            print(f"generated {k.key_type} P-256 key {k.label!r} (id {k.key_id}) on token {cfg.pkcs11.token_label!r}")
+            else:
+                k = ks.generate_ec_key(args.label)
+                killpoints.op("token:generate", args.label)
+                print(
+                    f"generated {k.key_type} P-256 key {k.label!r} (id {k.key_id}) on token {cfg.pkcs11.token_label!r}"
+                )
+            if args.csr_out:
+                from agent.base.durable import write_atomic
+
+                write_atomic(args.csr_out, ks.make_csr(args.label, args.cn), 0o644)
         elif args.keys_command == "delete":
             n = ks.delete(args.label)
             killpoints.op("token:delete", args.label)

@@ -216,3 +216,31 @@ def fresh_device(
     if r.returncode != 0:
         raise RuntimeError(f"factory claim-cert failed: {r.stderr.strip()}")
     return Device(serial, token, cfg, directory / "state" / "claim.pem", directory)
+
+
+def enrolled_device(
+    cloud, token: Token, thing: str, directory: Path, ntp_servers: list[str], extra: dict[str, dict] | None = None
+) -> Device:
+    """A pre-provisioned device for the local cloud (identity.mode "preprovisioned"): key and CSR made
+    on the token by the agent's CLI, certificate issued and attached to the thing by the cloud. For
+    tests of what a device does once it has an identity, without paying for fleet provisioning."""
+    directory.mkdir(parents=True, exist_ok=True)
+    info = cloud.endpoint()
+    common = dict(
+        thing_name=thing,
+        token=token,
+        ntp_servers=ntp_servers,
+        state_dir=directory / "state",
+        port=info["port"],
+        ca_file=Path(info["ca_file"]),
+        extra=extra,
+    )
+    cfg = write_config(directory / "config.toml", cert_path=None, **common)
+    csr = directory / "device.csr"
+    r = run_agent_cli(cfg, token, "keys", "generate", "device", "--csr-out", str(csr), "--cn", thing)
+    if r.returncode != 0:
+        raise RuntimeError(f"key generation failed: {r.stderr.strip()}")
+    cert_path = directory / "device.pem"
+    cert_path.write_text(cloud.issue_device_certificate(csr.read_bytes(), thing))
+    write_config(cfg, cert_path=cert_path, **common)
+    return Device(thing, token, cfg, cert_path, directory)

@@ -209,14 +209,22 @@ class LocalCloud:
 
     def reconcile(self) -> None:
         """Write the ACL, CRL, connect rules, identities and CA directory from the registry and have a
-        running mosquitto reload them."""
+        running mosquitto reload them.
+
+        The services process and a test (or `localcloud` command) both change the registry, so the
+        read-then-write runs under a lock file: without it a reconcile that read the registry before
+        another process's change could land after that process's own reconcile and drop the change."""
+        import fcntl
+
         self.broker_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.broker_dir / "acl", self.acl_text().encode())
-        _atomic_write(self.broker_dir / "connect-rules", self.connect_rules().encode())
-        _atomic_write(self.broker_dir / "identities", self.identities().encode())
-        self._write_ca_directory()
-        held = [(int(c.serial, 16), c.status) for c in self.registry.certificates() if c.status != "ACTIVE"]
-        _atomic_write(self.broker_dir / "crl.pem", self.ca.crl(held, self.registry.next_crl_number()))
+        with open(self.broker_dir / ".reconcile.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            _atomic_write(self.broker_dir / "acl", self.acl_text().encode())
+            _atomic_write(self.broker_dir / "connect-rules", self.connect_rules().encode())
+            _atomic_write(self.broker_dir / "identities", self.identities().encode())
+            self._write_ca_directory()
+            held = [(int(c.serial, 16), c.status) for c in self.registry.certificates() if c.status != "ACTIVE"]
+            _atomic_write(self.broker_dir / "crl.pem", self.ca.crl(held, self.registry.next_crl_number()))
         pid = self._mosquitto_pid()
         if pid:
             with contextlib.suppress(ProcessLookupError):
@@ -259,6 +267,26 @@ class LocalCloud:
         Path(out).write_bytes(pem(cert))
         self.reconcile()
         return rec.id
+
+    def issue_device_certificate(self, csr_pem: bytes, thing: str, attributes: dict[str, str] | None = None) -> str:
+        """A pre-provisioned device: sign its CSR (key on its token), create the thing, attach the
+        certificate ACTIVE; returns the certificate PEM. AWS does the same with CreateCertificateFromCsr
+        (--set-as-active), CreateThing and AttachThingPrincipal. The device then needs no claim."""
+        import secrets
+
+        from cryptography import x509
+
+        req = x509.load_pem_x509_csr(csr_pem)
+        if not req.is_signature_valid:
+            raise ValueError("device CSR signature does not verify")
+        cn = "dev-" + secrets.token_hex(12)
+        cert = self.ca.sign_public_key(req.public_key(), cn)
+        der = cert.public_bytes(serialization.Encoding.DER)
+        rec = self.registry.add_certificate(der, pem(cert).decode(), cn, cert.serial_number, "device", "ACTIVE")
+        self.registry.upsert_thing(thing, attributes or {})
+        self.registry.activate_and_attach(rec.id, thing)
+        self.reconcile()
+        return rec.pem
 
     def register_claim_certificate(self, cert_pem: bytes) -> str:
         """Register a claim certificate whose key lives elsewhere (on a token); returns its CN."""

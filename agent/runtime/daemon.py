@@ -16,7 +16,7 @@ from pathlib import Path
 from agent.base import failpoints, sdnotify
 from agent.base.config import Config
 from agent.base.errors import AgentError, ClockError
-from agent.base.memory import release_freed_memory
+from agent.base.memory import limit_malloc_arenas, release_freed_memory
 from agent.base.pin import read_pin
 from agent.base.state import StateStore
 from agent.identity.config import identity_mode
@@ -46,6 +46,7 @@ def install_stop_signals(stop: threading.Event) -> None:
 
 def run(cfg: Config, stop: threading.Event) -> int:
     """Returns the exit status: 0 after SIGTERM, RESTART_EXIT when an update asks to be restarted into."""
+    limit_malloc_arenas()  # before the first thread (the watchdog's, then awscrt's)
     watchdog_stop = threading.Event()
     sdnotify.start_watchdog(watchdog_stop)
     # Ready for systemd from the start: what the agent is waiting for is in STATUS=.

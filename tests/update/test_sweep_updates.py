@@ -25,7 +25,7 @@ from sweep import Outcome, Run, flush_tpm, next_serial, op_at, sweep, sweep_env
 from agent.update.install import slot
 from agent.update.release import read_trial
 from localcloud.artifacts import Artifacts
-from localcloud.bench import agent_cmd, fresh_device
+from localcloud.bench import agent_cmd, enrolled_device
 from localcloud.cloud import LocalCloud
 from localcloud.jobs import Jobs
 from localcloud.ntp import Chrony
@@ -152,9 +152,7 @@ def update_case(world, kind: str, root: Path, flow: str):
         token = _token(kind, d / "token")
         unit = None
         try:
-            serial = next_serial("SWU")
-            world.cloud.registry.allow_serials([serial])
-            thing = f"gw-{serial}"
+            thing = f"gw-{next_serial('SWU')}"
             target_dir = d / "device" / "target"
             target = {"directory": str(target_dir)}
             if flow in ("ota", "rollback"):
@@ -164,10 +162,11 @@ def update_case(world, kind: str, root: Path, flow: str):
             else:
                 target["self_update"] = True
             name = "agent" if flow == "self-update" else "app"
-            dev = fresh_device(
+            # Pre-provisioned (the identity sweeps cover provisioning): the swept run is the device's first.
+            dev = enrolled_device(
                 world.cloud,
                 token,
-                serial,
+                thing,
                 d / "device",
                 [world.ntp.server],
                 extra={
@@ -183,11 +182,6 @@ def update_case(world, kind: str, root: Path, flow: str):
                 },
             )
             connected = rf"connected to localhost:\d+ as {thing}"
-            first = Run(agent_cmd(dev.config_path, "run"), _plain(token), d / "run0.log").start()
-            if not first.wait_for(connected, 90):
-                first.stop()
-                return Outcome(n, False, "", f"setup: not provisioned\n{first.text()[-2000:]}")
-            first.stop()
             if flow == "privileged":
                 spool = dev.directory / "state" / "ota" / "spool"
                 cfg = d / "install.toml"
