@@ -95,3 +95,9 @@ def test_keys_cli_end_to_end(bench, token, tmp_path):
     r = run_agent_cli(cfg, token, "keys", "delete", "device")
     assert r.returncode == 1 and r.stderr.strip() == "iot-agent: no key labelled 'device' on the token"
     assert token.pin not in r.stderr + r.stdout
+    # One step for a pre-provisioned device: the key and its CSR (--cn is the thing name).
+    r = run_agent_cli(cfg, token, "keys", "generate", "device", "--csr-out", str(tmp_path / "d.csr"))
+    assert r.returncode == 1 and r.stderr.strip() == "iot-agent: keys generate --csr-out needs --cn (the thing name)"
+    r = run_agent_cli(cfg, token, "keys", "generate", "device", "--csr-out", str(tmp_path / "d.csr"), "--cn", "gw-2")
+    assert r.returncode == 0, r.stderr
+    assert bench.ca.sign_csr((tmp_path / "d.csr").read_bytes(), "gw-2").subject.rfc4514_string() == "CN=gw-2"
