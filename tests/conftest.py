@@ -156,25 +156,30 @@ SPREAD = {"test_sweep_updates", "test_sweep_identity"}
 
 # The longest work first, so no worker starts a two-minute sweep while the others run out of work
 # (longest-processing-time-first; `make test` passes --no-loadscope-reorder so pytest-xdist keeps this
-# order instead of putting the largest modules first). Figures: --durations on 2 cores.
+# order instead of putting the largest modules first). The sweeps (busy: their cases run on four
+# threads) alternate with long modules that mostly wait, so the cores stay busy from start to end.
+# Figures: --durations on 2 cores.
 LONG_FIRST = [
-    "test_sweep_updates.py::test_sweep_update[privileged-tpm]",
-    "test_sweep_updates.py::test_sweep_update[privileged-softhsm]",
-    "test_sweep_updates.py::test_sweep_update[self-update-softhsm]",
-    "test_sweep_updates.py::test_sweep_update[rollback-tpm]",
     "test_sweep_updates.py::test_sweep_update[self-update-tpm]",
-    "test_sweep_updates.py::test_sweep_update[ota-tpm]",
-    "test_sweep_updates.py::test_sweep_update[ota-softhsm]",
-    "test_sweep_updates.py::test_sweep_update[rollback-softhsm]",
-    "test_sweep_identity.py::test_sweep_rotation[tpm]",
-    "test_sweep_identity.py::test_sweep_rotation[softhsm]",
-    "test_sweep_identity.py",
     "test_connection.py",
-    "test_soak.py",
-    "test_inventory.py",
+    "test_sweep_updates.py::test_sweep_update[privileged-tpm]",
     "test_revocation.py",
+    "test_sweep_updates.py::test_sweep_update[self-update-softhsm]",
+    "test_soak.py",
+    "test_sweep_identity.py::test_sweep_rotation[tpm]",
     "test_systemd_nspawn.py",
+    "test_sweep_updates.py::test_sweep_update[privileged-softhsm]",
     "test_localcloud_fuzz.py",
+    "test_sweep_identity.py::test_sweep_rotation[softhsm]",
+    "test_inventory.py",
+    "test_sweep_updates.py::test_sweep_update[ota-tpm]",
+    "test_micropython_power_cut.py",
+    "test_sweep_updates.py::test_sweep_update[rollback-tpm]",
+    "test_micropython_agent.py",
+    "test_sweep_updates.py::test_sweep_update[ota-softhsm]",
+    "test_rotation.py",
+    "test_sweep_updates.py::test_sweep_update[rollback-softhsm]",
+    "test_sweep_identity.py",
 ]
 
 

@@ -19,7 +19,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,29 +143,44 @@ SUMMARIES: list[str] = []  # printed at the end of the test run (conftest.pytest
 
 
 def sweep(flow: str, case: Callable[[int], Outcome], workers: int = 4, limit: int = 150) -> SweepResult:
-    """Run case(N) for N = 1.. in parallel batches until one completes without being killed."""
+    """Run case(N) for N = 1.. on `workers` threads until one completes without being killed.
+
+    A pipeline, not batches: the next N starts as soon as any run ends, so one slow run never holds
+    the others up. Once some N completes uncut no larger N is started; every smaller N still runs to
+    its end (each is a kill point)."""
     result = SweepResult(flow)
-    n = 1
+    done: dict[int, Outcome] = {}
+    retried: set[int] = set()
+    completed: int | None = None  # the smallest N that finished without a cut
     with ThreadPoolExecutor(workers) as pool:
-        while n <= limit:
-            batch = list(pool.map(case, range(n, n + workers)))
-            for i, o in enumerate(batch):
-                if o.crash:  # it never reached its cut point: run that point again, so it is still covered
+        pending: dict[Future, int] = {}
+        nxt = 1
+
+        def fill() -> None:
+            nonlocal nxt
+            while len(pending) < workers and completed is None and nxt <= limit:
+                pending[pool.submit(case, nxt)] = nxt
+                nxt += 1
+
+        fill()
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                n = pending.pop(fut)
+                o = fut.result()
+                if o.crash and n not in retried:  # it never reached its cut point: run it again
                     result.crashes.append(o)
-                    batch[i] = case(o.n)
-            result.outcomes += batch
-            n += workers
-            if any(not o.killed and not o.error for o in batch):
-                break
-        else:
-            raise AssertionError(f"{flow}: still killed after {limit} operations; is the flow looping?")
+                    retried.add(n)
+                    pending[pool.submit(case, n)] = n
+                    continue
+                done[n] = o
+                if not o.killed and not o.error and (completed is None or n < completed):
+                    completed = n
+            fill()
+    if completed is None:
+        raise AssertionError(f"{flow}: still killed after {limit} operations; is the flow looping?")
     # Beyond the first completed run, outcomes are runs that finished without a kill: not kill points.
-    last = (
-        min(o.n for o in result.outcomes if not o.killed and not o.error)
-        if any(not o.killed and not o.error for o in result.outcomes)
-        else limit
-    )
-    result.outcomes = [o for o in result.outcomes if o.n <= last]
+    result.outcomes = [done[n] for n in sorted(done) if n <= completed]
     print(result.summary())
     SUMMARIES.append(result.summary().split(" [")[0])
     return result
