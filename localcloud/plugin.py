@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -27,7 +28,9 @@ def build(out_dir: Path | None = None) -> Path:
     if not Path("/usr/include/openssl/x509.h").exists():
         # The plugin reads client certificates (just-in-time provisioning): OpenSSL's headers and libcrypto.so.
         raise FileNotFoundError("/usr/include/openssl/x509.h missing; run scripts/sysdeps.sh (package libssl-dev)")
-    tmp = so.with_suffix(".so.tmp")
+    # Per process: pytest-xdist workers on a fresh checkout build it at the same time, and each
+    # renames only its own complete file into place.
+    tmp = so.with_name(f"{so.name}.{os.getpid()}.tmp")
     subprocess.run(
         [
             cc,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
+import time
 
 import pytest
 
@@ -21,12 +23,29 @@ def observer(bench):
     o.stop()
 
 
+def _wait_settled(broker, client: str, topics: tuple[str, ...], timeout: float = 30.0) -> None:
+    """Until the client has published to each topic and every PUBLISH of its has been acknowledged."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = broker.log_text()
+        published = re.findall(rf"Received PUBLISH from {client} \(.*", log)
+        acked = re.findall(rf"Sending PUBACK to {client} ", log)
+        if all(any(t in line for line in published) for t in topics) and len(acked) >= len(published):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{client} never settled:\n{broker.log_text()[-3000:]}")
+
+
 def test_agent_connects_with_thing_name_as_client_id(bench, token, agents):
     dev = bench.enroll(token, "gw-mtls-1")
     a = agents(dev)
     a.wait_for(r"clock trusted: 127\.0\.0\.1:\d+ agrees")
     a.wait_for(r"connected to localhost:\d+ as gw-mtls-1")
     bench.broker.wait_log(r"New client connected from 127\.0\.0\.1:\d+ as gw-mtls-1 \(p5, c1, k60, u'gw-mtls-1'\)")
+    # The session settled first (the features' first requests answered): mosquitto 2.0.11 reports a client
+    # that closes while it still has an acknowledgement to send as "out of memory" or a protocol error
+    # (eclipse-mosquitto/mosquitto#3253, fixed in 2.0.22) instead of the DISCONNECT it was sent.
+    _wait_settled(bench.broker, "gw-mtls-1", ("jobs/start-next'", "shadow/name/inventory/update'"))
     assert a.stop() == 0
     assert ("gw-mtls-1", "gw-mtls-1") in bench.broker.connected_clients()
     try:
