@@ -160,6 +160,7 @@ SPREAD = {"test_sweep_updates", "test_sweep_identity"}
 # threads) alternate with long modules that mostly wait, so the cores stay busy from start to end.
 # Figures: --durations on 2 cores.
 LONG_FIRST = [
+    "test_systemd_nspawn.py",  # on a fresh checkout its fixture builds the container image first (~1.5 min)
     "test_sweep_updates.py::test_sweep_update[self-update-tpm]",
     "test_connection.py",
     "test_sweep_updates.py::test_sweep_update[privileged-tpm]",
@@ -167,9 +168,8 @@ LONG_FIRST = [
     "test_sweep_updates.py::test_sweep_update[self-update-softhsm]",
     "test_soak.py",
     "test_sweep_identity.py::test_sweep_rotation[tpm]",
-    "test_systemd_nspawn.py",
-    "test_sweep_updates.py::test_sweep_update[privileged-softhsm]",
     "test_localcloud_fuzz.py",
+    "test_sweep_updates.py::test_sweep_update[privileged-softhsm]",
     "test_sweep_identity.py::test_sweep_rotation[softhsm]",
     "test_inventory.py",
     "test_sweep_updates.py::test_sweep_update[ota-tpm]",

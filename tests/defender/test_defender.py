@@ -236,15 +236,33 @@ def test_proc_net_reader_agrees_with_psutil():
         tcp_listen, udp_bound, est = read_proc_net()
         assert ("::1", s6.getsockname()[1]) in tcp_listen
         assert ("::1", c6.getsockname()[1], "::1", s6.getsockname()[1]) in est
-        ps = psutil.net_connections(kind="inet")
-        ps_listen = {(c.laddr.ip, c.laddr.port) for c in ps if c.type == socket.SOCK_STREAM and c.status == "LISTEN"}
-        assert set(tcp_listen) == ps_listen
-        ps_est = {
-            (c.laddr.ip, c.laddr.port, c.raddr.ip, c.raddr.port)
-            for c in ps
-            if c.type == socket.SOCK_STREAM and c.status == "ESTABLISHED" and c.raddr
-        }
-        assert set(est) == ps_est
+
+        def ps_tables() -> tuple[set, set]:
+            ps = psutil.net_connections(kind="inet")
+            listen = {(c.laddr.ip, c.laddr.port) for c in ps if c.type == socket.SOCK_STREAM and c.status == "LISTEN"}
+            established = {
+                (c.laddr.ip, c.laddr.port, c.raddr.ip, c.raddr.port)
+                for c in ps
+                if c.type == socket.SOCK_STREAM and c.status == "ESTABLISHED" and c.raddr
+            }
+            return listen, established
+
+        # The tables are the whole machine's, and other tests open and close sockets meanwhile: the
+        # reader's view must hold what psutil saw both before and after it, and nothing psutil saw in
+        # neither. Bounded: a few attempts, for a moment when nothing changed in between.
+        problems = []
+        for _ in range(5):
+            l1, e1 = ps_tables()
+            tcp_listen, _, est = read_proc_net()
+            l2, e2 = ps_tables()
+            problems = [
+                f"{name}: missed {sorted((a & b) - set(mine))}, invented {sorted(set(mine) - (a | b))}"
+                for name, mine, a, b in (("listening", tcp_listen, l1, l2), ("established", est, e1, e2))
+                if not (a & b) <= set(mine) <= (a | b)
+            ]
+            if not problems:
+                break
+        assert not problems, problems
     finally:
         for s in (c6, a6, s6):
             s.close()
