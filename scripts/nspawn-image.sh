@@ -15,11 +15,29 @@ if [ "$(findmnt -n -o FSTYPE --target /run/systemd/nspawn 2>/dev/null || true)" 
     mount -t tmpfs -o mode=0755 tmpfs /run/systemd/nspawn
 fi
 
+# debootstrap's output (before install.sh) is also kept as a tarball in a cache outside the checkout, so a
+# fresh clone on the same machine (CI) unpacks it in seconds instead of bootstrapping for minutes. Never
+# needed: without it (or when it is over 30 days old, or unreadable) debootstrap runs as before.
+INCLUDE=systemd,systemd-sysv,dbus,python3,python3-venv,softhsm2,libtpm2-pkcs11-1,ca-certificates,procps
+CACHE=${IOT_AGENT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/iot-agent}
+KEY=$(printf 'bookworm minbase %s' "$INCLUDE" | sha256sum | cut -c1-16)
+TARBALL=$CACHE/nspawn-rootfs-$KEY.tar
 if [ ! -x "$ROOTFS/usr/bin/python3" ]; then
     rm -rf "$ROOTFS.tmp"
-    debootstrap --variant=minbase \
-        --include=systemd,systemd-sysv,dbus,python3,python3-venv,softhsm2,libtpm2-pkcs11-1,ca-certificates,procps \
-        bookworm "$ROOTFS.tmp" "$MIRROR" >"$DIR/debootstrap.log" 2>&1
+    mkdir -p "$ROOTFS.tmp"
+    if [ -s "$TARBALL" ] && [ -z "$(find "$TARBALL" -mtime +30)" ] \
+        && tar --numeric-owner -C "$ROOTFS.tmp" -xpf "$TARBALL" 2>/dev/null && [ -x "$ROOTFS.tmp/usr/bin/python3" ]; then
+        echo "nspawn image: base file system from $TARBALL" >"$DIR/debootstrap.log"
+    else
+        rm -rf "$ROOTFS.tmp"
+        debootstrap --variant=minbase --include="$INCLUDE" \
+            bookworm "$ROOTFS.tmp" "$MIRROR" >"$DIR/debootstrap.log" 2>&1
+        if mkdir -p "$CACHE" 2>/dev/null && tar --numeric-owner -C "$ROOTFS.tmp" -cf "$TARBALL.$$" . 2>/dev/null; then
+            mv "$TARBALL.$$" "$TARBALL"
+        else
+            rm -f "$TARBALL.$$"
+        fi
+    fi
     mv "$ROOTFS.tmp" "$ROOTFS"
 fi
 
