@@ -13,7 +13,7 @@ demo: sysdeps venv
 	$(PY) -m localcloud.demo
 
 # Tests mostly wait (handshakes, daemons, timeouts), so more workers than cores pays off.
-TEST_WORKERS ?= 8
+TEST_WORKERS ?= 6
 
 test: sysdeps venv
 	$(PY) scripts/timed.py $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)

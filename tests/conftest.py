@@ -210,13 +210,46 @@ def _sweep_figures(request):
         request.node.user_properties.append(("sweep", line))
 
 
+_CPU: dict[str, float] = {}  # module -> CPU seconds (the worker's own and the children it reaped)
+
+
+def _cpu_now() -> float:
+    import resource
+
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + ch.ru_utime + ch.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """The CPU each test costs, with the processes it started (counted when they are reaped, so a module's
+    broker lands on its last test): `make test` prints the costliest modules, where a faster suite starts."""
+    before = _cpu_now()
+    item.user_properties.append(("cpu_start", before))
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield
+    start = next((v for k, v in item.user_properties if k == "cpu_start"), None)
+    if start is not None:
+        item.user_properties.append(("cpu", _cpu_now() - start))
+
+
 def pytest_runtest_logreport(report):
     if report.when == "teardown":
         _SWEEP_LINES.extend(v for k, v in report.user_properties if k == "sweep")
+        module = report.nodeid.split("::")[0]
+        _CPU[module] = _CPU.get(module, 0.0) + sum(v for k, v in report.user_properties if k == "cpu")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """The kill sweeps' figures (kill points per flow and token), whatever -q hides."""
+    """The kill sweeps' figures (kill points per flow and token), whatever -q hides; the costliest modules."""
+    if _CPU:
+        terminalreporter.section("CPU by module (top 12)")
+        for module, cpu in sorted(_CPU.items(), key=lambda kv: -kv[1])[:12]:
+            terminalreporter.write_line(f"{cpu:7.1f} s  {module}")
     if _SWEEP_LINES:
         terminalreporter.section("kill sweeps")
         for line in sorted(_SWEEP_LINES):

@@ -261,7 +261,6 @@ def _session(
                 log.warning("not connected for %.0f s (last error: %s); still retrying", waited, last)
                 sdnotify.status_line(f"not connected for {waited:.0f} s (last error: {last}); retrying")
     finally:
-        conn.disconnect()  # first: features then release their service clients with nothing left to send
         for f in reversed(started):
             f.stop()
         conn.stop()

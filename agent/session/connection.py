@@ -165,14 +165,8 @@ class Connection:
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
 
-    def disconnect(self, timeout: float = 10.0) -> None:
-        """Send DISCONNECT and wait for the client to stop; the token stays open until stop().
-
-        The daemon disconnects before its features release their service clients: a service client
-        released while the session is up unsubscribes its topics, and one released while it was still
-        subscribing (a SIGTERM right after the CONNACK) sent mosquitto a packet it refused as a
-        protocol error instead of the clean DISCONNECT. Once disconnected, their requests in flight
-        fail at once and nothing more goes out."""
+    def stop(self, timeout: float = 10.0) -> None:
+        """Disconnect cleanly and release the token; safe to call twice."""
         if self._client is not None and self._started:
             import awscrt.mqtt5
 
@@ -182,11 +176,6 @@ class Connection:
                 log.debug("stop: %s", _crt_name(e))
             if not self._stopped.wait(timeout):
                 log.warning("MQTT client did not report stopped within %.0f s", timeout)
-            self._started = False
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Disconnect cleanly and release the token; safe to call twice."""
-        self.disconnect(timeout)
         self._release()
 
     def _release(self) -> None:

@@ -63,7 +63,14 @@ class Container:
                         pass
             time.sleep(0.2)
         assert self.pid1, "the container's init did not start"
-        r = self.run("systemctl", "is-system-running", "--wait", timeout=90, check=False)
+        # Right after init starts, the system bus may not exist yet ("Failed to connect to bus"), and
+        # systemctl gives up at once instead of waiting: ask again until booted (bounded: 90 s).
+        deadline = time.monotonic() + 90
+        while True:
+            r = self.run("systemctl", "is-system-running", "--wait", timeout=90, check=False)
+            if r.stdout.strip() in ("running", "degraded") or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert r.stdout.strip() in ("running", "degraded"), r.stdout + r.stderr
 
     def run(self, *cmd: str, timeout: float = 60, check: bool = True, input: str | None = None):
