@@ -253,36 +253,30 @@ class LocalCloud:
 
     def sign_claim_csr(self, csr_pem: bytes, out: Path) -> str:
         """Sign a claim CSR (key on the device's token) and register the result as an ACTIVE claim."""
+        rec = self._sign_csr(csr_pem, "claim", "claim-", 8)
+        Path(out).write_bytes(rec.pem.encode())
+        self.reconcile()
+        return rec.id
+
+    def _sign_csr(self, csr_pem: bytes, kind: str, prefix: str, nbytes: int):
+        """A CSR whose key stays on a token, signed by the cloud's CA and registered ACTIVE (not reconciled)."""
         import secrets
 
         from cryptography import x509
 
         req = x509.load_pem_x509_csr(csr_pem)
         if not req.is_signature_valid:
-            raise ValueError("claim CSR signature does not verify")
-        cn = "claim-" + secrets.token_hex(8)
+            raise ValueError(f"{kind} CSR signature does not verify")
+        cn = prefix + secrets.token_hex(nbytes)
         cert = self.ca.sign_public_key(req.public_key(), cn)
         der = cert.public_bytes(serialization.Encoding.DER)
-        rec = self.registry.add_certificate(der, pem(cert).decode(), cn, cert.serial_number, "claim", "ACTIVE")
-        Path(out).write_bytes(pem(cert))
-        self.reconcile()
-        return rec.id
+        return self.registry.add_certificate(der, pem(cert).decode(), cn, cert.serial_number, kind, "ACTIVE")
 
     def issue_device_certificate(self, csr_pem: bytes, thing: str, attributes: dict[str, str] | None = None) -> str:
         """A pre-provisioned device: sign its CSR (key on its token), create the thing, attach the
         certificate ACTIVE; returns the certificate PEM. AWS does the same with CreateCertificateFromCsr
         (--set-as-active), CreateThing and AttachThingPrincipal. The device then needs no claim."""
-        import secrets
-
-        from cryptography import x509
-
-        req = x509.load_pem_x509_csr(csr_pem)
-        if not req.is_signature_valid:
-            raise ValueError("device CSR signature does not verify")
-        cn = "dev-" + secrets.token_hex(12)
-        cert = self.ca.sign_public_key(req.public_key(), cn)
-        der = cert.public_bytes(serialization.Encoding.DER)
-        rec = self.registry.add_certificate(der, pem(cert).decode(), cn, cert.serial_number, "device", "ACTIVE")
+        rec = self._sign_csr(csr_pem, "device", "dev-", 12)
         self.registry.upsert_thing(thing, attributes or {})
         self.registry.activate_and_attach(rec.id, thing)
         self.reconcile()
