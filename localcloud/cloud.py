@@ -380,7 +380,9 @@ class LocalCloud:
                 start_new_session=True,
                 cwd=procs.REPO,
             )
-        pids = {"mosquitto": b.child.pid, "service": svc.pid}
+        pids: dict = {"mosquitto": b.child.pid, "service": svc.pid}
+        # Each process's start time too: `down` must not signal a stranger that got the number later.
+        pids["started"] = {name: _start_time(pid) for name, pid in list(pids.items())}
         _atomic_write(self.directory / "pids.json", json.dumps(pids).encode())
         ready = self.directory / "service.ready"
         deadline = time.monotonic() + timeout
@@ -407,37 +409,49 @@ class LocalCloud:
             pids = json.loads((self.directory / "pids.json").read_text())
         except FileNotFoundError:
             return False
-        return all(_alive(p) for p in pids.values())
+        started = pids.get("started", {})
+        return all(_alive(pids[n], started.get(n)) for n in ("mosquitto", "service"))
 
     def down(self, timeout: float = 10.0) -> None:
         try:
             pids = json.loads((self.directory / "pids.json").read_text())
         except FileNotFoundError:
             return
+        started = pids.get("started", {})
         for name in ("service", "mosquitto"):
-            pid = pids.get(name)
-            if pid and _alive(pid):
+            pid, since = pids.get(name), started.get(name)
+            if pid and _alive(pid, since):
                 os.kill(pid, signal.SIGTERM)
                 deadline = time.monotonic() + timeout
-                while _alive(pid) and time.monotonic() < deadline:
+                while _alive(pid, since) and time.monotonic() < deadline:
                     time.sleep(0.05)
-                if _alive(pid):
+                if _alive(pid, since):
                     os.kill(pid, signal.SIGKILL)
         for f in ("pids.json", "service.ready", "artifacts.port"):
             (self.directory / f).unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie child of ours counts as gone
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name (which may hold spaces): state is [0], start time [19]."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1].split()[0] != "Z"
-    except FileNotFoundError:
+            return f.read().rsplit(") ", 1)[-1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def _start_time(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
+
+
+def _alive(pid: int, started: int | None = None) -> bool:
+    """True while `pid` runs and is not a zombie (a zombie child of ours counts as gone); with `started`,
+    only while it is still the process that began then, not a later one that reuses the number."""
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] == "Z":
         return False
+    return started is None or int(fields[19]) == started
 
 
 def _subject_hash(cert_pem: bytes) -> str:

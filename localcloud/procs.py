@@ -11,7 +11,7 @@ import socket
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -116,7 +116,6 @@ class Child:
     name: str
     proc: subprocess.Popen
     log_path: Path | None = None
-    extra_pids: list[int] = field(default_factory=list)
 
     @property
     def pid(self) -> int:
@@ -134,9 +133,6 @@ class Child:
             except subprocess.TimeoutExpired:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout)
-        for pid in self.extra_pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
 
     def log_text(self) -> str:
         if self.log_path and self.log_path.exists():

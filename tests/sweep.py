@@ -34,6 +34,7 @@ class Run:
     env: dict[str, str]
     log: Path
     cwd: Path | None = None
+    pgid_file: Path | None = None  # where another process looks up our group to kill it too
     proc: subprocess.Popen | None = None
 
     def start(self) -> Run:
@@ -42,6 +43,8 @@ class Run:
             self.proc = subprocess.Popen(
                 self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.cwd
             )
+        if self.pgid_file:
+            self.pgid_file.write_text(f"{self.proc.pid}\n")
         return self
 
     def text(self) -> str:
@@ -57,26 +60,51 @@ class Run:
         while time.monotonic() < deadline:
             if rx.search(self.text()):
                 return True
-            if self.proc.poll() is not None:
+            if self.poll() is not None:
                 return bool(rx.search(self.text()))
             time.sleep(0.1)
         return False
 
+    def poll(self) -> int | None:
+        """The exit status once the process has ended, else None. Whatever its group left (a `keys`
+        child) is killed first, like after a power cut, and only then is the leader reaped: while it is
+        an unreaped zombie its PID cannot be reused, so the group kill cannot reach a stranger. (With
+        pid_max 32768 the suite wraps PIDs; a kill sent to a reaped leader's PID once took down a
+        container booted by another test.)"""
+        assert self.proc is not None
+        if self.proc.returncode is not None:
+            return self.proc.returncode
+        if os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            return None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.pgid_file:
+            self.pgid_file.write_text("")  # nobody may kill this number once it is free again
+        return self.proc.wait()
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while (rc := self.poll()) is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.cmd, timeout)
+            time.sleep(0.05)
+        return rc
+
     def stop(self, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
+        if self.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout)
+                self.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        self.reap()
+                self.reap()
         return self.proc.returncode
 
     def reap(self) -> None:
-        """Whatever the process group left (a `keys` child): gone, like after a power cut."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        """The whole group gone, like after a power cut: the leader too, if it still runs."""
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the leader is not reaped yet: its PID is ours
+            self.wait(10)
 
 
 def sweep_env(base: dict[str, str], ops_log: Path, root: Path, kill_after: int | None) -> dict[str, str]:

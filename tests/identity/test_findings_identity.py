@@ -85,7 +85,7 @@ def test_power_cut_between_the_rotation_commit_and_the_switch_keeps_the_identity
         softhsm.full_env(),
         tmp_path / "cut.log",
     ).start()
-    assert cut.proc.wait(90) == -9, cut.text()[-3000:]
+    assert cut.wait(90) == -9, cut.text()[-3000:]
     cut.reap()
     a = agents(dev)
     a.wait_for(r"certificate rotation done", timeout=60)

@@ -82,7 +82,7 @@ def _finish(run: Run, pattern: str, timeout: float = 90) -> tuple[bool, str]:
         run.stop()
         return False, ""
     try:
-        rc = run.proc.wait(30)
+        rc = run.wait(30)
     except subprocess.TimeoutExpired:
         run.stop()
         return False, "neither finished nor killed"

@@ -26,6 +26,7 @@ THING = f"gw-{SERIAL}"
 
 class Container:
     def __init__(self, rootfs: Path, xchg: Path, log: Path):
+        self.log = log
         with open(log, "w") as out:  # the container writes to its own copy of the descriptor
             self.proc = subprocess.Popen(
                 [
@@ -71,7 +72,10 @@ class Container:
             if r.stdout.strip() in ("running", "degraded") or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        assert r.stdout.strip() in ("running", "degraded"), r.stdout + r.stderr
+        if r.stdout.strip() not in ("running", "degraded"):
+            ended = "" if self.proc.poll() is None else f"systemd-nspawn ended with {self.proc.returncode}; "
+            tail = self.log.read_text(errors="replace")[-3000:]
+            raise AssertionError(f"the container did not boot: {ended}{r.stdout}{r.stderr}console:\n{tail}")
 
     def run(self, *cmd: str, timeout: float = 60, check: bool = True, input: str | None = None):
         r = subprocess.run(

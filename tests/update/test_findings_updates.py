@@ -171,7 +171,7 @@ def test_a_kill_right_after_the_hand_over_ends_with_one_outcome(world, path_unit
         world.token.full_env(),
         tmp_path / "cut.log",
     ).start()
-    assert cut.proc.wait(90) == -9, cut.text()[-3000:]
+    assert cut.wait(90) == -9, cut.text()[-3000:]
     cut.reap()
     a = _agent(world)
     try:

@@ -87,7 +87,7 @@ def _wait_terminal(world, job: str, thing: str, run: Run, timeout: float) -> str
         st = _status(world, job, thing)
         if st in TERMINAL:
             return st
-        if run.proc.poll() is not None:
+        if run.poll() is not None:
             st = _status(world, job, thing)
             return st if st in TERMINAL else None
         time.sleep(0.2)
@@ -121,11 +121,16 @@ class PathUnit:
                         stderr=log,
                     )
                 self.pgids.write_text(f"{p.pid}\n")
-                try:
-                    p.wait(120)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
+                # Wait without reaping, and forget the group before the PID is free again: the agent's cut
+                # kills the groups in this file, and a stale number could be a stranger's (PIDs wrap).
+                deadline = time.monotonic() + 120
+                while os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                    if time.monotonic() > deadline:
+                        p.kill()
+                        break
+                    time.sleep(0.05)
+                self.pgids.write_text("")
+                p.wait(5)
 
     def close(self) -> None:
         self.stop_.set()
@@ -215,10 +220,9 @@ def update_case(world, kind: str, root: Path, flow: str):
                     "PYTHONDONTWRITEBYTECODE": "1",
                 }
                 unit.env.pop("IOT_AGENT_TEST_KILL_GROUP", None)  # the helper's own process only
-            run = Run(cmd, env, d / "run1.log").start()
-            agent_pgids.write_text(f"{run.proc.pid}\n")
+            run = Run(cmd, env, d / "run1.log", pgid_file=agent_pgids).start()
             st = _wait_terminal(world, job, thing, run, 120)
-            killed = st is None and run.proc.poll() is not None
+            killed = st is None and run.poll() is not None
             if st is not None:
                 if flow == "self-update" and st == "SUCCEEDED":
                     run.wait_for(r"starting the agent from release 2\.0\.0", 30)
