@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import stat
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.base.config import DEFAULT_CONFIG_PATH, Config
 from agent.base.errors import AgentError, ConfigError
 from agent.runtime.features import check_files, load
+
+if TYPE_CHECKING:
+    import argparse
 
 
 def _setup_logging(level: str) -> None:
@@ -39,17 +41,51 @@ def _global_options(p: argparse.ArgumentParser, default: object) -> argparse.Arg
     return p
 
 
-# The global options are accepted after the subcommand too (`iot-agent run --config X`); there they
-# default to SUPPRESS, so a subcommand that does not repeat them keeps what came before it.
-_COMMON = _global_options(argparse.ArgumentParser(add_help=False), argparse.SUPPRESS)
-
-
 def _add(sub: argparse._SubParsersAction, name: str, **kw: Any) -> argparse.ArgumentParser:
-    """A subcommand that also accepts the global options; `kw` (help=...) goes to add_parser unchanged."""
-    return sub.add_parser(name, parents=[_COMMON], **kw)
+    """A subcommand that also accepts the global options; `kw` (help=...) goes to add_parser unchanged.
+    There they default to SUPPRESS, so a subcommand that does not repeat them keeps what came before it
+    (`iot-agent run --config X` works as `iot-agent --config X run`)."""
+    import argparse
+
+    common = _global_options(argparse.ArgumentParser(add_help=False), argparse.SUPPRESS)
+    return sub.add_parser(name, parents=[common], **kw)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _service_args(argv: list[str]) -> argparse.Namespace | None:
+    """The service's own command line (`run` with --config and --log-level, before or after it) read
+    without argparse, or None for anything else, which argparse then parses (and explains).
+
+    The service lives for months: argparse and what it imports (shutil, bz2, lzma, gettext, textwrap)
+    would stay in its memory for one parse (about 1 MiB; bench/lifecycle_rss.py)."""
+    from types import SimpleNamespace
+
+    out: dict[str, Any] = {"config": None, "log_level": None, "command": None}
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        name, eq, value = a.partition("=")
+        if name in ("--config", "--log-level"):
+            if not eq:
+                if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                    return None
+                i, value = i + 1, argv[i + 1]
+            if name == "--log-level" and value not in LOG_LEVELS:
+                return None
+            out["config" if name == "--config" else "log_level"] = Path(value) if name == "--config" else value
+        elif a == "run" and out["command"] is None:
+            out["command"] = "run"
+        else:
+            return None
+        i += 1
+    return SimpleNamespace(**out) if out["command"] == "run" else None  # type: ignore[return-value]
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse
+
     p = _global_options(argparse.ArgumentParser(prog="iot-agent", description="AWS IoT Core device agent"), None)
     sub = p.add_subparsers(dest="command", required=True)
     _add(sub, "run", help="wait for a trustworthy clock, connect, stay connected until SIGTERM")
@@ -91,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     from agent.base import killpoints
 
     killpoints.install()  # a no-op unless a test sweeps kill points
-    args = _parser().parse_args(argv)
+    args = _service_args(sys.argv[1:] if argv is None else argv) or _parser().parse_args(argv)
     if args.command == "version":
         print(__version__)
         return 0
@@ -108,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
             stop = threading.Event()
             install_stop_signals(stop)
-            return run(cfg, stop)
+            return run(cfg, stop, restart_in_place=True)
         if args.command == "keys":
             return _keys(cfg, args)
         if args.command == "factory":

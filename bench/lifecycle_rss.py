@@ -10,7 +10,10 @@ in-process API only:
      in batches as an operator would: operations it does not know (REJECTED by the jobs engine), documents
      without an operation, and replays of the signed update (verified, then REJECTED as already installed
      by the OTA handler). Each goes through start-next, the state store, the outbox and UpdateJobExecution.
-Its VmRSS (and VmHWM for the peak) is read from /proc/<pid>/status after each phase, once the agent is idle.
+Its VmRSS is read from /proc/<pid>/status after each phase, once the agent is idle. The peak is the highest
+VmHWM seen by a sampler that reads it every 0.1 s for the whole life: the agent restarts itself in place
+(same PID) after provisioning and before proving a rotated certificate, and the kernel's VmHWM starts
+again with each new program, so a reading at the end of a phase alone would miss the peak before it.
 
 The floor is bench/startup.py's: bench/baseline_connect.py imports awscrt and awsiot and opens one PKCS#11
 mTLS connection, nothing more. It runs in the same run (after the agent has stopped: it uses the device's
@@ -96,6 +99,14 @@ class Agent:
                 stderr=log,
                 cwd=str(state_dir.parent),
             )
+        self.peak = 0  # KiB: the highest VmHWM seen so far (VmHWM starts again when the agent re-executes)
+        self._sampling = threading.Event()
+        threading.Thread(target=self._sample_peak, daemon=True).start()
+
+    def _sample_peak(self) -> None:
+        while not self._sampling.wait(0.1) and self.proc.poll() is None:
+            with contextlib.suppress(OSError, KeyError):
+                self.peak = max(self.peak, proc_status(self.pid)["VmHWM"])
 
     @property
     def pid(self) -> int:
@@ -129,6 +140,7 @@ class Agent:
             rss.append(proc_status(self.pid)["VmRSS"])
             time.sleep(every)
         st = proc_status(self.pid)
+        self.peak = st["VmHWM"] = max(self.peak, st["VmHWM"])
         st["VmRSS"] = int(statistics.median(rss))
         st["fds"] = fd_count(self.pid)
         try:
@@ -138,6 +150,7 @@ class Agent:
         return st
 
     def stop(self, timeout: float = 30.0) -> int | None:
+        self._sampling.set()
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, signal.SIGTERM)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -77,6 +76,8 @@ def remove_tree(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         remove(path)
     elif path.exists():
+        import shutil  # here only: the steady-state daemon need not carry it (bench/lifecycle_rss.py)
+
         shutil.rmtree(path, ignore_errors=True)
         fsync_dir(path.parent)
 

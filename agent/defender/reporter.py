@@ -1,10 +1,11 @@
-"""Device Defender device-side metrics: collect with psutil, build AWS's report, publish on a timer.
+"""Device Defender device-side metrics: collect from the OS, build AWS's report, publish on a timer.
 
 `build_report` is pure (snapshot in, report document out) and is checked against the local
-cloud's specification validator. Collection is one `psutil.net_connections("inet")` call (the old
-aws-samples agent made one per kind) plus counters; the reporter thread sleeps on an Event between
-reports and never polls. report_id is epoch seconds, or last + 1 if the clock stepped back, and is
-persisted so it keeps increasing across restarts.
+cloud's specification validator. Collection reads the kernel's tables once per report (procfs; the
+old aws-samples agent made one psutil.net_connections call per kind; psutil is the fallback off
+Linux); the reporter thread sleeps on an Event between reports and never polls. report_id is
+epoch seconds, or last + 1 if the clock stepped back, and is persisted so it keeps increasing
+across restarts.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.defender import procfs
 from agent.defender.config import DefenderConfig
 
 log = logging.getLogger("agent.defender")
@@ -119,57 +121,9 @@ def cert_not_after(pem_or_der: bytes) -> float | None:
     return not_after(pem_or_der)
 
 
-PROC_NET = Path("/proc/net/tcp")
-TCP_LISTEN, TCP_ESTABLISHED = "0A", "01"
-
-
-def _hex_ip(h: str) -> str:
-    """/proc/net address: IPv4 as one little-endian word, IPv6 as four."""
-    raw = bytes.fromhex(h)
-    if len(raw) == 4:
-        return socket.inet_ntop(socket.AF_INET, raw[::-1])
-    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
-    ip = socket.inet_ntop(socket.AF_INET6, words)
-    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
-
-
-def read_proc_net(base: Path = Path("/proc/net")):
-    """(tcp listening [(ip, port)], udp bound [(ip, port)], tcp established [(lip, lport, rip, rport)]).
-
-    The kernel's socket tables read directly: psutil.net_connections also maps every socket to its
-    process by scanning /proc/*/fd, which is most of its cost on a busy gateway and not needed here.
-    Returns None if the tables cannot be read.
-    """
-    tcp_listen, udp_bound, established = [], [], []
-    try:
-        for name in ("tcp", "tcp6", "udp", "udp6"):
-            path = base / name
-            if not path.exists():
-                continue
-            with open(path) as f:
-                next(f, None)
-                for line in f:
-                    parts = line.split(None, 4)
-                    if len(parts) < 4:
-                        continue
-                    lhex, lport = parts[1].split(":")
-                    rhex, rport = parts[2].split(":")
-                    st = parts[3]
-                    if name.startswith("tcp"):
-                        if st == TCP_LISTEN:
-                            tcp_listen.append((_hex_ip(lhex), int(lport, 16)))
-                        elif st == TCP_ESTABLISHED:
-                            established.append((_hex_ip(lhex), int(lport, 16), _hex_ip(rhex), int(rport, 16)))
-                    elif int(rport, 16) == 0 and int(lport, 16) != 0:
-                        udp_bound.append((_hex_ip(lhex), int(lport, 16)))
-    except (OSError, ValueError, StopIteration):
-        return None
-    return tcp_listen, udp_bound, established
-
-
 @dataclass(eq=False)
 class Collector:
-    """psutil at the edge; everything it returns is plain data."""
+    """The OS at the edge (Linux's tables, psutil elsewhere); everything it returns is plain data."""
 
     cfg: DefenderConfig
     state_dir: Path
@@ -177,32 +131,39 @@ class Collector:
     _iface_by_ip: dict[str, str] = field(default_factory=dict)
     _iface_at: float = 0.0
     _cert: tuple[float, float | None] = (0.0, None)  # (mtime, notAfter)
+    linux: bool = field(default_factory=procfs.available)
+    _cpu: procfs.CpuMeter = field(default_factory=procfs.CpuMeter)
 
     def interfaces(self) -> dict[str, str]:
-        import psutil
-
         if time.monotonic() - self._iface_at > 60 or not self._iface_by_ip:
-            m = {}
-            for name, addrs in psutil.net_if_addrs().items():
-                for a in addrs:
-                    if a.family in (socket.AF_INET, socket.AF_INET6):
-                        m[a.address.split("%")[0]] = name
+            if self.linux:
+                m = procfs.interface_addresses()
+            else:
+                import psutil
+
+                m = {}
+                for name, addrs in psutil.net_if_addrs().items():
+                    for a in addrs:
+                        if a.family in (socket.AF_INET, socket.AF_INET6):
+                            m[a.address.split("%")[0]] = name
             self._iface_by_ip, self._iface_at = m, time.monotonic()
         return self._iface_by_ip
 
     def collect(self) -> Snapshot:
-        import psutil
-
         ifaces = self.interfaces()
-        sockets = read_proc_net() if PROC_NET.exists() else None
+        sockets = procfs.read_proc_net() if self.linux else None
         if sockets is not None:
             tcp_listen = {(port, ifaces.get(ip)) for ip, port in sockets[0]}
             udp_listen = {(port, ifaces.get(ip)) for ip, port in sockets[1]}
             established = [(remote_addr(rip, rport), lport, ifaces.get(lip)) for lip, lport, rip, rport in sockets[2]]
         else:
             tcp_listen, udp_listen, established = self._psutil_sockets(ifaces)
-        io = psutil.net_io_counters()
-        counters = (io.bytes_recv, io.bytes_sent, io.packets_recv, io.packets_sent)
+        counters = procfs.net_io_counters() if self.linux else None
+        if counters is None:
+            import psutil
+
+            io = psutil.net_io_counters()
+            counters = (io.bytes_recv, io.bytes_sent, io.packets_recv, io.packets_sent)
         return Snapshot(
             sorted(tcp_listen, key=lambda x: (x[0], x[1] or "")),
             sorted(udp_listen, key=lambda x: (x[0], x[1] or "")),
@@ -231,15 +192,20 @@ class Collector:
         return tcp_listen, udp_listen, established
 
     def custom(self) -> dict[str, Any]:
-        import psutil
+        memory = procfs.memory_used_percent() if self.linux else None
+        if self.linux:
+            cpu = self._cpu.percent()
+        else:
+            import psutil
 
-        out: dict[str, Any] = {
-            "cpu_usage": {"number": round(psutil.cpu_percent(interval=None), 1)},
-            "memory_used_percent": {"number": round(psutil.virtual_memory().percent, 1)},
-            "agent_version": {"string_list": [__version__]},
-        }
+            cpu = psutil.cpu_percent(interval=None)
+            memory = psutil.virtual_memory().percent
+        out: dict[str, Any] = {"cpu_usage": {"number": round(cpu, 1)}}
+        if memory is not None:
+            out["memory_used_percent"] = {"number": round(memory, 1)}
+        out["agent_version"] = {"string_list": [__version__]}
         with contextlib.suppress(OSError):
-            out["state_disk_free_mb"] = {"number": psutil.disk_usage(str(self.state_dir)).free // (1024 * 1024)}
+            out["state_disk_free_mb"] = {"number": procfs.disk_free_bytes(self.state_dir) // (1024 * 1024)}
         days = self.cert_days_left()
         if days is not None:
             out["cert_days_to_expiry"] = {"number": days}

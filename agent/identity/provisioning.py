@@ -15,7 +15,6 @@ PROVISIONING table below has every transition and what a restart does in each st
 from __future__ import annotations
 
 import logging
-import subprocess
 import sys
 import threading
 import time
@@ -54,6 +53,8 @@ class TokenKeys:
     config_path: Path
 
     def _run(self, *args: str) -> str:
+        import subprocess  # key work is rare: the idle daemon need not carry subprocess
+
         r = subprocess.run(
             [sys.executable, "-m", "agent", "--config", str(self.config_path), "keys", *args],
             capture_output=True,

@@ -44,8 +44,10 @@ def install_stop_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def run(cfg: Config, stop: threading.Event) -> int:
-    """Returns the exit status: 0 after SIGTERM, RESTART_EXIT when an update asks to be restarted into."""
+def run(cfg: Config, stop: threading.Event, restart_in_place: bool = False) -> int:
+    """Returns the exit status: 0 after SIGTERM, RESTART_EXIT when an update asks to be restarted into.
+    restart_in_place: the process is the `iot-agent run` command itself (not embedded), so it may
+    replace itself with a fresh copy after its identity changed (see _restart_in_place)."""
     limit_malloc_arenas()  # before the first thread (the watchdog's, then awscrt's)
     watchdog_stop = threading.Event()
     sdnotify.start_watchdog(watchdog_stop)
@@ -53,7 +55,7 @@ def run(cfg: Config, stop: threading.Event) -> int:
     sdnotify.ready("waiting for a trustworthy clock before any TLS connection")
     rc = 1
     try:
-        rc = _run(cfg, stop)
+        rc = _run(cfg, stop, restart_in_place)
         return rc
     finally:
         if rc != RESTART_EXIT:  # a restart into a new release is not a stop of the service
@@ -61,7 +63,7 @@ def run(cfg: Config, stop: threading.Event) -> int:
         watchdog_stop.set()
 
 
-def _run(cfg: Config, stop: threading.Event) -> int:
+def _run(cfg: Config, stop: threading.Event, restart_in_place: bool = False) -> int:
     pin = read_pin(cfg)
     store = StateStore(cfg.resolve(cfg.device.state_dir))
     from agent.base.durable import remove_stale_temps
@@ -88,6 +90,8 @@ def _run(cfg: Config, stop: threading.Event) -> int:
         sdnotify.status_line("provisioning by claim (fleet provisioning)")
         if not Provisioner(cfg, store, pin).run(stop):
             return 0  # stopped while waiting to retry
+        if restart_in_place:
+            _restart_in_place("provisioned; connecting with the device's own certificate")
         release_freed_memory()  # the claim connection and its TLS context are gone
     rotate_now = threading.Event()
     _install_rotate_signal(rotate_now)
@@ -99,6 +103,10 @@ def _run(cfg: Config, stop: threading.Event) -> int:
         while fast < 1000:  # sessions: a rotation restarts one with other credentials; bounded
             rc = _session(cfg, store, pin, stop, clock_trusted, rotate_now, refused)
             clock_trusted = True
+            if rc == SESSION_NEW_IDENTITY and not stop.is_set() and restart_in_place:
+                _restart_in_place("a new certificate to prove")
+            if rc == SESSION_NEW_IDENTITY:
+                rc = SESSION_RESTART
             if rc != SESSION_RESTART or stop.is_set():
                 return 0 if rc == SESSION_RESTART else rc
             release_freed_memory()  # the old session's client, TLS context and token module are gone
@@ -112,6 +120,35 @@ def _run(cfg: Config, stop: threading.Event) -> int:
 
 
 SESSION_RESTART = -1
+SESSION_NEW_IDENTITY = -2  # a restart with other credentials (a rotation's new certificate to prove)
+RESTARTS_ENV = "IOT_AGENT_RESTARTS_IN_PLACE"
+MAX_RESTARTS_IN_PLACE = 100
+
+
+def _restart_in_place(why: str) -> None:
+    """Replace this process by a fresh `iot-agent run`: same PID (systemd's main PID, state/agent.pid),
+    same arguments and environment.
+
+    Provisioning and rotation are the agent's two big one-off tasks (a claim connection, key
+    generation, CSR, cloud calls): afterwards the process would carry their modules and heap
+    fragments for the rest of its life (bench/lifecycle_rss.py). Both end where the agent reconnects
+    with other credentials anyway, and everything they decided is already in the state store, so a
+    fresh process started right there loses nothing and costs one import. The connection and the
+    token are already released (a TPM would otherwise keep the old session's handles). Bounded by a
+    counter in the environment: past it, the agent goes on in this process."""
+    import os
+    import sys
+
+    done = int(os.environ.get(RESTARTS_ENV, "0") or 0)
+    if done >= MAX_RESTARTS_IN_PLACE or not getattr(sys, "orig_argv", None):
+        return
+    os.environ[RESTARTS_ENV] = str(done + 1)
+    log.info("%s: restarting in place (same PID) to start clean", why)
+    for h in logging.getLogger().handlers:
+        h.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])  # argv[0] locates the venv
 
 
 class Refusals:
@@ -274,7 +311,8 @@ def _session(
     if refusal and not stop.is_set():
         refused.wait(refusal, stop)  # the session is closed: no attempts while waiting, that is the point
     if session_end.is_set() and not stop.is_set():
-        return SESSION_RESTART
+        new = rotation.rotator is not None and rotation.rotator.pending_identity() is not None
+        return SESSION_NEW_IDENTITY if new else SESSION_RESTART
     return exit_code[0]
 
 

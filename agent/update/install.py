@@ -12,8 +12,6 @@ the folder is fsync'd, so a power cut leaves either the old or the new link, nev
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 from agent.base import durable
@@ -71,6 +69,8 @@ def stage(target_dir: Path, version: str, artifact: Path, name: str, unpack: boo
             except (tarfile.TarError, OSError) as e:
                 raise InstallError(f"artifact is not a safe tar archive: {e}") from None
         else:
+            import shutil  # installs are rare: the idle daemon need not carry shutil
+
             shutil.copyfile(artifact, staging / name)
         os.replace(staging, final)  # durable: a folder renamed into place; fsync'd below
         _fsync_dir(releases)
@@ -127,6 +127,8 @@ def health_check(command: list[str], release_dir: Path, timeout_s: float) -> tup
     """Run the target's check against the new release; (healthy, reason)."""
     if not command:
         return True, "no health check configured"
+    import subprocess  # health checks are rare: the idle daemon need not carry subprocess
+
     try:
         r = subprocess.run(
             command,

@@ -28,7 +28,6 @@ import base64
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -368,7 +367,8 @@ class OtaHandler:
             raise Refused(f"artifact of {spec.size} bytes exceeds ota.max_artifact_bytes ({o.max_artifact_bytes})")
         if spec.version:  # bound by a manifest, or a legacy label checked again against the signed VERSION
             self._check_version(target, spec.version)
-        free = shutil.disk_usage(self.work).free
+        st = os.statvfs(self.work)
+        free = st.f_bavail * st.f_frsize  # what shutil.disk_usage calls free
         if free < spec.size * 2 + (16 << 20):
             raise Failed(f"not enough disk space: {free} bytes free, the update needs {spec.size * 2} plus a margin")
         key = self._key(job_id)

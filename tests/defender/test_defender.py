@@ -183,7 +183,9 @@ def test_cert_not_after_reads_utc_and_generalized_time(tmp_path):
 
 
 # -- real sockets ---------------------------------------------------------------------------------
-def test_collection_sees_real_sockets(tmp_path):
+@pytest.mark.parametrize("linux", [True, False], ids=["procfs", "psutil"])
+def test_collection_sees_real_sockets(tmp_path, linux):
+    """Both collection paths: Linux's tables (what the agent uses here) and psutil (its fallback)."""
     tcp = socket.socket()
     tcp.bind(("127.0.0.1", 0))
     tcp.listen(16)
@@ -196,8 +198,11 @@ def test_collection_sees_real_sockets(tmp_path):
             c = socket.create_connection(("127.0.0.1", tport))
             clients.append(c)
             servers.append(tcp.accept()[0])
-        col = Collector(DefenderConfig(), tmp_path)
+        col = Collector(DefenderConfig(), tmp_path, linux=linux)
         snap = col.collect()
+        custom = col.custom()
+        assert 0 <= custom["cpu_usage"]["number"] <= 100 and 0 < custom["memory_used_percent"]["number"] < 100
+        assert custom["state_disk_free_mb"]["number"] > 0
         assert (tport, "lo") in snap.tcp_listen
         assert (uport, "lo") in snap.udp_listen
         client_ports = {c.getsockname()[1] for c in clients}
@@ -225,7 +230,7 @@ def test_proc_net_reader_agrees_with_psutil():
     """The fast path (kernel socket tables) finds what psutil finds, IPv6 included."""
     import psutil
 
-    from agent.defender.reporter import read_proc_net
+    from agent.defender.procfs import read_proc_net
 
     s6 = socket.socket(socket.AF_INET6)
     s6.bind(("::1", 0))
@@ -266,3 +271,44 @@ def test_proc_net_reader_agrees_with_psutil():
     finally:
         for s in (c6, a6, s6):
             s.close()
+
+
+def test_linux_readers_agree_with_psutil(tmp_path):
+    """What replaced psutil in the agent (agent.defender.procfs) reads the same figures psutil reads."""
+    import psutil
+
+    from agent.defender import procfs
+
+    assert procfs.available()
+    ps_ifaces = {
+        a.address.split("%")[0]: name
+        for name, addrs in psutil.net_if_addrs().items()
+        for a in addrs
+        if a.family in (socket.AF_INET, socket.AF_INET6)
+    }
+    assert procfs.interface_addresses() == ps_ifaces
+    # Counters only grow: psutil's before <= ours <= psutil's after, field by field.
+    b = psutil.net_io_counters()
+    mine = procfs.net_io_counters()
+    a = psutil.net_io_counters()
+    for i, name in enumerate(("bytes_recv", "bytes_sent", "packets_recv", "packets_sent")):
+        assert getattr(b, name) <= mine[i] <= getattr(a, name), name
+    assert abs(procfs.memory_used_percent() - psutil.virtual_memory().percent) < 5
+    free = procfs.disk_free_bytes(tmp_path)
+    assert abs(free - psutil.disk_usage(str(tmp_path)).free) < 256 * 1024 * 1024  # other tests write meanwhile
+
+
+def test_cpu_meter_follows_psutils_formula(tmp_path, monkeypatch):
+    """Busy share since the last reading: everything but idle and iowait, over the total of the first 8 fields."""
+    from agent.defender import procfs
+
+    monkeypatch.setattr(procfs, "PROC", tmp_path)
+    stat = tmp_path / "stat"
+    meter = procfs.CpuMeter()
+    stat.write_text("cpu  100 0 100 700 100 0 0 0 0 0\ncpu0 1 2 3\n")
+    assert meter.percent() == 0.0  # no previous reading yet, as psutil's first call
+    stat.write_text("cpu  160 0 120 780 140 0 0 0 0 0\n")  # +60 user +20 system +80 idle +40 iowait
+    assert meter.percent() == pytest.approx(100 * 80 / 200)
+    assert meter.percent() == 0.0  # no time passed
+    stat.write_text("garbage\n")
+    assert meter.percent() == 0.0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import _parser
+from agent.cli import _parser, _service_args
 
 
 @pytest.mark.parametrize(
@@ -49,3 +49,59 @@ def test_the_installed_command_takes_config_after_the_subcommand(tmp_path):
     )
     assert r.returncode != 0
     assert f"{missing}: config file not found" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+SERVICE_LINES = [
+    ["run"],
+    ["--config", "/etc/x.toml", "run"],
+    ["run", "--config", "/etc/x.toml"],
+    ["--config=/etc/x.toml", "run", "--log-level=debug"],
+    ["--log-level", "info", "run"],
+    ["--config", "a.toml", "run", "--config", "b.toml", "--log-level", "debug"],
+    ["--log-level", "warning", "--config", "c.toml", "run", "--log-level", "error"],
+]
+NOT_SERVICE_LINES = [
+    [],
+    ["run", "run"],
+    ["run", "--log-level", "loud"],
+    ["run", "--config"],
+    ["run", "--config", "--log-level", "info"],
+    ["run", "--verbose"],
+    ["--help"],
+    ["run", "-h"],
+    ["status"],
+    ["keys", "list"],
+    ["run", "extra"],
+]
+
+
+@pytest.mark.parametrize("argv", SERVICE_LINES)
+def test_the_service_line_is_read_as_argparse_reads_it(argv):
+    """`run`'s command line is read without argparse (the service then does not carry it for months);
+    what it reads must be exactly what argparse reads."""
+    fast, full = _service_args(argv), _parser().parse_args(argv)
+    assert fast is not None
+    assert (fast.command, fast.config, fast.log_level) == (full.command, full.config, full.log_level)
+
+
+@pytest.mark.parametrize("argv", NOT_SERVICE_LINES)
+def test_anything_else_goes_to_argparse(argv):
+    assert _service_args(argv) is None
+
+
+def test_the_service_does_not_import_argparse(tmp_path):
+    """What the long-lived process carries: not argparse, nor shutil or subprocess (each loaded only where
+    a rare task needs it). A config error ends `run` before it connects; the modules are listed after the
+    daemon's and each feature's are imported too."""
+    code = (
+        "import sys, agent.cli\n"
+        "try:\n"
+        f"    agent.cli.main(['--config', {str(tmp_path / 'missing.toml')!r}, 'run'])\n"
+        "finally:\n"
+        "    import agent.runtime.daemon, agent.update.ota, agent.update.streamdl, agent.update.download\n"
+        "    import agent.jobs.engine, agent.inventory.reporter, agent.defender.reporter, agent.identity.rotation\n"
+        "    print(sorted(m for m in ('argparse', 'shutil', 'subprocess') if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "config file not found" in r.stderr + r.stdout, r.stdout + r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout + r.stderr
