@@ -91,7 +91,7 @@ def _run(cfg: Config, stop: threading.Event, restart_in_place: bool = False) -> 
         if not Provisioner(cfg, store, pin).run(stop):
             return 0  # stopped while waiting to retry
         if restart_in_place:
-            _restart_in_place("provisioned; connecting with the device's own certificate")
+            _restart_in_place("provisioned; connecting with the device's own certificate", cfg)
         release_freed_memory()  # the claim connection and its TLS context are gone
     rotate_now = threading.Event()
     _install_rotate_signal(rotate_now)
@@ -104,7 +104,7 @@ def _run(cfg: Config, stop: threading.Event, restart_in_place: bool = False) -> 
             rc = _session(cfg, store, pin, stop, clock_trusted, rotate_now, refused)
             clock_trusted = True
             if rc == SESSION_NEW_IDENTITY and not stop.is_set() and restart_in_place:
-                _restart_in_place("a new certificate to prove")
+                _restart_in_place("a new certificate to prove", cfg)
             if rc == SESSION_NEW_IDENTITY:
                 rc = SESSION_RESTART
             if rc != SESSION_RESTART or stop.is_set():
@@ -125,7 +125,7 @@ RESTARTS_ENV = "IOT_AGENT_RESTARTS_IN_PLACE"
 MAX_RESTARTS_IN_PLACE = 100
 
 
-def _restart_in_place(why: str) -> None:
+def _restart_in_place(why: str, cfg: Config) -> None:
     """Replace this process by a fresh `iot-agent run`: same PID (systemd's main PID, state/agent.pid),
     same arguments and environment.
 
@@ -139,8 +139,13 @@ def _restart_in_place(why: str) -> None:
     import os
     import sys
 
+    from agent.session.connection import wait_token_released
+
     done = int(os.environ.get(RESTARTS_ENV, "0") or 0)
     if done >= MAX_RESTARTS_IN_PLACE or not getattr(sys, "orig_argv", None):
+        return
+    if not wait_token_released(cfg.resolve(cfg.pkcs11.library)):
+        log.warning("%s: the token is still in use; going on in this process", why)
         return
     os.environ[RESTARTS_ENV] = str(done + 1)
     log.info("%s: restarting in place (same PID) to start clean", why)

@@ -354,6 +354,21 @@ def _load_pkcs11(path: Path, wait_s: float = 10.0) -> awscrt.io.Pkcs11Lib:
             ) from None
 
 
+def wait_token_released(path: Path, wait_s: float = 10.0) -> bool:
+    """True once every earlier connection in this process has finalised the PKCS#11 module (see
+    _load_pkcs11), proven by initialising it once more and finalising that at once; False if not
+    within wait_s. Before the agent replaces itself (exec), this matters: a module still initialised
+    would take its open token connection into the new program (swtpm serves one client at a time, so
+    the new one would wait forever) and leave its TPM objects loaded."""
+    try:
+        lib = _load_pkcs11(path, wait_s)
+    except BrokerConnectionError:
+        return False
+    del lib  # the only reference: C_Finalize runs now
+    gc.collect()
+    return True
+
+
 def _socket_options(connect_timeout_s: float):
     import awscrt.io
 

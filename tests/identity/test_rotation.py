@@ -76,6 +76,7 @@ def test_rotation_by_command(world, token, agents, tmp_path):
     serial = "R1" if token.kind == "softhsm" else "R2"
     dev = device(c, ntp, token, serial, tmp_path)
     thing = f"gw-{serial}"
+    handles = token.tpm.transient_handles() if token.tpm else None
     a = agents(dev)
     a.wait_for(rf"connected to localhost:\d+ as {thing}", timeout=90)
     before = snapshot(dev)
@@ -84,7 +85,13 @@ def test_rotation_by_command(world, token, agents, tmp_path):
     i = a.wait_for(r"certificate rotation started: requested by iot-agent rotate", timeout=30)
     a.wait_for(r"certificate rotation done", after=i, timeout=90)
     a.wait_for(rf"connected to localhost:\d+ as {thing}", after=i, timeout=30)
+    # Provisioning and the rotation each ended with the agent restarting itself in place: the same
+    # process (systemd's main PID, the PID file), the token released before each exec.
+    assert a.text().count("restarting in place (same PID)") == 2, a.text()[-3000:]
+    assert int((dev.directory / "state" / "agent.pid").read_text()) == a.proc.pid
     assert a.stop() == 0
+    if handles is not None:
+        assert token.tpm.transient_handles() == handles  # nothing left loaded in the TPM by either program
     check_rotated(c, dev, thing, before)
     # The agent starts again on the new identity.
     b = agents(dev)
