@@ -16,7 +16,7 @@ demo: sysdeps venv
 TEST_WORKERS ?= 4
 
 test: sysdeps venv
-	$(PY) scripts/timed.py $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
+	$(PY) scripts/timed.py $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
 
 # ruff (lint and format) over the tree, mypy over agent/ (settings in pyproject.toml); .ci/run runs it first.
 lint: venv

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from sweep import Outcome, Run, flush_tpm, next_serial, op_at, sweep, sweep_env
 
-from localcloud.bench import agent_cmd, fresh_device
+from localcloud.bench import agent_cmd, enrolled_device, fresh_device
 from localcloud.cloud import LocalCloud
 from localcloud.ntp import Chrony
 from localcloud.tokens import softhsm_token, tpm_token
@@ -151,13 +151,13 @@ def rotation_case(world, kind: str, root: Path):
 
     def case(n: int) -> Outcome:
         d = root / f"rot-{n}"
-        token, dev, thing, connected = _new_device(world, kind, d, "SWR")
+        token = _token(kind, d / "token")
         try:
-            first = Run(agent_cmd(dev.config_path, "run"), _plain_env(token), d / "run0.log").start()
-            if not first.wait_for(connected, 90):
-                first.stop()
-                return Outcome(n, False, "", f"setup: not provisioned\n{first.text()[-2000:]}")
-            first.stop()
+            # Pre-provisioned (the provisioning sweep covers how a device gets its identity): the swept run
+            # is the device's first, and its rotation starts at once.
+            thing = f"gw-{next_serial('SWR')}"
+            connected = rf"connected to localhost:\d+ as {thing}"
+            dev = enrolled_device(cloud, token, thing, d / "device", [ntp.server], extra=QUIET)
             before = json.loads(dev.cli("status", "--json").stdout)["certificate_file"]
             dev.cli("rotate")
             ops = d / "ops.log"
