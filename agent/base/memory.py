@@ -9,7 +9,8 @@ glibc also gives each thread that meets contention an arena of its own (up to 8 
 each keeps its own freed pages and fragments; awscrt's event-loop and DNS threads and the agent's
 own would each hold one. The agent allocates little and rarely at once, so one arena serves it:
 bench/lifecycle_rss.py measured the RSS after a whole life at 1.26x the floor with glibc's default
-and 1.21x with one arena, and the peak at 1.50x and 1.33x.
+and 1.21x with one arena, and the peak at 1.50x and 1.33x (before the agent restarted itself in place
+after provisioning and rotation, which brought the whole life to 1.09x; agent.runtime.daemon).
 """
 
 from __future__ import annotations

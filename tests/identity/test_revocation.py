@@ -28,7 +28,7 @@ def test_refused_identity_backs_off_and_recovers(tmp_path, softhsm, agents):
             [ntp.server],
             extra={
                 "defender": {"enabled": False},
-                "broker": {"refused_after": 2, "refused_retry_min_s": 20.0, "refused_retry_max_s": 20.0},
+                "broker": {"refused_after": 2, "refused_retry_min_s": 10.0, "refused_retry_max_s": 10.0},
             },
         )
         a = agents(dev)
@@ -49,11 +49,11 @@ def test_refused_identity_backs_off_and_recovers(tmp_path, softhsm, agents):
         assert status["connection"]["refused_since"] and "AWS_IO_TLS_ERROR" in status["connection"]["last_error"]
         assert "REFUSED by the broker since" in dev.cli("status").stdout
 
-        # One try per wait (20 s here, 300 s by default): nothing in between.
+        # One try per wait (10 s here, 300 s by default): nothing in between.
         j = a.wait_for(r"the broker refuses this device's identity", 90, after=i + 1)
         between = [entry for entry in a.lines[i + 1 : j] if re.search(FAIL, entry[1])]
         assert len(between) == 1, "\n".join(entry[1] for entry in a.lines[i - 3 : j + 1])
-        assert a.lines[j][0] - t_refused >= 20, "the wait was shorter than refused_retry_min_s"
+        assert a.lines[j][0] - t_refused >= 10, "the wait was shorter than refused_retry_min_s"
 
         cloud.set_certificate_status(cert.id, "ACTIVE")
         k = a.wait_for(r"the broker accepts this device's identity again", 90, after=j + 1)
@@ -62,7 +62,7 @@ def test_refused_identity_backs_off_and_recovers(tmp_path, softhsm, agents):
         # Attempts while refused: refused_after + one per wait, not the CRT's 1-4 s reconnect cadence.
         elapsed = a.lines[k][0] - first[0][0]
         tries = [entry for entry in a.lines[:k] if re.search(FAIL, entry[1])]
-        assert len(tries) <= 2 + elapsed / 20 + 2, (len(tries), elapsed)
+        assert len(tries) <= 2 + elapsed / 10 + 2, (len(tries), elapsed)
         assert a.stop() == 0
     finally:
         ntp.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import signal
 import time
 
 import pytest
@@ -102,6 +103,7 @@ def test_bad_server_certificates_are_refused_without_fallback(bench, softhsm, ag
     failures are awaited in parallel rather than one after another.
     """
     brokers, runs = {}, {}
+    start = time.monotonic()
     for case, server in _bad_servers(bench, tmp_path).items():
         b = Broker(tmp_path / f"broker-{case}", bench.ca, server).start()
         brokers[case] = b
@@ -112,10 +114,14 @@ def test_bad_server_certificates_are_refused_without_fallback(bench, softhsm, ag
     try:
         for _case, a in runs.items():
             a.wait_for(r"connection to localhost:\d+ failed: AWS_IO_TLS_ERROR_NEGOTIATION_FAILURE", timeout=60)
+        t0 = time.monotonic()
+        for a in runs.values():  # all at once: each stop may wait out a retry's blinding delay
+            a.proc.send_signal(signal.SIGTERM)
         for case, a in runs.items():
             assert "connected to localhost" not in a.text(), case
             assert not brokers[case].connected_clients(), case
             assert a.stop() == 0
+        print(f"failures seen after {t0 - start:.1f} s, stopped after {time.monotonic() - t0:.1f} s")
     finally:
         for b in brokers.values():
             b.stop()
