@@ -15,7 +15,10 @@ demo: sysdeps venv
 # Tests mostly wait (handshakes, daemons, timeouts), so more workers than cores pays off.
 TEST_WORKERS ?= 4
 
+# Byte code compiled once up front: the suite starts hundreds of agent processes, and with
+# PYTHONDONTWRITEBYTECODE (the kill sweeps set it) each would compile every module from source.
 test: sysdeps venv
+	$(PY) -m compileall -q agent localcloud tests
 	$(PY) scripts/timed.py $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
 
 # ruff (lint and format) over the tree, mypy over agent/ (settings in pyproject.toml); .ci/run runs it first.
