@@ -13,7 +13,7 @@ demo: sysdeps venv
 	$(PY) -m localcloud.demo
 
 # Tests mostly wait (handshakes, daemons, timeouts), so more workers than cores pays off.
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 5
 
 # Byte code compiled once up front: the suite starts hundreds of agent processes, and with
 # PYTHONDONTWRITEBYTECODE (the kill sweeps set it) each would compile every module from source.
