@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test lint bench sysdeps venv clean
+.PHONY: demo test lint bench sysdeps venv clean check-arm64
 
 demo: sysdeps venv
 	$(PY) -m localcloud.demo
@@ -26,6 +26,11 @@ lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
+
+# The demo, the installed service and the identity/update/rotation tests on arm64 (Raspberry Pi OS's
+# architecture) under qemu-user, from any x86_64 machine; root (binfmt_misc, chroot).
+check-arm64:
+	bash scripts/check-arm64.sh
 
 bench: sysdeps venv
 	$(PY) bench/startup.py
