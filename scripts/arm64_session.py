@@ -6,6 +6,7 @@ cleanly on SIGTERM. Prints one line per token; exit status 1 if one fails."""
 from __future__ import annotations
 
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -38,12 +39,14 @@ def session(cloud: LocalCloud, ntp: Chrony, kind: str, d: Path) -> str:
         t0 = time.monotonic()
         try:
             while time.monotonic() - t0 < 180:  # bounded: emulation is slow, not that slow
-                if f"as {thing}" in log.read_text(errors="replace") or p.poll() is not None:
+                if re.search(rf"connected to localhost:\d+ as {thing}", log.read_text(errors="replace")):
+                    break
+                if p.poll() is not None:
                     break
                 time.sleep(0.2)
             connected = time.monotonic() - t0
             text = log.read_text(errors="replace")
-            if "connected to localhost" not in text:
+            if not re.search(rf"connected to localhost:\d+ as {thing}", text):
                 raise RuntimeError(f"{kind}: the installed agent did not connect:\n{text[-2000:]}")
         finally:
             if p.poll() is None:

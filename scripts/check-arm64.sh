@@ -85,9 +85,14 @@ if [ ! -e "$BINFMT/status" ]; then
     MOUNTED_BINFMT=1
 fi
 if [ ! -e "$BINFMT/qemu-aarch64" ]; then
-    printf '%s' ':qemu-aarch64:M::\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00:\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff:'"$QEMU"':F' >"$BINFMT/register"
     REGISTERED=1
+    printf '%s' ':qemu-aarch64:M::\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00:\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff:'"$QEMU"':F' >"$BINFMT/register"
 fi
+# For tests/system/test_check_arm64_host.py: fail (or wait for a signal) right after changing the host.
+case "${IOT_AGENT_ARM64_FAIL_AT:-}" in
+registered) say "failing on purpose after registering the handler" && exit 1 ;;
+wait) say "registered; waiting for a signal" && sleep 120 && exit 1 ;;
+esac
 
 if [ ! -x "$ROOT/usr/bin/python3" ]; then
     rm -rf "$ROOT.tmp"
@@ -127,9 +132,15 @@ for m in proc sys dev dev/pts; do
 done
 mkdir -p "$ROOT/dev/shm"
 
-# A clone of this checkout's HEAD, as a new user's `git clone` would give.
-rm -rf "$ROOT/src"
-git clone -q "$SRC" "$ROOT/src"
+# A clone of this checkout's HEAD, as a new user's `git clone` would give. On a later run the clone is
+# brought to HEAD and cleaned, keeping what `make` built in it (.venv, .deps): the warm run.
+if [ -d "$ROOT/src/.git" ] && git -C "$ROOT/src" fetch -q "$SRC" HEAD 2>/dev/null; then
+    git -C "$ROOT/src" reset -q --hard FETCH_HEAD
+    git -C "$ROOT/src" clean -qfdx -e .venv -e .deps
+else
+    rm -rf "$ROOT/src"
+    git clone -q "$SRC" "$ROOT/src"
+fi
 
 pip_env=()
 for v in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_CERT PIP_DEFAULT_TIMEOUT HTTP_PROXY HTTPS_PROXY NO_PROXY http_proxy https_proxy no_proxy; do
@@ -149,7 +160,7 @@ say "make demo on arm64: $(grep -o '[0-9]* steps verified.*' "$DIR/demo.log" | h
 t=$(date +%s)
 inside bash -c 'cd /src && sh scripts/install.sh' | tail -3
 inside /opt/iot-agent/venv/bin/python -c 'import platform, awscrt; print("installed agent:", platform.machine(), "awscrt", awscrt.__version__)'
-inside /usr/bin/iot-agent version
+inside /opt/iot-agent/venv/bin/iot-agent version
 inside bash -c 'cd /src && .venv/bin/python scripts/arm64_session.py'
 say "install.sh and the installed agent's session: $(($(date +%s) - t)) s"
 

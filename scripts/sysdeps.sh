@@ -24,6 +24,11 @@ apt_pkgs=(
 # mosquitto-dev and libmosquitto-dev only carry headers, for the local cloud's broker plugin.
 unpacked_pkgs=(mosquitto mosquitto-dev libmosquitto-dev chrony)
 
+# make check-arm64 runs arm64 programs through qemu-user (and a test checks it leaves the host clean).
+if [ "$(uname -m)" = x86_64 ]; then
+  apt_pkgs+=(qemu-user-static)
+fi
+
 # The MicroPython edition's tests run the real interpreter (WebAssembly) under Node.
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
   apt_pkgs+=(nodejs npm)
