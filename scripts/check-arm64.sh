@@ -166,7 +166,7 @@ say "install.sh and the installed agent's session: $(($(date +%s) - t)) s"
 
 if [ "${IOT_AGENT_ARM64_TESTS:-1}" = 1 ]; then
     t=$(date +%s)
-    inside bash -c 'cd /src && .venv/bin/python -m compileall -q agent localcloud tests && .venv/bin/python -m pytest -q -p no:cacheprovider -n 2 tests/identity/test_rotation.py tests/identity/test_provisioning_flow.py tests/update/test_install.py tests/update/test_ota_selfupdate.py'
+    inside bash -c 'cd /src && .venv/bin/python -m compileall -q agent localcloud tests && .venv/bin/python -m pytest -q -p no:cacheprovider -n 2 tests/identity/test_rotation.py tests/identity/test_provisioning_flow.py tests/identity/test_keystore.py tests/update/test_install.py tests/update/test_ota_agent.py tests/update/test_ota_selfupdate.py'
     say "identity, update and rotation tests on arm64: $(($(date +%s) - t)) s"
 fi
 say "done"
