@@ -153,7 +153,11 @@ def _restart_in_place(why: str, cfg: Config) -> None:
         h.flush()
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])  # argv[0] locates the venv
+    try:
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])  # argv[0] locates the venv
+    except OSError as e:  # the interpreter gone or not executable (mid-upgrade): not a reason to stop
+        os.environ[RESTARTS_ENV] = str(done)
+        log.warning("%s: cannot restart in place (%s); going on in this process", why, e.strerror)
 
 
 class Refusals:

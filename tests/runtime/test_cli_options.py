@@ -105,3 +105,27 @@ def test_the_service_does_not_import_argparse(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "config file not found" in r.stderr + r.stdout, r.stdout + r.stderr
     assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout + r.stderr
+
+
+def test_a_failed_restart_in_place_goes_on_in_this_process(monkeypatch):
+    """If the interpreter cannot be executed again (mid-upgrade, say), the agent logs it and goes on."""
+    import os
+
+    from agent.runtime import daemon
+    from agent.session import connection
+
+    def execv(*_args):
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(os, "execv", execv)
+    monkeypatch.setattr(connection, "wait_token_released", lambda path: True)
+    monkeypatch.delenv(daemon.RESTARTS_ENV, raising=False)
+    cfg = load_example()
+    daemon._restart_in_place("test", cfg)  # returns instead of raising
+    assert os.environ.get(daemon.RESTARTS_ENV) == "0"
+
+
+def load_example():
+    from agent.runtime.features import load
+
+    return load(Path(__file__).resolve().parents[2] / "systemd" / "config.example.toml")
