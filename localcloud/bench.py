@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import pki
+from . import pace, pki
 from .broker import Broker
 from .ntp import Chrony
 from .tokens import Token
@@ -24,7 +24,7 @@ def agent_cmd(config: Path, *args: str) -> list[str]:
 
 def run_agent_cli(config: Path, token: Token, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
-        agent_cmd(config, *args), env=token.full_env(), capture_output=True, text=True, timeout=timeout
+        agent_cmd(config, *args), env=token.full_env(), capture_output=True, text=True, timeout=pace.scaled(timeout)
     )
 
 
@@ -68,7 +68,7 @@ def write_config(
             "ca_file": str(ca_file),
             "reconnect_min_s": 0.2,
             "reconnect_max_s": 4.0,
-            "connect_timeout_s": 5.0,
+            "connect_timeout_s": pace.scaled(5.0),
             "reconnect_reset_after_s": 1.0,
         },
         "pkcs11": {
@@ -83,7 +83,7 @@ def write_config(
             "max_skew_s": 5.0,
             "retry_min_s": 0.2,
             "retry_max_s": 2.0,
-            "query_timeout_s": 1.0,
+            "query_timeout_s": pace.scaled(1.0),
         },
     }
     for name, values in (extra or {}).items():

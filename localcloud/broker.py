@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import procs
+from . import pace, procs
 from .pki import CertificateAuthority, Issued
 
 OBSERVER = "observer"
@@ -117,7 +117,7 @@ class Broker:
         return out
 
     def wait_log(self, pattern: str, timeout: float = 10.0) -> re.Match:
-        deadline = time.monotonic() + timeout
+        deadline = pace.deadline(timeout)
         rx = re.compile(pattern)
         while time.monotonic() < deadline:
             m = rx.search(self.log_text())

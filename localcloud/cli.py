@@ -291,11 +291,13 @@ def _ntp_down(directory: Path, timeout: float = 10.0) -> None:
     import signal
     import time
 
+    from . import pace
+
     pid = _ntp_pid(directory)
     if pid is None:
         return
     os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
+    deadline = pace.deadline(timeout)
     while _ntp_pid(directory) == pid and time.monotonic() < deadline:
         time.sleep(0.05)
     if _ntp_pid(directory) == pid:

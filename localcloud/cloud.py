@@ -26,7 +26,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from . import jitp, plugin, policy, procs
+from . import jitp, pace, plugin, policy, procs
 from .broker import Broker
 from .pki import CertificateAuthority, pem
 from .registry import Registry
@@ -385,7 +385,7 @@ class LocalCloud:
         pids["started"] = {name: _start_time(pid) for name, pid in list(pids.items())}
         _atomic_write(self.directory / "pids.json", json.dumps(pids).encode())
         ready = self.directory / "service.ready"
-        deadline = time.monotonic() + timeout
+        deadline = pace.deadline(timeout)
         while not ready.exists():
             if svc.poll() is not None or time.monotonic() > deadline:
                 self.down()
@@ -422,7 +422,7 @@ class LocalCloud:
             pid, since = pids.get(name), started.get(name)
             if pid and _alive(pid, since):
                 os.kill(pid, signal.SIGTERM)
-                deadline = time.monotonic() + timeout
+                deadline = pace.deadline(timeout)
                 while _alive(pid, since) and time.monotonic() < deadline:
                     time.sleep(0.05)
                 if _alive(pid, since):

@@ -30,6 +30,7 @@ from agent.runtime.daemon import settings_for
 from agent.runtime.features import load
 from agent.session.connection import PUBACK_ACCEPTED, Connection
 
+from . import pace
 from .bench import agent_cmd, fresh_device, run_agent_cli
 from .cloud import LocalCloud
 from .defender import DefenderStore
@@ -49,13 +50,13 @@ def say(what: str) -> None:
 
 def wait_until(what: str, check, timeout: float):
     """Poll the cloud's records (bounded) until check() returns something true."""
-    deadline = time.monotonic() + timeout
+    deadline = pace.deadline(timeout)
     while time.monotonic() < deadline:
         got = check()
         if got:
             return got
         time.sleep(0.2)
-    raise SystemExit(f"demo: {what} did not happen within {timeout:g} s")
+    raise SystemExit(f"demo: {what} did not happen within {pace.scaled(timeout):g} s")
 
 
 def job_status(jobs: Jobs, job_id: str, thing: str, statuses: tuple[str, ...]):

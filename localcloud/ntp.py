@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import procs
+from . import pace, procs
 
 NTP_EPOCH_OFFSET = 2208988800
 
@@ -71,7 +71,7 @@ class Chrony:
     def _wait_answering(self, timeout: float) -> None:
         import ntplib
 
-        deadline = time.monotonic() + timeout
+        deadline = pace.deadline(timeout)
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self.child and not self.child.running():

@@ -6,6 +6,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 
+from . import pace
 from .broker import OBSERVER, Broker
 
 
@@ -40,10 +41,12 @@ class Observer:
             max_reconnect_delay_ms=1000,
         )
         self._client.start()
-        if not self._connected.wait(timeout):
+        if not self._connected.wait(pace.scaled(timeout)):
             raise TimeoutError("observer could not connect to the broker")
         for t in topics:
-            sub = self._client.subscribe(m5.SubscribePacket([m5.Subscription(t, m5.QoS.AT_LEAST_ONCE)])).result(timeout)
+            sub = self._client.subscribe(m5.SubscribePacket([m5.Subscription(t, m5.QoS.AT_LEAST_ONCE)])).result(
+                pace.scaled(timeout)
+            )
             if int(sub.reason_codes[0]) >= 128:
                 raise RuntimeError(f"observer refused subscription to {t}: {sub.reason_codes[0]}")
         return self
@@ -52,7 +55,7 @@ class Observer:
         """The next message on `topic` (others are skipped)."""
         import time
 
-        deadline = time.monotonic() + timeout
+        deadline = pace.deadline(timeout)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import pace
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -97,7 +99,7 @@ def _bindable(kind: int, port: int) -> bool:
 
 
 def wait_port(port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = pace.deadline(timeout)
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process {proc.args[0]} exited with {proc.returncode} before listening on {port}")
@@ -106,7 +108,7 @@ def wait_port(port: int, timeout: float = 10.0, proc: subprocess.Popen | None = 
                 return
         except OSError:
             time.sleep(0.05)
-    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout} s")
+    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {pace.scaled(timeout):g} s")
 
 
 @dataclass

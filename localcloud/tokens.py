@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import procs
+from . import pace, procs
 
 SOFTHSM_LIB = "/usr/lib/softhsm/libsofthsm2.so"
 
@@ -155,7 +155,9 @@ class Swtpm:
         return self
 
     def tools(self, *argv: str) -> str:
-        r = subprocess.run(list(argv), env={**os.environ, **self.env()}, capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            list(argv), env={**os.environ, **self.env()}, capture_output=True, text=True, timeout=pace.scaled(30)
+        )
         if r.returncode != 0:
             raise RuntimeError(f"{argv[0]} failed ({r.returncode}): {r.stderr.strip()[-300:]}")
         return r.stdout
@@ -185,7 +187,7 @@ def tpm_token(directory: Path, label: str = "iot-agent", pin: str = "1234", so_p
             env=env,
             check=True,
             capture_output=True,
-            timeout=60,
+            timeout=pace.scaled(60),
         )
         subprocess.run(
             [
@@ -206,7 +208,7 @@ def tpm_token(directory: Path, label: str = "iot-agent", pin: str = "1234", so_p
             env=env,
             check=True,
             capture_output=True,
-            timeout=60,
+            timeout=pace.scaled(60),
         )
     except BaseException:
         tpm.stop()

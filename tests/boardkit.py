@@ -24,6 +24,8 @@ from pathlib import Path
 
 from mpkit import micropython_unix
 
+from localcloud import pace
+
 REPO = Path(__file__).resolve().parent.parent
 MP = REPO / "micropython"
 HARNESS = MP / "harness"
@@ -145,7 +147,7 @@ class BoardProcess:
     def wait_for(self, pattern: str, timeout: float = 60.0, after: int = 0) -> int:
         """Index of the first line (from `after`) matching the regex; fails with the output so far."""
         rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
+        deadline = pace.deadline(timeout)
         while time.monotonic() < deadline:
             with self._lock:
                 for i in range(after, len(self.lines)):
@@ -167,10 +169,10 @@ class BoardProcess:
         if p and p.poll() is None:
             os.killpg(p.pid, signal.SIGTERM)
             try:
-                p.wait(timeout)
+                p.wait(pace.scaled(timeout))
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout)
+                p.wait(pace.scaled(timeout))
         self._thread.join(timeout)
 
 

@@ -15,6 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from localcloud import pace
+
 
 def new_csr(cn: str = "device") -> tuple[str, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
@@ -74,7 +76,7 @@ class Client:
         return int(r.reason_codes[0])
 
     def expect(self, topic: str, timeout: float = 10.0) -> bytes:
-        deadline = time.monotonic() + timeout
+        deadline = pace.deadline(timeout)
         while time.monotonic() < deadline:
             try:
                 t, p = self.messages.get(timeout=max(0.01, deadline - time.monotonic()))
@@ -164,7 +166,7 @@ def provision_device(c, info, tmp_path, serial) -> tuple[Client, str]:
 
 
 def wait_status(jobs, job_id: str, thing: str, status: str, timeout: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout
+    deadline = pace.deadline(timeout)
     while time.monotonic() < deadline:
         ex = jobs.execution(job_id, thing)
         if ex and ex["status"] == status:

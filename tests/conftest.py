@@ -19,6 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from localcloud import pace  # noqa: E402
 from localcloud.bench import Bench, Device, agent_cmd  # noqa: E402
 from localcloud.tokens import Token, softhsm_token, tpm_token  # noqa: E402
 
@@ -97,7 +98,7 @@ class AgentProcess:
     def wait_for(self, pattern: str, timeout: float = 30.0, after: int = 0) -> int:
         """Index of the first line (from `after`) matching; fails the test after `timeout`."""
         rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
+        deadline = pace.deadline(timeout)
         while time.monotonic() < deadline:
             for i in range(after, len(self.lines)):
                 if rx.search(self.lines[i][1]):
@@ -109,7 +110,7 @@ class AgentProcess:
 
     def wait_exit(self, timeout: float = 90.0) -> int:
         """Wait for the process to end by itself, and for its last log lines to be read."""
-        self.proc.wait(timeout)
+        self.proc.wait(pace.scaled(timeout))
         if self._reader:
             self._reader.join(5)
         return self.proc.returncode
@@ -118,7 +119,7 @@ class AgentProcess:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout)
+                self.proc.wait(pace.scaled(timeout))
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
@@ -191,6 +192,12 @@ def _rank(item) -> int:
     return len(LONG_FIRST)
 
 
+def pytest_configure(config):
+    """Measures the machine's pace once, before pytest-xdist starts its workers: they (and every
+    process a test starts) inherit it through IOT_AGENT_TIME_SCALE, so all waits stretch alike."""
+    pace.factor()
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
@@ -247,6 +254,7 @@ def pytest_runtest_logreport(report):
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """The kill sweeps' figures (kill points per flow and token), whatever -q hides; the costliest modules."""
+    terminalreporter.write_line(f"waits scaled by {pace.factor():g} for this machine's pace ({pace.ENV})")
     if _CPU:
         terminalreporter.section("CPU by module (top 12)")
         for module, cpu in sorted(_CPU.items(), key=lambda kv: -kv[1])[:12]:

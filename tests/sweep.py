@@ -23,6 +23,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from localcloud import pace
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -56,7 +58,7 @@ class Run:
     def wait_for(self, pattern: str, timeout: float) -> bool:
         """True when the log matches; False when the process ended first (or the time ran out)."""
         rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
+        deadline = pace.deadline(timeout)
         while time.monotonic() < deadline:
             if rx.search(self.text()):
                 return True
@@ -83,7 +85,7 @@ class Run:
         return self.proc.wait()
 
     def wait(self, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
+        deadline = pace.deadline(timeout)
         while (rc := self.poll()) is None:
             if time.monotonic() > deadline:
                 raise subprocess.TimeoutExpired(self.cmd, timeout)
