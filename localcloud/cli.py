@@ -112,6 +112,29 @@ def main(argv: list[str] | None = None) -> int:
     car.add_argument("--cert", type=Path, required=True, help="the CA certificate (PEM)")
     car.add_argument("--template", type=Path, required=True, help="e.g. provisioning/jitp-template.json")
     casub.add_parser("list")
+    tun = sub.add_parser("tunnels", help="secure tunnels: open, close, list, and the source side (connect)")
+    tusub = tun.add_subparsers(dest="tunnels_cmd", required=True)
+    to = tusub.add_parser("open", help="open a tunnel to a thing (OpenTunnel); the device is notified over MQTT")
+    to.add_argument("--thing", required=True)
+    to.add_argument("--services", required=True, help="comma-separated service ids, e.g. SSH,HTTP (at most 3)")
+    to.add_argument("--timeout", default="12h", help="lifetime, e.g. 90s, 30m or 12h (at most 12h, the default)")
+    tc = tusub.add_parser(
+        "connect", help="the source side: forward local TCP connections through the tunnel until Ctrl-C or SIGTERM"
+    )
+    token = tc.add_mutually_exclusive_group(required=True)
+    token.add_argument("--token", help="the sourceAccessToken (other users may see it in ps: prefer --token-file)")
+    token.add_argument("--token-file", type=Path, help="a file holding the sourceAccessToken")
+    tc.add_argument(
+        "--listen",
+        action="append",
+        required=True,
+        metavar="SERVICE=HOST:PORT",
+        help="where to listen for a service, e.g. SSH=127.0.0.1:2222 (port 0: a free one); once per service",
+    )
+    tusub.add_parser("list")
+    tusub.add_parser("close", help="close a tunnel (CloseTunnel): both sides are disconnected").add_argument(
+        "tunnel_id"
+    )
     args = ap.parse_args(argv)
 
     cloud = LocalCloud(args.dir)
@@ -256,12 +279,100 @@ def main(argv: list[str] | None = None) -> int:
             store = DefenderStore(cloud.registry.db, cloud.registry.lock)
             for r in store.reports(args.thing):
                 print(json.dumps(r))
+        elif args.cmd == "tunnels":
+            return _tunnels(cloud, args)
         elif args.cmd == "allow":
             cloud.registry.allow_serials(args.serials)
             print(f"allowed {len(args.serials)} serial number(s)")
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"localcloud: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _tunnels(cloud: LocalCloud, args: argparse.Namespace) -> int:
+    import time
+
+    from .tunnels import TunnelRegistry
+
+    tunnels = TunnelRegistry(cloud.registry.db, cloud.registry.lock)
+    if args.tunnels_cmd == "open":
+        if not cloud.registry.has_thing(args.thing):
+            raise ValueError(f"no thing {args.thing!r} (see localcloud things list)")
+        services = [s.strip() for s in args.services.split(",") if s.strip()]
+        t = tunnels.open(args.thing, services, _duration(args.timeout))
+        out = {"tunnelId": t.tunnel_id, "sourceAccessToken": t.source_token}
+        print(json.dumps({**out, "destinationAccessToken": t.destination_token, "expiresAt": t.expiry}, indent=1))
+        if not cloud.running():
+            print("localcloud: not running: the device is notified once it is up", file=sys.stderr)
+    elif args.tunnels_cmd == "list":
+        for t in tunnels.list():
+            d = t.describe()
+            print(
+                f"{t.tunnel_id}\t{t.status}\t{t.thing}\t{','.join(t.services)}\t"
+                f"source {d['sourceConnectionState']}\tdestination {d['destinationConnectionState']}\t"
+                f"expires {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(t.expiry))}"
+            )
+    elif args.tunnels_cmd == "close":
+        if tunnels.close(args.tunnel_id):
+            print(f"{args.tunnel_id} CLOSED")
+        elif tunnels.get(args.tunnel_id) is None:
+            raise ValueError(f"no tunnel {args.tunnel_id!r}")
+        else:
+            print(f"{args.tunnel_id} CLOSED (already)")
+    else:
+        return _tunnel_connect(cloud, args)
+    return 0
+
+
+def _duration(text: str) -> float:
+    import re
+
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smh]?)", text.strip())
+    if not m:
+        raise ValueError(f"--timeout {text!r}: a number of seconds, or with s, m or h (e.g. 30m)")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def _listen_spec(text: str) -> tuple[str, tuple[str, int]]:
+    service, sep, address = text.partition("=")
+    host, colon, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not service or not colon or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"--listen {text!r}: expected SERVICE=HOST:PORT, e.g. SSH=127.0.0.1:2222")
+    return service, (host, int(port))
+
+
+def _tunnel_connect(cloud: LocalCloud, args: argparse.Namespace) -> int:
+    """Run a source-mode proxy in the foreground: until Ctrl-C / SIGTERM (0) or the tunnel ends (1)."""
+    import signal
+    import threading
+
+    from .tunnel_source import SourceProxy
+
+    listen = dict(_listen_spec(text) for text in args.listen)
+    if len(listen) != len(args.listen):
+        raise ValueError("--listen: each service once")
+    token = args.token if args.token is not None else args.token_file.read_text().strip()
+    port = cloud.endpoint().get("tunnels_port") if cloud.endpoint_file.exists() else None
+    if not port or not cloud.running():
+        raise ValueError("the local cloud is not running (localcloud up)")
+    stop = threading.Event()
+    proxy = SourceProxy("localhost", port, cloud.ca.cert_path, token, listen, on_end=lambda reason: stop.set())
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        addresses = proxy.start()
+    except (ConnectionError, OSError, TimeoutError) as e:
+        raise ValueError(str(e)) from None
+    for service, (host, p) in addresses.items():
+        print(f"{service} listening on {host}:{p}", flush=True)
+    stop.wait()
+    ended = proxy.ended.is_set()
+    proxy.stop()
+    if ended:
+        print(f"localcloud: the tunnel ended: {proxy.end_reason}", file=sys.stderr)
+        return 1
     return 0
 
 

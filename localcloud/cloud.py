@@ -7,7 +7,7 @@ Layout of DIR (created once, mode 0700, kept across restarts):
   broker/         mosquitto.conf, acl, crl.pem, connect-rules, identities, cas/ (registered manufacturer
                   CAs, by subject hash), mosquitto.log, mosquitto.pid
   service.log     the services process
-  endpoint.json   what agents and tests read: endpoint, port, CA path, jitp_port
+  endpoint.json   what agents and tests read: endpoint, port, CA path, jitp_port, artifacts_port, tunnels_port
   pids.json       what `down` stops
 """
 
@@ -400,6 +400,7 @@ class LocalCloud:
             "template": TEMPLATE_NAME,
             "jitp_port": jitp_port,
             "artifacts_port": int((self.directory / "artifacts.port").read_text()),
+            "tunnels_port": int((self.directory / "tunnels.port").read_text()),
         }
         _atomic_write(self.endpoint_file, json.dumps(info, indent=1).encode())
         return info
@@ -427,7 +428,7 @@ class LocalCloud:
                     time.sleep(0.05)
                 if _alive(pid, since):
                     os.kill(pid, signal.SIGKILL)
-        for f in ("pids.json", "service.ready", "artifacts.port"):
+        for f in ("pids.json", "service.ready", "artifacts.port", "tunnels.port"):
             (self.directory / f).unlink(missing_ok=True)
 
 

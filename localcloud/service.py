@@ -30,6 +30,7 @@ from .shadows import Shadows
 from .shadows import route as shadows_route
 from .streams import Streams, encode_block_payload
 from .streams import route as streams_route
+from .tunnels import TunnelRegistry, TunnelService
 
 log = logging.getLogger("localcloud.service")
 
@@ -91,6 +92,7 @@ class Service:
         )
         self.streams = Streams(cloud.registry.db, cloud.registry.lock, cloud.directory / "streams")
         self.shadows = Shadows(cloud.registry.db, cloud.registry.lock)
+        self.tunnels = TunnelRegistry(cloud.registry.db, cloud.registry.lock)
         self._last_next: dict[str, str | None] = {}  # thing -> job id last sent on notify-next
         self._last_list: dict[str, str] = {}
         self._send_lock = threading.Lock()
@@ -376,6 +378,12 @@ class Service:
         for topic, body in self.shadows.take_outbox():
             self.publish(topic, body)
 
+    def send_tunnel_notifications(self) -> None:
+        """`$aws/things/<thing>/tunnels/notify` for tunnels opened elsewhere (the CLI's `tunnels open`)."""
+        for topic, body in self.tunnels.take_outbox():
+            log.info("tunnel notification on %s", topic)
+            self.publish(topic, body)
+
     def handle_stream(self, topic: str, payload: bytes) -> None:
         r = streams_route(topic)
         if r is None:
@@ -462,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     pki = cloud.directory / "pki"
     https = svc.artifacts.serve(pki / "server.pem", pki / "server.key")
     (cloud.directory / "artifacts.port").write_text(str(svc.artifacts.port))
+    tunnels = TunnelService(svc.tunnels, pki / "server.pem", pki / "server.key").start()
+    (cloud.directory / "tunnels.port").write_text(str(tunnels.port))
     svc.start()
     if not svc.connected.wait(15):
         log.error("could not connect to the broker on port %d", args.port)
@@ -475,9 +485,11 @@ def main(argv: list[str] | None = None) -> int:
             with svc._work:
                 svc.send_job_notifications()
                 svc.send_shadow_outbox()
+                svc.send_tunnel_notifications()
         except Exception:
             log.exception("job timers failed")
     svc.stop()
+    tunnels.stop()
     https.shutdown()
     return 0
 

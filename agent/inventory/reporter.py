@@ -46,6 +46,8 @@ def build(cfg: Config, store: StateStore, certificate_file: str | None) -> dict[
         if last
         else None,
         "certificate_expires": certificate_expiry(certificate_file),
+        # Open secure tunnels (agent.tunneling records them as they open and close): id, services, since.
+        "tunnels": [t for t in state.get("tunnels") or [] if isinstance(t, dict)],
     }
 
 

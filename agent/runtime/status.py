@@ -60,6 +60,7 @@ def collect(cfg: Config) -> dict:
         },
         "updates": {name: _slots(cfg.resolve(t.directory)) for name, t in sorted(cfg.ota.targets.items())},
         "connection": _table(state, "connection"),
+        "tunnels": [t for t in state.get("tunnels") or [] if isinstance(t, dict)],
     }
 
 
@@ -121,6 +122,15 @@ def show(cfg: Config, as_json: bool = False) -> int:
         if j["unsent_updates"]:
             line += f"; {j['unsent_updates']} status update(s) waiting for the broker"
         print(line)
+    for t in s["tunnels"]:
+        services = t.get("services")
+        shown = ", ".join(x for x in services if isinstance(x, str)) if isinstance(services, list) else "-"
+        opened = _number(t.get("opened_at"))
+        try:
+            since = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(opened)) if opened is not None else "?"
+        except (OverflowError, OSError, ValueError):
+            since = "?"
+        print(f"tunnel:       {t.get('id')} open since {since} for {shown}")
     for name, sl in s["updates"].items():
         print(
             f"{'update ' + name + ':':<14}current {sl['current'] or '-'}, previous {sl['previous'] or '-'}"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 AGENT = Path(__file__).resolve().parents[2] / "agent"
 
-FEATURES = {"identity", "update", "defender", "inventory", "jobs"}
+FEATURES = {"identity", "update", "defender", "inventory", "jobs", "tunneling"}
 ALLOWED: dict[str, set[str]] = {
     "base": set(),
     "session": {"base"},
@@ -20,6 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "identity": {"base", "session", "jobs"},  # rotate-certificate is a job operation
     "update": {"base", "session", "jobs"},  # ota-update is a job operation
     "defender": {"base", "session"},
+    "tunneling": {"base", "session"},
     "inventory": {"base", "session", "update"},  # it reports what the update slots hold
     "runtime": {"base", "session"} | FEATURES,
     "cli": {"base", "session", "runtime"} | FEATURES,

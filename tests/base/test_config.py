@@ -25,6 +25,7 @@ from agent.base.errors import SecretError
 from agent.base.pin import read_pin
 from agent.runtime import features
 from agent.runtime.features import BOUNDS, load, parse
+from agent.tunneling.config import TunnelService
 from agent.update.config import OtaTargetConfig
 
 # Every config dataclass by its class name, with the registry's bounds and parser.
@@ -254,6 +255,8 @@ def _holds_numbers(tp) -> bool:
 def _toml_name(cls) -> str:
     if cls is agent_config.OtaTargetConfig:
         return "ota.targets.app"
+    if cls is TunnelService:
+        return "tunneling.services.SSH"
     return next(name for name, c in features.SECTION_CLASSES.items() if c is cls)
 
 
@@ -266,6 +269,8 @@ def _with(cls, key: str, value) -> dict:
     doc = {name: dict(table) for name, table in BASE.items()}
     if cls is agent_config.OtaTargetConfig:
         doc["ota"] = {"code_signing_certificate": "cs.pem", "targets": {"app": {"directory": "d", key: value}}}
+    elif cls is TunnelService:
+        doc["tunneling"] = {"services": {"SSH": {"target": "127.0.0.1:22", key: value}}}
     else:
         doc.setdefault(_toml_name(cls), {})[key] = value
     return doc

@@ -21,6 +21,7 @@ from agent.identity import config as identity_config
 from agent.inventory import config as inventory_config
 from agent.jobs import config as jobs_config
 from agent.runtime import features
+from agent.tunneling import config as tunneling_config
 from agent.update import config as update_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,6 +66,13 @@ CASES = [
         "inventory.shadow_name: '$inventory' is not a shadow name (1-64 letters, digits, ':', '_' or '-')",
     ),
     ("jobs", jobs_config, {"jobs": {"enabled": "yes"}}, "jobs.enabled: expected true or false, got string 'yes'"),
+    (
+        "tunneling",
+        tunneling_config,
+        {"tunneling": {"enabled": True, "services": {"SSH": {"target": "192.168.1.7:22"}}}},
+        "tunneling.services.SSH.target: '192.168.1.7' is not a loopback address; a tunnel would reach other hosts "
+        "through this device (set tunneling.allow_pivot_to_other_hosts = true only if that is intended)",
+    ),
 ]
 
 

@@ -10,6 +10,7 @@ import types
 from pathlib import Path
 
 from agent.runtime import features
+from agent.tunneling.config import TunnelService
 from agent.update.config import OtaTargetConfig
 
 # Every config dataclass by its class name, with the registry's bounds and parser.
@@ -46,6 +47,10 @@ def test_linux_config_reference_matches_the_dataclasses():
     assert targets, "the README shows one [ota.targets.NAME] table"
     for t in targets.values():
         assert set(t) == fields(agent_config.OtaTargetConfig), "[ota.targets.*] keys vs OtaTargetConfig"
+    services = doc["tunneling"]["services"]
+    assert services, "the README shows one [tunneling.services.NAME] table"
+    for svc in services.values():
+        assert set(svc) == fields(TunnelService), "[tunneling.services.*] keys vs TunnelService"
     cfg = agent_config.parse(doc, REPO / "config.toml")  # and the example itself is a valid config
     assert cfg.broker.port == 8883
 
@@ -69,6 +74,8 @@ def _tables_of(cls) -> list[str]:
     """The README tables a config dataclass's keys appear in."""
     if cls is agent_config.OtaTargetConfig:
         return ["ota.targets.app"]
+    if cls is TunnelService:
+        return ["tunneling.services.SSH"]
     return [name for name, c in features.SECTION_CLASSES.items() if c is cls]
 
 
