@@ -48,6 +48,7 @@ from wsproto.utilities import LocalProtocolError
 
 from agent.tunneling.frames import MAX_PAYLOAD, Deframer, FrameError, Message, MessageType, frame
 
+from . import pace
 from .tunnels import HIGH_WATER, MAX_WS_MESSAGE, SUBPROTOCOLS, TICK_S, TlsWebSocket
 
 log = logging.getLogger("localcloud.tunnel_source")
@@ -193,21 +194,19 @@ class SourceProxy:
 
     def open_connections(self, service: str | None = None) -> int:
         with self.changed:
-            if service is None:
-                return sum(self._open_counts.values())
-            return self._open_counts.get(service, 0)
+            return self._open(service)
 
     def peak_buffered(self) -> int:
         return self._peak
 
     def wait_connections(self, n: int, service: str | None = None, timeout: float = 10.0) -> bool:
+        """Whether `n` local connections (of `service`, or all) are open within `timeout` (seconds on the
+        reference machine)."""
         with self.changed:
-            return self.changed.wait_for(
-                lambda: (
-                    (sum(self._open_counts.values()) if service is None else self._open_counts.get(service, 0)) == n
-                ),
-                timeout,
-            )
+            return self.changed.wait_for(lambda: self._open(service) == n, pace.scaled(timeout))
+
+    def _open(self, service: str | None) -> int:
+        return sum(self._open_counts.values()) if service is None else self._open_counts.get(service, 0)
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def _run(self) -> None:

@@ -93,6 +93,8 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from agent.tunneling.frames import Deframer, FrameError, Message, MessageType, frame
 
+from . import pace
+
 log = logging.getLogger("localcloud.tunnels")
 
 REGION = "us-east-1"
@@ -129,6 +131,12 @@ _KNOWN_TYPES = frozenset(int(t) for t in MessageType)
 
 def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _new_token() -> str:
+    """An access token: 384 random bits, URL-safe, and never starting with "-" (a command line would read it as
+    an option)."""
+    return "lc" + secrets.token_urlsafe(48)
 
 
 def _other(mode: str) -> str:
@@ -240,8 +248,8 @@ class TunnelRegistry:
             services=services,
             expiry=now + timeout_s,
             created=now,
-            source_token=secrets.token_urlsafe(48),
-            destination_token=secrets.token_urlsafe(48),
+            source_token=_new_token(),
+            destination_token=_new_token(),
         )
         notification = {
             "clientAccessToken": t.destination_token,
@@ -596,7 +604,7 @@ class TunnelService:
         self._foreign: ssl.SSLContext | None = None
         self.foreign_certificate = False
         self.answer_subprotocol: str | None = None
-        self.refusals: collections.deque[tuple[int, str]] = collections.deque(maxlen=64)  # most recent first out
+        self.refusals: collections.deque[tuple[int, str]] = collections.deque(maxlen=64)  # the latest (status, reason)
         self._listener: socket.socket | None = None
         self._sel: selectors.BaseSelector | None = None
         self._wake_r: socket.socket | None = None
@@ -673,8 +681,11 @@ class TunnelService:
             return (tunnel_id, mode) in self._connected
 
     def wait_connected(self, tunnel_id: str, mode: str, connected: bool = True, timeout: float = 10.0) -> bool:
+        """Whether the peer of `mode` is (dis)connected within `timeout` (seconds on the reference machine)."""
         with self.changed:
-            return self.changed.wait_for(lambda: ((tunnel_id, mode) in self._connected) == connected, timeout)
+            return self.changed.wait_for(
+                lambda: ((tunnel_id, mode) in self._connected) == connected, pace.scaled(timeout)
+            )
 
     def sockets(self) -> int:
         """Client connections held (any state): 0 once everything has been closed."""
@@ -683,7 +694,7 @@ class TunnelService:
 
     def wait_sockets(self, n: int, timeout: float = 10.0) -> bool:
         with self.changed:
-            return self.changed.wait_for(lambda: self._sockets == n, timeout)
+            return self.changed.wait_for(lambda: self._sockets == n, pace.scaled(timeout))
 
     def peak_buffered(self) -> int:
         """The most bytes any one connection has held waiting to be sent (tests: the bound holds)."""
@@ -766,12 +777,7 @@ class TunnelService:
                             while self._wake_r and self._wake_r.recv(4096):
                                 pass
                     else:
-                        peer = key.data
-                        if mask & selectors.EVENT_WRITE:
-                            peer.conn.flush()
-                        if mask & selectors.EVENT_READ and peer in self._peers:
-                            self._read(peer)
-                        self._settle(peer)
+                        self._serve(key.data, mask)
                 while self._calls:
                     with self._calls_lock:
                         call = self._calls.popleft()
@@ -781,6 +787,19 @@ class TunnelService:
             log.exception("the tunnel service failed")
         finally:
             self._shutdown()
+
+    def _serve(self, peer: _Peer, mask: int) -> None:
+        """One connection's turn. Whatever goes wrong with it ends that connection, never the service."""
+        try:
+            if mask & selectors.EVENT_WRITE:
+                peer.conn.flush()
+            if mask & selectors.EVENT_READ and peer in self._peers:
+                self._read(peer)
+            self._settle(peer)
+        except Exception:
+            log.exception("tunneling endpoint: the connection from %s failed; closing it", peer.addr)
+            self._detach(peer)
+            self._finish(peer)
 
     def _interest(self, peer: _Peer) -> None:
         assert self._sel is not None
@@ -819,16 +838,18 @@ class TunnelService:
                 log.warning("tunneling endpoint: connection from %s:%d dropped (too many connections)", *addr[:2])
                 sock.close()
                 continue
-            context = self._context
-            if self.foreign_certificate:
-                if self._foreign is None:
-                    self._foreign = _foreign_context()
-                context = self._foreign
-            peer = _Peer(
-                TlsWebSocket(sock, context, server_side=True),
-                f"{addr[0]}:{addr[1]}",
-                time.monotonic() + HANDSHAKE_TIMEOUT_S,
-            )
+            try:
+                context = self._context
+                if self.foreign_certificate:
+                    if self._foreign is None:
+                        self._foreign = _foreign_context()
+                    context = self._foreign
+                conn = TlsWebSocket(sock, context, server_side=True)
+            except Exception:
+                log.exception("tunneling endpoint: cannot take the connection from %s:%d", *addr[:2])
+                sock.close()
+                continue
+            peer = _Peer(conn, f"{addr[0]}:{addr[1]}", time.monotonic() + HANDSHAKE_TIMEOUT_S)
             self._peers.add(peer)
             self._count()
 
@@ -902,12 +923,17 @@ class TunnelService:
                 self._settle(peer)
         if self._live and now - self._last_check >= TICK_S:
             self._last_check = now
-            open_ids = self.registry.open_ids()
+            try:
+                open_ids = self.registry.open_ids()
+            except sqlite3.Error as e:
+                log.warning("tunneling endpoint: cannot read the registry (%s); trying again", e)
+                return
             for tid in list(self._live):
                 if tid not in open_ids:
                     expired = self._live[tid].expiry <= time.time()
                     if expired:
-                        self.registry.close(tid)
+                        with contextlib.suppress(sqlite3.Error):  # list() marks it closed otherwise
+                            self.registry.close(tid)
                     self._end_tunnel(tid, "tunnel expired" if expired else "tunnel closed")
 
     # -- handshake -----------------------------------------------------------------------------------------------
@@ -961,7 +987,11 @@ class TunnelService:
         chosen = next((p for p in SUBPROTOCOLS if p in req.subprotocols), None)
         if chosen is None:
             return self._refuse(peer, 400, f"Sec-WebSocket-Protocol must offer one of {', '.join(SUBPROTOCOLS)}")
-        tunnel, (status, reason) = self.registry.authorize(tokens[0].decode("ascii", "replace"), mode, client)
+        try:
+            tunnel, (status, reason) = self.registry.authorize(tokens[0].decode("ascii", "replace"), mode, client)
+        except sqlite3.Error as e:  # 5xx: the guides tell clients to retry with backoff
+            log.warning("tunneling endpoint: cannot read the registry (%s)", e)
+            return self._refuse(peer, 500, "internal error; try again")
         if tunnel is None:
             return self._refuse(peer, status, reason)
         extra = [(b"channel-id", secrets.token_hex(16).encode())]
@@ -1002,7 +1032,7 @@ class TunnelService:
         live.peers[peer.mode] = peer
         peer.live = live
         peer.conn.send_frames([frame(Message(MessageType.SERVICE_IDS, available_service_ids=live.services))])
-        self.registry.set_connected(live.tunnel_id, peer.mode, True)
+        self._set_connected(live.tunnel_id, peer.mode, True)
         with self.changed:
             self._connected.add((live.tunnel_id, peer.mode))
             self.changed.notify_all()
@@ -1131,10 +1161,16 @@ class TunnelService:
         peer.live = None
         if live.peers.get(peer.mode) is peer:
             del live.peers[peer.mode]
-            self.registry.set_connected(live.tunnel_id, peer.mode, False)
+            self._set_connected(live.tunnel_id, peer.mode, False)
             with self.changed:
                 self._connected.discard((live.tunnel_id, peer.mode))
                 self.changed.notify_all()
+
+    def _set_connected(self, tunnel_id: str, mode: str, connected: bool) -> None:
+        try:
+            self.registry.set_connected(tunnel_id, mode, connected)
+        except sqlite3.Error as e:  # only what `tunnels list` shows is behind
+            log.warning("tunnel %s: cannot record the %s as %s (%s)", tunnel_id, mode, connected, e)
 
     def _finish(self, peer: _Peer) -> None:
         """The connection is closed now, whatever was left to send."""

@@ -223,9 +223,19 @@ class Tunnel:
         sock_opts.connect_timeout_ms = int(self.connect_timeout_s * 1000)
 
         def on_setup(data: Any) -> None:
+            # Runs before any frame callback: the state machine must exist before the first message
+            # (the service's SERVICE_IDS comes at once).
             result["data"] = data
             if data.websocket is not None:
                 self._ws = data.websocket
+                headers = {k.lower(): v for k, v in data.handshake_response_headers or ()}
+                chosen = headers.get("sec-websocket-protocol", "").strip()
+                result["chosen"] = chosen
+                if chosen in SUBPROTOCOLS:
+                    with self._lock:
+                        self.version = SUBPROTOCOLS[chosen]
+                        self._core = Destination(self.version, self.cfg.services, self.cfg.max_connections)
+                        self._held = self._withheld = self._inflight = 0
             setup.set()
 
         ws.connect(
@@ -242,7 +252,14 @@ class Tunnel:
             on_incoming_frame_payload=self._on_frame_payload,
             on_incoming_frame_complete=self._on_frame_complete,
         )
-        if not setup.wait(self.connect_timeout_s + 5):
+        # s2n (awscrt's TLS) delays reporting a failed handshake by 10-30 s ("blinding", against timing
+        # attacks): a certificate it refuses is only known after that.
+        give_up = time.monotonic() + self.connect_timeout_s + 35
+        while not setup.wait(0.2) and not self._stop.is_set() and time.monotonic() < give_up:
+            pass
+        if not setup.is_set():
+            if self._stop.is_set():
+                return False
             log.warning(
                 "tunnel %s: %s:%d did not answer in %g s", self.id, self.host, self.port, self.connect_timeout_s
             )
@@ -251,30 +268,32 @@ class Tunnel:
         if data.exception is not None:
             name = getattr(data.exception, "name", "") or data.exception.__class__.__name__
             status = data.handshake_response_status
-            if status is not None and 400 <= status < 500:
+            headers = {k.lower(): v for k, v in data.handshake_response_headers or ()}
+            chosen = headers.get("sec-websocket-protocol", "").strip()
+            if status == 101 and chosen not in SUBPROTOCOLS:  # awscrt refuses a subprotocol it did not offer
+                self._fatal = f"the tunneling service chose protocol {chosen!r}, which this agent does not speak"
+            elif status == 101:
+                self._fatal = f"the tunneling service's upgrade answer was not valid ({name})"
+            elif status is not None and 400 <= status < 500:
                 self._fatal = f"the tunneling service refused the handshake (HTTP {status})"
             elif "TLS" in name or "X509" in name or "PKI" in name:
                 self._fatal = f"the tunneling service's certificate was not accepted ({name})"
             log.warning(
-                "tunnel %s: handshake with %s:%d failed: %s%s",
+                "tunnel %s: handshake with %s:%d failed: %s%s%s",
                 self.id,
                 self.host,
                 self.port,
                 name,
                 f" (HTTP {status})" if status else "",
+                f": {self._fatal}; not retrying" if self._fatal else "; retrying",
             )
             return False
-        headers = {k.lower(): v for k, v in data.handshake_response_headers or ()}
-        chosen = headers.get("sec-websocket-protocol", "").strip()
+        chosen = result.get("chosen", "")
         if chosen not in SUBPROTOCOLS:
             self._fatal = f"the tunneling service chose protocol {chosen!r}, which this agent does not speak"
             log.warning("tunnel %s: %s; closing", self.id, self._fatal)
             self._close_ws()
             return False
-        with self._lock:
-            self.version = SUBPROTOCOLS[chosen]
-            self._core = Destination(self.version, self.cfg.services, self.cfg.max_connections)
-            self._held = self._withheld = self._inflight = 0
         log.info("tunnel %s: connected to %s:%d (protocol v%d)", self.id, self.host, self.port, self.version)
         return True
 
