@@ -38,6 +38,7 @@ bench: sysdeps venv
 	$(PY) bench/provision_many.py
 	$(PY) bench/defender_cost.py
 	$(PY) bench/download_throughput.py
+	$(PY) bench/tunnel_throughput.py
 	$(PY) bench/micropython_footprint.py
 
 sysdeps:
