@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SERVICE=HOST:PORT",
         help="where to listen for a service, e.g. SSH=127.0.0.1:2222 (port 0: a free one); once per service",
     )
-    tusub.add_parser("list")
+    tusub.add_parser("list", help="tunnels, open and closed, with who is connected")
     tusub.add_parser("close", help="close a tunnel (CloseTunnel): both sides are disconnected").add_argument(
         "tunnel_id"
     )

@@ -48,7 +48,6 @@ from wsproto.utilities import LocalProtocolError
 
 from agent.tunneling.frames import MAX_PAYLOAD, Deframer, FrameError, Message, MessageType, frame
 
-from . import pace
 from .tunnels import HIGH_WATER, MAX_WS_MESSAGE, SUBPROTOCOLS, TICK_S, TlsWebSocket
 
 log = logging.getLogger("localcloud.tunnel_source")
@@ -86,7 +85,8 @@ class _Stream:
 class SourceProxy:
     """Source mode: `listen` maps each service id to the local (host, port) to listen on (port 0: a free one;
     `addresses` has the real ones after start()). start() returns once the tunnel is connected and listening,
-    or raises (TunnelRefused, ConnectionError, ValueError for services the tunnel does not have)."""
+    or raises (TunnelRefused, ConnectionError, ValueError for services the tunnel does not have). `on_end(reason)`
+    runs on the proxy's own thread when the tunnel ends: it may set an event, not call stop()."""
 
     def __init__(
         self,
@@ -200,10 +200,10 @@ class SourceProxy:
         return self._peak
 
     def wait_connections(self, n: int, service: str | None = None, timeout: float = 10.0) -> bool:
-        """Whether `n` local connections (of `service`, or all) are open within `timeout` (seconds on the
-        reference machine)."""
+        """Whether `n` local connections (of `service`, or all) are open within `timeout` seconds (callers
+        scale it: pace)."""
         with self.changed:
-            return self.changed.wait_for(lambda: self._open(service) == n, pace.scaled(timeout))
+            return self.changed.wait_for(lambda: self._open(service) == n, timeout)
 
     def _open(self, service: str | None) -> int:
         return sum(self._open_counts.values()) if service is None else self._open_counts.get(service, 0)

@@ -93,8 +93,6 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from agent.tunneling.frames import Deframer, FrameError, Message, MessageType, frame
 
-from . import pace
-
 log = logging.getLogger("localcloud.tunnels")
 
 REGION = "us-east-1"
@@ -681,11 +679,9 @@ class TunnelService:
             return (tunnel_id, mode) in self._connected
 
     def wait_connected(self, tunnel_id: str, mode: str, connected: bool = True, timeout: float = 10.0) -> bool:
-        """Whether the peer of `mode` is (dis)connected within `timeout` (seconds on the reference machine)."""
+        """Whether the peer of `mode` is (dis)connected within `timeout` seconds (callers scale it: pace)."""
         with self.changed:
-            return self.changed.wait_for(
-                lambda: ((tunnel_id, mode) in self._connected) == connected, pace.scaled(timeout)
-            )
+            return self.changed.wait_for(lambda: ((tunnel_id, mode) in self._connected) == connected, timeout)
 
     def sockets(self) -> int:
         """Client connections held (any state): 0 once everything has been closed."""
@@ -694,7 +690,7 @@ class TunnelService:
 
     def wait_sockets(self, n: int, timeout: float = 10.0) -> bool:
         with self.changed:
-            return self.changed.wait_for(lambda: self._sockets == n, pace.scaled(timeout))
+            return self.changed.wait_for(lambda: self._sockets == n, timeout)
 
     def peak_buffered(self) -> int:
         """The most bytes any one connection has held waiting to be sent (tests: the bound holds)."""

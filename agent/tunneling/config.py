@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.base.config import DAY, REQUIRED, Bound, Section
+from agent.base.config import DAY, REQUIRED, Bound, Config, Section
+from agent.base.pemfile import MISSING_FILE, certificate_file_problem
 
 KIB = 1024
 # AWS IoT secure tunneling service ids (destinationConfig.services): letters, digits, ':', '_', '-'.
@@ -101,11 +102,25 @@ def _problems(c: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _files(cfg: Config) -> list[str]:
+    """tunneling.ca_file, when tunneling is on and it names its own CA (broker.ca_file is checked anyway)."""
+    t: TunnelingConfig = cfg.tunneling
+    if not t.enabled or t.ca_file is None:
+        return []
+    ca = cfg.resolve(t.ca_file)
+    problem = certificate_file_problem(ca)
+    if problem is None:
+        return []
+    what = "does not exist" if problem == MISSING_FILE else problem
+    return [f"tunneling.ca_file: {ca} {what}; put the tunneling endpoint's root CA (AmazonRootCA1.pem) there"]
+
+
 SECTIONS = (
     Section(
         "tunneling",
         TunnelingConfig,
         problems=_problems,
+        files=_files,
         bounds={
             TunnelingConfig: {
                 "port": Bound(1, 65535),

@@ -11,7 +11,6 @@ open and close, never their tokens.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import logging
 import re
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.base import digest
 from agent.base.config import Config
 from agent.base.state import StateStore
 from agent.session.feature import Feature, FeatureSpec, Session
@@ -125,12 +125,12 @@ class TunnelingFeature(Feature):
             log.warning("secure tunneling: notification refused: %s; nothing opened", e)
             return
         tid = tunnel_id(note.token)
-        digest = hashlib.sha256(note.token.encode()).hexdigest()
+        key = digest.sha256(note.token.encode()).hexdigest()
         listed = tuple(s for s in note.services if s in self.section.services)
         unlisted = [s for s in note.services if s not in self.section.services]
         with self._lock:
             refusal = ""
-            if digest in self._used:
+            if key in self._used:
                 refusal = "its access token was already used"
             elif not listed:
                 refusal = f"none of its services ({', '.join(note.services)}) is in tunneling.services"
@@ -139,7 +139,7 @@ class TunnelingFeature(Feature):
             if refusal:
                 log.warning("secure tunneling: tunnel %s refused: %s; nothing opened", tid, refusal)
                 return
-            self._used[digest] = None
+            self._used[key] = None
             while len(self._used) > USED_TOKENS_KEPT:
                 self._used.popitem(last=False)
             if unlisted:

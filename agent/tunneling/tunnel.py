@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import logging
 import os
-import secrets
 import selectors
 import socket
 import threading
@@ -32,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.base import digest
 from agent.tunneling.config import TunnelingConfig, is_loopback, split_target
 from agent.tunneling.frames import Deframer, FrameError, Message, frame
 from agent.tunneling.protocol import Action, Close, ConnKey, Destination, Fail, Open, Refuse, Send, Write
@@ -46,7 +45,7 @@ READ_CHUNK = 16 * 1024
 
 def tunnel_id(token: str) -> str:
     """A name for logs and status: the access token itself is a credential and is never shown."""
-    return hashlib.sha256(token.encode()).hexdigest()[:12]
+    return digest.sha256(token.encode()).hexdigest()[:12]
 
 
 @dataclass(eq=False)
@@ -84,7 +83,7 @@ class Tunnel:
         self.host, self.port, self.ca_file, self.cfg = host, port, ca_file, cfg
         self.connect_timeout_s = connect_timeout_s
         self.on_end = on_end
-        self.client_token = secrets.token_hex(24)  # 48 of [0-9a-f]: within the 32-128 the service accepts
+        self.client_token = digest.token_hex(24)  # 48 of [0-9a-f]: within the 32-128 the service accepts
         self.opened_at = time.time()
         self.state = "connecting"
         self.version = 0
@@ -215,9 +214,14 @@ class Tunnel:
         req.headers.add("access-token", self._token)
         req.headers.add("client-token", self.client_token)
         req.headers.add("Sec-WebSocket-Protocol", ", ".join(SUBPROTOCOLS))
-        opts = awscrt.io.TlsContextOptions()
-        opts.override_default_trust_store_from_path(None, str(self.ca_file))  # only this CA
-        tls = awscrt.io.ClientTlsContext(opts).new_connection_options()
+        try:
+            opts = awscrt.io.TlsContextOptions()
+            opts.override_default_trust_store_from_path(None, str(self.ca_file))  # only this CA
+            tls = awscrt.io.ClientTlsContext(opts).new_connection_options()
+        except Exception as e:
+            self._fatal = f"the CA file {self.ca_file} could not be loaded ({getattr(e, 'name', e.__class__.__name__)})"
+            log.warning("tunnel %s: %s", self.id, self._fatal)
+            return False
         tls.set_server_name(self.host)
         sock_opts = awscrt.io.SocketOptions()
         sock_opts.connect_timeout_ms = int(self.connect_timeout_s * 1000)

@@ -21,7 +21,6 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,18 +53,10 @@ CLIENT_A = "a" * 8 + "-" + "1" * 27  # 36 characters of [a-zA-Z0-9-]
 CLIENT_B = "b" * 8 + "-" + "2" * 27
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, cond: threading.Condition | None = None) -> bool:
-    """Bounded wait for `predicate`, woken by `cond` when given (else re-checked on a short timer)."""
-    deadline = pace.deadline(timeout)
-    if cond is not None:
-        with cond:
-            return cond.wait_for(predicate, max(0.0, deadline - time.monotonic()))
-    event = threading.Event()
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        event.wait(0.02)
-    return True
+def wait_until(predicate: Callable[[], bool], cond: threading.Condition, timeout: float = 10.0) -> bool:
+    """Bounded wait for `predicate`, re-checked whenever `cond` is notified."""
+    with cond:
+        return cond.wait_for(predicate, pace.scaled(timeout))
 
 
 # -- fixtures ---------------------------------------------------------------------------------------------------
@@ -81,7 +72,7 @@ def leakcheck():
     threads, fds = set(threading.enumerate()), _fds()
     yield
     assert set(threading.enumerate()) - threads == set()
-    assert wait_until(lambda: _fds() <= fds, 5), f"descriptors left open: {sorted(_fds() - fds)}"
+    assert _fds() <= fds, f"descriptors left open: {sorted(_fds() - fds)}"
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +268,7 @@ class FakeDestination:
 
     # the test's side
     def wait(self, predicate: Callable[[FakeDestination], bool], timeout: float = 10.0) -> bool:
-        return wait_until(lambda: predicate(self), timeout, self.cond)
+        return wait_until(lambda: predicate(self), self.cond, timeout)
 
     def of_type(self, t: int) -> list[Message]:
         with self.cond:
@@ -495,7 +486,7 @@ def test_a_source_connection_reaches_the_echo_service_and_back(service, echo, st
     assert dest.of_type(T.CONNECTION_RESET) == [
         Message(T.CONNECTION_RESET, stream_id=1, service_id="SSH", connection_id=1)
     ]
-    assert proxy.wait_connections(0, timeout=10)
+    assert proxy.wait_connections(0, timeout=pace.scaled(10))
     assert dest.wait(lambda d: not d.conns)
 
 
@@ -529,7 +520,7 @@ def test_two_connections_on_one_service_and_a_second_service(service, echo, stac
     assert dest.of_type(T.CONNECTION_START)[-1] == Message(
         T.CONNECTION_START, stream_id=ssh_start.stream_id, service_id="SSH", connection_id=3
     )
-    assert proxy.wait_connections(2, "SSH", timeout=10)
+    assert proxy.wait_connections(2, "SSH", timeout=pace.scaled(10))
 
 
 def test_buffers_stay_bounded_when_the_local_client_does_not_read(service, echo, stack, pki):
@@ -702,12 +693,12 @@ def test_idle_and_excess_handshakes_are_dropped(service, stack, pki, monkeypatch
     idle = [socket.create_connection(("127.0.0.1", service.port), timeout=pace.scaled(10)) for _ in range(3)]
     for s in idle:
         stack.callback(s.close)
-    assert service.wait_sockets(3, 5)
+    assert service.wait_sockets(3, pace.scaled(5))
     extra = socket.create_connection(("127.0.0.1", service.port), timeout=pace.scaled(10))
     stack.callback(extra.close)
     assert at_eof(extra)  # a fourth connection still in its handshake: closed at once
     assert all(at_eof(s) for s in idle)  # and the others when their time is up
-    assert service.wait_sockets(0, 5)
+    assert service.wait_sockets(0, pace.scaled(5))
 
 
 # -- peers that go away and come back -----------------------------------------------------------------------------
@@ -723,14 +714,14 @@ def test_a_destination_dropped_by_the_network_reconnects_with_its_client_token(s
 
     assert service.blip(t.tunnel_id, "destination")
     assert dest.wait(lambda d: d.ended) and dest.closed is None  # no close frame: the connection just broke
-    assert service.wait_connected(t.tunnel_id, "destination", connected=False)
+    assert service.wait_connected(t.tunnel_id, "destination", connected=False, timeout=pace.scaled(10))
     dest.close()
     assert proxy.open_connections() == 1  # the service does not announce a peer that left
     assert refused(service.port, ca, token=t.destination_token) == (403, "access token already used")
 
     back = destination(service, stack, ca, t.destination_token, {"SSH": echo}, client_token=CLIENT_A)
     assert at_eof(c1)  # the streams ended with the old connection: STREAM_RESET to the source
-    assert proxy.wait_connections(0, timeout=10)
+    assert proxy.wait_connections(0, timeout=pace.scaled(10))
     c2 = client(stack, proxy.addresses["SSH"])
     assert roundtrip(c2, b"after") == b"after"
     assert [m.stream_id for m in back.of_type(T.STREAM_START)] == [2]
@@ -762,13 +753,13 @@ def test_stream_messages_with_no_peer_to_reach_are_answered_with_a_reset(service
     c1 = client(stack, proxy.addresses["SSH"])
     assert roundtrip(c1, b"x") == b"x"
     assert service.blip(t.tunnel_id, "destination")
-    assert service.wait_connected(t.tunnel_id, "destination", connected=False)
+    assert service.wait_connected(t.tunnel_id, "destination", connected=False, timeout=pace.scaled(10))
     dest.close()
     c1.sendall(b"anyone there?")  # DATA with nowhere to go: STREAM_RESET, and the proxy closes c1
     assert at_eof(c1)
     c2 = client(stack, proxy.addresses["SSH"])  # a STREAM_START with no destination: the same
     assert at_eof(c2)
-    assert proxy.wait_connections(0, timeout=10)
+    assert proxy.wait_connections(0, timeout=pace.scaled(10))
 
 
 # -- closing ---------------------------------------------------------------------------------------------------------
@@ -793,7 +784,7 @@ def test_close_disconnects_both_peers_and_ends_the_tokens(service, echo, stack, 
     assert refused(service.port, ca, mode="source", token=t.source_token, client_token=CLIENT_B)[0] == 403
     assert service.close(t.tunnel_id) is False
     assert [(x.tunnel_id, x.status) for x in service.list()] == [(t.tunnel_id, "CLOSED")]
-    assert service.wait_sockets(0)
+    assert service.wait_sockets(0, pace.scaled(10))
 
 
 def test_a_tunnel_closed_by_another_process_or_by_its_lifetime_ends(service, stack, pki, tmp_path):
@@ -857,7 +848,7 @@ def test_a_peer_that_breaks_a_rule_is_closed(service, echo, stack, pki, mode, ve
     peer.send_raw(data)
     assert peer.wait(lambda d: d.closed is not None)
     assert (peer.closed.code, words in peer.closed.reason) == (code, True), peer.closed
-    assert service.wait_connected(t.tunnel_id, mode, connected=False)
+    assert service.wait_connected(t.tunnel_id, mode, connected=False, timeout=pace.scaled(10))
     # Nothing of it went through; but a message over the size limit is relayed as it streams in, so what came
     # whole before the limit was crossed has been passed on (here: ignorable messages of an unknown type).
     passed = [m.type for m in partner.received]
@@ -930,8 +921,8 @@ def test_awscrts_websocket_client_connects_and_hears_the_service_ids(tmp_path, p
             opts.override_default_trust_store_from_path(None, str(pki[0]))
             tls = awscrt.io.ClientTlsContext(opts).new_connection_options()
             tls.set_server_name("localhost")
-            setup, received, down = threading.Event(), bytearray(), threading.Event()
-            box: dict = {}
+            setup, received, down, heard = threading.Event(), bytearray(), threading.Event(), threading.Event()
+            box: dict = {"heard": heard}
 
             def on_setup(data) -> None:
                 box["setup"] = data
@@ -941,6 +932,7 @@ def test_awscrts_websocket_client_connects_and_hears_the_service_ids(tmp_path, p
                 received.extend(data.data)
                 if len(received) >= 2 and len(received) >= 2 + int.from_bytes(received[:2], "big"):
                     box["messages"] = Deframer().feed(bytes(received))
+                    heard.set()
 
             crt_ws.connect(
                 host="localhost",
@@ -959,9 +951,9 @@ def test_awscrts_websocket_client_connects_and_hears_the_service_ids(tmp_path, p
         assert data.exception is None, data.exception
         headers = {k.lower(): v for k, v in data.handshake_response_headers}
         assert headers["sec-websocket-protocol"] == V3 and len(headers["channel-id"]) == 32
-        assert wait_until(lambda: "messages" in box)
+        assert box["heard"].wait(pace.scaled(10))
         assert box["messages"] == [Message(T.SERVICE_IDS, available_service_ids=("SSH", "VNC"))]
-        assert service.wait_connected(t.tunnel_id, "destination")
+        assert service.wait_connected(t.tunnel_id, "destination", timeout=pace.scaled(10))
 
         refused_box, _ = connect(CLIENT_B)  # the token is bound to CLIENT_A now
         assert refused_box["setup"].exception is not None
@@ -969,7 +961,7 @@ def test_awscrts_websocket_client_connects_and_hears_the_service_ids(tmp_path, p
 
         data.websocket.close()
         assert down.wait(pace.scaled(10))
-        assert service.wait_connected(t.tunnel_id, "destination", connected=False)
+        assert service.wait_connected(t.tunnel_id, "destination", connected=False, timeout=pace.scaled(10))
     finally:
         service.stop()
         reg.close()

@@ -58,9 +58,12 @@ def test_a_good_notification_and_the_endpoint_it_names():
 
 @pytest.fixture
 def feature(tmp_path: Path):
+    from localcloud.pki import CertificateAuthority
+
+    ca = CertificateAuthority(tmp_path / "ca")  # a real CA file: the tunnel gets as far as connecting
     cfg = features.parse(
         {
-            "broker": {"endpoint": "h", "ca_file": str(tmp_path / "ca.pem"), "connect_timeout_s": 1},
+            "broker": {"endpoint": "h", "ca_file": str(ca.cert_path), "connect_timeout_s": 1},
             "pkcs11": {"library": "l", "token_label": "t"},
             "device": {"state_dir": str(tmp_path / "state")},
             "tunneling": {
@@ -68,7 +71,7 @@ def feature(tmp_path: Path):
                 "endpoint": "127.0.0.1",
                 "port": 9,  # discard: nothing listens, so an opened tunnel only retries
                 "max_tunnels": 1,
-                "reconnect_s": 5,
+                "reconnect_s": 600,  # it keeps retrying for the whole test
                 "services": {"SSH": {"target": "127.0.0.1:22"}},
             },
         }
@@ -98,3 +101,22 @@ def test_reused_tokens_unlisted_services_and_the_limit_are_refused(feature, capl
     feature.stop()
     assert not feature.tunnels
     assert feature.store.load()["tunnels"] == []
+
+
+def test_a_missing_tunneling_ca_file_is_one_line(tmp_path):
+    cfg = features.parse(
+        {
+            "broker": {"endpoint": "h", "ca_file": "c"},
+            "pkcs11": {"library": "l", "token_label": "t"},
+            "tunneling": {
+                "enabled": True,
+                "ca_file": str(tmp_path / "nope.pem"),
+                "services": {"SSH": {"target": "127.0.0.1:22"}},
+            },
+        }
+    )
+    problems = [p for p in features.check_files(cfg) if p.startswith("tunneling.")]
+    assert problems == [
+        f"tunneling.ca_file: {tmp_path / 'nope.pem'} does not exist; put the tunneling endpoint's root CA "
+        "(AmazonRootCA1.pem) there"
+    ]
