@@ -8,7 +8,6 @@ other machines of the device's network through it (the switch is named for that 
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -71,6 +70,8 @@ def split_target(target: str) -> tuple[str, int]:
 
 
 def is_loopback(host: str) -> bool:
+    import ipaddress  # here: a daemon without tunneling never loads it
+
     if host == "localhost":
         return True
     try:
