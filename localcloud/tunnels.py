@@ -9,15 +9,17 @@ does there, and here:
   `Sec-WebSocket-Protocol` offering `aws.iot.securetunneling-3.0` or `-2.0` (3.0 is chosen when offered). An
   optional `client-token` (32-128 of [a-zA-Z0-9-]) binds the access token to that client, which may then
   reconnect with both; without one the token is used up by its first successful handshake. A refusal is an
-  HTTP 400 (malformed request) or 403 (token not valid for this), with a one-line reason as its body, logged
-  in one line that never holds a token. The 101 answer carries a `channel-id`, as AWS's does.
+  HTTP 400 (malformed request) or 403 (token not valid for this), or 500 when the registry cannot be read
+  (the guides: retry 5xx with backoff), with a one-line reason as its body, logged in one line that never
+  holds a token. The 101 answer carries a `channel-id`, as AWS's does.
 - On connect the service sends the peer SERVICE_IDS: the services the tunnel was opened with.
 - Messages are relayed from one peer to the other after decoding (agent.tunneling.frames) and checking the
   guides' rules: a type must be set; SESSION_RESET and SERVICE_IDS come from the service only; a destination
   never sends STREAM_START; stream messages need a stream id; a service id must be one of the tunnel's, and
   one a STREAM_START started before anything else names it; the schema may not be extended (a message that
   does not re-encode to the bytes received is refused); a WebSocket message is at most 131,076 bytes, and
-  binary. A peer that breaks one is closed (1002; 1003 for text, 1009 for size).
+  binary. A peer that breaks one is closed (1002; 1003 for text, 1009 for size: a WebSocket message is
+  relayed as it streams in, so the whole tunnel messages before the limit was crossed have gone through).
 - "The proxy server may generate StreamReset messages [when] the tunnel peer is replaced (likely has
   reconnected) by a new peer bearing a valid access token, [or] an internal error has disrupted the internal
   routing": when a peer (re)connects, the other peer gets a STREAM_RESET for each stream that was active;

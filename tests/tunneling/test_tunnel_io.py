@@ -344,3 +344,57 @@ def test_the_cloud_closing_the_tunnel_ends_it(cloud, caplog, baseline):
     assert "tunnel " + tun.id + " closed: " in caplog.text
     _wait(lambda: _threads() <= baseline[0], "threads back to the baseline")
     _wait(lambda: _fds() <= baseline[1], "descriptors back to the baseline")
+
+
+def test_a_slow_local_service_stops_the_sender_instead_of_filling_memory(cloud, baseline):
+    """Back-pressure: a local service that reads nothing. The device holds at most its buffer (plus the
+    read window it had already given and one WebSocket frame), and the far sender blocks."""
+    c, reg, svc = cloud
+    stuck = socket.create_server(("127.0.0.1", 0))
+    t = reg.open("gw", ["SLOW"], 600)
+    tun = _tunnel(c, svc, t.destination_token, {"SLOW": stuck.getsockname()[1]}, buffer_kib=64)
+    assert svc.wait_connected(t.tunnel_id, "destination", True, pace.scaled(10))
+    src = _source(c, svc, t.source_token, ("SLOW",))
+    sent = [0]
+    sender = socket.create_connection(src.addresses["SLOW"], timeout=pace.scaled(10))
+    conn, _ = stuck.accept()  # accepted, never read
+
+    def push() -> None:
+        block = b"\0" * 65536
+        sender.settimeout(pace.scaled(3))
+        try:
+            while sent[0] < 64 << 20:
+                sender.sendall(block)
+                sent[0] += len(block)
+        except OSError:
+            pass  # blocked for 3 s: the back-pressure reached the sender
+
+    pusher = threading.Thread(target=push)
+    pusher.start()
+    pusher.join(pace.scaled(60))
+    try:
+        assert not pusher.is_alive()
+        assert sent[0] < 64 << 20, "64 MiB went into a service that reads nothing"
+        limit = 64 * 1024
+        assert tun._held <= 2 * limit + 131076, tun._held  # buffer + window already given + one frame
+        # what did leave the sender sits in kernel socket buffers and the bounded relays, not in a queue
+        assert sent[0] < 32 << 20, sent[0]
+    finally:
+        sender.close()
+        conn.close()
+        stuck.close()
+        src.stop()
+        tun.stop()
+    _wait(lambda: _threads() <= baseline[0], "threads back to the baseline")
+    _wait(lambda: _fds() <= baseline[1], "descriptors back to the baseline")
+
+
+def test_the_lifetime_ends_the_tunnel(cloud, caplog):
+    c, reg, svc = cloud
+    echo = Echo()
+    t = reg.open("gw", ["ECHO"], 600)
+    caplog.set_level(logging.INFO, logger="agent")
+    tun = _tunnel(c, svc, t.destination_token, {"ECHO": echo.port}, lifetime_s=2.0)  # (the config's floor is 60)
+    _ended(tun)
+    echo.stop()
+    assert f"tunnel {tun.id} closed: its lifetime (2 s) is over" in caplog.text

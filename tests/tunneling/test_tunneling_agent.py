@@ -24,6 +24,7 @@ from localcloud import pace
 from localcloud.bench import enrolled_device
 from localcloud.cloud import LocalCloud
 from localcloud.ntp import Chrony
+from localcloud.shadows import Shadows
 from localcloud.sshd import Sshd
 from localcloud.tunnel_source import SourceProxy
 
@@ -178,6 +179,14 @@ def test_ssh_scp_and_http_over_one_tunnel_then_the_cloud_closes_it(world, tmp_pa
         audit = audit()
         scp_line = max(audit, key=lambda x: int(re.search(r"(\d+) bytes to the service", x).group(1)))
         assert int(re.search(r"(\d+) bytes to the service", scp_line).group(1)) > 20 * 1024 * 1024
+        # the inventory shadow reports it (checked by the reporter every 10 s)
+        shadows = Shadows(c.registry.db, c.registry.lock)
+
+        def reported_tunnels() -> list:
+            doc = shadows.get(THING, "inventory")
+            return ((doc.get("state") or {}).get("reported") or {}).get("tunnels") or []
+
+        _wait(lambda: [t.get("services") for t in reported_tunnels()] == [["SSH", "HTTP"]], "the shadow", 60)
         # status shows the open tunnel
         st = a.device.cli("status", "--json")
         tunnels = json.loads(st.stdout)["tunnels"]
