@@ -152,7 +152,7 @@ _SWEEP_LINES: list[str] = []
 # Modules whose tests are independent of each other and long: pytest-xdist spreads them over its
 # workers. Every other module runs whole on one worker (its module fixtures and the order of its tests
 # are shared, e.g. a happy path that a later test builds on).
-SPREAD = {"test_sweep_updates", "test_sweep_identity", "test_micropython_power_cut"}
+SPREAD = {"test_sweep_updates", "test_sweep_identity", "test_micropython_power_cut", "test_tunnel_io"}
 
 
 # The longest work first, so no worker starts a long sweep while the others run out of work

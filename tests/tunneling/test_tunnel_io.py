@@ -398,3 +398,32 @@ def test_the_lifetime_ends_the_tunnel(cloud, caplog):
     _ended(tun)
     echo.stop()
     assert f"tunnel {tun.id} closed: its lifetime (2 s) is over" in caplog.text
+
+
+def test_a_v2_source_reaches_a_v3_device(cloud, baseline):
+    """The service relays between protocol versions: a v2 source (one connection per stream, no
+    connection ids) and this v3 device, which reads the missing id as the stream's first connection."""
+    c, reg, svc = cloud
+    echo = Echo()
+    t = reg.open("gw", ["ECHO"], 600)
+    tun = _tunnel(c, svc, t.destination_token, {"ECHO": echo.port})
+    assert svc.wait_connected(t.tunnel_id, "destination", True, pace.scaled(10))
+    src = SourceProxy(
+        "localhost",
+        svc.port,
+        c.ca.cert_path,
+        t.source_token,
+        {"ECHO": ("127.0.0.1", 0)},
+        subprotocols=("aws.iot.securetunneling-2.0",),
+    )
+    src.start()
+    try:
+        assert src.version == 2 and tun.info()["protocol"] == 3
+        for n in range(3):  # each a new stream, as v2 does it
+            assert _roundtrip(src.addresses["ECHO"], b"v2 #%d" % n) == b"v2 #%d" % n
+    finally:
+        src.stop()
+        tun.stop()
+        echo.stop()
+    _wait(lambda: _threads() <= baseline[0], "threads back to the baseline")
+    _wait(lambda: _fds() <= baseline[1], "descriptors back to the baseline")
