@@ -171,6 +171,9 @@ LONG_FIRST = [
     "test_inventory.py",
     "test_sweep_updates.py::test_sweep_update[self-update-tpm]",
     "test_soak.py",
+    "test_tunnel_io.py",  # spread: a refused certificate waits 10-30 s (s2n), a network drop 10 s
+    "test_tunneling_agent.py",
+    "test_localcloud_tunnels.py",
     "test_sweep_updates.py::test_sweep_update[ota-tpm]",
     "test_ota_selfupdate.py",
     "test_sweep_identity.py::test_sweep_rotation[tpm]",
