@@ -1,6 +1,7 @@
 """Secure tunneling: throughput through a tunnel against a direct loopback TCP copy in the same run, and
 the memory one more open tunnel adds to the device's process. Targets (issue 21): ratio >= 0.5, RSS
-per open tunnel <= 2 MB (what AWS's own tunneling component costs per tunnel).
+per open tunnel <= 2 MB (what AWS's own tunneling component costs per tunnel). Also the case tunnels are
+for: scp of the same file to a real sshd, straight and through the tunnel.
 
 The device side (agent.tunneling.tunnel, the code that ships) runs in a child process of its own, so
 its memory and CPU are measured alone; the local cloud's tunneling endpoint and source proxy (pure
@@ -26,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from localcloud.cloud import LocalCloud  # noqa: E402
+from localcloud.sshd import Sshd  # noqa: E402
 from localcloud.tunnel_source import SourceProxy  # noqa: E402
 from localcloud.tunnels import TunnelRegistry, TunnelService  # noqa: E402
 
@@ -42,12 +44,19 @@ def rss():
             return int(line.split()[1])
 
 spec = json.loads(Path({spec!r}).read_text())
-cfg = TunnelingConfig(enabled=True, services={{"SINK": TunnelService(spec["sink"])}}, endpoint="localhost",
-                      port=spec["port"])
+cfg = TunnelingConfig(enabled=True, services={{"SINK": TunnelService(spec["sink"]), "SSH": TunnelService(spec["ssh"])}},
+                      endpoint="localhost", port=spec["port"])
+import awscrt.io
+# What the agent's MQTT connection has set up already: the CRT's event loops, resolver and a TLS context.
+awscrt.io.ClientBootstrap.get_or_create_static_default()
+_opts = awscrt.io.TlsContextOptions()
+_opts.override_default_trust_store_from_path(None, spec["ca"])
+_ctx = awscrt.io.ClientTlsContext(_opts)
+time.sleep(0.5)
 print("rss", 0, rss(), flush=True)
 tunnels = []
 for i, token in enumerate(spec["tokens"], 1):
-    t = Tunnel(token=token, services=("SINK",), host="localhost", port=spec["port"], ca_file=Path(spec["ca"]),
+    t = Tunnel(token=token, services=("SINK", "SSH"), host="localhost", port=spec["port"], ca_file=Path(spec["ca"]),
                cfg=cfg, connect_timeout_s=10).start()
     deadline = time.monotonic() + 30
     while t.info()["state"] != "open" and time.monotonic() < deadline:
@@ -125,7 +134,8 @@ def main() -> int:
     pki = cloud.directory / "pki"
     svc = TunnelService(reg, pki / "server.pem", pki / "server.key").start()
     sink = Sink()
-    opened = [reg.open("bench", ["SINK"], 3600) for _ in range(args.tunnels)]
+    opened = [reg.open("bench", ["SINK", "SSH"], 3600) for _ in range(args.tunnels)]
+    sshd = Sshd(work / "sshd").start()
     spec = work / "spec.json"
     spec.write_text(
         json.dumps(
@@ -134,6 +144,7 @@ def main() -> int:
                 "port": svc.port,
                 "ca": str(cloud.ca.cert_path),
                 "sink": f"127.0.0.1:{sink.port}",
+                "ssh": f"127.0.0.1:{sshd.port}",
             }
         )
     )
@@ -151,12 +162,14 @@ def main() -> int:
             rss[int(i)] = int(kb)
         first = rss[1] - rss[0]
         per = (rss[args.tunnels] - rss[1]) / max(1, args.tunnels - 1)
-        print(f"device process: {rss[0] / 1024:.1f} MiB before any tunnel (awscrt loaded)")
-        print(f"  first tunnel adds {first / 1024:.2f} MiB (awscrt's WebSocket and TLS context, once)")
+        print(f"device process: {rss[0] / 1024:.1f} MiB before any tunnel (awscrt's event loops and a TLS context up)")
+        print(f"  first tunnel adds {first / 1024:.2f} MiB (awscrt.websocket and the tunnel module, once)")
         print(f"  each further open tunnel adds {per / 1024:.3f} MiB (mean of {args.tunnels - 1}; target <= 2 MB)")
 
-        src = SourceProxy("localhost", svc.port, cloud.ca.cert_path, opened[0].source_token, {"SINK": ("127.0.0.1", 0)})
-        through = src.start()["SINK"]
+        listen = {"SINK": ("127.0.0.1", 0), "SSH": ("127.0.0.1", 0)}
+        src = SourceProxy("localhost", svc.port, cloud.ca.cert_path, opened[0].source_token, listen)
+        addresses = src.start()
+        through = addresses["SINK"]
         direct_s, tunnel_s = [], []
         cpu = {"device": 0.0, "endpoint+source": 0.0}
         transfer(through, sink, 8 << 20)  # warm-up
@@ -166,12 +179,32 @@ def main() -> int:
             tunnel_s.append(transfer(through, sink, total))
             cpu["device"] += cpu_s(device.pid) - d0
             cpu["endpoint+source"] += cpu_s() - p0
+        blob = work / "blob.bin"
+        with open(blob, "wb") as f:
+            for _ in range(args.mb):
+                f.write(os.urandom(1 << 20))
+
+        def scp(port: int) -> float:
+            start = time.perf_counter()
+            r = subprocess.run(
+                ["scp", *sshd.scp_args(port), str(blob), f"{sshd.host}:/dev/null"], capture_output=True, timeout=600
+            )
+            if r.returncode != 0:
+                raise RuntimeError(f"scp failed: {r.stderr.decode(errors='replace')[-300:]}")
+            return time.perf_counter() - start
+
+        scp_direct = min(scp(sshd.port) for _ in range(args.runs))
+        scp_tunnel = min(scp(addresses["SSH"][1]) for _ in range(args.runs))
         src.stop()
         mb = total / 1e6
         direct, tunnel = mb / min(direct_s), mb / min(tunnel_s)
         print(f"direct loopback TCP copy: {direct:.0f} MB/s (best of {args.runs}, {args.mb} MiB)")
         print(f"through the tunnel:       {tunnel:.0f} MB/s")
         print(f"ratio: {tunnel / direct:.3f} (target >= 0.5)")
+        print(
+            f"scp to sshd, {args.mb} MiB: straight {mb / scp_direct:.0f} MB/s, through the tunnel "
+            f"{mb / scp_tunnel:.0f} MB/s, ratio {scp_direct / scp_tunnel:.3f}"
+        )
         per_mb = {k: v / (mb * args.runs) * 1000 for k, v in cpu.items()}
         print(
             f"CPU per MB through the tunnel: device {per_mb['device']:.2f} ms, "
@@ -186,6 +219,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 device.kill()
         svc.stop()
+        sshd.stop()
     return 0
 
 

@@ -43,6 +43,27 @@ MAX_WS_FRAME = 131076
 READ_CHUNK = 16 * 1024
 
 
+_TLS_CONTEXTS: dict[tuple[str, int], Any] = {}
+_TLS_LOCK = threading.Lock()
+
+
+def _tls_context(ca_file: Path) -> Any:
+    """One TLS context per CA file (and its version), shared by every tunnel: a context holds the parsed
+    trust store, most of what a tunnel would otherwise cost in memory."""
+    import awscrt.io
+
+    key = (str(ca_file), os.stat(ca_file).st_mtime_ns)
+    with _TLS_LOCK:
+        ctx = _TLS_CONTEXTS.get(key)
+        if ctx is None:
+            opts = awscrt.io.TlsContextOptions()
+            opts.override_default_trust_store_from_path(None, str(ca_file))  # only this CA
+            ctx = awscrt.io.ClientTlsContext(opts)
+            _TLS_CONTEXTS.clear()  # a replaced CA file: the old context goes
+            _TLS_CONTEXTS[key] = ctx
+        return ctx
+
+
 def tunnel_id(token: str) -> str:
     """A name for logs and status: the access token itself is a credential and is never shown."""
     return digest.sha256(token.encode()).hexdigest()[:12]
@@ -215,9 +236,7 @@ class Tunnel:
         req.headers.add("client-token", self.client_token)
         req.headers.add("Sec-WebSocket-Protocol", ", ".join(SUBPROTOCOLS))
         try:
-            opts = awscrt.io.TlsContextOptions()
-            opts.override_default_trust_store_from_path(None, str(self.ca_file))  # only this CA
-            tls = awscrt.io.ClientTlsContext(opts).new_connection_options()
+            tls = _tls_context(self.ca_file).new_connection_options()
         except Exception as e:
             self._fatal = f"the CA file {self.ca_file} could not be loaded ({getattr(e, 'name', e.__class__.__name__)})"
             log.warning("tunnel %s: %s", self.id, self._fatal)
