@@ -146,11 +146,12 @@ class Destination:
     # --- helpers -----------------------------------------------------------------------------
 
     def _service_ids(self, m: Message) -> list[Action]:
+        known = set(self.available)
         self.available = tuple(m.available_service_ids)
         return [
             Refuse(f"the tunnel offers service {s!r}, which tunneling.services does not list: it will be refused")
             for s in self.available
-            if s not in self.services
+            if s not in self.services and s not in known  # said once per service, however often it is sent
         ]
 
     def _service_of(self, m: Message) -> str | None:

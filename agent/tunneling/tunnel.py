@@ -41,6 +41,7 @@ SUBPROTOCOLS = {"aws.iot.securetunneling-3.0": 3, "aws.iot.securetunneling-2.0":
 # A WebSocket frame of this protocol is at most 2 + 131,074 bytes (the guides); anything larger is hostile.
 MAX_WS_FRAME = 131076
 READ_CHUNK = 16 * 1024
+MAX_REFUSALS_LOGGED = 20
 
 
 _TLS_CONTEXTS: dict[tuple[str, int], Any] = {}
@@ -125,6 +126,7 @@ class Tunnel:
         self._inflight = 0  # bytes handed to the WebSocket, not yet sent
         self._frame_len = 0
         self._fatal = ""
+        self._refusals = 0
         self._sel: selectors.DefaultSelector | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -217,6 +219,8 @@ class Tunnel:
             self._sel.close()
             self._wake_r.close()
             self._wake_w.close()
+            if self._refusals > MAX_REFUSALS_LOGGED:
+                log.warning("tunnel %s: %d refusals in all", self.id, self._refusals)
             log.info("tunnel %s closed: %s", self.id, reason)
             self.on_end(self)
 
@@ -516,7 +520,11 @@ class Tunnel:
                         c.closing = a.reason
                 wake = True
             elif isinstance(a, Refuse):
-                log.warning("tunnel %s: %s", self.id, a.reason)
+                self._refusals += 1  # logged up to a bound: a source may ask for refused things in a loop
+                if self._refusals <= MAX_REFUSALS_LOGGED:
+                    log.warning("tunnel %s: %s", self.id, a.reason)
+                if self._refusals == MAX_REFUSALS_LOGGED:
+                    log.warning("tunnel %s: further refusals are counted, not logged, until it closes", self.id)
             elif isinstance(a, Fail):
                 self._fatal = f"protocol error: {a.reason}"
                 log.warning("tunnel %s: %s; closing the tunnel", self.id, self._fatal)

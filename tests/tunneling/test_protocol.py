@@ -138,3 +138,10 @@ def test_stream_id_zero_is_a_protocol_error():
     assert v3().receive(Message(T.STREAM_START, stream_id=0, service_id="SSH", connection_id=1)) == [
         Fail("STREAM_START with stream id 0 (the guides reserve it)")
     ]
+
+
+def test_repeated_service_ids_refuse_each_unlisted_service_once():
+    d = v3()
+    first = d.receive(Message(T.SERVICE_IDS, available_service_ids=("SSH", "VNC")))
+    assert len(first) == 1 and isinstance(first[0], Refuse)
+    assert d.receive(Message(T.SERVICE_IDS, available_service_ids=("SSH", "VNC"))) == []

@@ -427,3 +427,29 @@ def test_a_v2_source_reaches_a_v3_device(cloud, baseline):
         echo.stop()
     _wait(lambda: _threads() <= baseline[0], "threads back to the baseline")
     _wait(lambda: _fds() <= baseline[1], "descriptors back to the baseline")
+
+
+def test_refusals_in_a_loop_are_logged_up_to_a_bound(cloud, caplog):
+    """A source asking for an unlisted service again and again: the first 20 refusals are logged, then one
+    line says the rest are counted; the count comes when the tunnel closes. The log cannot be flooded."""
+    c, reg, svc = cloud
+    echo = Echo()
+    t = reg.open("gw", ["SSH", "VNC"], 600)
+    caplog.set_level(logging.INFO, logger="agent")
+    tun = _tunnel(c, svc, t.destination_token, {"SSH": echo.port})
+    assert svc.wait_connected(t.tunnel_id, "destination", True, pace.scaled(10))
+    src = _source(c, svc, t.source_token, ("SSH", "VNC"))
+    try:
+        for _ in range(30):
+            with socket.create_connection(src.addresses["VNC"], timeout=pace.scaled(10)) as s:
+                s.sendall(b"?")
+                assert s.recv(10) == b""
+    finally:
+        src.stop()
+        tun.stop()
+        echo.stop()
+    refused = [r for r in caplog.records if "refused: not in tunneling.services" in r.getMessage()]
+    assert len(refused) == 19  # plus the SERVICE_IDS line: 20 logged
+    assert "further refusals are counted, not logged, until it closes" in caplog.text
+    assert f"tunnel {tun.id}: 31 refusals in all" in caplog.text
+    assert echo.accepted == 0
