@@ -138,6 +138,9 @@ class Swtpm:
             self.child = procs.start("swtpm", argv, log)
             try:
                 procs.wait_port(self.port + 1, 10, self.child.proc)
+                # The TCTI talks to the server port, which swtpm may open after the control port: under
+                # load a tool started in between could not "load" the TCTI (connection refused).
+                procs.wait_port(self.port, 10, self.child.proc)
                 break
             except RuntimeError:
                 # A restart on the same ports can find one still held (swtpm binds without SO_REUSEADDR, so

@@ -128,7 +128,9 @@ def test_bad_server_certificates_are_refused_without_fallback(bench, softhsm, ag
         for case, a in runs.items():
             assert "connected to localhost" not in a.text(), case
             assert not brokers[case].connected_clients(), case
-            assert a.stop() == 0
+            # Already told to stop: a second SIGTERM could land while the interpreter finalises (when
+            # CPython has put the default action back) and kill it with -15, so only wait.
+            assert a.wait_exit(60) == 0
         print(f"failures seen after {t0 - start:.1f} s, stopped after {time.monotonic() - t0:.1f} s")
     finally:
         for b in brokers.values():
