@@ -120,7 +120,6 @@ def baseline(cloud):
     echo = Echo()
     t = reg.open("gw", ["ECHO"], 600)
     tun = _tunnel(c, svc, t.destination_token, {"ECHO": echo.port})
-    assert svc.wait_connected(t.tunnel_id, "destination", True, pace.scaled(10))
     src = _source(c, svc, t.source_token, ("ECHO",))
     assert _roundtrip(src.addresses["ECHO"], b"warm") == b"warm"
     src.stop()
@@ -131,7 +130,10 @@ def baseline(cloud):
     return _threads(), _fds(), _fd_names()
 
 
-def _tunnel(c: LocalCloud, svc: TunnelService, token: str, services: dict[str, int], **cfg) -> Tunnel:
+def _tunnel(
+    c: LocalCloud, svc: TunnelService, token: str, services: dict[str, int], connected: bool = True, **cfg
+) -> Tunnel:
+    """The device's tunnel, started; with `connected`, returned once its WebSocket is up."""
     settings = TunnelingConfig(
         enabled=True,
         services={name: Target(f"127.0.0.1:{port}") for name, port in services.items()},
@@ -139,7 +141,7 @@ def _tunnel(c: LocalCloud, svc: TunnelService, token: str, services: dict[str, i
         port=svc.port,
         **cfg,
     )
-    return Tunnel(
+    tun = Tunnel(
         token=token,
         services=tuple(services),
         host="localhost",
@@ -148,6 +150,18 @@ def _tunnel(c: LocalCloud, svc: TunnelService, token: str, services: dict[str, i
         cfg=settings,
         connect_timeout_s=pace.scaled(5),
     ).start()
+    if connected:
+        _wait(lambda: tun.info()["state"] == "open", "the device's tunnel connected")
+    return tun
+
+
+def _back_to(baseline) -> None:
+    """Every thread and descriptor the test's tunnel (and the endpoint's side of it) had is gone."""
+    _wait(lambda: _threads() <= baseline[0], "threads back to the baseline")
+    try:
+        _wait(lambda: _fds() <= baseline[1], "descriptors back to the baseline")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; still open: {sorted(set(_fd_names()) - set(baseline[2]))}") from None
 
 
 def _ended(t: Tunnel, timeout: float = 20) -> None:
@@ -186,7 +200,6 @@ def test_a_service_not_in_the_allowlist_is_refused_and_nothing_opened(cloud, cap
     t = reg.open("gw", ["SSH", "VNC"], 600)
     caplog.set_level(logging.INFO, logger="agent")
     tun = _tunnel(c, svc, t.destination_token, {"SSH": echo.port})
-    assert svc.wait_connected(t.tunnel_id, "destination", True, pace.scaled(10))
     src = _source(c, svc, t.source_token, ("SSH", "VNC"))
     try:
         assert _roundtrip(src.addresses["SSH"], b"ping") == b"ping"
@@ -201,11 +214,7 @@ def test_a_service_not_in_the_allowlist_is_refused_and_nothing_opened(cloud, cap
         src.stop()
         tun.stop()
         echo.stop()
-    _wait(lambda: _threads() <= baseline[0], "threads back to the baseline")
-    _wait(
-        lambda: _fds() <= baseline[1],
-        f"descriptors back to the baseline: {sorted(set(_fd_names()) - set(baseline[2]))}",
-    )
+    _back_to(baseline)
 
 
 @pytest.mark.parametrize(
@@ -229,10 +238,8 @@ def test_refusals_end_the_tunnel_with_one_line_and_open_nothing(cloud, caplog, b
     elif fault == "version":
         svc.answer_subprotocol = "aws.iot.securetunneling-9.0"
     elif fault == "reused":  # another client (its own client token) used the destination token first
-        other = _tunnel(c, svc, t.destination_token, {"SSH": echo.port})
-        assert svc.wait_connected(t.tunnel_id, "destination", True, pace.scaled(10))
-        other.stop()
-    tun = _tunnel(c, svc, t.destination_token, {"SSH": echo.port}, reconnect_s=0)
+        _tunnel(c, svc, t.destination_token, {"SSH": echo.port}).stop()
+    tun = _tunnel(c, svc, t.destination_token, {"SSH": echo.port}, connected=False, reconnect_s=0)
     try:
         if fault in ("malformed", "oversized", "unknown-type"):
             assert svc.wait_connected(t.tunnel_id, "destination", True, pace.scaled(10))
@@ -251,8 +258,7 @@ def test_refusals_end_the_tunnel_with_one_line_and_open_nothing(cloud, caplog, b
     assert lines, caplog.text[-2000:]
     assert t.destination_token not in caplog.text  # the token is a credential: never logged
     echo.stop()
-    _wait(lambda: _threads() <= baseline[0], "threads back to the baseline")
-    _wait(lambda: _fds() <= baseline[1], "descriptors back to the baseline")
+    _back_to(baseline)
 
 
 def test_local_close_and_source_leaving_end_connections_and_the_tunnel_stays(cloud, baseline):
@@ -260,7 +266,6 @@ def test_local_close_and_source_leaving_end_connections_and_the_tunnel_stays(clo
     closing, echo = Echo(close_after=True), Echo()
     t = reg.open("gw", ["ONCE", "ECHO"], 600)
     tun = _tunnel(c, svc, t.destination_token, {"ONCE": closing.port, "ECHO": echo.port})
-    assert svc.wait_connected(t.tunnel_id, "destination", True, pace.scaled(10))
     client_token = "source-" + "a1" * 16
 
     def source() -> SourceProxy:
@@ -295,8 +300,7 @@ def test_local_close_and_source_leaving_end_connections_and_the_tunnel_stays(clo
         tun.stop()
         closing.stop()
         echo.stop()
-    _wait(lambda: _threads() <= baseline[0], "threads back to the baseline")
-    _wait(lambda: _fds() <= baseline[1], "descriptors back to the baseline")
+    _back_to(baseline)
 
 
 def test_a_10_s_network_drop_resumes_with_the_client_token(cloud, caplog, baseline):
@@ -305,7 +309,6 @@ def test_a_10_s_network_drop_resumes_with_the_client_token(cloud, caplog, baseli
     t = reg.open("gw", ["ECHO"], 600)
     caplog.set_level(logging.INFO, logger="agent")
     tun = _tunnel(c, svc, t.destination_token, {"ECHO": echo.port}, reconnect_s=60)
-    assert svc.wait_connected(t.tunnel_id, "destination", True, pace.scaled(10))
     port = svc.port
     # the network goes: the endpoint's connections drop and nothing answers for 10 s
     svc.blip(t.tunnel_id, "destination")
@@ -328,8 +331,7 @@ def test_a_10_s_network_drop_resumes_with_the_client_token(cloud, caplog, baseli
         tun.stop()
         svc2.stop()
         echo.stop()
-    _wait(lambda: _threads() <= baseline[0], "threads back to the baseline")
-    _wait(lambda: _fds() <= baseline[1], "descriptors back to the baseline")
+    _back_to(baseline)
 
 
 def test_the_cloud_closing_the_tunnel_ends_it(cloud, caplog, baseline):
@@ -338,7 +340,6 @@ def test_the_cloud_closing_the_tunnel_ends_it(cloud, caplog, baseline):
     t = reg.open("gw", ["ECHO"], 600)
     caplog.set_level(logging.INFO, logger="agent")
     tun = _tunnel(c, svc, t.destination_token, {"ECHO": echo.port}, reconnect_s=60)
-    assert svc.wait_connected(t.tunnel_id, "destination", True, pace.scaled(10))
     src = _source(c, svc, t.source_token, ("ECHO",))
     keep = socket.create_connection(src.addresses["ECHO"], timeout=pace.scaled(10))
     keep.sendall(b"z")
@@ -350,8 +351,7 @@ def test_the_cloud_closing_the_tunnel_ends_it(cloud, caplog, baseline):
     src.stop()
     echo.stop()
     assert "tunnel " + tun.id + " closed: " in caplog.text
-    _wait(lambda: _threads() <= baseline[0], "threads back to the baseline")
-    _wait(lambda: _fds() <= baseline[1], "descriptors back to the baseline")
+    _back_to(baseline)
 
 
 def test_a_slow_local_service_stops_the_sender_instead_of_filling_memory(cloud, baseline):
@@ -361,7 +361,6 @@ def test_a_slow_local_service_stops_the_sender_instead_of_filling_memory(cloud, 
     stuck = socket.create_server(("127.0.0.1", 0))
     t = reg.open("gw", ["SLOW"], 600)
     tun = _tunnel(c, svc, t.destination_token, {"SLOW": stuck.getsockname()[1]}, buffer_kib=64)
-    assert svc.wait_connected(t.tunnel_id, "destination", True, pace.scaled(10))
     src = _source(c, svc, t.source_token, ("SLOW",))
     sent = [0]
     sender = socket.create_connection(src.addresses["SLOW"], timeout=pace.scaled(10))
@@ -393,8 +392,7 @@ def test_a_slow_local_service_stops_the_sender_instead_of_filling_memory(cloud, 
         stuck.close()
         src.stop()
         tun.stop()
-    _wait(lambda: _threads() <= baseline[0], "threads back to the baseline")
-    _wait(lambda: _fds() <= baseline[1], "descriptors back to the baseline")
+    _back_to(baseline)
 
 
 def test_the_lifetime_ends_the_tunnel(cloud, caplog):
@@ -415,7 +413,6 @@ def test_a_v2_source_reaches_a_v3_device(cloud, baseline):
     echo = Echo()
     t = reg.open("gw", ["ECHO"], 600)
     tun = _tunnel(c, svc, t.destination_token, {"ECHO": echo.port})
-    assert svc.wait_connected(t.tunnel_id, "destination", True, pace.scaled(10))
     src = SourceProxy(
         "localhost",
         svc.port,
@@ -433,8 +430,7 @@ def test_a_v2_source_reaches_a_v3_device(cloud, baseline):
         src.stop()
         tun.stop()
         echo.stop()
-    _wait(lambda: _threads() <= baseline[0], "threads back to the baseline")
-    _wait(lambda: _fds() <= baseline[1], "descriptors back to the baseline")
+    _back_to(baseline)
 
 
 def test_refusals_in_a_loop_are_logged_up_to_a_bound(cloud, caplog):
@@ -445,7 +441,6 @@ def test_refusals_in_a_loop_are_logged_up_to_a_bound(cloud, caplog):
     t = reg.open("gw", ["SSH", "VNC"], 600)
     caplog.set_level(logging.INFO, logger="agent")
     tun = _tunnel(c, svc, t.destination_token, {"SSH": echo.port})
-    assert svc.wait_connected(t.tunnel_id, "destination", True, pace.scaled(10))
     src = _source(c, svc, t.source_token, ("SSH", "VNC"))
     try:
         for _ in range(30):
