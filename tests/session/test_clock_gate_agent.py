@@ -19,7 +19,11 @@ def test_no_connection_until_ntp_answers_well(bench, softhsm, agents):
         time.sleep(1.0)
         assert "connecting to" not in a.text()
         assert not bench.broker.connected_clients()  # not even a TLS attempt reached the broker
-        assert "New connection from" not in bench.broker.log_text()
+        # Not even a TLS attempt reached the broker. Another test's port probe (a TCP connect on a port
+        # number it expected to be its own, then close) may show up as a connection that sent no TLS
+        # byte at all; the agent's attempt would send a ClientHello.
+        log = bench.broker.log_text()
+        assert log.count("New connection from") <= log.count("unexpected eof while reading"), log[-2000:]
         ntp.set(skew_s=0.3)
         a.wait_for(r"clock trusted: .* agrees with the system clock", timeout=10)
         a.wait_for(r"connected to localhost:\d+ as gw-clock")
