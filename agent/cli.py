@@ -120,6 +120,14 @@ def _parser() -> argparse.ArgumentParser:
     _add(sub, "rotate", help="ask the running agent to rotate the device certificate now (new key on the token)")
     st = _add(sub, "status", help="the device's identity and provisioning state")
     st.add_argument("--json", action="store_true")
+    pub = _add(sub, "publish", help="publish stdin to TOPIC through the agent's local endpoint (spooled at QoS 1)")
+    pub.add_argument("topic")
+    pub.add_argument("--qos", type=int, choices=[0, 1], default=1)
+    pub.add_argument("--socket", type=Path, help="the endpoint's socket (default: from the config)")
+    subs = _add(sub, "subscribe", help="print messages on TOPIC from the agent's local endpoint")
+    subs.add_argument("topic", nargs="+")
+    subs.add_argument("--count", type=int, default=0, help="exit after this many messages (default: never)")
+    subs.add_argument("--socket", type=Path, help="the endpoint's socket (default: from the config)")
     return p
 
 
@@ -136,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             return _check_config(args.config)
         cfg = load(args.config)
         _setup_logging(args.log_level or cfg.log.level)
-        problems = check_files(cfg) if args.command != "status" else []
+        problems = check_files(cfg) if args.command not in ("status", "publish", "subscribe") else []
         if problems:
             raise ConfigError(problems)
         if args.command == "run":
@@ -165,6 +173,14 @@ def main(argv: list[str] | None = None) -> int:
             from agent.runtime.status import show
 
             return show(cfg, as_json=args.json)
+        if args.command == "publish":
+            from agent.local_messaging.cli import publish
+
+            return publish(cfg, args.topic, args.qos, args.socket)
+        if args.command == "subscribe":
+            from agent.local_messaging.cli import subscribe
+
+            return subscribe(cfg, args.topic, args.count, args.socket)
     except AgentError as e:
         for line in str(e).splitlines():
             print(f"iot-agent: {line}", file=sys.stderr)

@@ -33,6 +33,8 @@ from .registry import Registry
 
 SERVICE_CN = "localcloud-service"
 OBSERVER_CN = "observer"
+# An application in the cloud (what an IoT rule or a backend does): commands to devices, their telemetry.
+OPERATOR_CN = "operator"
 TEMPLATE_NAME = "iot-agent-fleet"
 ROTATION_TEMPLATE = "iot-agent-rotation"  # a device renews its own certificate (provisioning/rotation-template.json)
 QUARANTINE_GROUP = "quarantine"  # its things get provisioning/quarantine-policy.json instead of the device policy
@@ -115,8 +117,39 @@ class LocalCloud:
                 f"keyfile {issued.key_path}",
                 "require_certificate true",
                 "tls_version tlsv1.2",
+                *self._persistence_conf(),
             ],
         )
+
+    def _persistence_conf(self) -> list[str]:
+        if not self.settings().get("broker_persistence"):
+            return []
+        store = self.broker_dir / "persist"
+        store.mkdir(parents=True, exist_ok=True)
+        # The last "persistence" line wins over the base config's "persistence false".
+        return ["persistence true", f"persistence_location {store}/", "max_queued_messages 0", "max_queued_bytes 0"]
+
+    def restart_broker(self, down_for: float = 0.0, timeout: float = 20.0) -> None:
+        """Stop mosquitto (SIGTERM: it saves its persistence file) and start it again on the same ports."""
+        pids = json.loads((self.directory / "pids.json").read_text())
+        info = self.endpoint()
+        pid, since = pids["mosquitto"], pids.get("started", {}).get("mosquitto")
+        if _alive(pid, since):
+            os.kill(pid, signal.SIGTERM)
+            deadline = pace.deadline(timeout)
+            while _alive(pid, since) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if _alive(pid, since):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(down_for)
+        b = self.broker(info["port"], info["jitp_port"])
+        deadline = pace.deadline(timeout)
+        while not _port_free(info["port"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        b.start(timeout)
+        pids["mosquitto"] = b.child.pid
+        pids.setdefault("started", {})["mosquitto"] = _start_time(b.child.pid)
+        _atomic_write(self.directory / "pids.json", json.dumps(pids).encode())
 
     # -- settings -----------------------------------------------------------------------------
     # device_cert_days: validity of certificates from CreateCertificateFromCsr (fleet and rotation);
@@ -130,6 +163,10 @@ class LocalCloud:
         "rotation_refused": False,
         "rotation_new_inactive": False,
         "tamper_answers": {},
+        # The broker keeps sessions and queued messages across its restarts (mosquitto's persistence,
+        # saved when it stops): a test that restarts the broker while counting what arrived needs it,
+        # as AWS IoT Core never forgets a message it acknowledged.
+        "broker_persistence": False,
     }
 
     def settings(self) -> dict:
@@ -161,6 +198,9 @@ class LocalCloud:
             "topic readwrite $localcloud/#",
             f"user {OBSERVER_CN}",
             "topic read #",
+            f"user {OPERATOR_CN}",
+            "topic readwrite cmd/#",
+            "topic read dt/#",
         ]
         for c in self.registry.certificates():
             if c.status != "ACTIVE":

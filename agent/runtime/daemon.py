@@ -116,7 +116,18 @@ def _run(cfg: Config, stop: threading.Event, restart_in_place: bool = False) -> 
     finally:
         from agent.base.durable import remove
 
+        _close_features(cfg)
         remove(pid_file)
+
+
+def _close_features(cfg: Config) -> None:
+    """Release what features keep across sessions (sockets, open files) before the process stops or execs."""
+    for spec in enabled_features(cfg):
+        if spec.close is not None:
+            try:
+                spec.close()
+            except Exception:
+                log.exception("%s: close failed", spec.name)
 
 
 SESSION_RESTART = -1
@@ -148,6 +159,7 @@ def _restart_in_place(why: str, cfg: Config) -> None:
         log.warning("%s: the token is still in use; going on in this process", why)
         return
     os.environ[RESTARTS_ENV] = str(done + 1)
+    _close_features(cfg)  # the next process opens them again (a closed hub is rebuilt on demand)
     log.info("%s: restarting in place (same PID) to start clean", why)
     for h in logging.getLogger().handlers:
         h.flush()

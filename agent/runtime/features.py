@@ -16,11 +16,12 @@ from agent.defender.feature import FEATURE as DEFENDER
 from agent.identity.feature import FEATURE as ROTATION
 from agent.inventory.feature import FEATURE as INVENTORY
 from agent.jobs.feature import FEATURE as JOBS
+from agent.local_messaging.feature import FEATURE as LOCAL_MESSAGING
 from agent.session.feature import FeatureSpec
 from agent.tunneling.feature import FEATURE as TUNNELING
 from agent.update.feature import FEATURE as UPDATE
 
-FEATURES: tuple[FeatureSpec, ...] = (ROTATION, UPDATE, DEFENDER, INVENTORY, TUNNELING, JOBS)
+FEATURES: tuple[FeatureSpec, ...] = (ROTATION, UPDATE, DEFENDER, INVENTORY, TUNNELING, LOCAL_MESSAGING, JOBS)
 
 # Every section of the config file: the shared ones, then each capability's.
 SECTIONS: tuple[Section, ...] = base.SHARED + tuple(s for f in FEATURES for s in f.sections)

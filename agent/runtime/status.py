@@ -61,7 +61,21 @@ def collect(cfg: Config) -> dict:
         "updates": {name: _slots(cfg.resolve(t.directory)) for name, t in sorted(cfg.ota.targets.items())},
         "connection": _table(state, "connection"),
         "tunnels": [t for t in state.get("tunnels") or [] if isinstance(t, dict)],
+        "local_messaging": _spool(cfg),
     }
+
+
+def _spool(cfg: Config) -> dict | None:
+    """The spool's figures and counters, read from its file (read-only; None when local messaging is off)."""
+    if not cfg.local_messaging.enabled:
+        return None
+    from agent.local_messaging.feature import spool_path
+    from agent.local_messaging.spool import SpoolError, read_stats
+
+    try:
+        return read_stats(spool_path(cfg)) or {"messages": 0}
+    except SpoolError as e:
+        return {"error": str(e)}
 
 
 def _slots(directory: Path) -> dict:
@@ -131,6 +145,20 @@ def show(cfg: Config, as_json: bool = False) -> int:
         except (OverflowError, OSError, ValueError):
             since = "?"
         print(f"tunnel:       {t.get('id')} open since {since} for {shown}")
+    lm = s["local_messaging"]
+    if isinstance(lm, dict):
+        if lm.get("error"):
+            print(f"spool:        UNREADABLE: {lm['error']}")
+        else:
+            age = _number(lm.get("oldest_age_s"))
+            print(
+                f"spool:        {lm.get('messages', 0)} message(s), {lm.get('bytes', 0)} bytes"
+                + (f", oldest {age:.0f} s" if age is not None else "")
+                + "; "
+                + ", ".join(
+                    f"{k} {lm.get(k, 0)}" for k in ("delivered", "refused", "evicted", "expired", "rejected", "resent")
+                )
+            )
     for name, sl in s["updates"].items():
         print(
             f"{'update ' + name + ':':<14}current {sl['current'] or '-'}, previous {sl['previous'] or '-'}"

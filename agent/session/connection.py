@@ -25,6 +25,8 @@ from agent.base.config import Config
 from agent.base.errors import BrokerConnectionError, CredentialError
 
 if TYPE_CHECKING:  # awscrt loads late, in prepare(): the daemon starts without it
+    from concurrent.futures import Future
+
     import awscrt.io
     import awscrt.mqtt5
 
@@ -32,6 +34,7 @@ log = logging.getLogger("agent.connection")
 
 # PUBACK reason codes that mean the broker took the message: success, no matching subscribers.
 PUBACK_ACCEPTED = (0, 16)
+ACK_TIMEOUT_S = 60
 
 
 @dataclass(frozen=True, eq=False)
@@ -138,6 +141,9 @@ class Connection:
                 keep_alive_interval_sec=s.keepalive_s,
                 socket_options=_socket_options(s.connect_timeout_s),
                 connack_timeout_ms=int(s.connect_timeout_s * 1000),
+                # A QoS 1 publish sent but never acknowledged (the connection died after the broker read it)
+                # would otherwise stay pending forever (aws-iot-device-sdk-python-v2 discussion 621).
+                ack_timeout_sec=ACK_TIMEOUT_S,
                 retry_jitter_mode=awscrt.mqtt5.ExponentialBackoffJitterMode.FULL,
                 min_reconnect_delay_ms=int(s.reconnect_min_s * 1000),
                 max_reconnect_delay_ms=int(s.reconnect_max_s * 1000),
@@ -198,6 +204,49 @@ class Connection:
         if qos == 0:
             return 0
         return int(result.puback.reason_code)
+
+    def publish_async(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        content_type: str | None = None,
+        message_expiry_s: int | None = None,
+    ) -> Future:
+        """Hand a publish to the client and return its future at once (local messaging's forwarder keeps a
+        window of them). Raises BrokerConnectionError when the session has no client."""
+        import awscrt.mqtt5
+
+        client = self._client
+        if client is None:
+            raise BrokerConnectionError("not started")
+        return client.publish(
+            awscrt.mqtt5.PublishPacket(
+                topic=topic,
+                payload=payload,
+                qos=awscrt.mqtt5.QoS(qos),
+                content_type=content_type,
+                message_expiry_interval_sec=message_expiry_s,
+            )
+        )
+
+    def subscribe_async(self, topic: str, qos: int = 1) -> Future:
+        import awscrt.mqtt5
+
+        client = self._client
+        if client is None:
+            raise BrokerConnectionError("not started")
+        return client.subscribe(
+            awscrt.mqtt5.SubscribePacket(subscriptions=[awscrt.mqtt5.Subscription(topic, awscrt.mqtt5.QoS(qos))])
+        )
+
+    def unsubscribe_async(self, topic: str) -> Future:
+        import awscrt.mqtt5
+
+        client = self._client
+        if client is None:
+            raise BrokerConnectionError("not started")
+        return client.unsubscribe(awscrt.mqtt5.UnsubscribePacket(topic_filters=[topic]))
 
     def subscribe(self, topic: str, qos: int = 1, timeout: float = 10.0) -> int:
         """Subscribe and return the SUBACK reason code (0-2 = granted QoS; >= 128 = refused)."""

@@ -30,15 +30,22 @@ class MessageRouter:
 
     def __init__(self) -> None:
         self.routes: list[tuple[str, Callable[[str, bytes], None]]] = []
+        self.watchers: list[Callable[[str, bytes], None]] = []
 
     def add(self, prefix: str, handler: Callable[[str, bytes], None]) -> None:
         self.routes.append((prefix, handler))
+
+    def watch(self, handler: Callable[[str, bytes], None]) -> None:
+        """`handler` sees every message, after its route (local apps subscribe by filter, not by prefix)."""
+        self.watchers.append(handler)
 
     def __call__(self, topic: str, payload: bytes) -> None:
         for prefix, handler in self.routes:
             if topic.startswith(prefix):
                 handler(topic, payload)
-                return
+                break
+        for w in self.watchers:
+            w(topic, payload)
 
 
 @dataclass(eq=False)
@@ -86,3 +93,6 @@ class FeatureSpec:
     sections: tuple[Section, ...]
     enabled: Callable[[Config], bool]
     build: Callable[[Config, StateStore], Feature]
+    # What a feature keeps across sessions (local messaging's endpoint and spool) is released here, once,
+    # when the daemon stops.
+    close: Callable[[], None] | None = None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 AGENT = Path(__file__).resolve().parents[2] / "agent"
 
-FEATURES = {"identity", "update", "defender", "inventory", "jobs", "tunneling"}
+FEATURES = {"identity", "update", "defender", "inventory", "jobs", "tunneling", "local_messaging"}
 ALLOWED: dict[str, set[str]] = {
     "base": set(),
     "session": {"base"},
@@ -21,6 +21,7 @@ ALLOWED: dict[str, set[str]] = {
     "update": {"base", "session", "jobs"},  # ota-update is a job operation
     "defender": {"base", "session"},
     "tunneling": {"base", "session"},
+    "local_messaging": {"base", "session"},
     "inventory": {"base", "session", "update"},  # it reports what the update slots hold
     "runtime": {"base", "session"} | FEATURES,
     "cli": {"base", "session", "runtime"} | FEATURES,

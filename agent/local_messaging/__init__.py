@@ -1,0 +1,1 @@
+"""Local messaging: gateway apps publish and subscribe through the agent, with a durable spool."""

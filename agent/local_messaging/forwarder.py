@@ -1,0 +1,227 @@
+"""Spool -> cloud: the oldest messages first, a bounded window in flight, each removed only after its PUBACK.
+
+The spool is the record: a message leaves it only when the broker has acknowledged it (or refused it
+for good: then it is counted and logged, never retried forever, so one bad message cannot block every
+app's queue). Before a message is handed to the MQTT client it is marked `sent` (write ahead): after a
+crash or a failed attempt, sending it again is a possible duplicate, and is counted as one.
+
+Order: messages go out in the spool's order (arrival order across apps, so each app's own order), and
+the MQTT client keeps that order on the wire. After a failure the window is drained and the cursor goes
+back to the oldest message still in the spool. The window bounds what awscrt holds: it keeps QoS 1
+publishes across reconnects by itself, and only the window's worth of them can exist at any time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from agent.base.logfmt import escape
+from agent.local_messaging.spool import Spool, SpoolError
+
+log = logging.getLogger("agent")
+
+EXPIRE_EVERY_S = 60.0
+# Errors after which a message can never be accepted: sending it again would fail the same way.
+_PERMANENT = ("VALIDATION", "PACKET_TOO_LARGE", "TOPIC", "INVALID_UTF8", "PAYLOAD_FORMAT")
+
+
+@dataclass
+class _Sent:
+    id: int
+    future: Future
+
+
+class Forwarder:
+    """One thread. attach() gives it a connection (each session's); it publishes whenever that connection
+    is up, and calls `on_state` when it goes up or down."""
+
+    def __init__(self, spool: Spool, window: int, on_state: Callable[[bool], None]) -> None:
+        self.spool = spool
+        self.window = window
+        self.on_state = on_state
+        self._conn: Any = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._inflight: list[_Sent] = []
+        self._after = 0  # highest id handed to the client in this round
+        self._online = False
+        self._draining = False  # a publish failed: wait for the window to empty, then rewind
+        self._abandon = False  # a new connection: what the old one held is not waited for
+        self._last_log = 0.0
+        self.forwarded = 0
+
+    def start(self) -> Forwarder:
+        self._thread = threading.Thread(target=self._run, name="local-forwarder", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def attach(self, conn: Any) -> None:
+        with self._lock:
+            self._conn = conn
+            self._abandon = True
+        self._wake.set()
+
+    def detach(self) -> None:
+        """The session is ending: its client is about to be stopped, which fails what it still holds."""
+        with self._lock:
+            self._conn = None
+        self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # -- the thread -------------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        next_expire = 0.0
+        while not self._stop.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            try:
+                now = time.monotonic()
+                if now >= next_expire:
+                    next_expire = now + EXPIRE_EVERY_S
+                    n = self.spool.expire()
+                    if n:
+                        log.warning("local messaging: %d spooled message(s) older than spool_max_age_s dropped", n)
+                with self._lock:
+                    conn = self._conn
+                    abandon, self._abandon = self._abandon, False
+                if abandon and self._inflight:  # the old session's client failed or dropped them: resend
+                    self._inflight.clear()
+                    self._draining, self._after = False, 0
+                self._settle()
+                online = conn is not None and conn.connected.is_set()
+                if online != self._online:
+                    self._online = online
+                    self.on_state(online)
+                if online and not self._draining:
+                    self._send(conn)
+            except SpoolError as e:
+                self._log_spool(e)
+                self._stop.wait(1.0)
+            except Exception:  # never let the thread die: the spool keeps everything for the next try
+                log.exception("local messaging: forwarder error; retrying")
+                self._stop.wait(1.0)
+
+    def _send(self, conn: Any) -> None:
+        room = self.window - len(self._inflight)
+        if room <= 0:
+            return
+        entries = self.spool.peek(self._after, room)
+        if not entries:
+            return
+        now = time.time()
+        expired = [e.id for e in entries if e.expiry is not None and e.created + e.expiry <= now]
+        if expired:
+            self.spool.remove(expired, delivered=False, expired=True)
+        entries = [e for e in entries if e.id not in set(expired)]
+        fresh = [e.id for e in entries if not e.sent]
+        resent = len(entries) - len(fresh)
+        if fresh:
+            self.spool.mark_sent(fresh)
+        if resent:
+            self.spool.count_resent(resent)
+        for e in entries:
+            expiry = None if e.expiry is None else max(1, int(e.created + e.expiry - now))
+            try:
+                fut = conn.publish_async(e.topic, e.payload, 1, e.content_type, expiry)
+            except Exception as ex:  # the client is gone (session ending): try again with the next one
+                log.debug("local messaging: publish not handed over (%s)", ex.__class__.__name__)
+                break
+            fut.add_done_callback(lambda _f: self._wake.set())
+            self._inflight.append(_Sent(e.id, fut))
+            self._after = e.id
+        if expired:
+            self._after = max(self._after, max(expired))
+            self._wake.set()
+
+    def _settle(self) -> None:
+        """Take the finished head of the window: acknowledged ones leave the spool. After a failure the
+        window drains (what the broker still acknowledges is kept) and the cursor rewinds once it is empty."""
+        acked: list[int] = []
+        rejected: list[int] = []
+        while self._inflight and self._inflight[0].future.done():
+            s = self._inflight.pop(0)
+            outcome = _outcome(s.future)
+            if outcome == "ok":
+                acked.append(s.id)
+            elif outcome.startswith("rejected"):
+                rejected.append(s.id)
+                self._log_rejected(s.id, outcome)
+            else:
+                if not self._draining:
+                    self._log_retry(outcome)
+                self._draining = True
+        rewind = False
+        if self._draining:
+            keep = []
+            for s in self._inflight:
+                if not s.future.done():
+                    keep.append(s)
+                elif _outcome(s.future) == "ok":
+                    acked.append(s.id)
+            self._inflight = keep
+            if not keep:
+                self._draining, rewind = False, True
+        if acked:
+            self.spool.remove(acked, delivered=True)
+            self.forwarded += len(acked)
+        if rejected:
+            self.spool.remove(rejected, delivered=False)
+        if rewind:
+            self._after = 0  # peek from the oldest message still spooled
+            self._stop.wait(0.5)  # do not spin on a connection that fails every publish
+        if acked or rejected or rewind:
+            self._wake.set()
+
+    def _log_rejected(self, msg_id: int, outcome: str) -> None:
+        now = time.monotonic()
+        if now - self._last_log >= 60:
+            self._last_log = now
+            log.warning(
+                "local messaging: the broker refused spooled message %d for good (%s); dropped", msg_id, outcome
+            )
+
+    def _log_retry(self, outcome: str) -> None:
+        now = time.monotonic()
+        if now - self._last_log >= 60:
+            self._last_log = now
+            log.info("local messaging: a publish failed (%s); resending from the oldest unacknowledged", outcome)
+
+    def _log_spool(self, e: SpoolError) -> None:
+        now = time.monotonic()
+        if now - self._last_log >= 60:
+            self._last_log = now
+            log.error("local messaging: spool error: %s; retrying", escape(str(e), 300))
+
+
+def _outcome(fut: Future) -> str:
+    """'ok', 'rejected (...)' for a final answer, or the transient error's name."""
+    try:
+        result = fut.result(timeout=0)
+    except Exception as e:
+        name = e.args[0] if e.args and isinstance(e.args[0], str) else e.__class__.__name__
+        name = getattr(e, "name", name)
+        if any(p in str(name) for p in _PERMANENT):
+            return f"rejected ({name})"
+        return str(name)
+    puback = getattr(result, "puback", None)
+    code = int(getattr(puback, "reason_code", 0) or 0)
+    if code >= 0x80:
+        return f"rejected (PUBACK reason {code:#x})"
+    return "ok"
