@@ -122,12 +122,14 @@ class LocalCloud:
         )
 
     def _persistence_conf(self) -> list[str]:
+        # No cap on what waits for a slow subscriber (mosquitto drops past 1,000 by default; AWS IoT Core does not).
+        unbounded = ["max_queued_messages 0", "max_queued_bytes 0"]
         if not self.settings().get("broker_persistence"):
-            return []
+            return unbounded
         store = self.broker_dir / "persist"
         store.mkdir(parents=True, exist_ok=True)
         # The last "persistence" line wins over the base config's "persistence false".
-        return ["persistence true", f"persistence_location {store}/", "max_queued_messages 0", "max_queued_bytes 0"]
+        return ["persistence true", f"persistence_location {store}/", *unbounded]
 
     def restart_broker(self, down_for: float = 0.0, timeout: float = 20.0) -> None:
         """Stop mosquitto (SIGTERM: it saves its persistence file) and start it again on the same ports."""

@@ -25,6 +25,7 @@ class Recorder:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _client: object = None
     _subscribed: bool = False
+    events: list[str] = field(default_factory=list)  # disconnections and failures, for a failing test's message
     _connected: threading.Event = field(default_factory=threading.Event)
     _stopped: threading.Event = field(default_factory=threading.Event)
 
@@ -46,7 +47,8 @@ class Recorder:
             enable_metrics_collection=False,
             on_publish_received=self._on_publish,
             on_lifecycle_connection_success=self._on_connected,
-            on_lifecycle_disconnection=lambda d: self._connected.clear(),
+            on_lifecycle_disconnection=self._on_disconnected,
+            on_lifecycle_connection_failure=lambda d: self.events.append(f"failed: {d.exception}"),
             on_lifecycle_stopped=lambda d: self._stopped.set(),
             min_reconnect_delay_ms=50,
             max_reconnect_delay_ms=500,
@@ -62,6 +64,10 @@ class Recorder:
         self._subscribed = True
         return self
 
+    def _on_disconnected(self, d) -> None:
+        self.events.append(f"disconnected: {d.exception}")
+        self._connected.clear()
+
     def _on_connected(self, d) -> None:
         """A broker that lost the session (restarted without persistence) forgot the subscriptions."""
         present = bool(getattr(getattr(d, "connack_packet", None), "session_present", False))
@@ -70,6 +76,7 @@ class Recorder:
 
             subs = [m5.Subscription(t, m5.QoS.AT_LEAST_ONCE) for t in self.topics]
             self._client.subscribe(m5.SubscribePacket(subs))  # type: ignore[attr-defined]
+        self.events.append(f"connected (session present: {present})")
         self._connected.set()
 
     def _on_publish(self, d) -> None:

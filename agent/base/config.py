@@ -62,6 +62,10 @@ class BrokerConfig:
     refused_after: int = 3
     refused_retry_min_s: float = 300.0
     refused_retry_max_s: float = 3600.0
+    # Pace publishes to AWS IoT Core's per-connection limits (100 publishes/s, 512 KiB/s), as awsiotsdk does by
+    # default: past them AWS IoT Core throttles or drops the connection. false: for a broker without those
+    # limits (the local cloud's, in tests and benchmarks of the agent's own speed).
+    aws_iot_core_limits: bool = True
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,10 @@ from agent.local_messaging.spool import Spool, SpoolError
 log = logging.getLogger("agent")
 
 EXPIRE_EVERY_S = 60.0
+# A window being drained after a failure is abandoned (and resent) after this long: the MQTT client fails an
+# unacknowledged publish after its ack timeout (agent.session.connection.ACK_TIMEOUT_S), so only a client
+# that lost track of one would hold it longer.
+DRAIN_LIMIT_S = 120.0
 # Errors after which a message can never be accepted: sending it again would fail the same way.
 _PERMANENT = ("VALIDATION", "PACKET_TOO_LARGE", "TOPIC", "INVALID_UTF8", "PAYLOAD_FORMAT")
 
@@ -54,6 +58,7 @@ class Forwarder:
         self._after = 0  # highest id handed to the client in this round
         self._online = False
         self._draining = False  # a publish failed: wait for the window to empty, then rewind
+        self._drain_since = 0.0
         self._abandon = False  # a new connection: what the old one held is not waited for
         self._last_log = 0.0
         self.forwarded = 0
@@ -109,6 +114,9 @@ class Forwarder:
                 if online != self._online:
                     self._online = online
                     self.on_state(online)
+                    if online:
+                        spooled = int(self.spool.stats().get("messages") or 0)
+                        log.info("local messaging: cloud reachable; %d spooled message(s) to send", spooled)
                 if online and not self._draining:
                     self._send(conn)
             except SpoolError as e:
@@ -166,6 +174,7 @@ class Forwarder:
             else:
                 if not self._draining:
                     self._log_retry(outcome)
+                    self._drain_since = time.monotonic()
                 self._draining = True
         rewind = False
         if self._draining:
@@ -176,6 +185,9 @@ class Forwarder:
                 elif _outcome(s.future) == "ok":
                     acked.append(s.id)
             self._inflight = keep
+            if keep and time.monotonic() - self._drain_since > DRAIN_LIMIT_S:
+                log.warning("local messaging: %d publish(es) never completed; sending them again", len(keep))
+                keep = self._inflight = []
             if not keep:
                 self._draining, rewind = False, True
         if acked:

@@ -74,6 +74,7 @@ class Client:
     out: bytearray = field(default_factory=bytearray)
     subs: dict[str, int] = field(default_factory=dict)
     closing: bool = False  # send what is queued, then close
+    problem_info: bool = True  # the client's Request Problem Information: reason strings on acks or not
     dropped: int = 0
 
     def fileno(self) -> int:
@@ -304,22 +305,22 @@ class Endpoint:
             self._drop(c)
             return
         c.last_heard = time.monotonic()
+        error: mqtt5.ProtocolError | None = None
         try:
             packets = c.decoder.feed(data)
         except mqtt5.ProtocolError as e:
+            error, packets = e, list(e.packets)  # what came before the bad packet is still served
             self.counters.protocol_errors += 1
+            who = c.app.name if c.app else str(c.peer.uid)
             if getattr(e, "mqtt311", False):
                 c.out += mqtt5.connack_v311(1)
-                self._refuse_connection(c, "MQTT 3.1.1 client: this endpoint speaks MQTT 5 only", log_it=True)
+                self._refuse_connection(c, "an MQTT 3.1.1 client: this endpoint speaks MQTT 5 only")
                 return
-            who = c.app.name if c.app else str(c.peer.uid)
             self.refusals.warning(who, "protocol", "closed a connection from %s: %s", c.peer.describe(), e.message)
-            if c.app is None:
+            if e.in_connect:  # the connection's answer is a CONNACK
                 c.out += mqtt5.connack(e.reason_code, reason_string=e.message)
-            else:
-                c.out += mqtt5.disconnect(e.reason_code, e.message, max_packet_size=c.max_packet)
-            c.closing = True
-            return
+                c.closing = True
+                return
         for p in packets:
             if c.closing:
                 return
@@ -337,6 +338,9 @@ class Endpoint:
                 self._drop(c)
                 return
             # PubAck: the client acknowledging a message we sent; we send QoS 0 only, nothing to do
+        if error is not None and not c.closing:
+            c.out += mqtt5.disconnect(error.reason_code, error.message, max_packet_size=c.max_packet)
+            c.closing = True
 
     def _refuse_connection(self, c: Client, reason: str, log_it: bool = True) -> None:
         self.counters.refused_connections += 1
@@ -346,6 +350,7 @@ class Endpoint:
 
     def _on_connect(self, c: Client, p: mqtt5.Connect) -> None:
         c.max_packet = p.maximum_packet_size
+        c.problem_info = p.request_problem_information
         app, reason = identify(self.apps, c.peer)
         if app is None:
             c.out += mqtt5.connack(mqtt5.NOT_AUTHORIZED, reason_string=reason, max_packet_size=c.max_packet)
@@ -391,7 +396,7 @@ class Endpoint:
         if problem:
             return mqtt5.TOPIC_NAME_INVALID, f"{p.topic}: AWS IoT would refuse it ({problem})"
         if len(p.payload) > self.cfg.max_message_kib * 1024:
-            return mqtt5.PACKET_TOO_LARGE, f"payload of {len(p.payload)} bytes (local_messaging.max_message_kib)"
+            return mqtt5.QUOTA_EXCEEDED, f"payload of {len(p.payload)} bytes (local_messaging.max_message_kib)"
         return None
 
     def _on_publish(self, c: Client, p: mqtt5.Publish, batch: list[tuple[Client, mqtt5.Publish]]) -> None:
@@ -405,7 +410,7 @@ class Endpoint:
             self.refusals.warning(app.name, "publish", "app %s: publish refused: %s", app.name, escape(reason, 300))
             if p.qos == 1:
                 assert p.packet_id is not None
-                c.out += mqtt5.puback(p.packet_id, code, reason, max_packet_size=c.max_packet)
+                c.out += mqtt5.puback(p.packet_id, code, self._why(c, reason), max_packet_size=c.max_packet)
             else:  # QoS 0 has no answer but this: the connection ends with the reason
                 c.out += mqtt5.disconnect(code, reason, max_packet_size=c.max_packet)
                 c.closing = True
@@ -433,6 +438,9 @@ class Endpoint:
         for i, (c, p) in enumerate(batch):
             assert p.packet_id is not None and c.app is not None
             r = results[i] if results is not None else None
+            if c.closing:  # it broke the protocol after this publish: no answer after our DISCONNECT
+                stored += isinstance(r, int)
+                continue
             if isinstance(r, int):
                 c.out += mqtt5.puback(p.packet_id)
                 stored += 1
@@ -443,7 +451,7 @@ class Endpoint:
                 self.refusals.warning(c.app.name, "full", "app %s: publish refused: %s", c.app.name, why)
             else:
                 why = reason
-            c.out += mqtt5.puback(p.packet_id, mqtt5.QUOTA_EXCEEDED, why, max_packet_size=c.max_packet)
+            c.out += mqtt5.puback(p.packet_id, mqtt5.QUOTA_EXCEEDED, self._why(c, why), max_packet_size=c.max_packet)
         if stored:
             self.cloud.spooled()
 
@@ -456,7 +464,13 @@ class Endpoint:
         for s in p.subscriptions:
             f = s.topic_filter
             problem = filter_problem(f)
-            if problem:
+            if p.subscription_identifier is not None:
+                codes.append(mqtt5.SUB_IDS_NOT_SUPPORTED)
+                reasons.append(f"{f}: subscription identifiers are not supported")
+            elif f.startswith("$share/"):
+                codes.append(mqtt5.SHARED_SUB_NOT_SUPPORTED)
+                reasons.append(f"{f}: shared subscriptions are not supported")
+            elif problem:
                 codes.append(mqtt5.TOPIC_FILTER_INVALID)
                 reasons.append(f"{f}: {problem}")
             elif f != STATE_TOPIC and not app.may_subscribe(f):
@@ -479,7 +493,9 @@ class Endpoint:
             self.refusals.warning(
                 app.name, "subscribe", "app %s: subscription refused: %s", app.name, escape("; ".join(refused), 300)
             )
-        c.out += mqtt5.suback(p.packet_id, codes, "; ".join(refused) or None, max_packet_size=c.max_packet)
+        c.out += mqtt5.suback(
+            p.packet_id, codes, self._why(c, "; ".join(refused) or None), max_packet_size=c.max_packet
+        )
 
     def _on_unsubscribe(self, c: Client, p: mqtt5.Unsubscribe) -> None:
         codes = []
@@ -491,6 +507,11 @@ class Endpoint:
             if f != STATE_TOPIC:
                 self.cloud.unwant(f)
         c.out += mqtt5.unsuback(p.packet_id, codes)
+
+    @staticmethod
+    def _why(c: Client, reason: str | None) -> str | None:
+        """A reason string for an ack, unless the client asked for none (Request Problem Information = 0)."""
+        return reason if c.problem_info else None
 
     # -- to clients -------------------------------------------------------------------------------------------------
     def _drain_inbox(self, dirty: set[Client]) -> None:

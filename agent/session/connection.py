@@ -53,6 +53,7 @@ class ConnectionSettings:
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 120.0
     reconnect_reset_after_s: float = 30.0
+    aws_iot_core_limits: bool = True
 
     @classmethod
     def from_config(
@@ -76,6 +77,7 @@ class ConnectionSettings:
             reconnect_min_s=b.reconnect_min_s,
             reconnect_max_s=b.reconnect_max_s,
             reconnect_reset_after_s=b.reconnect_reset_after_s,
+            aws_iot_core_limits=b.aws_iot_core_limits,
         )
 
 
@@ -144,6 +146,13 @@ class Connection:
                 # A QoS 1 publish sent but never acknowledged (the connection died after the broker read it)
                 # would otherwise stay pending forever (aws-iot-device-sdk-python-v2 discussion 621).
                 ack_timeout_sec=ACK_TIMEOUT_S,
+                # AWS IoT Core's per-connection limits (100 publishes/s, 512 KiB/s): the client paces itself
+                # instead of being throttled. Off only for a broker without them (broker.aws_iot_core_limits).
+                extended_validation_and_flow_control_options=(
+                    awscrt.mqtt5.ExtendedValidationAndFlowControlOptions.AWS_IOT_CORE_DEFAULTS
+                    if s.aws_iot_core_limits
+                    else awscrt.mqtt5.ExtendedValidationAndFlowControlOptions.NONE
+                ),
                 retry_jitter_mode=awscrt.mqtt5.ExponentialBackoffJitterMode.FULL,
                 min_reconnect_delay_ms=int(s.reconnect_min_s * 1000),
                 max_reconnect_delay_ms=int(s.reconnect_max_s * 1000),

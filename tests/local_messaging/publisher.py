@@ -7,7 +7,7 @@ refusal) it makes a NEW client (so no library-side resend muddles the count) and
 from the first message not acknowledged. Every wait and retry is bounded. Prints one JSON line at
 the end: how many it sent, resent, and how long it took.
 
-    python publisher.py SOCKET TOPIC NAME COUNT [--window 20] [--give-up-s 300]
+    python publisher.py SOCKET TOPIC NAME COUNT [--window 20] [--rate N] [--give-up-s 300]
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def main() -> int:
     ap.add_argument("count", type=int)
     ap.add_argument("--window", type=int, default=20)
     ap.add_argument("--give-up-s", type=float, default=300.0)
+    ap.add_argument("--rate", type=float, default=0.0, help="messages per second at most (0: as fast as acknowledged)")
     args = ap.parse_args()
     start = time.monotonic()
     deadline = start + args.give_up_s
@@ -87,6 +88,10 @@ def main() -> int:
                 time.sleep(0.2)
                 continue
             while seq < args.count and not a.failed.is_set():
+                if args.rate > 0:  # a sensor's steady pace, not a flood: the faults land while it publishes
+                    ahead = start + seq / args.rate - time.monotonic()
+                    if ahead > 0:
+                        time.sleep(ahead)
                 batch = range(seq, min(seq + args.window, args.count))
                 mids = []
                 for i in batch:

@@ -1,0 +1,294 @@
+"""Local messaging: an app's QoS 1 messages through the agent to the broker, against a direct awscrt publish
+loop in the same run; the spool's cost per message; the agent's memory with 100,000 messages spooled offline.
+
+Targets (issue 22): through the agent >= 0.5x the direct loop's messages per second; RSS with 100,000
+messages spooled while offline within 2 MB of the idle agent.
+
+Neither path is paced to AWS IoT Core's 100 publishes/s per connection (the local broker has no such
+limit; the agent's broker.aws_iot_core_limits is off here): the figures are the agent's own cost.
+Both paths publish the same messages (QoS 1, 256-byte payloads) as the same device (its key on SoftHSM)
+to the local cloud's broker, and both are timed from the first publish until a subscriber on the
+broker has received the last message:
+  direct:  one process with awscrt's MQTT 5 client (what an app holding the device's key would run), a
+           window of --window publishes in flight; also one at a time (--window 1), for scale;
+  agent:   `iot-agent run` (the real daemon), and one app process with paho-mqtt on the agent's Unix
+           socket, the same window; each message is on disk (SQLite, synchronous=FULL) before the app's
+           PUBACK and leaves the spool only after the broker's.
+Exit status 1 if a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from localcloud.bench import agent_cmd, enrolled_device  # noqa: E402
+from localcloud.cloud import LocalCloud  # noqa: E402
+from localcloud.ntp import Chrony  # noqa: E402
+from localcloud.recorder import Recorder  # noqa: E402
+from localcloud.tokens import softhsm_token  # noqa: E402
+
+THING = "gw-bench-local"
+TOPIC = f"dt/{THING}/bench"
+TARGET_RATIO = 0.5
+TARGET_RSS_KIB = 2048
+
+DIRECT = r"""
+import sys, time, threading
+from pathlib import Path
+import awscrt.io, awscrt.mqtt5 as m5
+from awsiot import mqtt5_client_builder
+endpoint, port, ca, cert, lib_path, token, key, pin_file, client_id, topic, n, window = sys.argv[1:13]
+n, window = int(n), int(window)
+lib = awscrt.io.Pkcs11Lib(file=lib_path, behavior=awscrt.io.Pkcs11Lib.InitializeFinalizeBehavior.STRICT)
+up, stopped = threading.Event(), threading.Event()
+c = mqtt5_client_builder.mtls_with_pkcs11(
+    pkcs11_lib=lib, user_pin=Path(pin_file).read_text().strip(), token_label=token, private_key_label=key,
+    cert_filepath=cert, endpoint=endpoint, port=int(port), ca_filepath=ca, client_id=client_id,
+    extended_validation_and_flow_control_options=m5.ExtendedValidationAndFlowControlOptions.NONE,
+    on_lifecycle_connection_success=lambda d: up.set(), on_lifecycle_stopped=lambda d: stopped.set())
+c.start()
+assert up.wait(30)
+payload = bytes(256)
+sem = threading.Semaphore(window)
+bad = []
+def done(f):
+    try:
+        if int(f.result().puback.reason_code) >= 128: bad.append(1)
+    except Exception:
+        bad.append(1)
+    sem.release()
+print("ready", flush=True)
+sys.stdin.readline()
+for i in range(n):
+    sem.acquire()
+    c.publish(m5.PublishPacket(topic=topic, payload=payload, qos=m5.QoS.AT_LEAST_ONCE)).add_done_callback(done)
+for _ in range(window):
+    sem.acquire()
+print("done", len(bad), flush=True)
+c.stop(); stopped.wait(10)
+"""
+
+APP = r"""
+import sys, threading
+import paho.mqtt.client as mqtt
+path, topic, n, window = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+sem = threading.Semaphore(window)
+bad = []
+up = threading.Event()
+def on_publish(c, u, mid, reason, props):
+    if reason.value: bad.append(reason.value)
+    sem.release()
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, transport="unix")
+c.on_publish = on_publish
+c.on_connect = lambda *a: up.set()
+c.max_inflight_messages_set(window)
+c.max_queued_messages_set(0)
+c.connect(path)
+c.loop_start()
+assert up.wait(30)
+print("ready", flush=True)
+sys.stdin.readline()
+payload = bytes(256)
+for i in range(n):
+    sem.acquire()
+    c.publish(topic, payload, qos=1)
+for _ in range(window):
+    sem.acquire()
+print("done", len(bad), flush=True)
+c.disconnect(); c.loop_stop()
+"""
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def timed(proc: subprocess.Popen, rec: Recorder, n: int, timeout: float = 600) -> float:
+    """Seconds from telling `proc` to go until the recorder has n more messages on TOPIC."""
+    assert proc.stdout is not None and proc.stdin is not None
+    line = proc.stdout.readline()
+    if not line.startswith("ready"):
+        raise RuntimeError(f"publisher did not start: {line!r}")
+    before = rec.count()
+    start = time.perf_counter()
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    deadline = time.monotonic() + timeout
+    while rec.count() < before + n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {rec.count() - before} of {n} messages arrived")
+        time.sleep(0.002)
+    took = time.perf_counter() - start
+    out = proc.stdout.readline().split()
+    proc.wait(30)
+    if out[:1] != ["done"] or out[1] != "0":
+        raise RuntimeError(f"publisher reported failures: {out}")
+    return took
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--messages", type=int, default=20_000)
+    ap.add_argument("--window", type=int, default=20, help="QoS 1 publishes in flight (paho's default: 20)")
+    ap.add_argument("--spooled", type=int, default=100_000, help="messages spooled offline for the RSS figure")
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="lm-bench-"))
+    cloud = LocalCloud(work / "cloud")
+    ntp = Chrony(work / "chrony").start()
+    cloud.up()
+    token = softhsm_token(work / "softhsm")
+    run = work / "run"
+    run.mkdir()
+    sock = run / "local.sock"
+    dev = enrolled_device(
+        cloud,
+        token,
+        THING,
+        work / "dev",
+        [ntp.server],
+        extra={
+            # The local broker has no per-connection publish limit; AWS IoT Core's (100/s) would make the
+            # agent pace itself to it (broker.aws_iot_core_limits, on by default).
+            "broker": {"aws_iot_core_limits": False},
+            "local_messaging": {
+                "enabled": True,
+                "socket": str(sock),
+                "spool_max_mib": 256,
+                "apps": {"bench": {"user": str(os.getuid()), "publish": ["dt/${thing}/#"]}},
+            },
+        },
+    )
+    rec = Recorder(cloud, [f"dt/{THING}/#"], client_id="bench-recorder").start()
+    env = {**os.environ, **token.full_env()}
+    info = cloud.endpoint()
+    failed = False
+    agent = None
+    try:
+        direct_cmd = [
+            sys.executable,
+            "-c",
+            DIRECT,
+            "localhost",
+            str(info["port"]),
+            info["ca_file"],
+            str(dev.cert_path),
+            token.library,
+            token.label,
+            "device",
+            str(token.pin_file()),
+            THING,
+            TOPIC,
+            str(args.messages),
+        ]
+
+        def direct(window: int) -> float:
+            p = subprocess.Popen(
+                [*direct_cmd, str(window)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+            )
+            return timed(p, rec, args.messages)
+
+        direct_s = [direct(args.window) for _ in range(args.runs)]
+        direct_one_s = direct(1)
+        agent = subprocess.Popen(
+            agent_cmd(dev.config_path, "run"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 60
+        while not sock.exists() or not rec.count() >= 0:
+            if time.monotonic() > deadline or agent.poll() is not None:
+                raise RuntimeError("the agent did not open its socket")
+            time.sleep(0.1)
+        time.sleep(3)  # connected and idle
+
+        def through(n: int) -> float:
+            p = subprocess.Popen(
+                [sys.executable, "-c", APP, str(sock), TOPIC, str(n), str(args.window)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            return timed(p, rec, n)
+
+        through(1000)  # warm-up
+        agent_s = [through(args.messages) for _ in range(args.runs)]
+        direct_rate = args.messages / min(direct_s)
+        agent_rate = args.messages / min(agent_s)
+        ratio = agent_rate / direct_rate
+        print(f"messages: {args.messages} QoS 1, 256 bytes, window {args.window}, best of {args.runs}")
+        one = args.messages / direct_one_s
+        print(f"direct awscrt publish loop:     {direct_rate:8.0f} msg/s (one at a time: {one:.0f})")
+        print(f"app -> agent (spool) -> broker: {agent_rate:8.0f} msg/s")
+        print(f"ratio: {ratio:.2f} (target >= {TARGET_RATIO})")
+        failed |= ratio < TARGET_RATIO
+
+        # The spool alone: store, mark sent, remove, in batches of 64 (what a busy loop turn does).
+        from agent.local_messaging.spool import Spool
+
+        sp = Spool(work / "cost.sqlite")
+        n = 20_000
+        start = time.perf_counter()
+        for _ in range(0, n, 64):
+            ids = [r for r in sp.add_many([("bench", TOPIC, bytes(256), None, None)] * 64) if isinstance(r, int)]
+            sp.mark_sent(ids)
+            sp.remove(ids)
+        per = (time.perf_counter() - start) / n * 1e6
+        sp.close()
+        print(f"spool cost: {per:.1f} us per message (store + mark sent + remove, batches of 64, fsync each)")
+
+        # Offline: the broker and the cloud's service stop; the app spools --spooled messages.
+        time.sleep(2)
+        idle = rss_kib(agent.pid)
+        rec.stop()
+        cloud.down()
+        time.sleep(2)
+        idle = min(idle, rss_kib(agent.pid))
+        p = subprocess.Popen(
+            [sys.executable, "-c", APP, str(sock), TOPIC, str(args.spooled), str(args.window)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert p.stdout is not None and p.stdin is not None
+        p.stdout.readline()
+        start = time.perf_counter()
+        p.stdin.write("\n")
+        p.stdin.flush()
+        out = p.stdout.readline().split()
+        took = time.perf_counter() - start
+        p.wait(30)
+        time.sleep(2)
+        spooled = rss_kib(agent.pid)
+        grew = spooled - idle
+        print(
+            f"offline: {args.spooled} messages spooled in {took:.1f} s ({args.spooled / took:.0f} msg/s, "
+            f"app result {' '.join(out)}); agent RSS idle {idle / 1024:.1f} MiB, with them spooled "
+            f"{spooled / 1024:.1f} MiB: {grew:+d} KiB (target within {TARGET_RSS_KIB} KiB)"
+        )
+        failed |= grew > TARGET_RSS_KIB
+    finally:
+        if agent is not None and agent.poll() is None:
+            agent.terminate()
+            try:
+                agent.wait(30)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+        rec.stop()
+        cloud.down()
+        ntp.stop()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
