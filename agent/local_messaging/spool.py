@@ -47,6 +47,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.base import killpoints
+
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -331,22 +333,34 @@ class Spool:
             raise _error(self.path, e) from e
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[_Txn]:
+    def _transaction(self, durable: bool = True, what: str = "write") -> Iterator[_Txn]:
         """One write transaction on the writer connection; the caller holds the write lock. Committed when the
         block ends, and only then do the in-memory totals take its deltas; rolled back when the block raises
-        (sqlite may have rolled back already), with sqlite errors turned into SpoolError."""
+        (sqlite may have rolled back already), with sqlite errors turned into SpoolError.
+
+        durable=False commits without an fsync (synchronous=NORMAL for this one transaction): for the forwarder's
+        bookkeeping (removals after PUBACK, sent marks), whose loss in a power cut only means a message is sent
+        again. A process crash loses nothing either way (the WAL is written at commit), and the next durable
+        commit's fsync covers it too. Stored messages are always committed durably."""
         conn = self._w()
         txn = _Txn(conn)
         try:
+            if not durable:
+                conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("BEGIN IMMEDIATE")
             yield txn
             conn.execute("COMMIT")
+            killpoints.op("spool", what)  # the kill sweep cuts the power after every commit (tests only)
         except sqlite3.Error as e:
             _rollback(conn)
             raise _error(self.path, e) from e
         except BaseException:
             _rollback(conn)
             raise
+        finally:
+            if not durable:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("PRAGMA synchronous=FULL")
         with self._totals_lock:
             self._count += txn.count
             self._bytes += txn.bytes
@@ -382,7 +396,7 @@ class Spool:
         now = self._clock()
         results: list[int | SpoolRefused] = []
         stored = refused = evicted = 0
-        with self._write_lock, self._transaction() as txn:
+        with self._write_lock, self._transaction(what="store") as txn:
             conn = txn.conn
             with self._totals_lock:  # exact: only writers change them, and we are the writer
                 count, nbytes = self._count, self._bytes
@@ -469,7 +483,7 @@ class Spool:
         chunks = _id_chunks(ids)
         if not chunks:
             return
-        with self._write_lock, self._transaction() as txn:
+        with self._write_lock, self._transaction(durable=False, what="mark sent") as txn:
             for chunk in chunks:
                 txn.conn.execute(
                     "UPDATE messages SET sent = 1 WHERE id IN (SELECT value FROM json_each(?)) AND sent = 0", (chunk,)
@@ -485,7 +499,7 @@ class Spool:
         chunks = _id_chunks(ids)
         if not chunks:
             return
-        with self._write_lock, self._transaction() as txn:
+        with self._write_lock, self._transaction(durable=False, what="remove") as txn:
             n = 0
             for chunk in chunks:
                 sizes = txn.conn.execute(
@@ -526,7 +540,7 @@ class Spool:
                     last = row_id
                 if not last:
                     return total
-                with self._transaction() as txn:
+                with self._transaction(what="expire") as txn:
                     sizes = txn.conn.execute("DELETE FROM messages WHERE id <= ? RETURNING size", (last,)).fetchall()
                     txn.count -= len(sizes)
                     txn.bytes -= sum(size for (size,) in sizes)
@@ -539,7 +553,7 @@ class Spool:
         """Counter 'resent' += n: entries the forwarder published again with sent=True (possible duplicates)."""
         if n <= 0:
             return
-        with self._write_lock, self._transaction() as txn:
+        with self._write_lock, self._transaction(durable=False, what="count resent") as txn:
             _bump(txn.conn, resent=n)
 
     # -- status ----------------------------------------------------------------------------------------------
