@@ -171,8 +171,11 @@ LONG_FIRST = [
     "test_inventory.py",
     "test_sweep_updates.py::test_sweep_update[self-update-tpm]",
     "test_soak.py",
+    "test_campaign.py",  # local messaging's fault campaign: 30 s of publishing under faults, then checks
     "test_tunnel_io.py",  # spread: a refused certificate waits 10-30 s (s2n), a network drop 10 s
     "test_tunneling_agent.py",
+    "test_sweep_spool.py",
+    "test_local_messaging_agent.py",
     "test_localcloud_tunnels.py",
     "test_sweep_updates.py::test_sweep_update[ota-tpm]",
     "test_ota_selfupdate.py",
