@@ -185,6 +185,29 @@ def test_publish_subscribe_and_connection_state(world):
     )
     assert r.returncode == 1
     assert b"not in local_messaging.apps.sensor.publish" in r.stderr
+    sub = subprocess.Popen(
+        [sys.executable, "-m", "agent", "--config", str(dev.config_path), "subscribe", f"cmd/{THING}/sensor/#"]
+        + ["--count", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + pace.scaled(20)
+        while sub.poll() is None:  # until the command's subscription reaches the cloud and the message it
+            assert rec.publish(f"cmd/{THING}/sensor/cli", b"to the command\nline") < 0x80
+            try:
+                sub.wait(0.5)
+            except subprocess.TimeoutExpired:
+                assert time.monotonic() < deadline, "iot-agent subscribe printed nothing"
+        out = sub.stdout.read()
+        assert sub.returncode == 0, sub.stderr.read()
+        assert out == f"cmd/{THING}/sensor/cli\tto the command\\nline\n", out  # network text escaped
+    finally:
+        if sub.poll() is None:
+            sub.kill()
+        sub.wait(5)
     st = subprocess.run(
         [sys.executable, "-m", "agent", "--config", str(dev.config_path), "status", "--json"],
         capture_output=True,
