@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -187,6 +188,8 @@ def main() -> int:
     ap.add_argument("--spooled", type=int, default=100_000, help="messages spooled offline for the RSS figure")
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
+    # SIGTERM (a timeout, a CI runner) still runs the clean-up below: nothing is left running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="lm-bench-"))
     cloud = LocalCloud(work / "cloud")
     ntp = Chrony(work / "chrony").start()

@@ -122,8 +122,10 @@ class LocalCloud:
         )
 
     def _persistence_conf(self) -> list[str]:
-        # No cap on what waits for a slow subscriber (mosquitto drops past 1,000 by default; AWS IoT Core does not).
-        unbounded = ["max_queued_messages 0", "max_queued_bytes 0"]
+        # A high cap on what waits for a slow subscriber (mosquitto drops past 1,000 by default; AWS IoT Core
+        # does not). Not 0: mosquitto 2.0.11 then queues nothing beyond the in-flight window (checked: requests
+        # to the local cloud's service were lost).
+        unbounded = ["max_queued_messages 1000000"]
         if not self.settings().get("broker_persistence"):
             return unbounded
         store = self.broker_dir / "persist"
