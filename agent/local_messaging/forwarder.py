@@ -13,6 +13,7 @@ publishes across reconnects by itself, and only the window's worth of them can e
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -31,6 +32,7 @@ EXPIRE_EVERY_S = 60.0
 # unacknowledged publish after its ack timeout (agent.session.connection.ACK_TIMEOUT_S), so only a client
 # that lost track of one would hold it longer.
 DRAIN_LIMIT_S = 120.0
+POLL_S = 0.01  # while publishes are in flight: how long a part batch may wait for the rest
 # Errors after which a message can never be accepted: sending it again would fail the same way.
 _PERMANENT = ("VALIDATION", "PACKET_TOO_LARGE", "TOPIC", "INVALID_UTF8", "PAYLOAD_FORMAT")
 
@@ -54,7 +56,12 @@ class Forwarder:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._inflight: list[_Sent] = []
+        self._inflight: collections.deque[_Sent] = collections.deque()
+        # Work in batches of a quarter window: one sent mark, one removal and one wake-up per batch instead of
+        # per message (each a transaction, a thread switch); a batch not yet full still goes after POLL_S.
+        self._batch = max(1, window // 4)
+        self._acked: list[int] = []
+        self._completed = 0  # futures done since the thread last looked (set from the MQTT client's thread)
         self._after = 0  # highest id handed to the client in this round
         self._online = False
         self._draining = False  # a publish failed: wait for the window to empty, then rewind
@@ -94,8 +101,10 @@ class Forwarder:
     def _run(self) -> None:
         next_expire = 0.0
         while not self._stop.is_set():
-            self._wake.wait(1.0)
+            busy = self._online and (self._inflight or self._acked)
+            self._wake.wait(POLL_S if busy else 1.0)  # offline for hours: no fast polling
             self._wake.clear()
+            self._completed = 0
             try:
                 now = time.monotonic()
                 if now >= next_expire:
@@ -107,6 +116,8 @@ class Forwarder:
                     conn = self._conn
                     abandon, self._abandon = self._abandon, False
                 if abandon and self._inflight:  # the old session's client failed or dropped them: resend
+                    self._settle()  # what it did acknowledge leaves the spool first
+                    self._flush_acked()
                     self._inflight.clear()
                     self._draining, self._after = False, 0
                 self._settle()
@@ -125,10 +136,15 @@ class Forwarder:
             except Exception:  # never let the thread die: the spool keeps everything for the next try
                 log.exception("local messaging: forwarder error; retrying")
                 self._stop.wait(1.0)
+        try:
+            self._settle()
+            self._flush_acked()  # acknowledged ones leave the spool before the agent stops
+        except Exception as e:
+            log.debug("local messaging: last removal failed (%s); those messages will be sent again", e)
 
     def _send(self, conn: Any) -> None:
         room = self.window - len(self._inflight)
-        if room <= 0:
+        if room <= 0 or (self._inflight and room < self._batch):
             return
         entries = self.spool.peek(self._after, room)
         if not entries:
@@ -151,12 +167,24 @@ class Forwarder:
             except Exception as ex:  # the client is gone (session ending): try again with the next one
                 log.debug("local messaging: publish not handed over (%s)", ex.__class__.__name__)
                 break
-            fut.add_done_callback(lambda _f: self._wake.set())
+            fut.add_done_callback(self._on_done)
             self._inflight.append(_Sent(e.id, fut))
             self._after = e.id
         if expired:
             self._after = max(self._after, max(expired))
             self._wake.set()
+
+    def _on_done(self, _fut: Future) -> None:
+        """In the MQTT client's thread: wake the forwarder once a batch is done (POLL_S covers the rest)."""
+        self._completed += 1
+        if self._completed >= self._batch:
+            self._wake.set()
+
+    def _flush_acked(self) -> None:
+        if self._acked:
+            acked, self._acked = self._acked, []
+            self.spool.remove(acked, delivered=True)
+            self.forwarded += len(acked)
 
     def _settle(self) -> None:
         """Take the finished head of the window: acknowledged ones leave the spool. After a failure the
@@ -164,7 +192,7 @@ class Forwarder:
         acked: list[int] = []
         rejected: list[int] = []
         while self._inflight and self._inflight[0].future.done():
-            s = self._inflight.pop(0)
+            s = self._inflight.popleft()
             outcome = _outcome(s.future)
             if outcome == "ok":
                 acked.append(s.id)
@@ -184,21 +212,22 @@ class Forwarder:
                     keep.append(s)
                 elif _outcome(s.future) == "ok":
                     acked.append(s.id)
-            self._inflight = keep
+            self._inflight = collections.deque(keep)
             if keep and time.monotonic() - self._drain_since > DRAIN_LIMIT_S:
                 log.warning("local messaging: %d publish(es) never completed; sending them again", len(keep))
-                keep = self._inflight = []
+                keep = []
+                self._inflight.clear()
             if not keep:
                 self._draining, rewind = False, True
-        if acked:
-            self.spool.remove(acked, delivered=True)
-            self.forwarded += len(acked)
+        self._acked += acked
+        if len(self._acked) >= self._batch or not self._inflight or rewind:
+            self._flush_acked()
         if rejected:
             self.spool.remove(rejected, delivered=False)
         if rewind:
             self._after = 0  # peek from the oldest message still spooled
             self._stop.wait(0.5)  # do not spin on a connection that fails every publish
-        if acked or rejected or rewind:
+        if rejected or rewind:
             self._wake.set()
 
     def _log_rejected(self, msg_id: int, outcome: str) -> None:

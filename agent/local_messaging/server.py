@@ -148,6 +148,7 @@ class Endpoint:
         self._max_packet = cfg.max_message_kib * 1024 + 1024  # the payload limit plus room for topic and props
         self._buffer_cap = cfg.client_buffer_kib * 1024
         self._last_state: bool | None = None
+        self._verdicts: dict[tuple[str, str], tuple[int, str] | None] = {}  # (app, topic) -> why refused, or None
 
     # -- life -------------------------------------------------------------------------------------------------------
     def start(self) -> Endpoint:
@@ -388,6 +389,21 @@ class Endpoint:
         )
 
     def _publish_problem(self, app: App, p: mqtt5.Publish) -> tuple[int, str] | None:
+        if len(p.payload) > self.cfg.max_message_kib * 1024:
+            return mqtt5.QUOTA_EXCEEDED, f"payload of {len(p.payload)} bytes (local_messaging.max_message_kib)"
+        key = (app.name, p.topic)
+        try:
+            return self._verdicts[key]  # an app publishes to few topics, many times: decide each once
+        except KeyError:
+            pass
+        verdict = self._topic_problem(app, p)
+        if len(p.topic) <= 256:  # bounded: at most 4096 short topics (longer ones are refused anyway)
+            if len(self._verdicts) >= 4096:
+                self._verdicts.clear()
+            self._verdicts[key] = verdict
+        return verdict
+
+    def _topic_problem(self, app: App, p: mqtt5.Publish) -> tuple[int, str] | None:
         if p.topic.startswith("$agent/"):
             return mqtt5.NOT_AUTHORIZED, f"{p.topic}: $agent/ topics are the agent's; apps may only subscribe to them"
         if not app.may_publish(p.topic):
@@ -395,8 +411,6 @@ class Endpoint:
         problem = aws_topic_problem(p.topic)
         if problem:
             return mqtt5.TOPIC_NAME_INVALID, f"{p.topic}: AWS IoT would refuse it ({problem})"
-        if len(p.payload) > self.cfg.max_message_kib * 1024:
-            return mqtt5.QUOTA_EXCEEDED, f"payload of {len(p.payload)} bytes (local_messaging.max_message_kib)"
         return None
 
     def _on_publish(self, c: Client, p: mqtt5.Publish, batch: list[tuple[Client, mqtt5.Publish]]) -> None:

@@ -38,7 +38,7 @@ MESSAGES = int(os.environ.get("IOT_AGENT_LM_MESSAGES", "10000"))
 SEED = int(os.environ.get("IOT_AGENT_LM_SEED", str(int(time.time()))))
 BROKER_RESTARTS = 5
 AGENT_KILLS = 3
-SPREAD_S = 30.0  # the apps publish at a steady rate for about this long; the faults fall inside it
+SPREAD_S = 20.0  # the apps publish at a steady rate for about this long; the faults fall inside it
 
 
 @pytest.mark.soak
