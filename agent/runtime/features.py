@@ -12,6 +12,7 @@ from typing import Any
 
 from agent.base import config as base
 from agent.base.config import Bound, Config, Section
+from agent.commands.feature import FEATURE as COMMANDS
 from agent.defender.feature import FEATURE as DEFENDER
 from agent.identity.feature import FEATURE as ROTATION
 from agent.inventory.feature import FEATURE as INVENTORY
@@ -21,7 +22,16 @@ from agent.session.feature import FeatureSpec
 from agent.tunneling.feature import FEATURE as TUNNELING
 from agent.update.feature import FEATURE as UPDATE
 
-FEATURES: tuple[FeatureSpec, ...] = (ROTATION, UPDATE, DEFENDER, INVENTORY, TUNNELING, LOCAL_MESSAGING, JOBS)
+FEATURES: tuple[FeatureSpec, ...] = (
+    ROTATION,
+    UPDATE,
+    DEFENDER,
+    INVENTORY,
+    TUNNELING,
+    LOCAL_MESSAGING,
+    COMMANDS,
+    JOBS,
+)
 
 # Every section of the config file: the shared ones, then each capability's.
 SECTIONS: tuple[Section, ...] = base.SHARED + tuple(s for f in FEATURES for s in f.sections)

@@ -356,7 +356,13 @@ class Connection:
         p = data.publish_packet
         if self._on_message:
             try:
-                self._on_message(p.topic, bytes(p.payload or b""))
+                if getattr(self._on_message, "takes_properties", False):
+                    from agent.session.feature import MessageProperties
+
+                    props = MessageProperties(p.content_type, p.message_expiry_interval_sec)
+                    self._on_message(p.topic, bytes(p.payload or b""), props)
+                else:
+                    self._on_message(p.topic, bytes(p.payload or b""))
             except Exception:
                 log.exception("message handler failed for %s", p.topic)
 

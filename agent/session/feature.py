@@ -25,24 +25,38 @@ if TYPE_CHECKING:
 JobHandler = Callable[..., Any]
 
 
+@dataclass(frozen=True)
+class MessageProperties:
+    """The MQTT 5 properties a handler may need (Commands: the payload's type and the execution's timeout)."""
+
+    content_type: str | None = None
+    message_expiry_s: int | None = None  # what is left of it when the message reached us
+
+
 class MessageRouter:
     """Incoming publishes to the feature that asked for them, by topic prefix (first match wins)."""
 
+    takes_properties = True  # agent.session.connection passes MessageProperties as a third argument
+
     def __init__(self) -> None:
-        self.routes: list[tuple[str, Callable[[str, bytes], None]]] = []
+        self.routes: list[tuple[str, Callable[..., None], bool]] = []
         self.watchers: list[Callable[[str, bytes], None]] = []
 
-    def add(self, prefix: str, handler: Callable[[str, bytes], None]) -> None:
-        self.routes.append((prefix, handler))
+    def add(self, prefix: str, handler: Callable[..., None], *, with_properties: bool = False) -> None:
+        """with_properties: `handler(topic, payload, MessageProperties)` instead of `handler(topic, payload)`."""
+        self.routes.append((prefix, handler, with_properties))
 
     def watch(self, handler: Callable[[str, bytes], None]) -> None:
         """`handler` sees every message, after its route (local apps subscribe by filter, not by prefix)."""
         self.watchers.append(handler)
 
-    def __call__(self, topic: str, payload: bytes) -> None:
-        for prefix, handler in self.routes:
+    def __call__(self, topic: str, payload: bytes, props: MessageProperties | None = None) -> None:
+        for prefix, handler, with_properties in self.routes:
             if topic.startswith(prefix):
-                handler(topic, payload)
+                if with_properties:
+                    handler(topic, payload, props or MessageProperties())
+                else:
+                    handler(topic, payload)
                 break
         for w in self.watchers:
             w(topic, payload)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 AGENT = Path(__file__).resolve().parents[2] / "agent"
 
-FEATURES = {"identity", "update", "defender", "inventory", "jobs", "tunneling", "local_messaging"}
+FEATURES = {"identity", "update", "defender", "inventory", "jobs", "tunneling", "local_messaging", "commands"}
 ALLOWED: dict[str, set[str]] = {
     "base": set(),
     "session": {"base"},
@@ -22,6 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "defender": {"base", "session"},
     "tunneling": {"base", "session"},
     "local_messaging": {"base", "session"},
+    "commands": {"base", "session"},
     "inventory": {"base", "session", "update"},  # it reports what the update slots hold
     "runtime": {"base", "session"} | FEATURES,
     "cli": {"base", "session", "runtime"} | FEATURES,

@@ -26,6 +26,7 @@ from agent.base.pin import read_pin
 from agent.runtime import features
 from agent.runtime.features import BOUNDS, load, parse
 from agent.tunneling.config import TunnelService
+from agent.commands.config import HandlerConfig
 from agent.update.config import OtaTargetConfig
 
 # Every config dataclass by its class name, with the registry's bounds and parser.
@@ -257,6 +258,8 @@ def _toml_name(cls) -> str:
         return "ota.targets.app"
     if cls is TunnelService:
         return "tunneling.services.SSH"
+    if cls is HandlerConfig:
+        return "commands.handlers.h"
     return next(name for name, c in features.SECTION_CLASSES.items() if c is cls)
 
 
@@ -271,6 +274,8 @@ def _with(cls, key: str, value) -> dict:
         doc["ota"] = {"code_signing_certificate": "cs.pem", "targets": {"app": {"directory": "d", key: value}}}
     elif cls is TunnelService:
         doc["tunneling"] = {"services": {"SSH": {"target": "127.0.0.1:22", key: value}}}
+    elif cls is HandlerConfig:
+        doc["commands"] = {"handlers": {"h": {"command": ["/bin/true"], key: value}}}
     else:
         doc.setdefault(_toml_name(cls), {})[key] = value
     return doc

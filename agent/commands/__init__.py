@@ -1,0 +1,1 @@
+"""AWS IoT Device Management Commands: run the actions the config names, when the cloud asks."""
