@@ -111,6 +111,9 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     sections: Mapping[str, Any] = field(default_factory=dict)
     path: Path | None = None  # where it was read from; not a TOML key
+    # The parsed TOML it was built from: a configuration shadow's overlay is merged into this and parsed
+    # again (agent.runtime.remote_config), so the file and the overlay pass the same validation.
+    data: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __getattr__(self, name: str) -> Any:
         sections = self.__dict__.get("sections") or {}
@@ -342,6 +345,7 @@ def parse(data: dict[str, Any], path: Path | None = None, sections: Sequence[Sec
         **{k: v for k, v in built.items() if k in shared},
         sections={k: v for k, v in built.items() if k not in shared},
         path=path,
+        data=data,
     )
 
 

@@ -119,12 +119,16 @@ class CommandsFeature(Feature):
         if session is None:
             return
         if "/response/rejected/" in topic:
-            log.warning("commands: the cloud refused an answer (%s): %s", escape(topic, 200), escape(_text(payload), 300))
+            log.warning(
+                "commands: the cloud refused an answer (%s): %s", escape(topic, 200), escape(_text(payload), 300)
+            )
             return
         t = rq.parse_topic(topic, session.thing_name)
         if t is None:
             if "/request" in topic:
-                log.warning("commands: ignored a request on %s (not a valid execution id or format)", escape(topic, 200))
+                log.warning(
+                    "commands: ignored a request on %s (not a valid execution id or format)", escape(topic, 200)
+                )
             return
         deadline = None if props.message_expiry_s is None else time.monotonic() + props.message_expiry_s
         with self._lock:

@@ -8,6 +8,7 @@ handler never blocks on a full pipe either).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -67,7 +68,7 @@ def run(handler: HandlerConfig, parameters: dict, env_extra: dict[str, str], sto
         assert proc.stdout is not None
         while True:
             try:
-                chunk = proc.stdout.read1(READ_CHUNK)
+                chunk = proc.stdout.read1(READ_CHUNK)  # type: ignore[attr-defined]  # a BufferedReader
             except (OSError, ValueError):
                 return
             if not chunk:
@@ -105,16 +106,12 @@ def run(handler: HandlerConfig, parameters: dict, env_extra: dict[str, str], sto
 
 def _kill_group(proc: subprocess.Popen) -> None:
     for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 5.0)):
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
         try:
             proc.wait(timeout=wait)
-            try:  # the leader is gone; the rest of its group goes too
+            with contextlib.suppress(ProcessLookupError, PermissionError):  # the leader is gone; its group goes too
                 os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
             return
         except subprocess.TimeoutExpired:
             continue
@@ -122,7 +119,5 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def _close(proc: subprocess.Popen) -> None:
     if proc.stdout is not None:
-        try:
+        with contextlib.suppress(OSError):
             proc.stdout.close()
-        except OSError:
-            pass

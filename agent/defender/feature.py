@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import TYPE_CHECKING
 
 from agent.base.config import Config
@@ -23,6 +24,7 @@ class DefenderFeature(Feature):
         self.section = cfg.defender
         self.store = store
         self.reporter: Reporter | None = None
+        self._lock = threading.Lock()  # reconfigure (the config feature's thread) against stop (the daemon's)
 
     def start(self, session: Session) -> None:
         from agent.defender.reporter import Collector, Reporter
@@ -39,19 +41,31 @@ class DefenderFeature(Feature):
             load_state=lambda: store.load().get("defender", {}),
             save_state=lambda d: store.update(defender=d),
         )
-        session.router.add(self.reporter.topic + "/", self.reporter.on_response)
+        # Every format's answers: the route holds when reconfigure() changes the format.
+        session.router.add(self.reporter.response_prefix, self.reporter.on_response)
         self.reporter.start()
         log.info(
-            "Device Defender reports every %g s (%s, %s names)",
-            self.section.interval_s,
-            self.section.format,
-            self.section.names,
+            "Device Defender reports every %g s (%s)", self.section.interval_s, self.reporter.describe(self.section)
         )
 
+    def reconfigure(self, cfg: Config) -> bool:
+        """Apply a new [defender] to the running reporter (the next report uses it); True when applied live.
+
+        False when the feature is not running or the new section turns it off: the caller then restarts
+        the session, which builds the enabled features afresh."""
+        new = cfg.defender
+        with self._lock:
+            if self.reporter is None or not new.enabled:
+                return False
+            self.reporter.reconfigure(new)
+            self.section = new
+            return True
+
     def stop(self) -> None:
-        if self.reporter:
-            self.reporter.stop()
-            self.reporter = None
+        with self._lock:
+            reporter, self.reporter = self.reporter, None
+        if reporter:
+            reporter.stop()
 
 
 FEATURE = FeatureSpec("defender", SECTIONS, enabled=lambda cfg: cfg.defender.enabled, build=DefenderFeature)

@@ -6,6 +6,10 @@ old aws-samples agent made one psutil.net_connections call per kind; psutil is t
 Linux); the reporter thread sleeps on an Event between reports and never polls. report_id is
 epoch seconds, or last + 1 if the clock stepped back, and is persisted so it keeps increasing
 across restarts.
+
+A report goes to each of `destinations`: Device Defender Detect's reserved topic (which answers
+accepted or rejected) and/or a topic of the user's own (no answer; an IoT rule takes it on), as the
+same document. `Reporter.reconfigure` swaps the config while the thread runs: the next report uses it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.base.logfmt import escape
 from agent.defender import procfs
 from agent.defender.config import DefenderConfig
 
@@ -233,6 +238,9 @@ class Collector:
         return None if na is None else int((na - time.time()) // 86400)
 
 
+DEFENDER_FORMATS = ("json", "cbor")
+
+
 @dataclass(eq=False)
 class Reporter:
     """Publishes a report every interval while connected; counts accepted and rejected answers."""
@@ -251,12 +259,25 @@ class Reporter:
     rejected: int = 0
     last_rejection: str | None = None
     _subscribed_for: int = -1
+    _subscribed_topic: str | None = None  # the Detect topic whose answers we are subscribed to
     _stop: threading.Event = field(default_factory=threading.Event)
+    # Set by reconfigure: the sleeping thread recomputes its wait with the new interval at once.
+    _wake: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
     _thread: threading.Thread | None = None
 
     @property
     def topic(self) -> str:
-        return f"$aws/things/{self.thing}/defender/metrics/{self.cfg.format}"
+        """Device Defender Detect's topic for the current format."""
+        return self.defender_topic(self.cfg)
+
+    @property
+    def response_prefix(self) -> str:
+        """What accepted/rejected answers start with, whatever the format (a route that outlives a format change)."""
+        return f"$aws/things/{self.thing}/defender/metrics/"
+
+    def defender_topic(self, cfg: DefenderConfig) -> str:
+        return f"{self.response_prefix}{cfg.format}"
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="defender", daemon=True)
@@ -264,18 +285,46 @@ class Reporter:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread:
             self._thread.join(10)
 
+    def reconfigure(self, cfg: DefenderConfig) -> None:
+        """Use `cfg` from the next report on (thread-safe). The wait is recomputed at once, so a shorter
+        interval takes effect now rather than after the old one; report_id and counters carry on."""
+        with self._lock:
+            old, self.cfg = self.cfg, cfg
+            if isinstance(self.collector, Collector):  # its custom metrics come from the config
+                self.collector.cfg = cfg
+        self._wake.set()
+        if old != cfg:
+            log.info("Device Defender: now every %g s (%s)", cfg.interval_s, self.describe(cfg))
+
+    def describe(self, cfg: DefenderConfig) -> str:
+        """Format, names and destinations, for the log lines that say how reports go out."""
+        where = ", ".join(
+            f"Detect {self.defender_topic(cfg)}" if d == "defender" else escape(cfg.metrics_topic(self.thing))
+            for d in cfg.destinations
+        )
+        return f"{cfg.format}, {cfg.names} names, to {where}"
+
+    def _config(self) -> DefenderConfig:
+        with self._lock:
+            return self.cfg
+
     def _loop(self) -> None:
         while not self._stop.is_set():
+            cfg = self._config()
             st = self.load_state()
             last_at = st.get("last_report_at")
-            due = (last_at + self.cfg.interval_s) if last_at else self.now() + min(5.0, self.cfg.interval_s)
+            due = (last_at + cfg.interval_s) if last_at else self.now() + min(5.0, cfg.interval_s)
             # Sleep until due (a timer, not a poll); a clock step is tolerated: at most one interval.
-            delay = max(0.0, min(due - self.now(), self.cfg.interval_s))
-            if self._stop.wait(delay):
+            delay = max(0.0, min(due - self.now(), cfg.interval_s))
+            if self._wait(delay):
                 return
+            if self._wake.is_set():  # reconfigured while asleep: work out the wait again with the new config
+                self._wake.clear()
+                continue
             if not self.connected():
                 log.info("not connected; the report due now is skipped")
                 self.save_state({**st, "last_report_at": self.now()})
@@ -286,12 +335,19 @@ class Reporter:
                 log.warning("report failed: %s", e)
                 self.save_state({**self.load_state(), "last_report_at": self.now()})
 
+    def _wait(self, delay: float) -> bool:
+        """Sleep `delay` s or until stopped (True) or reconfigured (False, early)."""
+        if self._stop.is_set():
+            return True
+        self._wake.wait(delay)
+        return self._stop.is_set()
+
     def report_once(self) -> int:
-        """Collect, publish one report; returns its report_id."""
-        if self._subscribed_for != self.connection_count():
-            for suffix in ("accepted", "rejected"):
-                self.subscribe(f"{self.topic}/{suffix}")
-            self._subscribed_for = self.connection_count()
+        """Collect, publish one report to each destination; returns its report_id."""
+        cfg = self._config()
+        to_defender = "defender" in cfg.destinations
+        if to_defender:
+            self._subscribe_answers(self.defender_topic(cfg))
         st = self.load_state()
         snap = self.collector.collect()
         prev = st.get("counters")
@@ -301,9 +357,9 @@ class Reporter:
         else:
             deltas = snap.counters  # first report of this boot: everything since boot
         rid = next_report_id(self.now(), st.get("last_report_id"))
-        doc = build_report(snap, rid, deltas, short=self.cfg.names == "short", max_list=self.cfg.max_list)
-        if self.cfg.format == "cbor":
-            from agent.defender.cbor import dumps
+        doc = build_report(snap, rid, deltas, short=cfg.names == "short", max_list=cfg.max_list)
+        if cfg.format == "cbor":
+            from agent.base.cbor import dumps
 
             payload = dumps(doc)
         else:
@@ -318,15 +374,51 @@ class Reporter:
                 "boot_id": boot,
             }
         )
-        rc = self.publish(self.topic, payload)
-        log.info(
-            "report %d published (%d bytes, %s/%s, PUBACK %d)", rid, len(payload), self.cfg.format, self.cfg.names, rc
-        )
+        # Each destination gets its try even if another fails; the first failure is then raised (logged by _loop).
+        failure: Exception | None = None
+        for dest in cfg.destinations:
+            try:
+                if dest == "defender":
+                    rc = self.publish(self.defender_topic(cfg), payload)
+                    log.info(
+                        "report %d published (%d bytes, %s/%s, PUBACK %d)", rid, len(payload), cfg.format, cfg.names, rc
+                    )
+                else:
+                    topic = cfg.metrics_topic(self.thing)
+                    rc = self.publish(topic, payload)
+                    log.info(
+                        "report %d published to %s (%d bytes, %s/%s, PUBACK %d)",
+                        rid,
+                        escape(topic),
+                        len(payload),
+                        cfg.format,
+                        cfg.names,
+                        rc,
+                    )
+            except Exception as e:
+                if len(cfg.destinations) > 1:
+                    log.warning("report %d to %s failed: %s", rid, dest, e)
+                failure = failure or e
+        if failure is not None:
+            raise failure
         return rid
 
+    def _subscribe_answers(self, topic: str) -> None:
+        """Subscribe to accepted/rejected of `topic` once per connection, and again when the format changed it."""
+        count = self.connection_count()
+        if self._subscribed_for != count or self._subscribed_topic != topic:
+            for suffix in ("accepted", "rejected"):
+                self.subscribe(f"{topic}/{suffix}")
+            self._subscribed_for, self._subscribed_topic = count, topic
+
     def on_response(self, topic: str, payload: bytes) -> None:
-        """accepted/rejected answers; a rejection is logged and counted, never retried."""
-        doc = _decode(payload, self.cfg.format)
+        """accepted/rejected answers; a rejection is logged and counted, never retried.
+
+        Decoded by the format the topic names (an answer to a report sent before a format change may arrive after)."""
+        fmt = topic[len(self.response_prefix) :].split("/", 1)[0] if topic.startswith(self.response_prefix) else ""
+        if fmt not in DEFENDER_FORMATS:
+            fmt = self._config().format
+        doc = _decode(payload, fmt)
         if topic.endswith("/accepted"):
             self.accepted += 1
             log.info("report %s accepted", doc.get("reportId"))
@@ -349,7 +441,7 @@ def _decode(payload: bytes, fmt: str) -> dict:
         except ValueError:
             return {}
         return d if isinstance(d, dict) else {}
-    from agent.defender.cbor import loads_map
+    from agent.base.cbor import loads_map
 
     try:
         return loads_map(payload)

@@ -100,8 +100,11 @@ def _run(cfg: Config, stop: threading.Event, restart_in_place: bool = False) -> 
     _write_pid(pid_file)
     try:
         fast = 0
+        first = True
         while fast < 1000:  # sessions: a rotation restarts one with other credentials; bounded
-            rc = _session(cfg, store, pin, stop, clock_trusted, rotate_now, refused)
+            session_cfg = _session_config(cfg, store, first)
+            first = False
+            rc = _session(session_cfg, store, pin, stop, clock_trusted, rotate_now, refused)
             clock_trusted = True
             if rc == SESSION_NEW_IDENTITY and not stop.is_set() and restart_in_place:
                 _restart_in_place("a new certificate to prove", cfg)
@@ -118,6 +121,41 @@ def _run(cfg: Config, stop: threading.Event, restart_in_place: bool = False) -> 
 
         _close_features(cfg)
         remove(pid_file)
+
+
+def _session_config(cfg: Config, store: StateStore, first: bool) -> Config:
+    """The file's config, with the configuration shadow's overlay in force when that feature is on."""
+    if not cfg.remote_config.enabled:
+        return cfg
+    from agent.runtime.features import parse
+    from agent.runtime.remote_config.overlay import session_config
+
+    out = session_config(cfg, store.directory, parse, first)
+    if out.log.level != cfg.log.level:
+        logging.getLogger().setLevel(out.log.level.upper())
+    return out
+
+
+def _reconfigure(
+    old: Config, new: Config, features: list[Feature], started: list[Feature], session_end: threading.Event
+) -> str:
+    """Give the running features a changed config: in place where they can, else a new session (a
+    reconnect with the new config; the overlay record already holds it). Returns how, for the log."""
+    if new.log.level != old.log.level:
+        logging.getLogger().setLevel(new.log.level.upper())
+    if [s.name for s in enabled_features(old)] != [s.name for s in enabled_features(new)]:
+        session_end.set()
+        return "a new session: features turned on or off"
+    again = []
+    for spec, f in zip(enabled_features(old), features, strict=True):
+        if all(old.sections.get(s.name) == new.sections.get(s.name) for s in spec.sections):
+            continue
+        if not (f in started and f.reconfigure(new)):
+            again.append(spec.name)
+    if again:
+        session_end.set()
+        return f"a new session for {', '.join(again)}"
+    return "live"
 
 
 def _close_features(cfg: Config) -> None:
@@ -278,6 +316,13 @@ def _session(
             exit_code[0] = RESTART_EXIT
             stop.set()
 
+        current = [cfg]
+
+        def reconfigure(new: Config) -> str:
+            how = _reconfigure(current[0], new, features, started, session_end)
+            current[0] = new
+            return how
+
         session = Session(
             thing_name=identity.thing_name,
             certificate_file=identity.certificate_file,
@@ -288,7 +333,13 @@ def _session(
             stop=stop,
             end=session_end.set,
             request_restart=restart,
+            reconfigure=reconfigure,
         )
+        guard = None
+        if cfg.remote_config.enabled:
+            from agent.runtime.remote_config.overlay import Guard
+
+            guard = Guard(store.directory, session_end.set)
         for f in features:
             f.start(session)
             started.append(f)
@@ -298,6 +349,8 @@ def _session(
         while not stop.wait(tick) and not session_end.is_set():
             sdnotify.beat()
             failpoints.hang("daemon.main_loop_hang")
+            if guard is not None:
+                guard.tick(conn.connected.is_set())
             if conn.connected.is_set():
                 waited = 0.0
                 if refused.active or refused.waited:

@@ -18,6 +18,7 @@ from agent.identity.feature import FEATURE as ROTATION
 from agent.inventory.feature import FEATURE as INVENTORY
 from agent.jobs.feature import FEATURE as JOBS
 from agent.local_messaging.feature import FEATURE as LOCAL_MESSAGING
+from agent.runtime.remote_config.feature import FEATURE as REMOTE_CONFIG
 from agent.session.feature import FeatureSpec
 from agent.tunneling.feature import FEATURE as TUNNELING
 from agent.update.feature import FEATURE as UPDATE
@@ -30,6 +31,7 @@ FEATURES: tuple[FeatureSpec, ...] = (
     TUNNELING,
     LOCAL_MESSAGING,
     COMMANDS,
+    REMOTE_CONFIG,
     JOBS,
 )
 

@@ -360,7 +360,7 @@ class Connection:
                     from agent.session.feature import MessageProperties
 
                     props = MessageProperties(p.content_type, p.message_expiry_interval_sec)
-                    self._on_message(p.topic, bytes(p.payload or b""), props)
+                    self._on_message(p.topic, bytes(p.payload or b""), props)  # type: ignore[call-arg]
                 else:
                     self._on_message(p.topic, bytes(p.payload or b""))
             except Exception:

@@ -75,6 +75,8 @@ class Session:
     stop: threading.Event  # set on SIGTERM: long waits end on it
     end: Callable[[], None]  # end this session; the daemon starts the next one (new credentials)
     request_restart: Callable[[], None]  # stop the agent so its launcher starts the new release
+    # Apply a new config to the running features (agent.runtime.daemon); returns how it was applied.
+    reconfigure: Callable[[Config], str] | None = None
     # Operations the jobs feature serves, by job document operation; features add theirs in start().
     job_handlers: dict[str, JobHandler] = field(default_factory=dict)
 
@@ -93,6 +95,12 @@ class Feature:
     def status(self) -> str | None:
         """One short line for `iot-agent status`'s and systemd's STATUS=, or None when idle."""
         return None
+
+    def reconfigure(self, cfg: Config) -> bool:
+        """Take a changed config (a configuration shadow's overlay) without stopping; True when done. False:
+        the daemon starts a new session with it instead (a reconnect), so a feature needs this only to
+        change without one."""
+        return False
 
     def stop(self) -> None:
         """End the session's work and drop what holds the connection; bounded (a few seconds)."""

@@ -9,6 +9,7 @@ import tomllib
 import types
 from pathlib import Path
 
+from agent.commands.config import HandlerConfig
 from agent.runtime import features
 from agent.tunneling.config import TunnelService
 from agent.update.config import OtaTargetConfig
@@ -51,6 +52,10 @@ def test_linux_config_reference_matches_the_dataclasses():
     assert services, "the README shows one [tunneling.services.NAME] table"
     for svc in services.values():
         assert set(svc) == fields(TunnelService), "[tunneling.services.*] keys vs TunnelService"
+    handlers = doc["commands"]["handlers"]
+    assert handlers, "the README shows one [commands.handlers.NAME] table"
+    for h in handlers.values():
+        assert set(h) == fields(HandlerConfig), "[commands.handlers.*] keys vs HandlerConfig"
     cfg = agent_config.parse(doc, REPO / "config.toml")  # and the example itself is a valid config
     assert cfg.broker.port == 8883
 
@@ -76,6 +81,8 @@ def _tables_of(cls) -> list[str]:
         return ["ota.targets.app"]
     if cls is TunnelService:
         return ["tunneling.services.SSH"]
+    if cls is HandlerConfig:
+        return ["commands.handlers.logs"]
     return [name for name, c in features.SECTION_CLASSES.items() if c is cls]
 
 
