@@ -82,6 +82,33 @@ def main(argv: list[str] | None = None) -> int:
     jd.add_argument("--thing", required=True)
     jx = js.add_parser("cancel")
     jx.add_argument("job_id")
+    commands = sub.add_parser("commands", help="AWS IoT Device Management commands: one instruction to one thing")
+    csub = commands.add_subparsers(dest="commands_cmd", required=True)
+    cc = csub.add_parser("create", help="a reusable command with a static payload (CreateCommand)")
+    cc.add_argument("command_id", help="1-128 characters of [A-Za-z0-9_-]")
+    payload = cc.add_mutually_exclusive_group(required=True)
+    payload.add_argument("--payload-file", type=Path, help="the payload, as bytes")
+    payload.add_argument("--payload", help="the payload as text, e.g. JSON")
+    cc.add_argument(
+        "--content-type",
+        default="application/json",
+        help="application/json or application/cbor (request topic .../request/json|cbor), or any other type "
+        "(.../request, the type in the MQTT 5 content type); default application/json",
+    )
+    cc.add_argument("--description", default="")
+    cst = csub.add_parser("start", help="send it to a thing (StartCommandExecution); prints the execution id")
+    cst.add_argument("command_id")
+    cst.add_argument("--thing", required=True)
+    cst.add_argument(
+        "--timeout",
+        type=int,
+        default=60,
+        help="seconds the device has to report a terminal status (1-43200, default 60)",
+    )
+    csub.add_parser("get", help="an execution: status, statusReason, result, timestamps").add_argument("execution_id")
+    cl = csub.add_parser("list", help="executions, oldest first")
+    cl.add_argument("--thing")
+    cl.add_argument("--command")
     streams = sub.add_parser("streams", help="MQTT file streams")
     ssub = streams.add_subparsers(dest="streams_cmd", required=True)
     sc = ssub.add_parser("create")
@@ -264,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(ex, indent=1))
             elif args.jobs_cmd == "cancel":
                 print(f"canceled {jobs.cancel(args.job_id)} execution(s)")
+        elif args.cmd == "commands":
+            return _commands(cloud, args)
         elif args.cmd == "streams":
             from .streams import Streams
 
@@ -287,6 +316,41 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"localcloud: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _commands(cloud: LocalCloud, args: argparse.Namespace) -> int:
+    from .commands import Commands
+
+    commands = Commands(cloud.registry.db, cloud.registry.lock)
+    if args.commands_cmd == "create":
+        if args.payload_file is not None:
+            try:
+                body = args.payload_file.read_bytes()
+            except OSError as e:
+                raise ValueError(f"{args.payload_file}: cannot read the payload ({e.__class__.__name__})") from None
+        else:
+            body = args.payload.encode()
+        commands.create_command(args.command_id, body, args.content_type, args.description)
+        print(args.command_id)
+    elif args.commands_cmd == "start":
+        if not cloud.registry.has_thing(args.thing):
+            raise ValueError(f"no thing {args.thing!r} (see localcloud things list)")
+        started = commands.start_execution(args.command_id, args.thing, args.timeout)
+        print(started["executionId"])
+        if not cloud.running():
+            print(
+                "localcloud: not running: the request is sent once it is up (if it has not timed out)", file=sys.stderr
+            )
+    elif args.commands_cmd == "get":
+        ex = commands.get(args.execution_id)
+        if ex is None:
+            raise ValueError(f"no command execution {args.execution_id!r}")
+        print(json.dumps(ex, indent=1))
+    else:
+        for ex in commands.list(args.thing, args.command):
+            reason = ex.get("statusReason", {}).get("reasonCode", "-")
+            print(f"{ex['executionId']}\t{ex['commandId']}\t{ex['thingName']}\t{ex['status']}\t{reason}")
     return 0
 
 

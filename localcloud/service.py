@@ -21,6 +21,10 @@ from typing import Any
 
 from .artifacts import Artifacts
 from .cloud import ROTATION_TEMPLATE, SERVICE_CN, TEMPLATE_NAME, LocalCloud
+from .commands import Commands, printable
+from .commands import encode as commands_encode
+from .commands import reply_topic as commands_reply_topic
+from .commands import route as commands_route
 from .defender import DefenderStore
 from .fleet import FleetProvisioning, reject
 from .jobs import Jobs
@@ -92,6 +96,7 @@ class Service:
         )
         self.streams = Streams(cloud.registry.db, cloud.registry.lock, cloud.directory / "streams")
         self.shadows = Shadows(cloud.registry.db, cloud.registry.lock)
+        self.commands = Commands(cloud.registry.db, cloud.registry.lock)
         self.tunnels = TunnelRegistry(cloud.registry.db, cloud.registry.lock)
         self._last_next: dict[str, str | None] = {}  # thing -> job id last sent on notify-next
         self._last_list: dict[str, str] = {}
@@ -138,6 +143,8 @@ class Service:
                         "dt/+/certificate-rotation/+",
                         "$aws/things/+/shadow/+",
                         "$aws/things/+/shadow/name/+/+",
+                        "$aws/commands/things/+/executions/+/response",
+                        "$aws/commands/things/+/executions/+/response/+",
                     )
                 ]
             )
@@ -172,6 +179,10 @@ class Service:
         if topic.startswith("dt/") and "/certificate-rotation/" in topic:
             with self._work:
                 self.handle_rotation(topic, payload)
+            return
+        if topic.startswith("$aws/commands/"):
+            with self._work:
+                self.handle_command_response(topic, payload)
             return
         if topic.startswith("$aws/things/"):
             with self._work:
@@ -378,6 +389,45 @@ class Service:
         for topic, body in self.shadows.take_outbox():
             self.publish(topic, body)
 
+    def handle_command_response(self, topic: str, payload: bytes) -> None:
+        """A device's UpdateCommandExecution; the broker's ACL bound `$aws/commands/things/T/...` to T."""
+        r = commands_route(topic)
+        if r is None:
+            return  # not a response topic (our own replies never come back: no_local)
+        thing, execution_id, fmt = r
+        ok, doc = self.commands.device_response(thing, execution_id, fmt, payload)
+        log.info(
+            "command execution %s on %s: %s",
+            printable(execution_id),
+            thing,
+            "accepted" if ok else f"{doc['error']} ({printable(doc['errorMessage'])})",
+        )
+        self.publish(commands_reply_topic(thing, execution_id, fmt, ok), commands_encode(doc, fmt))
+        self.send_commands_outbox()  # the status-change event
+
+    def send_commands_outbox(self) -> None:
+        """Command requests (started by the CLI) with their content type and expiry, and execution events;
+        executions whose timeout passed become TIMED_OUT first."""
+        import awscrt.mqtt5 as m5
+
+        for eid in self.commands.expire():
+            log.info("command execution %s: no response from the device, TIMED_OUT", eid)
+        for req in self.commands.take_outbox():
+            if req.expiry_s is None:
+                self.publish(req.topic, req.payload)
+                continue
+            log.info("command request on %s (%s, expires in %d s)", req.topic, req.content_type, req.expiry_s)
+            with self._send_lock:
+                self.client.publish(
+                    m5.PublishPacket(
+                        topic=req.topic,
+                        payload=req.payload,
+                        qos=m5.QoS.AT_LEAST_ONCE,
+                        content_type=req.content_type,
+                        message_expiry_interval_sec=req.expiry_s,
+                    )
+                )
+
     def send_tunnel_notifications(self) -> None:
         """`$aws/things/<thing>/tunnels/notify` for tunnels opened elsewhere (the CLI's `tunnels open`)."""
         for topic, body in self.tunnels.take_outbox():
@@ -485,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
             with svc._work:
                 svc.send_job_notifications()
                 svc.send_shadow_outbox()
+                svc.send_commands_outbox()
                 svc.send_tunnel_notifications()
         except Exception:
             log.exception("job timers failed")

@@ -41,6 +41,14 @@ MAX_DEPTH = 6  # levels inside `desired` / `reported`
 MAX_CLIENT_TOKEN_BYTES = 64
 DELETED_VERSION_KEPT_S = 48 * 3600
 NAME_RE = re.compile(r"[A-Za-z0-9:_-]{1,64}")
+# Reserved names AWS itself uses; a `$` is otherwise not allowed in a shadow name. `$package` is the Software
+# Package Catalog's: `{"state": {"reported": {"<package>": {"version": "1.0.0", "attributes": {...}}}}}`, which
+# jobs update (VersionUpdateByJobsConfig) and fleet indexing queries. https://docs.aws.amazon.com/iot/latest/
+# developerguide/preparing-to-use-software-package-catalog.html ("Reserved named shadow"),
+# https://docs.aws.amazon.com/iot/latest/developerguide/preparing-fleet-indexing.html
+PACKAGE_SHADOW = "$package"
+RESERVED_NAMES = frozenset({PACKAGE_SHADOW})
+NAME_RULE = "Invalid shadow name: 1-64 characters of a-z A-Z 0-9 : _ -, or $package"
 OPERATIONS = ("get", "update", "delete")
 QUERY_OPS = ("<", "<=", ">", ">=", "==", "!=", "exists")
 
@@ -71,6 +79,25 @@ class ShadowError(Exception):
     def __init__(self, code: int, message: str):
         super().__init__(message)
         self.code, self.message = code, message
+
+
+def valid_name(name: str) -> bool:
+    """A named shadow's name as AWS allows it: the name rule, or one of AWS's reserved names."""
+    return name in RESERVED_NAMES or NAME_RE.fullmatch(name) is not None
+
+
+def check_package_state(reported: Any) -> None:
+    """`$package`'s reported state maps package names to {"version": text, "attributes": {...}} (other keys,
+    such as a device's own timestamps, are kept): anything else would break the catalog's fleet queries, so it
+    is refused with a 400 that names the entry."""
+    if reported is None:
+        return
+    for name, entry in reported.items():
+        pkg = name if len(name) <= 64 else name[:64] + "..."  # device text, echoed to that device only
+        if not isinstance(entry, dict) or not isinstance(entry.get("version"), str) or not entry["version"]:
+            raise ShadowError(400, f"Invalid $package shadow: reported.{pkg} must be an object with a string version")
+        if "attributes" in entry and not isinstance(entry["attributes"], dict):
+            raise ShadowError(400, f"Invalid $package shadow: reported.{pkg}.attributes must be an object")
 
 
 def prefix(thing: str, name: str) -> str:
@@ -311,8 +338,8 @@ class Shadows:
         ts = int(self.now())
         token = None
         try:
-            if name and not NAME_RE.fullmatch(name):
-                raise ShadowError(400, "Invalid shadow name: 1-64 characters of a-z A-Z 0-9 : _ -")
+            if name and not valid_name(name):
+                raise ShadowError(400, NAME_RULE)
             if len(payload) > MAX_REQUEST_BYTES:
                 raise ShadowError(413, "The payload exceeds the maximum size allowed")
             req = loads(payload) if payload.strip() or op == "update" else {}
@@ -435,6 +462,8 @@ class Shadows:
                 if not s:
                     state.pop(section)
                     meta.pop(section)
+            if name == PACKAGE_SHADOW:
+                check_package_state(state.get("reported"))
             if len(dumps(state).encode()) > MAX_STATE_BYTES:
                 raise ShadowError(413, "The payload exceeds the maximum size allowed")
             version = current + 1
@@ -477,8 +506,8 @@ class Shadows:
         """UpdateThingShadow from outside MQTT: applied here, its publications queued for the service.
 
         Raises ShadowError; returns the accepted document."""
-        if name and not NAME_RE.fullmatch(name):
-            raise ShadowError(400, "Invalid shadow name: 1-64 characters of a-z A-Z 0-9 : _ -")
+        if name and not valid_name(name):
+            raise ShadowError(400, NAME_RULE)
         with self._write():
             out = self.update(thing, name, req)
             self.db.executemany(

@@ -35,7 +35,7 @@ def test_topics():
     for bad in (
         base + "/xml",
         base + "/json/extra",
-        f"$aws/commands/things/other/executions/abc-123/request/json",
+        "$aws/commands/things/other/executions/abc-123/request/json",
         f"$aws/commands/things/{THING}/executions/abc-123/response/json",
         f"$aws/commands/things/{THING}/executions/a+b/request/json",
         f"$aws/commands/things/{THING}/executions//request/json",
@@ -137,7 +137,11 @@ def _only_documented(payload: bytes, topic: rq.Topic, content_type: str | None) 
 
 
 @settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow])
-@given(st.binary(max_size=300), st.sampled_from([JSON_TOPIC, CBOR_TOPIC, rq.Topic("a", None)]), st.none() | st.text(max_size=30))
+@given(
+    st.binary(max_size=300),
+    st.sampled_from([JSON_TOPIC, CBOR_TOPIC, rq.Topic("a", None)]),
+    st.none() | st.text(max_size=30),
+)
 def test_any_bytes_give_a_request_or_a_documented_refusal(payload, topic, content_type):
     _only_documented(payload, topic, content_type)
 

@@ -1,6 +1,8 @@
 """Software inventory in a named shadow: it matches the device after provisioning, an update, a rollback
 and a rotation, survives a version conflict, and drives a query-targeted job to exactly the devices
-below a version (standing in for fleet indexing and a dynamic thing group with a continuous job)."""
+below a version (standing in for fleet indexing and a dynamic thing group with a continuous job).
+The Software Package Catalog's reserved `$package` shadow follows the same update and rollback, keeps
+what the cloud wrote there, and a fleet query on it selects the right things."""
 
 from __future__ import annotations
 
@@ -17,8 +19,12 @@ from localcloud.tokens import softhsm_token
 TARGETS = {"app": {"directory": "app", "health_command": HEALTH, "health_timeout_s": 10.0}}
 
 
-def reported(shadows: Shadows, thing: str) -> dict:
-    return shadows.get(thing, "inventory")["state"].get("reported", {})
+def reported(shadows: Shadows, thing: str, name: str = "inventory") -> dict:
+    return shadows.get(thing, name)["state"].get("reported", {})
+
+
+def package_version(shadows: Shadows, thing: str, package: str) -> str:
+    return reported(shadows, thing, "$package")[package]["version"]
 
 
 def eventually(check, timeout: float = 30.0):
@@ -67,6 +73,16 @@ def test_inventory_follows_the_device_and_drives_a_query_job(tmp_path, agents):
             return r
 
         first = eventually(after_provisioning)
+        from agent import __version__
+
+        eventually(lambda: assert_eq(package_version(shadows, w.thing, "iot-agent"), __version__))
+        assert "app" not in reported(shadows, w.thing, "$package")  # nothing installed: no version to claim
+        # What the cloud keeps in $package (another package, attributes) is never overwritten by the agent.
+        shadows.operator_update(
+            w.thing,
+            "$package",
+            {"state": {"reported": {"firmware": {"version": "7.0"}, "iot-agent": {"attributes": {"ring": "beta"}}}}},
+        )
 
         def update(thing: str, job: str, version: str, status: str, text: str | None = None):
             data = release(version, text)
@@ -79,6 +95,7 @@ def test_inventory_follows_the_device_and_drives_a_query_job(tmp_path, agents):
             lambda: (
                 assert_eq(reported(shadows, w.thing)["targets"]["app"], {"current": "1.1.0"}),
                 assert_eq(reported(shadows, w.thing)["last_job"]["job_id"], "a-1"),
+                assert_eq(package_version(shadows, w.thing, "app"), "1.1.0"),
             )
         )
         # a rollback: the unhealthy release is marked broken in the inventory
@@ -86,8 +103,12 @@ def test_inventory_follows_the_device_and_drives_a_query_job(tmp_path, agents):
         eventually(
             lambda: assert_eq(reported(shadows, w.thing)["targets"]["app"], {"current": "1.1.0", "broken": "1.2.0"})
         )
+        assert package_version(shadows, w.thing, "app") == "1.1.0"  # the rollback: the version that runs
         update(w.thing, "a-3", "1.3.0", "SUCCEEDED")
         eventually(lambda: assert_eq(reported(shadows, w.thing)["targets"]["app"]["current"], "1.3.0"))
+        eventually(lambda: assert_eq(package_version(shadows, w.thing, "app"), "1.3.0"))
+        pkg = reported(shadows, w.thing, "$package")
+        assert pkg["firmware"] == {"version": "7.0"} and pkg["iot-agent"]["attributes"] == {"ring": "beta"}, pkg
 
         # a version conflict: someone else writes the shadow; the agent reads and writes again
         v = shadows.get(w.thing, "inventory")["version"]
@@ -100,6 +121,10 @@ def test_inventory_follows_the_device_and_drives_a_query_job(tmp_path, agents):
         # the fleet query: every device below 1.3.0 gets the update, and only those
         below = shadows.things_matching("inventory", "reported.targets.app.current", "<", "1.3.0")
         assert below == ["gw-INVB"], below
+        eventually(lambda: assert_eq(package_version(shadows, "gw-INVB", "app"), "1.1.0"))
+        assert shadows.things_matching("$package", "reported.app.version", "<", "1.3.0") == ["gw-INVB"]
+        assert shadows.things_matching("$package", "reported.app.version", "==", "1.3.0") == [w.thing]
+        assert shadows.things_matching("$package", "reported.firmware.version", "exists") == [w.thing]
         data = release("1.3.0")
         for thing in below:
             w.jobs.create(f"fleet-{thing}", thing, w.signed("app", "1.3.0", "app.tar", data))
@@ -109,6 +134,7 @@ def test_inventory_follows_the_device_and_drives_a_query_job(tmp_path, agents):
         eventually(
             lambda: assert_eq(shadows.things_matching("inventory", "reported.targets.app.current", "<", "1.3.0"), [])
         )
+        eventually(lambda: assert_eq(shadows.things_matching("$package", "reported.app.version", "<", "1.3.0"), []))
         assert a.stop() == 0 and b.stop() == 0
     finally:
         tok_b.stop()

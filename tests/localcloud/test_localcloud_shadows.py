@@ -370,6 +370,77 @@ def test_fleet_query_and_job_fan_out(cloud, tmp_path):
             d.stop()
 
 
+def test_reserved_package_shadow(cloud, tmp_path):
+    """`$package`, the Software Package Catalog's reserved named shadow: the only name with a `$` that is
+    allowed, reachable by the device (SDK and raw MQTT), the operator CLI and the fleet query, and its
+    reported state must map packages to objects with a string version."""
+    c, info = cloud
+    a, _ = provision_device(c, info, tmp_path, "SN-0001")
+    b, _ = provision_device(c, info, tmp_path, "SN-0002")
+    base = "$aws/things/gw-SN-0001/shadow/name/$package"
+    try:
+        sc = shadow_client(a)
+        sc.update_named_shadow(
+            iotshadow.UpdateNamedShadowRequest(
+                thing_name="gw-SN-0001",
+                shadow_name="$package",
+                state=iotshadow.ShadowState(
+                    reported={
+                        "app": {"version": "1.1.0", "attributes": {"channel": "stable"}},
+                        "os": {"version": "6.1"},
+                    }
+                ),
+            )
+        ).result(15)
+        got = sc.get_named_shadow(
+            iotshadow.GetNamedShadowRequest(thing_name="gw-SN-0001", shadow_name="$package")
+        ).result(15)
+        assert got.state.reported["app"] == {"version": "1.1.0", "attributes": {"channel": "stable"}}
+        report_b = {"state": {"reported": {"app": {"version": "1.10.0"}}}}
+        b.subscribe("$aws/things/gw-SN-0002/shadow/name/$package/update/+")
+        assert b.publish("$aws/things/gw-SN-0002/shadow/name/$package/update", json.dumps(report_b)) in (0, 16)
+        assert json.loads(b.expect("$aws/things/gw-SN-0002/shadow/name/$package/update/accepted"))["version"] == 1
+
+        # A partial update merges into an entry that keeps its version; one that leaves no version is refused.
+        a.subscribe(f"{base}/update/+")
+        a.received(0.3)  # the SDK's own replies, already seen
+        a.publish(f"{base}/update", json.dumps({"state": {"reported": {"app": {"attributes": {"channel": "beta"}}}}}))
+        assert json.loads(a.expect(f"{base}/update/accepted"))["version"] == 2
+        for bad in (
+            {"fw": "1.0.0"},
+            {"fw": {"attributes": {"a": "b"}}},
+            {"fw": {"version": 2}},
+            {"fw": {"version": ""}},
+            {"fw": {"version": "1", "attributes": "x"}},
+            {"app": {"version": None}},
+        ):
+            a.publish(f"{base}/update", json.dumps({"state": {"reported": bad}}))
+            rej = json.loads(a.expect(f"{base}/update/rejected"))
+            assert rej["code"] == 400 and rej["message"].startswith("Invalid $package shadow: reported."), rej
+        # Other names with a `$` stay refused.
+        a.subscribe("$aws/things/gw-SN-0001/shadow/name/$other/get/rejected")
+        a.publish("$aws/things/gw-SN-0001/shadow/name/$other/get", b"")
+        assert json.loads(a.expect("$aws/things/gw-SN-0001/shadow/name/$other/get/rejected"))["code"] == 400
+
+        shown = json.loads(cli(c, "shadows", "get", "gw-SN-0001", "$package").stdout)
+        assert shown["version"] == 2
+        assert shown["state"]["reported"] == {
+            "app": {"version": "1.1.0", "attributes": {"channel": "beta"}},
+            "os": {"version": "6.1"},
+        }
+        r = cli(c, "things", "query", "--shadow", "$package", "--where", "reported.app.version<1.2.0")
+        assert r.returncode == 0 and r.stdout.split() == ["gw-SN-0001"], r.stderr
+        r = cli(c, "things", "query", "--shadow", "$package", "--where", "reported.app.version>=1.10.0")
+        assert r.stdout.split() == ["gw-SN-0002"]
+        assert "$package" in cli(c, "shadows", "list", "--thing", "gw-SN-0001").stdout
+        r = cli(c, "shadows", "update", "gw-SN-0001", "$package", "--desired", '{"app": {"version": "1.2.0"}}')
+        assert r.returncode == 0, r.stderr
+        assert cli(c, "shadows", "update", "gw-SN-0001", "$pkg", "--desired", "{}").returncode == 2
+    finally:
+        a.stop()
+        b.stop()
+
+
 def test_compare_and_parse_where():
     assert compare("1.10.0", ">", "1.9.9") and compare("1.2", "==", "1.2.0") and compare("v2.0.0", ">", "1.99")
     assert compare("1.2.0-rc.2", ">", "1.2.0-rc.1") and compare("1.2.0-rc.1", "<", "1.2.0")

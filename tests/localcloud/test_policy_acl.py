@@ -26,6 +26,17 @@ DEVICE_CASES = [
     ("read", "cmd/{other}/reboot"),
     ("read", "$aws/things/{me}/jobs/notify"),
     ("read", "$aws/things/{other}/jobs/notify"),
+    ("read", "$aws/things/{me}/shadow/name/$package/update/accepted"),
+    ("write", "$aws/things/{me}/shadow/name/$package/update"),
+    ("write", "$aws/commands/things/{me}/executions/e1/response/json"),
+    ("write", "$aws/commands/things/{me}/executions/e1/response"),
+    ("write", "$aws/commands/things/{other}/executions/e1/response/json"),
+    ("write", "$aws/commands/clients/{me}/executions/e1/response/json"),
+    ("read", "$aws/commands/things/{me}/executions/e1/request/json"),
+    ("read", "$aws/commands/things/{me}/executions/e1/request"),
+    ("read", "$aws/commands/things/{me}/executions/e1/response/accepted/json"),
+    ("read", "$aws/commands/things/{other}/executions/e1/request/json"),
+    ("read", "$aws/commands/things/{other}/executions/e1/response/accepted/json"),
 ]
 CLAIM_CASES = [
     ("write", "$aws/certificates/create/json"),
