@@ -175,9 +175,7 @@ class InventoryReporter:
 
         try:
             return (
-                self.client.get_named_shadow(
-                    iotshadow.GetNamedShadowRequest(thing_name=self.thing, shadow_name=name)
-                )
+                self.client.get_named_shadow(iotshadow.GetNamedShadowRequest(thing_name=self.thing, shadow_name=name))
                 .result(REQUEST_TIMEOUT_S + 5)
                 .version
             )

@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 from agent.base.config import ClockConfig, Config, ConfigError, split_server
 from agent.base.errors import SecretError
 from agent.base.pin import read_pin
+from agent.commands.config import HandlerConfig
 from agent.runtime import features
 from agent.runtime.features import BOUNDS, load, parse
 from agent.tunneling.config import TunnelService
-from agent.commands.config import HandlerConfig
 from agent.update.config import OtaTargetConfig
 
 # Every config dataclass by its class name, with the registry's bounds and parser.

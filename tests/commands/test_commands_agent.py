@@ -144,7 +144,12 @@ def test_commands_end_to_end(world, agents):
     with commands.lock, commands.db:  # the request published again, as a broker redelivery would
         commands.db.execute(
             "INSERT INTO commands_outbox (topic, payload, content_type, expires) VALUES (?,?,?,?)",
-            (request_topic(thing, eid, "application/json"), b'{"action": "count"}', "application/json", time.time() + 60),
+            (
+                request_topic(thing, eid, "application/json"),
+                b'{"action": "count"}',
+                "application/json",
+                time.time() + 60,
+            ),
         )
     a.wait_for(rf"commands: execution {eid} was seen before \(SUCCEEDED\); not run again", timeout=30)
     assert runs.read_text() == "run\n"
