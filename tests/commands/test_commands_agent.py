@@ -21,6 +21,7 @@ from localcloud.cloud import LocalCloud
 from localcloud.commands import Commands, request_topic
 from localcloud.ntp import Chrony
 
+CT = "application/json"
 QUIET = {"defender": {"enabled": False}, "inventory": {"enabled": False}, "jobs": {"enabled": False}}
 
 
