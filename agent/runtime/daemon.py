@@ -350,7 +350,7 @@ def _session(
             sdnotify.beat()
             failpoints.hang("daemon.main_loop_hang")
             if guard is not None:
-                guard.tick(conn.connected.is_set())
+                guard.tick()
             if conn.connected.is_set():
                 waited = 0.0
                 if refused.active or refused.waited:

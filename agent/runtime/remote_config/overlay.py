@@ -205,14 +205,14 @@ def session_config(file_cfg: Config, state_dir: Path, parse: Callable[..., Confi
 
 
 class Guard:
-    """Rolls back a change the cloud has not been reached after: the daemon ticks it every half second."""
+    """Rolls back a change after which the cloud has not taken a report in time: the daemon ticks it."""
 
     def __init__(self, state_dir: Path, on_rollback: Callable[[], None]) -> None:
         self.store = OverlayStore(state_dir)
         self.on_rollback = on_rollback
         self._checked = 0.0
 
-    def tick(self, connected: bool) -> None:
+    def tick(self) -> None:
         now = time.time()
         if now - self._checked < 1.0:
             return
@@ -220,12 +220,12 @@ class Guard:
         record = self.store.load()
         if not record.get("pending"):
             return
-        if connected:
-            return  # the feature confirms it once its report is accepted
+        # Confirmed means the cloud took the report of the change (the feature clears `pending` then): a
+        # connection that cannot even report is no better than none.
         if now >= float(record.get("confirm_by") or 0):
             previous = record.get("previous") or {}
             log.error(
-                "configuration shadow: the cloud has not been reached since the change to %s; rolling back to %s",
+                "configuration shadow: the cloud has not taken a report since the change to %s; rolling back to %s",
                 json.dumps(record.get("overlay"), sort_keys=True)[:300],
                 json.dumps(previous, sort_keys=True)[:300],
             )
@@ -236,7 +236,7 @@ class Guard:
                     "status": {
                         "result": "rolled back",
                         "desired_version": (record.get("status") or {}).get("desired_version"),
-                        "reasons": ["the cloud was not reached within remote_config.confirm_within_s of the change"],
+                        "reasons": ["no report reached the cloud within remote_config.confirm_within_s of the change"],
                         "at": int(now),
                     },
                 }
