@@ -13,6 +13,7 @@ message expiry) is answered TIMED_OUT (REQUEST_EXPIRED) without running.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from agent.session.feature import Feature, FeatureSpec, MessageProperties, Sessi
 log = logging.getLogger("agent.commands")
 SECTION = "commands"  # the state store's record: {"executions": {id: record}}
 PUBLISH_TIMEOUT_S = 10.0
+BUSY_BACKLOG = 64
 STARTED_AT = time.time()
 
 
@@ -52,10 +54,16 @@ class CommandsFeature(Feature):
         self.section: CommandsConfig = cfg.commands
         self.store = store
         self.session: Session | None = None
-        self.queue: queue.Queue[_Item | None] = queue.Queue(maxsize=self.section.max_pending + 1)
+        self.queue: queue.Queue[_Item] = queue.Queue(maxsize=max(1, self.section.max_pending))
+        self.resend = threading.Event()  # (re)connected: send the answers an outage held back
+        # BUSY answers wait here for a thread of their own (a flood must not start one thread per request);
+        # past BUSY_BACKLOG they are not answered at all: the cloud times those executions out.
+        self.busy: queue.Queue[tuple[str, str, str] | None] = queue.Queue(maxsize=BUSY_BACKLOG)
         self.stop_event = threading.Event()
+        self.running = threading.Event()  # an execution is being run (max_pending = 0: nothing may wait)
         self.connected = threading.Event()
         self.thread: threading.Thread | None = None
+        self.busy_thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._queued: set[str] = set()  # execution ids waiting or running (not yet terminal)
         self.ran = 0
@@ -67,6 +75,8 @@ class CommandsFeature(Feature):
         session.router.add(f"{rq.PREFIX}{session.thing_name}/executions/", self.on_message, with_properties=True)
         self.thread = threading.Thread(target=self._work, name="commands", daemon=True)
         self.thread.start()
+        self.busy_thread = threading.Thread(target=self._answer_busy, name="commands-busy", daemon=True)
+        self.busy_thread.start()
         log.info(
             "commands: running %s on request",
             ", ".join(sorted([*self.section.builtin, *self.section.handlers])) or "nothing (none configured)",
@@ -90,7 +100,7 @@ class CommandsFeature(Feature):
                     return
             log.info("commands: waiting for requests on %s", rq.request_filter(thing))
             self.connected.set()
-            self.queue_put_nowait(None)  # the worker sends the answers a restart or an outage held back
+            self.resend.set()
 
         threading.Thread(target=subscribe, name="commands-subscribe", daemon=True).start()
 
@@ -101,12 +111,15 @@ class CommandsFeature(Feature):
 
     def stop(self) -> None:
         self.stop_event.set()
-        self.queue_put_nowait(None)
+        with contextlib.suppress(queue.Full):
+            self.busy.put_nowait(None)
         if self.thread:
             self.thread.join(5)
         self.session = None
 
-    def queue_put_nowait(self, item: _Item | None) -> bool:
+    def queue_put_nowait(self, item: _Item) -> bool:
+        if self.section.max_pending == 0 and self.running.is_set():
+            return False
         try:
             self.queue.put_nowait(item)
             return True
@@ -140,24 +153,31 @@ class CommandsFeature(Feature):
             with self._lock:
                 self._queued.discard(t.execution_id)
             self._finish_without_running(
-                t, props.content_type, rq.REJECTED, rq.BUSY, f"{self.section.max_pending} requests are waiting already"
+                t,
+                props.content_type,
+                f"{self.section.max_pending} request(s) are waiting already (commands.max_pending)",
             )
 
     # -- the worker ---------------------------------------------------------------------------------
     def _work(self) -> None:
         self._recover()
         while not self.stop_event.is_set():
-            item = self.queue.get()
+            if self.resend.is_set():
+                self.resend.clear()
+                self._send_unsent()
+            try:
+                item = self.queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
             if self.stop_event.is_set():
                 return
-            if item is None:
-                self._send_unsent()
-                continue
+            self.running.set()
             try:
                 self._execute(item)
             except Exception:  # one bad execution must not end the feature
                 log.exception("commands: execution %s failed", item.topic.execution_id)
             finally:
+                self.running.clear()
                 with self._lock:
                     self._queued.discard(item.topic.execution_id)
 
@@ -256,14 +276,25 @@ class CommandsFeature(Feature):
             self._finish(eid, fmt, rq.FAILED, rq.HANDLER_FAILED, f"exited with status {out.exit_code}", result)
 
     # -- records and answers ------------------------------------------------------------------------
-    def _finish_without_running(self, t: rq.Topic, content_type: str | None, status: str, code: str, why: str) -> None:
-        """From the MQTT thread (BUSY): the record is written there; the answer goes from a short thread."""
-        fmt = rq.response_format(t, content_type)
-        if t.execution_id in self._records():
-            return
-        threading.Thread(
-            target=self._finish, args=(t.execution_id, fmt, status, code, why), name="commands-busy", daemon=True
-        ).start()
+    def _finish_without_running(self, t: rq.Topic, content_type: str | None, why: str) -> None:
+        """From the MQTT thread (BUSY): recorded and answered by the busy thread, never here."""
+        try:
+            self.busy.put_nowait((t.execution_id, rq.response_format(t, content_type), why))
+        except queue.Full:
+            log.debug("commands: execution %s not answered (BUSY backlog full)", t.execution_id)
+
+    def _answer_busy(self) -> None:
+        while not self.stop_event.is_set():
+            item = self.busy.get()
+            if item is None or self.stop_event.is_set():
+                return
+            eid, fmt, why = item
+            if eid in self._records():  # seen and decided before: that answer stands
+                continue
+            try:
+                self._finish(eid, fmt, rq.REJECTED, rq.BUSY, why)
+            except Exception:
+                log.exception("commands: BUSY answer for %s failed", eid)
 
     def _finish(
         self,

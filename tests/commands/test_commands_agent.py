@@ -1,10 +1,10 @@
 """AWS IoT Commands end to end: the local cloud starts executions, the real agent runs them and answers.
 
 A built-in and an operator handler SUCCEED with results; an unknown command, a malformed payload, an
-unsupported payload type, an expired request, a duplicate delivery, a handler past its timeout and a handler
-that prints 10 MB each end with the right status and reason; the agent is unharmed (it still answers, its
-memory did not follow the output). A restart in the middle of an execution is answered AGENT_RESTARTED and
-the execution is not run again.
+unsupported payload type, an expired request, a request past max_pending, a duplicate delivery, a handler past
+its timeout and a handler that prints 10 MB each end with the right status and reason; the agent is
+unharmed (it still answers, its memory did not follow the output). A restart in the middle of an execution
+is answered AGENT_RESTARTED and the execution is not run again.
 """
 
 from __future__ import annotations
@@ -55,7 +55,10 @@ def world(tmp_path, softhsm):
         "C1",
         tmp_path / "dev",
         [ntp.server],
-        extra={**QUIET, "commands": {"enabled": True, "builtin": ["report-status"], "handlers": handlers}},
+        extra={
+            **QUIET,
+            "commands": {"enabled": True, "builtin": ["report-status"], "handlers": handlers, "max_pending": 1},
+        },
     )
     commands = Commands(cloud.registry.db, cloud.registry.lock)
     for name in handlers:
@@ -133,11 +136,23 @@ def test_commands_end_to_end(world, agents):
 
     # An expired request: it waited behind a slow one past its execution timeout, and is not run.
     slow = commands.start_execution("slow", thing, 30)["executionId"]
+    a.wait_for(rf"commands: execution {slow}: running slow", timeout=30)
     late = commands.start_execution("count", thing, 1)["executionId"]
     wait(commands, slow, "SUCCEEDED")
     ex = wait(commands, late, "TIMED_OUT")
     assert reason(ex) == "REQUEST_EXPIRED", ex
     assert not runs.exists(), "an expired request ran"
+
+    # A flood: one runs, max_pending (1) waits, the rest are REJECTED (BUSY) at once.
+    slow = commands.start_execution("slow", thing, 30)["executionId"]
+    a.wait_for(rf"commands: execution {slow}: running slow", timeout=30)
+    waiting = commands.start_execution("echo-params", thing, 30)["executionId"]
+    time.sleep(0.5)  # it is in the queue before the next one arrives
+    busy = commands.start_execution("echo-params", thing, 30)["executionId"]
+    ex = wait(commands, busy, "REJECTED")
+    assert reason(ex) == "BUSY" and "commands.max_pending" in ex["statusReason"]["reasonDescription"]
+    wait(commands, slow, "SUCCEEDED")
+    wait(commands, waiting, "SUCCEEDED")
 
     # A duplicate delivery of the same execution: run once, the first answer stands.
     eid = commands.start_execution("count", thing, 60)["executionId"]

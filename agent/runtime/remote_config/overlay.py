@@ -55,8 +55,7 @@ SETTABLE: dict[str, frozenset[str]] = {
     ),
     "log": frozenset({"level"}),
     "inventory": frozenset({"enabled"}),
-    "jobs": frozenset({"enabled"}),
-    "tunneling": frozenset({"enabled", "max_tunnels", "max_connections", "lifetime_s"}),
+    "tunneling": frozenset({"max_tunnels", "max_connections", "lifetime_s"}),
     "local_messaging": frozenset(
         {"spool_max_mib", "spool_max_messages", "spool_max_age_s", "when_full", "max_message_kib", "max_clients"}
     ),
@@ -72,6 +71,8 @@ TRUST: dict[str, str] = {
     "ota": "the code-signing certificate and the update targets decide what runs",
     "commands": "what the cloud may run on the device",
     "remote_config": "what the cloud may change",
+    "jobs": "jobs install updates and rotate certificates: only the file turns them on or off",
+    "tunneling.enabled": "a tunnel is a way into the device: only the file turns it on",
     "tunneling.services": "which ports a tunnel reaches",
     "tunneling.allow_pivot_to_other_hosts": "whether a tunnel reaches the LAN",
     "tunneling.endpoint": "where tunnels connect",
