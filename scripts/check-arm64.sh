@@ -26,7 +26,9 @@ fa_start
 # For tests/system/test_check_arm64_host.py: fail (or wait for a signal) right after changing the host.
 case "${IOT_AGENT_ARM64_FAIL_AT:-}" in
 registered) say "failing on purpose after registering the handler" && exit 1 ;;
-wait) say "registered; waiting for a signal" && sleep 120 && exit 1 ;;
+# Short sleeps: bash runs a trap only once its foreground child ends, and a child that missed the signal (it can
+# arrive between fork and exec) would otherwise hold the trap back for the whole wait.
+wait) say "registered; waiting for a signal" && for _ in $(seq 240); do sleep 0.5; done && exit 1 ;;
 esac
 fa_rootfs
 fa_enter

@@ -345,17 +345,21 @@ class CommandsFeature(Feature):
         return dict((self.store.load().get(SECTION) or {}).get("executions") or {})
 
     def _record(self, eid: str, record: dict) -> None:
-        """One atomic state write; the history keeps the newest `history` executions."""
+        """One atomic state write; the history keeps the newest `history` executions (by a sequence number:
+        the state file is written with sorted keys, so its order says nothing)."""
         limit = self.section.history
 
         def change(data: dict) -> dict:
             section = dict(data.get(SECTION) or {})
             executions = dict(section.get("executions") or {})
-            executions.pop(eid, None)
-            executions[eid] = record  # newest last: the dict keeps insertion order through JSON
-            while len(executions) > limit:
-                executions.pop(next(iter(executions)))
-            section["executions"] = executions
+            seq = int(section.get("seq") or 0) + 1
+            executions[eid] = {**record, "seq": seq}
+            if len(executions) > limit:
+                oldest = sorted(executions, key=lambda k: int(executions[k].get("seq") or 0))
+                for k in oldest[: len(executions) - limit]:
+                    if k != eid:
+                        del executions[k]
+            section["executions"], section["seq"] = executions, seq
             data[SECTION] = section
             return data
 

@@ -77,3 +77,24 @@ def test_runs_as_the_configured_user():
     nobody = pwd.getpwnam("nobody")
     uid, groups = out.output.decode().split("\n")[:2]
     assert int(uid) == nobody.pw_uid and groups.split() == [str(nobody.pw_gid)]
+
+
+def test_the_history_keeps_the_newest_executions(tmp_path):
+    """Each execution id runs at most once while it is remembered; the oldest are forgotten first (by sequence,
+    not by the id's sort order, which is how the state file stores them)."""
+    from agent.base.state import StateStore
+    from agent.commands.feature import CommandsFeature
+    from agent.runtime.features import parse
+
+    cfg = parse(
+        {
+            "broker": {"endpoint": "h", "ca_file": "c"},
+            "pkcs11": {"library": "l", "token_label": "t"},
+            "commands": {"enabled": True, "history": 16},
+        }
+    )
+    f = CommandsFeature(cfg, StateStore(tmp_path))
+    ids = [f"z{i:03d}" if i % 2 else f"a{i:03d}" for i in range(40)]  # sort order unlike arrival order
+    for eid in ids:
+        f._record(eid, {"status": "SUCCEEDED", "sent": True})
+    assert sorted(f._records()) == sorted(ids[-16:])
