@@ -37,6 +37,21 @@ def root():
         pytest.fail("the check needs root (binfmt_misc)")
 
 
+def _as_from_a_terminal() -> None:
+    """In the child: SIGINT as a shell in a terminal has it (default, not blocked). The test runner's process
+    may hold it ignored or blocked, and a shell that starts with SIGINT ignored can never trap it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def _signal_masks(pid: int) -> str:
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return "gone"
+    return " ".join(line for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+
+
 def test_a_failing_check_removes_what_it_registered(root):
     before = host_state()
     r = subprocess.run(["bash", str(SCRIPT)], env=_env("registered"), capture_output=True, text=True, timeout=600)
@@ -55,6 +70,7 @@ def test_ctrl_c_removes_what_it_registered(root):
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=_as_from_a_terminal,
     )
     try:
         deadline = time.monotonic() + 600  # the first run may install qemu-user-static
@@ -67,8 +83,12 @@ def test_ctrl_c_removes_what_it_registered(root):
         assert "waiting for a signal" in seen, seen
         registered = host_state()
         assert "qemu-aarch64" in registered[1], registered  # the handler was there while it ran
+        masks = _signal_masks(p.pid)
         os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
-        out, _ = p.communicate(timeout=60)
+        try:
+            out, _ = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"no exit 60 s after SIGINT; the script's signal state was {masks}") from None
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
