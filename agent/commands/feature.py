@@ -54,8 +54,8 @@ class CommandsFeature(Feature):
         self.section: CommandsConfig = cfg.commands
         self.store = store
         self.session: Session | None = None
-        self.queue: queue.Queue[_Item] = queue.Queue(maxsize=max(1, self.section.max_pending))
-        self.resend = threading.Event()  # (re)connected: send the answers an outage held back
+        # Bounded by queue_put (max_pending): None wakes the worker to send the answers an outage held back.
+        self.queue: queue.Queue[_Item | None] = queue.Queue()
         # BUSY answers wait here for a thread of their own (a flood must not start one thread per request);
         # past BUSY_BACKLOG they are not answered at all: the cloud times those executions out.
         self.busy: queue.Queue[tuple[str, str, str] | None] = queue.Queue(maxsize=BUSY_BACKLOG)
@@ -100,7 +100,7 @@ class CommandsFeature(Feature):
                     return
             log.info("commands: waiting for requests on %s", rq.request_filter(thing))
             self.connected.set()
-            self.resend.set()
+            self.queue.put(None)
 
         threading.Thread(target=subscribe, name="commands-subscribe", daemon=True).start()
 
@@ -111,20 +111,21 @@ class CommandsFeature(Feature):
 
     def stop(self) -> None:
         self.stop_event.set()
+        self.queue.put(None)
         with contextlib.suppress(queue.Full):
             self.busy.put_nowait(None)
         if self.thread:
             self.thread.join(5)
         self.session = None
 
-    def queue_put_nowait(self, item: _Item) -> bool:
-        if self.section.max_pending == 0 and self.running.is_set():
-            return False
-        try:
-            self.queue.put_nowait(item)
-            return True
-        except queue.Full:
-            return False
+    def queue_put(self, item: _Item) -> bool:
+        """Queue a request unless max_pending are waiting already (with 0: unless one is running)."""
+        with self._lock:
+            waiting = sum(1 for x in list(self.queue.queue) if x is not None)
+            room = waiting < self.section.max_pending or (waiting == 0 and not self.running.is_set())
+            if room:
+                self.queue.put(item)
+            return room
 
     # -- arrival (the MQTT client's thread: never blocks) -----------------------------------------
     def on_message(self, topic: str, payload: bytes, props: MessageProperties) -> None:
@@ -149,7 +150,7 @@ class CommandsFeature(Feature):
                 log.info("commands: execution %s is already waiting or running; the repeat is ignored", t.execution_id)
                 return
             self._queued.add(t.execution_id)
-        if not self.queue_put_nowait(_Item(t, payload, props.content_type, deadline)):
+        if not self.queue_put(_Item(t, payload, props.content_type, deadline)):
             with self._lock:
                 self._queued.discard(t.execution_id)
             self._finish_without_running(
@@ -162,16 +163,14 @@ class CommandsFeature(Feature):
     def _work(self) -> None:
         self._recover()
         while not self.stop_event.is_set():
-            if self.resend.is_set():
-                self.resend.clear()
-                self._send_unsent()
-            try:
-                item = self.queue.get(timeout=0.5)
-            except queue.Empty:
-                continue
+            item = self.queue.get()  # sleeps until a request, a (re)connection or the stop
             if self.stop_event.is_set():
                 return
-            self.running.set()
+            if item is None:
+                self._send_unsent()
+                continue
+            with self._lock:
+                self.running.set()
             try:
                 self._execute(item)
             except Exception:  # one bad execution must not end the feature
