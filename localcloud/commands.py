@@ -51,9 +51,11 @@ import threading
 import time
 import unicodedata
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from .registry import write_transaction
 
 MAX_RESPONSE_BYTES = 128 * 1024  # AWS IoT's MQTT message limit: nothing larger is ever decoded
 # A command's payload must fit one MQTT message with its topic; AWS's own per-command limit is not stated here.
@@ -298,20 +300,8 @@ class Commands:
         with self.lock:
             self.db.executescript(SCHEMA)
 
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[None]:
-        """One read-modify-write, atomic across processes (the service and the CLI share the file)."""
-        with self.lock:
-            nested = self.db.in_transaction
-            self.db.execute("SAVEPOINT commands_write" if nested else "BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self.db.execute("ROLLBACK TO commands_write" if nested else "ROLLBACK")
-                if nested:
-                    self.db.execute("RELEASE commands_write")
-                raise
-            self.db.execute("RELEASE commands_write" if nested else "COMMIT")
+    def _write(self) -> contextlib.AbstractContextManager[None]:
+        return write_transaction(self.db, self.lock, "commands_write")
 
     # -- operator side (CLI) -------------------------------------------------------------------
     def create_command(

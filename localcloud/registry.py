@@ -7,6 +7,7 @@ transaction; the service thread and the CLI may both use it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +81,23 @@ class CaCertificate:
     status: str
     registration_config: str
     created: float
+
+
+@contextlib.contextmanager
+def write_transaction(db: sqlite3.Connection, lock: threading.RLock, name: str) -> Iterator[None]:
+    """One read-modify-write, atomic across processes (the service and the CLI share the file); a savepoint
+    named `name` when the caller is inside a transaction already."""
+    with lock:
+        nested = db.in_transaction
+        db.execute(f"SAVEPOINT {name}" if nested else "BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            db.execute(f"ROLLBACK TO {name}" if nested else "ROLLBACK")
+            if nested:
+                db.execute(f"RELEASE {name}")
+            raise
+        db.execute(f"RELEASE {name}" if nested else "COMMIT")
 
 
 def certificate_id(der: bytes) -> str:

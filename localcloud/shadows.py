@@ -35,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .registry import write_transaction
+
 MAX_REQUEST_BYTES = 64 * 1024  # never parsed beyond this (AWS's own MQTT limit is 128 KB)
 MAX_STATE_BYTES = 8 * 1024  # desired + reported, compact JSON, metadata excluded
 MAX_DEPTH = 6  # levels inside `desired` / `reported`
@@ -377,20 +379,8 @@ class Shadows:
         return out
 
     # -- operations ----------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _write(self):
-        """One read-modify-write, atomic across processes (the service and the CLI share the file)."""
-        with self.lock:
-            nested = self.db.in_transaction
-            self.db.execute("SAVEPOINT shadow_write" if nested else "BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self.db.execute("ROLLBACK TO shadow_write" if nested else "ROLLBACK")
-                if nested:
-                    self.db.execute("RELEASE shadow_write")
-                raise
-            self.db.execute("RELEASE shadow_write" if nested else "COMMIT")
+    def _write(self) -> contextlib.AbstractContextManager[None]:
+        return write_transaction(self.db, self.lock, "shadow_write")
 
     def _row(self, thing: str, name: str) -> tuple | None:
         return self.db.execute(

@@ -67,6 +67,36 @@ class Run:
             time.sleep(0.1)
         return False
 
+    def until(
+        self,
+        done: Callable[[], bool],
+        timeout: float,
+        what: str | Callable[[], str],
+        tick: Callable[[], None] | None = None,
+    ) -> tuple[bool, str]:
+        """(killed, error) of a run that should reach `done()`: ("", False) once it holds and the process still
+        runs half a second later (a cut right after the last write has taken it by then); (True, "") when the
+        sweep's SIGKILL ended it; else what went wrong. `tick` runs every turn (a test's input to the flow).
+        The process is stopped either way."""
+        deadline = pace.deadline(timeout)
+        try:
+            while time.monotonic() < deadline:
+                if tick is not None:
+                    tick()
+                if done():
+                    time.sleep(0.5)
+                    if self.poll() is None:
+                        return False, ""
+                rc = self.poll()
+                if rc is not None:
+                    self.reap()
+                    return (True, "") if rc == -9 else (False, f"exited {rc}:\n{self.text()[-1500:]}")
+                time.sleep(0.05)
+            why = what() if callable(what) else what
+            return False, f"{why} within {timeout:g} s:\n{self.text()[-1500:]}"
+        finally:
+            self.stop()
+
     def poll(self) -> int | None:
         """The exit status once the process has ended, else None. Whatever its group left (a `keys`
         child) is killed first, like after a power cut, and only then is the leader reaped: while it is

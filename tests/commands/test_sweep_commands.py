@@ -7,13 +7,11 @@ final answer that matches what happened: SUCCEEDED (it ran and the record says s
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 from sweep import Outcome, Run, next_serial, op_at, sweep, sweep_env
 
-from localcloud import pace
 from localcloud.bench import agent_cmd, enrolled_device
 from localcloud.cloud import LocalCloud
 from localcloud.commands import Commands
@@ -63,23 +61,12 @@ def commands_case(world, root: Path, seen: list[tuple[str, str]]):
 
         def run_until_done(env: dict[str, str], log: Path) -> tuple[bool, str]:
             run = Run(agent_cmd(dev.config_path, "run"), env, log).start()
-            deadline = pace.deadline(90)
-            try:
-                while time.monotonic() < deadline:
-                    if not started and "commands: waiting for requests" in run.text():
-                        started.append(commands.start_execution("count", thing, 10)["executionId"])
-                    if status() in FINAL:
-                        time.sleep(0.5)  # a cut right after the last write: the process is gone by now
-                        if run.proc.poll() is None:
-                            return False, ""
-                    rc = run.proc.poll()
-                    if rc is not None:
-                        run.reap()
-                        return (True, "") if rc == -9 else (False, f"exited {rc}:\n{run.text()[-1500:]}")
-                    time.sleep(0.05)
-                return False, f"no final answer within 90 s ({status()}):\n{run.text()[-1500:]}"
-            finally:
-                run.stop()
+
+            def start_when_listening() -> None:
+                if not started and "commands: waiting for requests" in run.text():
+                    started.append(commands.start_execution("count", thing, 10)["executionId"])
+
+            return run.until(lambda: status() in FINAL, 90, "no final answer", tick=start_when_listening)
 
         try:
             killed, error = run_until_done(sweep_env(plain, ops, dev.directory, n), d / "swept.log")

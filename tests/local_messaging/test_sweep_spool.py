@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -87,20 +86,15 @@ def spool_case(world, root: Path):
 
         def run_until_done(env: dict[str, str], log: Path) -> tuple[bool, str]:
             """(killed, error): the agent ran until the app finished and the spool emptied, or died."""
-            run = Run(agent_cmd(dev.config_path, "run"), env, log).start()
-            deadline = pace.deadline(120)
-            try:
-                while time.monotonic() < deadline:
-                    if finished():
-                        return False, ""
-                    rc = run.proc.poll()
-                    if rc is not None:
-                        run.reap()
-                        return (True, "") if rc == -9 else (False, f"exited {rc}:\n{run.text()[-1500:]}")
-                    time.sleep(0.05)
-                return False, f"neither finished nor killed; app: {app.poll()}, spool: {read_stats(spool_file)}"
-            finally:
-                run.stop()
+            return (
+                Run(agent_cmd(dev.config_path, "run"), env, log)
+                .start()
+                .until(
+                    finished,
+                    120,
+                    lambda: f"neither finished nor killed; app: {app.poll()}, spool: {read_stats(spool_file)}",
+                )
+            )
 
         try:
             killed, error = run_until_done(sweep_env(plain, ops, dev.directory, n), d / "swept.log")

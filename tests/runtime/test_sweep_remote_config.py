@@ -5,13 +5,11 @@ whole new one, never a part, and the agent, started again, ends with the new one
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 from sweep import Outcome, Run, next_serial, op_at, sweep, sweep_env
 
-from localcloud import pace
 from localcloud.bench import agent_cmd, enrolled_device
 from localcloud.cloud import LocalCloud
 from localcloud.ntp import Chrony
@@ -72,22 +70,7 @@ def remote_config_case(world, root: Path):
             return r.get("overlay") == NEW and "status_reported" in r and not r.get("pending")
 
         def run_until_done(env: dict[str, str], log: Path) -> tuple[bool, str]:
-            run = Run(agent_cmd(dev.config_path, "run"), env, log).start()
-            deadline = pace.deadline(90)
-            try:
-                while time.monotonic() < deadline:
-                    if done():
-                        time.sleep(0.5)  # a cut right after the confirming write: the process is gone by now
-                        if run.proc.poll() is None:
-                            return False, ""
-                    rc = run.proc.poll()
-                    if rc is not None:
-                        run.reap()
-                        return (True, "") if rc == -9 else (False, f"exited {rc}:\n{run.text()[-1500:]}")
-                    time.sleep(0.05)
-                return False, f"not applied within 90 s:\n{run.text()[-1500:]}"
-            finally:
-                run.stop()
+            return Run(agent_cmd(dev.config_path, "run"), env, log).start().until(done, 90, "not applied")
 
         try:
             killed, error = run_until_done(sweep_env(plain, ops, dev.directory, n), d / "swept.log")
