@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.base.config import Config
 from agent.base.errors import BrokerConnectionError, CredentialError
+from agent.session.feature import MessageProperties
 
 if TYPE_CHECKING:  # awscrt loads late, in prepare(): the daemon starts without it
     from concurrent.futures import Future
@@ -99,6 +100,8 @@ class Connection:
     ):
         self.settings = settings
         self._on_message = on_message
+        # Decided once, not per message: whether the handler takes MQTT 5 properties (the daemon's router does).
+        self._with_properties = bool(getattr(on_message, "takes_properties", False))
         self._on_event = on_event
         self.connected = threading.Event()
         self._stopped = threading.Event()
@@ -356,9 +359,7 @@ class Connection:
         p = data.publish_packet
         if self._on_message:
             try:
-                if getattr(self._on_message, "takes_properties", False):
-                    from agent.session.feature import MessageProperties
-
+                if self._with_properties:
                     props = MessageProperties(p.content_type, p.message_expiry_interval_sec)
                     self._on_message(p.topic, bytes(p.payload or b""), props)  # type: ignore[call-arg]
                 else:
