@@ -32,14 +32,11 @@ lint: venv
 check-arm64:
 	bash scripts/check-arm64.sh
 
+# Every benchmark runs even when an earlier one misses its target (exit 1); make fails at the end if any did.
+BENCHES = startup lifecycle_rss provision_many defender_cost download_throughput tunnel_throughput \
+	local_messaging micropython_footprint
 bench: sysdeps venv
-	$(PY) bench/startup.py
-	$(PY) bench/lifecycle_rss.py
-	$(PY) bench/provision_many.py
-	$(PY) bench/defender_cost.py
-	$(PY) bench/download_throughput.py
-	$(PY) bench/tunnel_throughput.py
-	$(PY) bench/micropython_footprint.py
+	@status=0; for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) bench/$$b.py || status=1; done; exit $$status
 
 sysdeps:
 	@bash scripts/sysdeps.sh
