@@ -16,6 +16,10 @@ the last message (for the agent: its spool's delivered counter, read from the fi
            disk (SQLite, synchronous=FULL) before the app's PUBACK and leaves the spool only after the
            broker's. The ratio is this against the direct loop. The same with paho-mqtt (the README's
            client) is printed too: in Python it is the slower side of its own path.
+The ceiling, measured in the same run: whatever the agent does, an app's message costs the app's own
+client work and then the agent's publish of it to the broker, which is at least what the direct loop
+does. So two direct loops at once (each publishing --messages), on the same cores, are the most any
+agent of this kind could carry; the ratio is also given against that.
 Exit status 1 if a target is missed.
 """
 
@@ -239,6 +243,22 @@ def main() -> int:
             str(args.messages),
         ]
 
+        # The ceiling's second loop is a second device (its own token and key: a client id is one thing's).
+        token2 = softhsm_token(work / "softhsm2")
+        dev2 = enrolled_device(cloud, token2, THING + "-2", work / "dev2", [ntp.server])
+        second_env = {**os.environ, **token2.full_env()}
+        second_cmd = [
+            *direct_cmd[:6],
+            str(dev2.cert_path),
+            token2.library,
+            token2.label,
+            "device",
+            str(token2.pin_file()),
+            THING + "-2",
+            f"dt/{THING}-2/bench",
+            str(args.messages),
+        ]
+
         def direct(window: int) -> float:
             """The loop's own time from its first publish to its last PUBACK."""
             p = subprocess.Popen(
@@ -257,6 +277,33 @@ def main() -> int:
 
         direct_s = [direct(args.window) for _ in range(args.runs)]
         direct_one_s = direct(1)
+
+        def two_at_once() -> float:
+            """Two direct loops started together; the time until both have their last PUBACK."""
+            procs = [
+                subprocess.Popen(
+                    [*cmd, str(args.window)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=e
+                )
+                for cmd, e in ((direct_cmd, env), (second_cmd, second_env))
+            ]
+            for p in procs:
+                assert p.stdout is not None
+                if not p.stdout.readline().startswith("ready"):
+                    raise RuntimeError("a direct loop did not connect")
+            start = time.perf_counter()
+            for p in procs:
+                assert p.stdin is not None
+                p.stdin.write("\n")
+                p.stdin.flush()
+            for p in procs:
+                assert p.stdout is not None
+                out = p.stdout.readline().split()
+                p.wait(30)
+                if out[:2] != ["done", "0"]:
+                    raise RuntimeError(f"a direct loop reported failures: {out}")
+            return time.perf_counter() - start
+
+        ceiling_s = [two_at_once() for _ in range(args.runs)]
         agent = subprocess.Popen(
             agent_cmd(dev.config_path, "run"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -287,11 +334,16 @@ def main() -> int:
         agent_rate = args.messages / min(agent_s)
         paho_rate = args.messages / min(paho_s)
         ratio = agent_rate / direct_rate
+        ceiling_rate = args.messages / min(ceiling_s)  # each of the two loops' rate
         print(f"messages: {args.messages} QoS 1, 256 bytes, window {args.window}, best of {args.runs}")
         one = args.messages / direct_one_s
         print(f"direct awscrt publish loop:     {direct_rate:8.0f} msg/s (one at a time: {one:.0f})")
         print(f"awscrt app -> agent (spool) -> broker: {agent_rate:8.0f} msg/s")
         print(f"ratio: {ratio:.2f} (target >= {TARGET_RATIO}): the same client, with and without the agent between")
+        print(
+            f"ceiling, two direct loops at once: {ceiling_rate:8.0f} msg/s each = {ceiling_rate / direct_rate:.2f} of "
+            f"the direct loop; the agent reaches {agent_rate / ceiling_rate:.2f} of it"
+        )
         print(
             f"paho app -> agent (spool) -> broker:   {paho_rate:8.0f} msg/s ({paho_rate / direct_rate:.2f} of the "
             f"direct loop; {paho_rate / one:.2f} of it one at a time)"
