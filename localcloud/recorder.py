@@ -22,6 +22,7 @@ class Recorder:
     client_id: str = "recorder"
     identity: str = OBSERVER  # the certificate's CN: "operator" may also publish commands (cmd/#)
     messages: list[tuple[str, bytes]] = field(default_factory=list)
+    properties: dict[str, dict] = field(default_factory=dict)  # the MQTT 5 properties of the last message per topic
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _client: object = None
     _subscribed: bool = False
@@ -83,12 +84,22 @@ class Recorder:
         p = d.publish_packet
         with self._lock:
             self.messages.append((p.topic, bytes(p.payload or b"")))
+            self.properties[p.topic] = {
+                "content_type": p.content_type,
+                "response_topic": p.response_topic,
+                "correlation_data": p.correlation_data_bytes,  # binary; `correlation_data` is awscrt's str form
+                "user_properties": [(u.name, u.value) for u in p.user_properties or ()],
+            }
 
-    def publish(self, topic: str, payload: bytes, timeout: float = 10.0) -> int:
-        """As the cloud: a QoS 1 message to a device's topic; the PUBACK reason code."""
+    def publish(self, topic: str, payload: bytes, timeout: float = 10.0, **properties) -> int:
+        """As the cloud: a QoS 1 message to a device's topic; the PUBACK reason code. `properties`: PublishPacket's
+        MQTT 5 fields (content_type, response_topic, correlation_data; user_properties as (name, value) pairs)."""
         import awscrt.mqtt5 as m5
 
-        fut = self._client.publish(m5.PublishPacket(topic=topic, payload=payload, qos=m5.QoS.AT_LEAST_ONCE))  # type: ignore[attr-defined]
+        if "user_properties" in properties:
+            properties["user_properties"] = [m5.UserProperty(k, v) for k, v in properties["user_properties"]]
+        packet = m5.PublishPacket(topic=topic, payload=payload, qos=m5.QoS.AT_LEAST_ONCE, **properties)
+        fut = self._client.publish(packet)  # type: ignore[attr-defined]
         return int(fut.result(pace.scaled(timeout)).puback.reason_code)
 
     def expect(self, topic: str, timeout: float = 10.0) -> bytes:

@@ -49,7 +49,7 @@ class LocalMessagingConfig:
     socket_group: str = ""
     apps: dict[str, AppConfig] = field(default_factory=dict)
     spool_file: Path | None = None  # "" -> state_dir/spool.sqlite
-    spool_max_mib: int = 64  # topic + payload bytes held while the cloud is out of reach
+    spool_max_mib: int = 64  # topic + payload (+ MQTT 5 properties) bytes held while the cloud is out of reach
     spool_max_messages: int = 1_000_000
     spool_max_age_s: float = 7 * DAY  # older messages are dropped (counted)
     # When the spool is full: "refuse" new QoS 1 messages (the app hears why), or "evict-oldest" (counted).

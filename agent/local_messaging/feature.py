@@ -120,13 +120,13 @@ class Hub:
             self._subscribe(conn, f)
         self.forwarder.wake()
 
-    def on_message(self, topic: str, payload: bytes) -> None:
+    def on_message(self, topic: str, payload: bytes, props: Any = None) -> None:
         from agent.local_messaging.topics import matches
 
         with self._lock:
             wanted = any(matches(f, topic) for f in self._wants)
         if wanted:
-            self.endpoint.cloud_message(topic, payload)
+            self.endpoint.cloud_message(topic, payload, props)
 
     # -- CloudLink, called by the endpoint's loop ------------------------------------------------------------------
     def connected(self) -> bool:
@@ -136,12 +136,14 @@ class Hub:
     def spooled(self) -> None:
         self.forwarder.wake()
 
-    def publish_now(self, topic: str, payload: bytes, content_type: str | None, expiry: int | None) -> bool:
+    def publish_now(
+        self, topic: str, payload: bytes, content_type: str | None, expiry: int | None, extras: Any = None
+    ) -> bool:
         conn = self._conn
         if conn is None or not conn.connected.is_set():
             return False
         try:
-            conn.publish_async(topic, payload, 0, content_type, expiry)
+            conn.publish_async(topic, payload, 0, content_type, expiry, extras)
         except Exception:
             return False
         return True

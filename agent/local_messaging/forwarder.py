@@ -163,7 +163,7 @@ class Forwarder:
         for e in entries:
             expiry = None if e.expiry is None else max(1, int(e.created + e.expiry - now))
             try:
-                fut = conn.publish_async(e.topic, e.payload, 1, e.content_type, expiry)
+                fut = conn.publish_async(e.topic, e.payload, 1, e.content_type, expiry, e.extras)
             except Exception as ex:  # the client is gone (session ending): try again with the next one
                 log.debug("local messaging: publish not handed over (%s)", ex.__class__.__name__)
                 break

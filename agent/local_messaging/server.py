@@ -38,7 +38,7 @@ from agent.base.logfmt import escape
 from agent.local_messaging import mqtt5
 from agent.local_messaging.config import LocalMessagingConfig
 from agent.local_messaging.peers import App, Peer, identify, peer_of
-from agent.local_messaging.spool import Spool, SpoolError, SpoolRefused
+from agent.local_messaging.spool import NO_EXTRAS, Extras, Spool, SpoolError, SpoolRefused
 from agent.local_messaging.topics import aws_topic_problem, filter_problem, matches
 
 log = logging.getLogger("agent")
@@ -48,6 +48,19 @@ READ_CHUNK = 64 * 1024
 MAX_INBOX = 1024  # cloud messages waiting for the loop; past it they are dropped (counted)
 REFUSAL_LOG_EVERY_S = 60.0
 CONNECT_TIMEOUT_S = 10.0  # a client must send CONNECT this soon after connecting
+# Response topic, correlation data and user properties of one publish, together: more is refused (the spool
+# stays bounded per message whatever the payload limit; a bound of the agent's own, not AWS's quota).
+MAX_EXTRAS_BYTES = 8 * 1024
+
+
+class CloudProperties(Protocol):
+    """The MQTT 5 properties of a cloud message (agent.session.feature.MessageProperties)."""
+
+    content_type: str | None
+    message_expiry_s: int | None
+    response_topic: str | None
+    correlation_data: bytes | None
+    user_properties: tuple[tuple[str, str], ...]
 
 
 class CloudLink(Protocol):
@@ -55,7 +68,9 @@ class CloudLink(Protocol):
 
     def connected(self) -> bool: ...
     def spooled(self) -> None: ...  # new QoS 1 messages are in the spool
-    def publish_now(self, topic: str, payload: bytes, content_type: str | None, expiry: int | None) -> bool: ...
+    def publish_now(
+        self, topic: str, payload: bytes, content_type: str | None, expiry: int | None, extras: Extras = NO_EXTRAS
+    ) -> bool: ...
     def want(self, topic_filter: str) -> None: ...  # a local client subscribed: receive it from the cloud
     def unwant(self, topic_filter: str) -> None: ...
 
@@ -92,6 +107,13 @@ class Counters:
     delivered_to_apps: int = 0
     dropped_to_apps: int = 0  # a client's queue was full, or the loop's inbox was
     protocol_errors: int = 0
+
+
+def extras_of(p: mqtt5.Publish) -> Extras:
+    """What of an app's publish travels to its receivers beyond content type and expiry."""
+    if p.response_topic is None and p.correlation_data is None and not p.user_properties:
+        return NO_EXTRAS
+    return Extras(p.response_topic, p.correlation_data, tuple(p.user_properties))
 
 
 class RateLimitedLog:
@@ -214,13 +236,14 @@ class Endpoint:
         return sock
 
     # -- from other threads -----------------------------------------------------------------------------------------
-    def cloud_message(self, topic: str, payload: bytes) -> None:
-        """A message from the cloud (MQTT client thread): queued for the loop, bounded."""
+    def cloud_message(self, topic: str, payload: bytes, props: CloudProperties | None = None) -> None:
+        """A message from the cloud (MQTT client thread): queued for the loop, bounded. Its MQTT 5 properties go
+        to the apps unaltered (MQTT 5 3.3.2.3), what is left of its expiry included."""
         with self._inbox_lock:
             if len(self._inbox) >= MAX_INBOX:
                 self.counters.dropped_to_apps += 1
                 return
-            self._inbox.append(("message", (topic, payload)))
+            self._inbox.append(("message", (topic, payload, props)))
         self._wake()
 
     def cloud_state(self, connected: bool) -> None:
@@ -391,6 +414,12 @@ class Endpoint:
     def _publish_problem(self, app: App, p: mqtt5.Publish) -> tuple[int, str] | None:
         if len(p.payload) > self.cfg.max_message_kib * 1024:
             return mqtt5.QUOTA_EXCEEDED, f"payload of {len(p.payload)} bytes (local_messaging.max_message_kib)"
+        if p.user_properties or p.correlation_data or p.response_topic:
+            n = extras_of(p).size()
+            if n > MAX_EXTRAS_BYTES:
+                return mqtt5.QUOTA_EXCEEDED, (
+                    f"response topic, correlation data and user properties of {n} bytes (at most {MAX_EXTRAS_BYTES})"
+                )
         key = (app.name, p.topic)
         try:
             return self._verdicts[key]  # an app publishes to few topics, many times: decide each once
@@ -432,7 +461,7 @@ class Endpoint:
         if p.qos == 1:
             batch.append((c, p))
             return
-        if self.cloud.publish_now(p.topic, p.payload, p.content_type, p.message_expiry):
+        if self.cloud.publish_now(p.topic, p.payload, p.content_type, p.message_expiry, extras_of(p)):
             self.counters.qos0_forwarded += 1
         else:
             self.counters.qos0_dropped += 1
@@ -441,7 +470,7 @@ class Endpoint:
         items = []
         for c, p in batch:
             assert c.app is not None
-            items.append((c.app.name, p.topic, p.payload, p.content_type, p.message_expiry))
+            items.append((c.app.name, p.topic, p.payload, p.content_type, p.message_expiry, extras_of(p)))
         try:
             results: list[int | SpoolRefused] | None = self.spool.add_many(items)
         except SpoolError as e:
@@ -542,18 +571,32 @@ class Endpoint:
                         self._send_state(c, value)
                         dirty.add(c)
             else:
-                topic, payload = value
+                topic, payload, props = value
                 for c in self.clients.values():
                     if c.app is not None and any(f != STATE_TOPIC and matches(f, topic) for f in c.subs):
-                        self._deliver(c, topic, payload)
+                        self._deliver(c, topic, payload, props)
                         dirty.add(c)
 
     def _send_state(self, c: Client, connected: bool) -> None:
         doc = json.dumps({"connected": connected, "at": int(time.time())}).encode()
         self._deliver(c, STATE_TOPIC, doc)
 
-    def _deliver(self, c: Client, topic: str, payload: bytes) -> None:
-        data = mqtt5.publish(topic, payload)
+    def _deliver(self, c: Client, topic: str, payload: bytes, props: CloudProperties | None = None) -> None:
+        try:
+            data = mqtt5.publish(
+                topic,
+                payload,
+                content_type=getattr(props, "content_type", None),
+                message_expiry=getattr(props, "message_expiry_s", None),
+                response_topic=getattr(props, "response_topic", None),
+                correlation_data=getattr(props, "correlation_data", None),
+                user_properties=getattr(props, "user_properties", ()) or (),
+            )
+        except ValueError as e:  # the broker let through what MQTT 5 forbids (a bad topic or property): not relayed
+            c.dropped += 1
+            self.counters.dropped_to_apps += 1
+            self.refusals.warning("-", "cloud-message", "a cloud message not relayed to apps: %s", escape(str(e), 200))
+            return
         if len(c.out) + len(data) > self._buffer_cap or (c.max_packet is not None and len(data) > c.max_packet):
             c.dropped += 1
             self.counters.dropped_to_apps += 1

@@ -49,7 +49,7 @@ from pathlib import Path
 
 from agent.base import killpoints
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -61,10 +61,22 @@ CREATE TABLE IF NOT EXISTS messages (
     size INTEGER NOT NULL,
     sent INTEGER NOT NULL DEFAULT 0,
     content_type TEXT,
-    expiry INTEGER
+    expiry INTEGER,
+    response_topic TEXT,
+    correlation_data BLOB,
+    user_properties TEXT
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+# Each step takes a file from version N-1 to N inside the migration's one transaction.
+_UPGRADES = {
+    # 2: the MQTT 5 properties an app's message carries to its receiver (NULL in rows stored before).
+    2: (
+        "ALTER TABLE messages ADD COLUMN response_topic TEXT",
+        "ALTER TABLE messages ADD COLUMN correlation_data BLOB",
+        "ALTER TABLE messages ADD COLUMN user_properties TEXT",
+    ),
+}
 
 COUNTERS = ("stored", "delivered", "refused", "evicted", "expired", "rejected", "resent")
 
@@ -99,6 +111,32 @@ _REASONS = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class Extras:
+    """The MQTT 5 properties a publisher gives its receivers besides content type and expiry (MQTT 5 3.3.2.3:
+    a server forwards them unaltered): where to answer, the answer's correlation, and user properties in
+    order (names may repeat)."""
+
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    user_properties: tuple[tuple[str, str], ...] = ()
+
+    def size(self) -> int:
+        """Bytes counted against the spool's limits, as they are stored."""
+        n = len(self.response_topic.encode("utf-8")) if self.response_topic else 0
+        n += len(self.correlation_data or b"")
+        return n + sum(len(k.encode("utf-8")) + len(v.encode("utf-8")) for k, v in self.user_properties)
+
+    def __bool__(self) -> bool:
+        return bool(self.response_topic is not None or self.correlation_data is not None or self.user_properties)
+
+
+NO_EXTRAS = Extras()
+
+# An item to store: app, topic, payload, content type, expiry, and optionally its Extras.
+Item = tuple[str, str, bytes, str | None, int | None] | tuple[str, str, bytes, str | None, int | None, Extras]
+
+
 class SpoolRefused(Exception):
     """One message was not stored, by policy (spool full, message too big); str(e) is shown to the app."""
 
@@ -110,7 +148,7 @@ class SpoolError(Exception):
 
 @dataclass(frozen=True)
 class SpoolLimits:
-    max_bytes: int = 64 * 1024 * 1024  # sum of stored (topic + payload) bytes
+    max_bytes: int = 64 * 1024 * 1024  # sum of stored (topic + payload + MQTT 5 properties) bytes
     max_messages: int = 1_000_000
     max_age_s: float = 7 * 86400.0  # older messages are dropped by expire() and counted
     when_full: str = "refuse"  # or "evict-oldest": delete the oldest messages (of any app) to make room
@@ -132,6 +170,7 @@ class Entry:
     sent: bool  # handed to the broker at least once before: a re-send may duplicate
     content_type: str | None
     expiry: int | None  # MQTT message expiry interval (s) as given by the app
+    extras: Extras = NO_EXTRAS
 
 
 def _reason(e: BaseException, path: Path) -> str:
@@ -299,9 +338,12 @@ class Spool:
             )
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            if version == 0:  # a new file
+                statements = [s for s in _SCHEMA.split(";") if s.strip()]
+            else:  # a file an older agent wrote: what it holds is kept
+                statements = [s for v in range(version + 1, SCHEMA_VERSION + 1) for s in _UPGRADES[v]]
+            for statement in statements:
+                conn.execute(statement)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -367,31 +409,33 @@ class Spool:
 
     # -- the server's side -----------------------------------------------------------------------------------
 
-    def add_many(self, items: Sequence[tuple[str, str, bytes, str | None, int | None]]) -> list[int | SpoolRefused]:
+    def add_many(self, items: Sequence[Item]) -> list[int | SpoolRefused]:
         """Store a batch durably in one transaction and one commit (the group commit): for each item its new id,
         or the SpoolRefused that kept that item alone out. Raises SpoolError (nothing of the batch stored, totals
         unchanged) when sqlite cannot write: the server then refuses the whole batch with that reason."""
         if not items:
             return []
         limits = self.limits
-        prepared: list[tuple[str, str, bytes, str | None, int | None, int] | SpoolRefused] = []
-        for app, topic, payload, content_type, expiry in items:
+        prepared: list[tuple[str, str, bytes, str | None, int | None, Extras, int] | SpoolRefused] = []
+        for given in items:
+            app, topic, payload, content_type, expiry = given[:5]
+            extras = given[5] if len(given) > 5 else NO_EXTRAS
             if not isinstance(payload, bytes):
                 payload = bytes(payload)  # bytearray / memoryview; a str is a programming error (TypeError)
             try:
-                size = len(topic.encode("utf-8")) + len(payload)
+                size = len(topic.encode("utf-8")) + len(payload) + extras.size()
             except UnicodeEncodeError:
-                prepared.append(SpoolRefused("topic is not valid UTF-8"))
+                prepared.append(SpoolRefused("topic or property is not valid UTF-8"))
                 continue
             if size > limits.max_bytes:
                 prepared.append(
                     SpoolRefused(
-                        f"message too big: {size} bytes (topic + payload) is more than the whole spool "
+                        f"message too big: {size} bytes (topic, payload and properties) is more than the whole spool "
                         f"({limits.max_bytes} bytes, local_messaging.spool_max_bytes)"
                     )
                 )
                 continue
-            prepared.append((app, topic, payload, content_type, expiry, size))
+            prepared.append((app, topic, payload, content_type, expiry, extras, size))
 
         now = self._clock()
         results: list[int | SpoolRefused] = []
@@ -400,12 +444,12 @@ class Spool:
             conn = txn.conn
             with self._totals_lock:  # exact: only writers change them, and we are the writer
                 count, nbytes = self._count, self._bytes
-            for item in prepared:
-                if isinstance(item, SpoolRefused):
-                    results.append(item)
+            for ready in prepared:
+                if isinstance(ready, SpoolRefused):
+                    results.append(ready)
                     refused += 1
                     continue
-                app, topic, payload, content_type, expiry, size = item
+                app, topic, payload, content_type, expiry, extras, size = ready
                 over_count = count + txn.count + 1 > limits.max_messages
                 over_bytes = nbytes + txn.bytes + size > limits.max_bytes
                 if over_count or over_bytes:
@@ -422,9 +466,20 @@ class Spool:
                     )
                     txn.count, txn.bytes, evicted = txn.count - n, txn.bytes - b, evicted + n
                 cur = conn.execute(
-                    "INSERT INTO messages(app, topic, payload, created, size, content_type, expiry) "
-                    "VALUES(?, ?, ?, ?, ?, ?, ?)",
-                    (app, topic, payload, now, size, content_type, expiry),
+                    "INSERT INTO messages(app, topic, payload, created, size, content_type, expiry, response_topic, "
+                    "correlation_data, user_properties) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        app,
+                        topic,
+                        payload,
+                        now,
+                        size,
+                        content_type,
+                        expiry,
+                        extras.response_topic,
+                        extras.correlation_data,
+                        json.dumps(extras.user_properties) if extras.user_properties else None,
+                    ),
                 )
                 assert cur.lastrowid is not None
                 results.append(cur.lastrowid)
@@ -468,13 +523,15 @@ class Spool:
             rows = (
                 self._r()
                 .execute(
-                    "SELECT id, app, topic, payload, created, sent, content_type, expiry FROM messages "
-                    "WHERE id > ? ORDER BY id LIMIT ?",
+                    "SELECT id, app, topic, payload, created, sent, content_type, expiry, response_topic, "
+                    "correlation_data, user_properties FROM messages WHERE id > ? ORDER BY id LIMIT ?",
                     (int(after_id), max(0, int(limit))),
                 )
                 .fetchall()
             )
-        return [Entry(r[0], r[1], r[2], bytes(r[3]), r[4], bool(r[5]), r[6], r[7]) for r in rows]
+        return [
+            Entry(r[0], r[1], r[2], bytes(r[3]), r[4], bool(r[5]), r[6], r[7], _extras(r[8], r[9], r[10])) for r in rows
+        ]
 
     def mark_sent(self, ids: Sequence[int]) -> None:
         """Record, before the forwarder hands these to the broker, that they may reach it: after a crash the
@@ -570,6 +627,13 @@ class Spool:
         """Close both connections; the last close checkpoints and removes the -wal and -shm files."""
         with self._write_lock, self._read_lock:
             self._close_quietly()
+
+
+def _extras(response_topic: str | None, correlation_data: bytes | None, user_properties: str | None) -> Extras:
+    if response_topic is None and correlation_data is None and user_properties is None:
+        return NO_EXTRAS
+    pairs = tuple((str(k), str(v)) for k, v in json.loads(user_properties)) if user_properties else ()
+    return Extras(response_topic, None if correlation_data is None else bytes(correlation_data), pairs)
 
 
 def _oldest_and_counters(conn: sqlite3.Connection) -> tuple[float | None, dict[str, int]]:

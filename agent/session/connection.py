@@ -224,23 +224,30 @@ class Connection:
         qos: int = 1,
         content_type: str | None = None,
         message_expiry_s: int | None = None,
+        extras: Any = None,
     ) -> Future:
         """Hand a publish to the client and return its future at once (local messaging's forwarder keeps a
-        window of them). Raises BrokerConnectionError when the session has no client."""
+        window of them). `extras`: an app's response topic, correlation data and user properties, relayed
+        unaltered (agent.local_messaging.spool.Extras). Raises BrokerConnectionError when the session has no
+        client."""
         import awscrt.mqtt5
 
         client = self._client
         if client is None:
             raise BrokerConnectionError("not started")
-        return client.publish(
-            awscrt.mqtt5.PublishPacket(
-                topic=topic,
-                payload=payload,
-                qos=awscrt.mqtt5.QoS(qos),
-                content_type=content_type,
-                message_expiry_interval_sec=message_expiry_s,
-            )
+        packet = awscrt.mqtt5.PublishPacket(
+            topic=topic,
+            payload=payload,
+            qos=awscrt.mqtt5.QoS(qos),
+            content_type=content_type,
+            message_expiry_interval_sec=message_expiry_s,
         )
+        if extras:
+            packet.response_topic = extras.response_topic
+            packet.correlation_data_bytes = extras.correlation_data
+            if extras.user_properties:
+                packet.user_properties = [awscrt.mqtt5.UserProperty(k, v) for k, v in extras.user_properties]
+        return client.publish(packet)
 
     def subscribe_async(self, topic: str, qos: int = 1) -> Future:
         import awscrt.mqtt5
@@ -360,7 +367,14 @@ class Connection:
         if self._on_message:
             try:
                 if self._with_properties:
-                    props = MessageProperties(p.content_type, p.message_expiry_interval_sec)
+                    props = MessageProperties(
+                        p.content_type,
+                        p.message_expiry_interval_sec,
+                        p.response_topic,
+                        # binary as it came (awscrt's `correlation_data` is a str, or None when not UTF-8)
+                        None if p.correlation_data_bytes is None else bytes(p.correlation_data_bytes),
+                        tuple((u.name, u.value) for u in p.user_properties or ()),
+                    )
                     self._on_message(p.topic, bytes(p.payload or b""), props)  # type: ignore[call-arg]
                 else:
                     self._on_message(p.topic, bytes(p.payload or b""))

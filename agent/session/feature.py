@@ -27,10 +27,14 @@ JobHandler = Callable[..., Any]
 
 @dataclass(frozen=True)
 class MessageProperties:
-    """The MQTT 5 properties a handler may need (Commands: the payload's type and the execution's timeout)."""
+    """The MQTT 5 properties a handler may need (Commands: the payload's type and the execution's timeout; local
+    messaging relays them all to apps)."""
 
     content_type: str | None = None
     message_expiry_s: int | None = None  # what is left of it when the message reached us
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    user_properties: tuple[tuple[str, str], ...] = ()
 
 
 class MessageRouter:
@@ -40,14 +44,15 @@ class MessageRouter:
 
     def __init__(self) -> None:
         self.routes: list[tuple[str, Callable[..., None], bool]] = []
-        self.watchers: list[Callable[[str, bytes], None]] = []
+        self.watchers: list[Callable[[str, bytes, MessageProperties], None]] = []
 
     def add(self, prefix: str, handler: Callable[..., None], *, with_properties: bool = False) -> None:
         """with_properties: `handler(topic, payload, MessageProperties)` instead of `handler(topic, payload)`."""
         self.routes.append((prefix, handler, with_properties))
 
-    def watch(self, handler: Callable[[str, bytes], None]) -> None:
-        """`handler` sees every message, after its route (local apps subscribe by filter, not by prefix)."""
+    def watch(self, handler: Callable[[str, bytes, MessageProperties], None]) -> None:
+        """`handler(topic, payload, MessageProperties)` sees every message, after its route (local apps subscribe by
+        filter, not by prefix)."""
         self.watchers.append(handler)
 
     def __call__(self, topic: str, payload: bytes, props: MessageProperties | None = None) -> None:
@@ -59,7 +64,7 @@ class MessageRouter:
                     handler(topic, payload)
                 break
         for w in self.watchers:
-            w(topic, payload)
+            w(topic, payload, props or MessageProperties())
 
 
 @dataclass(eq=False)

@@ -29,6 +29,7 @@ class Cloud:
         self.up = True
         self.spooled_calls = 0
         self.now: list[str] = []
+        self.extras: list = []
         self.wanted: list[str] = []
 
     def connected(self) -> bool:
@@ -37,8 +38,9 @@ class Cloud:
     def spooled(self) -> None:
         self.spooled_calls += 1
 
-    def publish_now(self, topic, payload, content_type, expiry) -> bool:
+    def publish_now(self, topic, payload, content_type, expiry, extras=None) -> bool:
         self.now.append(topic)
+        self.extras.append(extras)
         return self.up
 
     def want(self, f: str) -> None:
@@ -169,6 +171,93 @@ def test_protocol_corners_answered_with_their_reason_codes(endpoint):
     s.sendall(bytes.fromhex("100c00044d5154540402003c0000"))
     assert s.recv(4) == bytes([0x20, 0x02, 0x00, 0x01])
     s.close()
+
+
+def test_mqtt5_properties_travel_both_ways_unaltered(endpoint):
+    """Response topic, correlation data, user properties (in order, names repeated), content type and expiry: from
+    an app to the spool (QoS 1) and to the cloud (QoS 0), and from the cloud to the app; too many refused."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from agent.local_messaging.server import MAX_EXTRAS_BYTES
+    from agent.local_messaging.spool import Extras
+
+    ep, cloud, spool, path = endpoint
+    acks: dict[int, tuple[int, str | None]] = {}
+    got: list = []
+    cond = threading.Condition()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, transport="unix")
+
+    def on_publish(_c, _u, mid, reason, props):
+        with cond:
+            acks[mid] = (reason.value, getattr(props, "ReasonString", None))
+            cond.notify_all()
+
+    def on_message(_c, _u, msg):
+        with cond:
+            got.append(msg)
+            cond.notify_all()
+
+    c.on_publish, c.on_message = on_publish, on_message
+    c.connect(str(path))
+    c.loop_start()
+    try:
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = f"cmd/{THING}/answers"
+        props.CorrelationData = b"\xff\x00req-1"
+        props.UserProperty = [("trace", "a"), ("trace", "b"), ("unit", "°C")]
+        props.ContentType = "application/json"
+        want = Extras(f"cmd/{THING}/answers", b"\xff\x00req-1", (("trace", "a"), ("trace", "b"), ("unit", "°C")))
+        for qos in (1, 0):
+            info = c.publish(f"dt/{THING}/q{qos}", b"{}", qos=qos, properties=props)
+            if qos:
+                with cond:
+                    assert cond.wait_for(lambda mid=info.mid: mid in acks, 5)
+                assert acks[info.mid] == (0, None)
+        (stored,) = spool.peek(0, 10)
+        assert (stored.extras, stored.content_type) == (want, "application/json")
+        deadline = time.monotonic() + 5
+        while not cloud.extras and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert cloud.extras == [want]
+        big = Properties(PacketTypes.PUBLISH)
+        big.UserProperty = [("k", "v" * MAX_EXTRAS_BYTES)]
+        info = c.publish(f"dt/{THING}/big", b"{}", qos=1, properties=big)
+        with cond:
+            assert cond.wait_for(lambda: info.mid in acks, 5)
+        assert acks[info.mid][0] == mqtt5.QUOTA_EXCEEDED and "user properties" in acks[info.mid][1]
+        assert len(spool.peek(0, 10)) == 1
+        # From the cloud: what the broker gave the agent reaches the app as it was.
+        _, mid = c.subscribe(f"cmd/{THING}/a/#", qos=1)
+        deadline = time.monotonic() + 5
+        while cloud.wanted != [f"cmd/{THING}/a/#"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+        class Props:  # agent.session.feature.MessageProperties' fields
+            content_type = "text/plain"
+            message_expiry_s = 30
+            response_topic = f"dt/{THING}/replies"
+            correlation_data = b"corr"
+            user_properties = (("x", "1"), ("x", "2"))
+
+        ep.cloud_message(f"cmd/{THING}/a/b", b"hello", Props())
+        with cond:
+            assert cond.wait_for(lambda: got, 5)
+        m = got[0]
+        assert (m.topic, m.payload) == (f"cmd/{THING}/a/b", b"hello")
+        assert m.properties.ContentType == "text/plain" and m.properties.MessageExpiryInterval == 30
+        assert m.properties.ResponseTopic == f"dt/{THING}/replies" and m.properties.CorrelationData == b"corr"
+        assert m.properties.UserProperty == [("x", "1"), ("x", "2")]
+        # A property MQTT 5 forbids (a wildcard in a response topic) is not relayed; the app stays connected.
+        Props.response_topic = "bad/#"
+        ep.cloud_message(f"cmd/{THING}/a/c", b"x", Props())
+        deadline = time.monotonic() + 5
+        while ep.counters.dropped_to_apps == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert ep.counters.dropped_to_apps == 1 and len(got) == 1 and c.is_connected()
+    finally:
+        c.disconnect()
+        c.loop_stop()
 
 
 def _varint(n: int) -> bytes:

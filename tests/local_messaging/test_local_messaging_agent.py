@@ -38,6 +38,7 @@ class App:
         self.acks: dict[int, tuple[int, str | None]] = {}
         self.subacks: dict[int, tuple[list[int], str | None]] = {}
         self.messages: list[tuple[str, bytes]] = []
+        self.properties: dict[str, object] = {}
         self.disconnect: tuple[int, str | None] | None = None
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, transport="unix")
         c.on_connect = self._on_connect
@@ -71,6 +72,7 @@ class App:
     def _on_message(self, _c, _u, msg):
         with self.cond:
             self.messages.append((msg.topic, msg.payload))
+            self.properties[msg.topic] = msg.properties
             self.cond.notify_all()
 
     def _on_disconnect(self, _c, _u, _f, reason, props):
@@ -78,8 +80,8 @@ class App:
             self.disconnect = (reason.value, self._why(props))
             self.cond.notify_all()
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1) -> tuple[int, str | None]:
-        info = self.c.publish(topic, payload, qos=qos)
+    def publish(self, topic: str, payload: bytes, qos: int = 1, properties=None) -> tuple[int, str | None]:
+        info = self.c.publish(topic, payload, qos=qos, properties=properties)
         with self.cond:
             assert self.cond.wait_for(lambda: info.mid in self.acks, pace.scaled(10)), f"no PUBACK for {topic}"
             return self.acks[info.mid]
@@ -163,6 +165,36 @@ def test_publish_subscribe_and_connection_state(world):
                     break
             assert time.monotonic() < deadline, "the app never got the command"
         assert app.wait_message(f"cmd/{THING}/sensor/led") == b"on"
+        # Request and response through the agent: the app's MQTT 5 properties reach the cloud unaltered (they
+        # went through the spool), and the cloud's answer reaches the app with its own.
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = f"cmd/{THING}/sensor/answer"
+        props.CorrelationData = b"\xff\x00req-7"
+        props.UserProperty = [("trace", "a"), ("trace", "b")]
+        props.ContentType = "application/json"
+        assert app.publish(f"dt/{THING}/sensor/ask", b"{}", properties=props) == (0, None)
+        assert rec.expect(f"dt/{THING}/sensor/ask") == b"{}"
+        assert rec.properties[f"dt/{THING}/sensor/ask"] == {
+            "content_type": "application/json",
+            "response_topic": f"cmd/{THING}/sensor/answer",
+            "correlation_data": b"\xff\x00req-7",
+            "user_properties": [("trace", "a"), ("trace", "b")],
+        }
+        code = rec.publish(
+            f"cmd/{THING}/sensor/answer",
+            b"42",
+            correlation_data=b"\xff\x00req-7",
+            user_properties=[("from", "cloud")],
+            content_type="text/plain",
+        )
+        assert code < 0x80
+        assert app.wait_message(f"cmd/{THING}/sensor/answer") == b"42"
+        answer = app.properties[f"cmd/{THING}/sensor/answer"]
+        assert answer.CorrelationData == b"\xff\x00req-7" and answer.UserProperty == [("from", "cloud")]
+        assert answer.ContentType == "text/plain"
     finally:
         app.close()
     # The commands for people, on the same endpoint.

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.local_messaging.spool import Spool, SpoolError, SpoolLimits, SpoolRefused, read_stats
+from agent.local_messaging.spool import NO_EXTRAS, Extras, Spool, SpoolError, SpoolLimits, SpoolRefused, read_stats
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
@@ -54,6 +54,60 @@ def _integrity(path: Path) -> list[str]:
 
 
 # -- order and durability ------------------------------------------------------------------------------------
+
+
+def test_mqtt5_properties_are_kept_in_order_and_count_against_the_limits(tmp_path):
+    path = tmp_path / "spool.db"
+    s = Spool(path, SpoolLimits(max_bytes=100))
+    ex = Extras("resp/é", b"\x00\xff", (("k", "v"), ("k", "w"), ("ключ", "")))
+    assert ex.size() == len("resp/é".encode()) + 2 + 2 + 2 + len("ключ".encode())
+    ids = s.add_many([("app", "t/a", b"p", "text/plain", 5, ex), ("app", "t/b", b"q", None, None, NO_EXTRAS)])
+    assert all(isinstance(i, int) for i in ids)
+    assert s.stats()["bytes"] == (3 + 1 + ex.size()) + (3 + 1)
+    # Properties too big for the whole spool are refused like a payload would be.
+    (big,) = s.add_many([("app", "t/c", b"", None, None, Extras(user_properties=(("k", "v" * 200),)))])
+    assert isinstance(big, SpoolRefused) and "properties" in str(big)
+    s.close()
+    s = Spool(path)
+    a, b = _all(s)
+    assert a.extras == ex and (a.content_type, a.expiry) == ("text/plain", 5)
+    assert b.extras is NO_EXTRAS and not b.extras
+    s.close()
+
+
+V1_SCHEMA = """
+CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, app TEXT NOT NULL, topic TEXT NOT NULL,
+    payload BLOB NOT NULL, created REAL NOT NULL, size INTEGER NOT NULL, sent INTEGER NOT NULL DEFAULT 0,
+    content_type TEXT, expiry INTEGER);
+CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+def test_a_spool_the_previous_agent_wrote_is_upgraded_with_everything_in_it(tmp_path):
+    """Version 1 (no property columns), as an agent before this one left it: messages, sent marks, counters."""
+    path = tmp_path / "spool.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(V1_SCHEMA)
+    conn.execute("INSERT INTO messages(app, topic, payload, created, size, sent) VALUES('a', 't/1', x'01', 1, 4, 1)")
+    conn.execute("INSERT INTO messages(app, topic, payload, created, size) VALUES('a', 't/2', x'02', 2, 4)")
+    conn.execute("INSERT INTO counters VALUES('stored', 7)")
+    conn.execute("PRAGMA user_version=1")
+    conn.commit()
+    conn.close()
+    s = Spool(path)
+    old = _all(s)
+    assert [(e.topic, e.payload, e.sent, e.extras) for e in old] == [
+        ("t/1", b"\x01", True, NO_EXTRAS),
+        ("t/2", b"\x02", False, NO_EXTRAS),
+    ]
+    assert s.stats()["stored"] == 7 and s.stats()["messages"] == 2
+    (new,) = s.add_many([("a", "t/3", b"\x03", None, None, Extras("r/t", b"c", (("u", "p"),)))])
+    s.close()
+    s = Spool(path)
+    assert [e.extras for e in _all(s)] == [NO_EXTRAS, NO_EXTRAS, Extras("r/t", b"c", (("u", "p"),))]
+    s.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
+    assert _integrity(path) == ["ok"]
 
 
 def test_ids_keep_arrival_order_across_reopen_even_after_the_newest_rows_are_deleted(tmp_path):
