@@ -632,7 +632,14 @@ class Spool:
 def _extras(response_topic: str | None, correlation_data: bytes | None, user_properties: str | None) -> Extras:
     if response_topic is None and correlation_data is None and user_properties is None:
         return NO_EXTRAS
-    pairs = tuple((str(k), str(v)) for k, v in json.loads(user_properties)) if user_properties else ()
+    pairs: tuple[tuple[str, str], ...] = ()
+    if user_properties:
+        try:
+            pairs = tuple((str(k), str(v)) for k, v in json.loads(user_properties))
+        except (ValueError, TypeError):
+            # Only add_many writes this column (json.dumps of pairs); a row that no longer parses (a damaged
+            # disk) still goes out without its user properties rather than stopping the queue behind it.
+            pairs = ()
     return Extras(response_topic, None if correlation_data is None else bytes(correlation_data), pairs)
 
 

@@ -83,6 +83,21 @@ CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 
+def test_a_damaged_property_column_does_not_stop_the_queue(tmp_path):
+    path = tmp_path / "spool.db"
+    s = Spool(path)
+    s.add_many([("a", "t/1", b"1", None, None, Extras(user_properties=(("k", "v"),))), _msg(2)])
+    s.close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE messages SET user_properties = '{not json' WHERE topic = 't/1'")
+    conn.commit()
+    conn.close()
+    s = Spool(path)
+    first, second = _all(s)
+    assert (first.topic, first.payload, first.extras) == ("t/1", b"1", NO_EXTRAS) and second.topic == "t/2"
+    s.close()
+
+
 def test_a_spool_the_previous_agent_wrote_is_upgraded_with_everything_in_it(tmp_path):
     """Version 1 (no property columns), as an agent before this one left it: messages, sent marks, counters."""
     path = tmp_path / "spool.db"
