@@ -16,7 +16,7 @@ Back-pressure both ways, with bounded buffers: local sockets are read only while
 WebSocket are under `buffer_bytes`, and the WebSocket only while no local connection holds more than that.
 A lost WebSocket ends the proxy (no reconnect): its local connections are closed and `ended` is set.
 
-One thread (a selector) owns every socket; TLS and WebSocket go through localcloud.tunnels.TlsWebSocket.
+One thread (a selector) owns every socket; TLS and WebSocket go through localcloud.tls_websocket.TlsWebSocket.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ from wsproto.utilities import LocalProtocolError
 
 from agent.tunneling.frames import MAX_PAYLOAD, Deframer, FrameError, Message, MessageType, frame
 
-from .tunnels import HIGH_WATER, MAX_WS_MESSAGE, SUBPROTOCOLS, TICK_S, TlsWebSocket
+from .tls_websocket import MAX_WS_MESSAGE, TlsWebSocket
+from .tunnels import HIGH_WATER, SUBPROTOCOLS, TICK_S
 
 log = logging.getLogger("localcloud.tunnel_source")
 

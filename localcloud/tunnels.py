@@ -47,10 +47,10 @@ Nothing is queued without limit: a peer is read only while what waits to be sent
 itself, is under HIGH_WATER, so a slow reader stops its sender instead of filling memory.
 
 One thread (a selector) owns every socket; ssl.SSLObject on memory BIOs and wsproto keep TLS and WebSocket
-sans-I/O. The registry lives in the local cloud's SQLite file (the CLI opens and closes tunnels, the services
-process serves them) and keeps SHA-256 digests of the tokens, never the tokens: only open() returns them,
-and the destination's travels once in the notification, from an outbox row deleted when published (or when
-the tunnel closes first).
+sans-I/O (localcloud.tls_websocket, shared with the source side). The registry lives in the local cloud's
+SQLite file (the CLI opens and closes tunnels, the services process serves them) and keeps SHA-256 digests of
+the tokens, never the tokens: only open() returns them, and the destination's travels once in the
+notification, from an outbox row deleted when published (or when the tunnel closes first).
 """
 
 from __future__ import annotations
@@ -78,22 +78,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
     CloseConnection,
-    Event,
     Ping,
     RejectConnection,
     RejectData,
     Request,
     TextMessage,
 )
-from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+from wsproto.utilities import LocalProtocolError
 
 from agent.tunneling.frames import Deframer, FrameError, Message, MessageType, frame
+
+from .tls_websocket import MAX_WS_MESSAGE, TlsWebSocket, foreign_context, server_context
 
 log = logging.getLogger("localcloud.tunnels")
 
@@ -109,13 +108,11 @@ MAX_LIFETIME_S = 12 * 3600.0  # AWS: maxLifetimeTimeoutMinutes 1-720 (the local 
 MAX_OPEN_TUNNELS = 64
 CLOSED_KEPT = 256  # closed tunnels kept for `tunnels list`
 MAX_HANDSHAKE_BYTES = 4096  # "The HTTP request size must not exceed 4k bytes in length"
-MAX_WS_MESSAGE = 131076  # either way, in both subprotocols
 MAX_HANDSHAKING = 32  # connections accepted and not yet upgraded (or refused)
 MAX_CONNECTIONS = 256  # sockets held at once, all states
 HANDSHAKE_TIMEOUT_S = 10.0
 CLOSE_GRACE_S = 2.0  # a closing connection gets this long to take its last bytes
 TICK_S = 0.25  # deadlines, and tunnels closed or expired elsewhere, are looked at this often
-RECV_CHUNK = 64 * 1024
 HIGH_WATER = 256 * 1024
 NOTIFY_TOPIC = "$aws/things/{thing}/tunnels/notify"
 
@@ -372,176 +369,6 @@ class TunnelRegistry:
 
 
 # -- TLS + WebSocket on a non-blocking socket ------------------------------------------------------------------
-
-
-class TlsWebSocket:
-    """One WebSocket over TLS on a non-blocking socket, driven by one selector thread.
-
-    TLS is ssl.SSLObject on memory BIOs and the WebSocket is wsproto, so nothing here blocks: `receive()`
-    reads once from the socket and returns the WebSocket events that completes, `send()` only appends to
-    `out`, and `flush()` writes what the socket takes. The owner decides when to read (back-pressure)."""
-
-    def __init__(
-        self, sock: socket.socket, context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None
-    ) -> None:
-        sock.setblocking(False)
-        self.sock = sock
-        self._in = ssl.MemoryBIO()
-        self._out = ssl.MemoryBIO()
-        self.tls = context.wrap_bio(self._in, self._out, server_side=server_side, server_hostname=server_hostname)
-        self.ws = WSConnection(ConnectionType.SERVER if server_side else ConnectionType.CLIENT)
-        self.out = bytearray()  # encrypted bytes waiting for the socket
-        self.tls_ready = False
-        self.app_bytes = 0  # decrypted bytes received so far
-        self.dead = False  # the TCP connection ended (EOF, error, or closed here)
-        self.error = ""  # why, when that was not an orderly end
-        self.bad_request: RemoteProtocolError | None = None  # an HTTP request wsproto could not take
-        self._request: Request | None = None
-        if not server_side:
-            self._handshake()
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def request(self, req: Request) -> None:
-        """Client side: the upgrade request, sent as soon as TLS is up."""
-        if self.tls_ready:
-            self.send(req)
-        else:
-            self._request = req
-
-    def _handshake(self) -> bool:
-        try:
-            self.tls.do_handshake()
-        except ssl.SSLWantReadError:
-            self._pull()
-            return False
-        self.tls_ready = True
-        self._pull()
-        if self._request is not None:
-            req, self._request = self._request, None
-            self.send(req)
-        return True
-
-    def receive(self) -> list[Event]:
-        if self.dead:
-            return []
-        try:
-            data = self.sock.recv(RECV_CHUNK)
-        except (BlockingIOError, InterruptedError):
-            return []
-        except OSError as e:
-            data = b""
-            self.error = self.error or e.strerror or e.__class__.__name__
-        if data:
-            self._in.write(data)
-        else:
-            self._in.write_eof()
-            self.dead = True
-        try:
-            if self.tls_ready or self._handshake():
-                while True:
-                    chunk = self.tls.read(RECV_CHUNK)
-                    if not chunk:
-                        self.dead = True
-                        break
-                    self.app_bytes += len(chunk)
-                    if self.ws.state is ConnectionState.CLOSED:
-                        continue  # nothing more is owed to a closed WebSocket
-                    self.ws.receive_data(chunk)
-        except ssl.SSLWantReadError:
-            pass
-        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-            self.dead = True
-        except ssl.SSLError as e:
-            self.dead = True
-            self.error = f"TLS: {e.reason or e.__class__.__name__}"
-        except RemoteProtocolError as e:
-            self.bad_request = e
-        self._pull()
-        try:
-            return list(self.ws.events())
-        except RemoteProtocolError as e:  # the client side of a handshake answer it cannot take
-            self.bad_request = e
-            return []
-
-    def send(self, event: Event) -> None:
-        """Encode `event` into `out`. LocalProtocolError when the WebSocket's state does not allow it."""
-        self.write(self.ws.send(event))
-
-    def write(self, data: bytes) -> None:
-        if not data or self.dead:
-            return
-        try:
-            with memoryview(data) as view:
-                while view:
-                    n = self.tls.write(view)
-                    view = view[n:]
-        except ssl.SSLError as e:
-            self.dead = True
-            self.error = f"TLS: {e.reason or e.__class__.__name__}"
-        self._pull()
-
-    def send_frames(self, frames: list[bytes]) -> None:
-        """Tunnel messages (each already framed) in as few binary WebSocket messages as MAX_WS_MESSAGE allows."""
-        batch = bytearray()
-        for f in frames:
-            if batch and len(batch) + len(f) > MAX_WS_MESSAGE:
-                self.send(BytesMessage(bytes(batch)))
-                batch.clear()
-            batch += f
-        if batch:
-            self.send(BytesMessage(bytes(batch)))
-
-    def _pull(self) -> None:
-        if self._out.pending:
-            self.out += self._out.read()
-
-    def flush(self) -> None:
-        while self.out and not self.dead:
-            try:
-                n = self.sock.send(self.out)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                self.dead = True
-                self.error = self.error or e.strerror or e.__class__.__name__
-                self.out.clear()
-                return
-            del self.out[:n]
-
-    def close_notify(self) -> None:
-        """Queue TLS's close_notify (the orderly end of the TLS layer) after everything already in `out`."""
-        if self.tls_ready and not self.dead:
-            with contextlib.suppress(ssl.SSLError):  # SSLWantReadError: the peer's close_notify is not needed
-                self.tls.unwrap()
-            self._pull()
-
-    def close(self) -> None:
-        self.dead = True
-        self.out.clear()
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-
-def server_context(cert_file: Path | str, key_file: Path | str) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(cert_file), str(key_file))
-    return ctx
-
-
-def _foreign_context() -> ssl.SSLContext:
-    """A server certificate for localhost and 127.0.0.1 from a CA made for the occasion (no device trusts it)."""
-    import tempfile
-
-    from .pki import CertificateAuthority
-
-    with tempfile.TemporaryDirectory() as d:
-        ca = CertificateAuthority(Path(d) / "ca", "another CA")
-        issued = ca.issue_server("server", ["localhost", "127.0.0.1"], days=1)
-        assert issued.key_path is not None
-        return server_context(issued.cert_path, issued.key_path)
 
 
 # -- the service ---------------------------------------------------------------------------------------------
@@ -840,7 +667,7 @@ class TunnelService:
                 context = self._context
                 if self.foreign_certificate:
                     if self._foreign is None:
-                        self._foreign = _foreign_context()
+                        self._foreign = foreign_context()
                     context = self._foreign
                 conn = TlsWebSocket(sock, context, server_side=True)
             except Exception:

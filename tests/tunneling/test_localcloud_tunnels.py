@@ -43,8 +43,9 @@ from agent.tunneling.frames import MAX_PAYLOAD, Deframer, FrameError, Message, M
 from localcloud import pace
 from localcloud.pki import CertificateAuthority
 from localcloud.registry import Registry
+from localcloud.tls_websocket import RECV_CHUNK
 from localcloud.tunnel_source import SourceProxy, TunnelRefused
-from localcloud.tunnels import HIGH_WATER, MAX_OPEN_TUNNELS, RECV_CHUNK, TunnelRegistry, TunnelService
+from localcloud.tunnels import HIGH_WATER, MAX_OPEN_TUNNELS, TunnelRegistry, TunnelService
 
 V3 = "aws.iot.securetunneling-3.0"
 V2 = "aws.iot.securetunneling-2.0"
