@@ -29,6 +29,9 @@ THING = "gw-fulldisk"
 
 def test_full_disk_refuses_with_the_reason_and_loses_nothing(tmp_path, softhsm, agents):
     c = LocalCloud(tmp_path / "cloud")
+    # The broker keeps sessions and queued messages across its restart, as AWS IoT Core keeps what it acknowledged:
+    # without it, what the agent delivers before the recorder has subscribed again reaches nobody (seen under load).
+    c.configure(broker_persistence=True)
     ntp = Chrony(tmp_path / "chrony").start()
     c.up()
     run = Path(tempfile.mkdtemp(prefix="iot-agent-run-", dir="/tmp"))
@@ -70,14 +73,22 @@ def test_full_disk_refuses_with_the_reason_and_loses_nothing(tmp_path, softhsm, 
     ]
     rec = Recorder(c, [f"dt/{THING}/#"], client_id="fulldisk-recorder").start()
     a = agents(dev, cmd=cmd)
-    down = threading.Thread(target=c.restart_broker, kwargs={"down_for": pace.scaled(12)})
+    restart_errors: list[BaseException] = []
+
+    def restart() -> None:  # a failed restart must fail the test as what it is, not as "lost"
+        try:
+            c.restart_broker(down_for=pace.scaled(12))
+        except BaseException as e:
+            restart_errors.append(e)
+
+    down = threading.Thread(target=restart)
     app = None
     try:
         a.wait_for("local messaging: serving MQTT 5", timeout=60)
         a.wait_for(f"connected to localhost:\\d+ as {THING}", timeout=60)
         app = App(sock, "sensor-disk")
         down.start()
-        a.wait_for("disconnected", timeout=20)
+        gone = a.wait_for("disconnected", timeout=20)
         stored, refusal = 0, None
         for i in range(400):  # 2 KiB each: the free 256 KiB runs out long before
             code, why = app.publish(f"dt/{THING}/bulk", f"{i}:".encode() + bytes(2048))
@@ -103,12 +114,18 @@ def test_full_disk_refuses_with_the_reason_and_loses_nothing(tmp_path, softhsm, 
             assert time.monotonic() < deadline, f"still refused after freeing space: {why}"
             time.sleep(0.5)
         down.join(pace.scaled(40))
+        assert not down.is_alive() and not restart_errors, f"the broker did not come back: {restart_errors}"
+        # Delivery is timed from the agent's reconnection (its backoff is the config's, not this test's subject).
+        a.wait_for(f"connected to localhost:\\d+ as {THING}", timeout=60, after=gone)
         deadline = time.monotonic() + pace.scaled(30)
         while True:
             seqs = {int(p.split(b":", 1)[0]) for t, p in rec.snapshot() if t == f"dt/{THING}/bulk"}
             if seqs >= set(range(stored)):
                 break
-            assert time.monotonic() < deadline, f"lost: {sorted(set(range(stored)) - seqs)[:20]}"
+            assert time.monotonic() < deadline, (
+                f"lost: {sorted(set(range(stored)) - seqs)[:20]}; recorder: {rec.events[-5:]}; agent log:\n"
+                + a.text()[-3000:]
+            )
             time.sleep(0.2)
     finally:
         if app is not None:

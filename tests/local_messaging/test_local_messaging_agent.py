@@ -106,6 +106,9 @@ class App:
 @pytest.fixture
 def world(tmp_path, softhsm, agents):
     c = LocalCloud(tmp_path / "cloud")
+    # Sessions and queued messages survive a broker restart (as AWS IoT Core keeps what it acknowledged): the
+    # recorder then misses nothing the agent delivers before it has subscribed again.
+    c.configure(broker_persistence=True)
     ntp = Chrony(tmp_path / "chrony").start()
     c.up()
     # Outside pytest's 0700 tree: the wrong-uid peer must reach the socket, to be refused by the agent itself.
