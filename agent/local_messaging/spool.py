@@ -49,7 +49,11 @@ from pathlib import Path
 
 from agent.base import killpoints
 
-SCHEMA_VERSION = 2
+# Bumped only for a change an older agent cannot read. Added nullable columns are not one: the previous release
+# names its columns in every statement, so it still reads and writes such a file, and it must, because a
+# self-update that fails its trial starts the previous release again on the same spool (an older agent refuses
+# a file whose version is newer than its own). Added columns go in _ADDED_COLUMNS instead.
+SCHEMA_VERSION = 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -68,15 +72,9 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
-# Each step takes a file from version N-1 to N inside the migration's one transaction.
-_UPGRADES = {
-    # 2: the MQTT 5 properties an app's message carries to its receiver (NULL in rows stored before).
-    2: (
-        "ALTER TABLE messages ADD COLUMN response_topic TEXT",
-        "ALTER TABLE messages ADD COLUMN correlation_data BLOB",
-        "ALTER TABLE messages ADD COLUMN user_properties TEXT",
-    ),
-}
+# Columns added since version 1 (name, type), added to a file that lacks them; NULL in rows stored before. The
+# MQTT 5 properties an app's message carries to its receiver.
+_ADDED_COLUMNS = (("response_topic", "TEXT"), ("correlation_data", "BLOB"), ("user_properties", "TEXT"))
 
 COUNTERS = ("stored", "delivered", "refused", "evicted", "expired", "rejected", "resent")
 
@@ -330,18 +328,20 @@ class Spool:
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version == SCHEMA_VERSION:
-            return
         if version > SCHEMA_VERSION:
             raise SpoolError(
                 f"spool {self.path}: schema version {version} is newer than this agent's ({SCHEMA_VERSION})"
             )
+        statements = []
+        if version == 0:  # a new file
+            statements = [s for s in _SCHEMA.split(";") if s.strip()]
+        else:  # a file an older agent wrote: what it holds is kept, the columns it lacks are added
+            have = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+            statements = [f"ALTER TABLE messages ADD COLUMN {n} {t}" for n, t in _ADDED_COLUMNS if n not in have]
+        if not statements:
+            return
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if version == 0:  # a new file
-                statements = [s for s in _SCHEMA.split(";") if s.strip()]
-            else:  # a file an older agent wrote: what it holds is kept
-                statements = [s for v in range(version + 1, SCHEMA_VERSION + 1) for s in _UPGRADES[v]]
             for statement in statements:
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")

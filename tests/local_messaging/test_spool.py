@@ -99,7 +99,8 @@ def test_a_damaged_property_column_does_not_stop_the_queue(tmp_path):
 
 
 def test_a_spool_the_previous_agent_wrote_is_upgraded_with_everything_in_it(tmp_path):
-    """Version 1 (no property columns), as an agent before this one left it: messages, sent marks, counters."""
+    """Version 1 without the property columns, as the previous release left it: messages, sent marks, counters.
+    Afterwards that release can still use the file (a self-update that fails its trial starts it again)."""
     path = tmp_path / "spool.db"
     conn = sqlite3.connect(path)
     conn.executescript(V1_SCHEMA)
@@ -121,8 +122,25 @@ def test_a_spool_the_previous_agent_wrote_is_upgraded_with_everything_in_it(tmp_
     s = Spool(path)
     assert [e.extras for e in _all(s)] == [NO_EXTRAS, NO_EXTRAS, Extras("r/t", b"c", (("u", "p"),))]
     s.close()
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
+    # What the previous release does with the file: it accepts version 1, and its own statements (its columns
+    # named) still work; a message it stores has no properties.
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    conn.execute(
+        "INSERT INTO messages(app, topic, payload, created, size, content_type, expiry) VALUES(?, ?, ?, ?, ?, ?, ?)",
+        ("a", "t/4", b"\x04", 4.0, 4, None, None),
+    )
+    rows = conn.execute(
+        "SELECT id, app, topic, payload, created, sent, content_type, expiry FROM messages WHERE id > ? ORDER BY id",
+        (0,),
+    ).fetchall()
+    assert [r[2] for r in rows] == ["t/1", "t/2", "t/3", "t/4"]
+    conn.commit()
+    conn.close()
     assert _integrity(path) == ["ok"]
+    s = Spool(path)
+    assert _all(s)[-1].extras is NO_EXTRAS
+    s.close()
 
 
 def test_ids_keep_arrival_order_across_reopen_even_after_the_newest_rows_are_deleted(tmp_path):
