@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from agent.local_messaging.spool import read_stats  # noqa: E402
-from localcloud.bench import agent_cmd, enrolled_device  # noqa: E402
+from localcloud.bench import agent_cmd, enrolled_device, local_publisher_config  # noqa: E402
 from localcloud.cloud import LocalCloud  # noqa: E402
 from localcloud.ntp import Chrony  # noqa: E402
 from localcloud.tokens import softhsm_token  # noqa: E402
@@ -209,17 +209,7 @@ def main() -> int:
         THING,
         work / "dev",
         [ntp.server],
-        extra={
-            # The local broker has no per-connection publish limit; AWS IoT Core's (100/s) would make the
-            # agent pace itself to it (broker.aws_iot_core_limits, on by default).
-            "broker": {"aws_iot_core_limits": False},
-            "local_messaging": {
-                "enabled": True,
-                "socket": str(sock),
-                "spool_max_mib": 256,
-                "apps": {"bench": {"user": str(os.getuid()), "publish": ["dt/${thing}/#"]}},
-            },
-        },
+        extra=local_publisher_config(sock, "bench", spool_max_mib=256),
     )
     env = {**os.environ, **token.full_env()}
     info = cloud.endpoint()

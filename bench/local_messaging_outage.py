@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from agent.local_messaging.spool import read_stats  # noqa: E402
-from localcloud.bench import agent_cmd, enrolled_device  # noqa: E402
+from localcloud.bench import agent_cmd, enrolled_device, local_publisher_config  # noqa: E402
 from localcloud.cloud import LocalCloud  # noqa: E402
 from localcloud.ntp import Chrony  # noqa: E402
 from localcloud.recorder import Recorder  # noqa: E402
@@ -69,15 +69,7 @@ def main() -> int:
         THING,
         work / "dev",
         [ntp.server],
-        extra={
-            "broker": {"aws_iot_core_limits": False},
-            "local_messaging": {
-                "enabled": True,
-                "socket": str(sock),
-                "spool_max_mib": 256,
-                "apps": {"sensor": {"user": str(os.getuid()), "publish": ["dt/${thing}/#"]}},
-            },
-        },
+        extra=local_publisher_config(sock, "sensor", spool_max_mib=256),
     )
     spool_file = dev.directory / "state" / "spool.sqlite"
     rec = Recorder(cloud, [f"dt/{THING}/#"], client_id="outage-recorder").start()

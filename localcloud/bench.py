@@ -218,6 +218,24 @@ def fresh_device(
     return Device(serial, token, cfg, directory / "state" / "claim.pem", directory)
 
 
+def local_publisher_config(socket: Path, app: str, **local_messaging: object) -> dict[str, dict]:
+    """Config sections for a device whose local messaging serves one app, run by this user, publishing to
+    dt/<thing>/#: what the local messaging benches and the fault campaign measure."""
+    import os
+
+    return {
+        # The local broker has no per-connection publish limit; AWS IoT Core's (100/s) would make the agent pace
+        # itself to it (broker.aws_iot_core_limits, on by default).
+        "broker": {"aws_iot_core_limits": False},
+        "local_messaging": {
+            "enabled": True,
+            "socket": str(socket),
+            "apps": {app: {"user": str(os.getuid()), "publish": ["dt/${thing}/#"]}},
+            **local_messaging,
+        },
+    }
+
+
 def enrolled_device(
     cloud, token: Token, thing: str, directory: Path, ntp_servers: list[str], extra: dict[str, dict] | None = None
 ) -> Device:

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from localcloud import pace
-from localcloud.bench import enrolled_device
+from localcloud.bench import enrolled_device, local_publisher_config
 from localcloud.cloud import LocalCloud
 from localcloud.ntp import Chrony
 from localcloud.recorder import Recorder
@@ -57,16 +57,7 @@ def test_nothing_lost_under_broker_restarts_and_kills(tmp_path, softhsm, agents)
         THING,
         tmp_path / "dev",
         [ntp.server],
-        extra={
-            # The local broker has no per-connection publish limit; AWS IoT Core's (100/s) would make the
-            # agent pace itself to it (broker.aws_iot_core_limits, on by default).
-            "broker": {"aws_iot_core_limits": False},
-            "local_messaging": {
-                "enabled": True,
-                "socket": str(sock),
-                "apps": {"campaign": {"user": str(os.getuid()), "publish": ["dt/${thing}/#"]}},
-            },
-        },
+        extra=local_publisher_config(sock, "campaign"),
     )
     rec = Recorder(cloud, [f"dt/{THING}/#"], client_id="campaign-recorder").start()
     procs: list[subprocess.Popen] = []
