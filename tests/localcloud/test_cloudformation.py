@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import re
@@ -33,17 +34,28 @@ TOOL_VERSIONS = ["cfn-lint==1.58.0", "checkov==3.3.30"]
 
 @functools.cache
 def tools() -> Path:
+    """Install the tools once, whichever xdist worker asks first.
+
+    Two modules use them and run in different workers: without the lock one worker's `venv --clear`
+    wiped the other's half-finished install (CI saw `No module named 'cfnlint'`). The marker is
+    written last, so an install cut short is redone rather than trusted.
+    """
     marker = TOOLS / "installed.txt"
-    if not marker.exists() or marker.read_text() != " ".join(TOOL_VERSIONS):
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(TOOLS)], check=True, timeout=120)
-        r = subprocess.run(
-            [str(TOOLS / "bin" / "python"), "-m", "pip", "install", "-q", *TOOL_VERSIONS],
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-        marker.write_text(" ".join(TOOL_VERSIONS))
+    TOOLS.parent.mkdir(parents=True, exist_ok=True)
+    with open(TOOLS.parent / "cfn-tools.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        ready = marker.exists() and marker.read_text() == " ".join(TOOL_VERSIONS)
+        if not (ready and (TOOLS / "bin" / "cfn-lint").exists() and (TOOLS / "bin" / "checkov").exists()):
+            marker.unlink(missing_ok=True)
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(TOOLS)], check=True, timeout=120)
+            r = subprocess.run(
+                [str(TOOLS / "bin" / "python"), "-m", "pip", "install", "-q", *TOOL_VERSIONS],
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+            marker.write_text(" ".join(TOOL_VERSIONS))
     return TOOLS / "bin"
 
 
