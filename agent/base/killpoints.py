@@ -82,9 +82,14 @@ def _target() -> int:
         return 0
 
 
+# Read once: op() runs on hot paths (every spool commit), and the sweeps arm a process through its environment
+# at start, never later.
+_ARMED_AT_START = bool(os.environ.get(LOG_ENV))
+
+
 def op(kind: str, detail: str = "") -> None:
     """Count an operation the audit hook cannot see (token keys, cloud requests); it has happened."""
-    if not os.environ.get(LOG_ENV):
+    if not _ARMED_AT_START:
         return
     n = _record(kind, detail)
     if n == _target():

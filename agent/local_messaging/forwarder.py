@@ -37,7 +37,7 @@ POLL_S = 0.01  # while publishes are in flight: how long a part batch may wait f
 _PERMANENT = ("VALIDATION", "PACKET_TOO_LARGE", "TOPIC", "INVALID_UTF8", "PAYLOAD_FORMAT")
 
 
-@dataclass
+@dataclass(slots=True)
 class _Sent:
     id: int
     future: Future
@@ -61,7 +61,6 @@ class Forwarder:
         # per message (each a transaction, a thread switch); a batch not yet full still goes after POLL_S.
         self._batch = max(1, window // 4)
         self._acked: list[int] = []
-        self._completed = 0  # futures done since the thread last looked (set from the MQTT client's thread)
         self._after = 0  # highest id handed to the client in this round
         self._online = False
         self._draining = False  # a publish failed: wait for the window to empty, then rewind
@@ -95,7 +94,10 @@ class Forwarder:
         self._wake.set()
 
     def wake(self) -> None:
-        self._wake.set()
+        """After every stored batch: setting an Event takes its lock and notifies, so only when it is clear. No
+        wake-up is lost: the thread clears the event before it looks at the spool, after the caller's commit."""
+        if not self._wake.is_set():
+            self._wake.set()
 
     # -- the thread -------------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -104,7 +106,6 @@ class Forwarder:
             busy = self._online and (self._inflight or self._acked)
             self._wake.wait(POLL_S if busy else 1.0)  # offline for hours: no fast polling
             self._wake.clear()
-            self._completed = 0
             try:
                 now = time.monotonic()
                 if now >= next_expire:
@@ -160,14 +161,16 @@ class Forwarder:
             self.spool.mark_sent(fresh)
         if resent:
             self.spool.count_resent(resent)
-        for e in entries:
+        last = len(entries) - 1
+        for i, e in enumerate(entries):
             expiry = None if e.expiry is None else max(1, int(e.created + e.expiry - now))
             try:
                 fut = conn.publish_async(e.topic, e.payload, 1, e.content_type, expiry, e.extras)
             except Exception as ex:  # the client is gone (session ending): try again with the next one
                 log.debug("local messaging: publish not handed over (%s)", ex.__class__.__name__)
                 break
-            fut.add_done_callback(self._on_done)
+            if i == last or i % self._batch == self._batch - 1:
+                fut.add_done_callback(self._on_done)  # a batch's last: PUBACKs come in order (POLL_S covers a gap)
             self._inflight.append(_Sent(e.id, fut))
             self._after = e.id
         if expired:
@@ -175,9 +178,9 @@ class Forwarder:
             self._wake.set()
 
     def _on_done(self, _fut: Future) -> None:
-        """In the MQTT client's thread: wake the forwarder once a batch is done (POLL_S covers the rest)."""
-        self._completed += 1
-        if self._completed >= self._batch:
+        """In the MQTT client's thread, for the last publish of each batch only (each callback is a call into
+        Python from the client's thread, which must take the GIL): that batch is done, wake the forwarder."""
+        if not self._wake.is_set():
             self._wake.set()
 
     def _flush_acked(self) -> None:

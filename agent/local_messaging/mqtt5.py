@@ -225,9 +225,12 @@ class Connect:
     request_response_information: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Publish:
-    """A PUBLISH from a client (3.3): QoS 0 or 1, never retained, its topic always spelled out (no alias)."""
+    """A PUBLISH from a client (3.3): QoS 0 or 1, never retained, its topic always spelled out (no alias).
+
+    Not frozen, unlike the other packets: one is made per message on the hot path, and a frozen dataclass
+    sets each field through object.__setattr__. Nothing changes one after the decoder made it."""
 
     topic: str
     payload: bytes
@@ -517,6 +520,8 @@ class Decoder:
     def _feed(self, data: memoryview, out: list[Packet]) -> None:
         pos, end = 0, len(data)
         while True:
+            if self._need is None and not self._header and pos + 1 < end:
+                pos = self._whole_header(data, pos, end)
             if self._need is None:
                 while self._need is None and pos < end:
                     self._header.append(data[pos])
@@ -540,6 +545,28 @@ class Decoder:
             self._header.clear()
             self._need = None
             out.append(self._packet(first, body))
+
+    def _whole_header(self, data: memoryview, pos: int, end: int) -> int:
+        """A fixed header that lies wholly in this chunk, valid and within the size limit, read in one go (the
+        hot path: most packets arrive whole). Returns the position after it, or `pos` unchanged for anything
+        else: then the byte-by-byte path reads it, and refuses what is wrong with the precise reason."""
+        remaining = shift = 0
+        i = pos + 1
+        while i < end and i <= pos + 4:
+            b = data[i]
+            remaining |= (b & 0x7F) << shift
+            i += 1
+            if not b & 0x80:
+                if b == 0 and shift:  # not in its shortest form
+                    return pos
+                if i - pos + remaining > self.max_packet_size:
+                    return pos
+                self._check_first_byte(data[pos])
+                self._header.append(data[pos])
+                self._need = remaining
+                return i
+            shift += 7
+        return pos
 
     def _header_byte(self) -> None:
         """Check the fixed header (2.1) as each byte arrives, so a bad or oversized packet is refused at once."""
@@ -693,7 +720,25 @@ class Decoder:
         )
 
     def _publish(self, first: int, body: bytes) -> Publish:
+        """The common case first: no properties (what most apps send), a valid topic and packet identifier, read
+        directly. Anything else, or anything wrong, goes through the general reader, which names the problem."""
         qos = (first >> 1) & 3  # 0 or 1: _check_first_byte refused the rest
+        n = len(body)
+        if n >= 2:
+            topic_end = 2 + ((body[0] << 8) | body[1])
+            props_at = topic_end + 2 if qos else topic_end
+            if props_at < n and body[props_at] == 0:
+                packet_id = ((body[topic_end] << 8) | body[topic_end + 1]) if qos else None
+                try:
+                    topic = body[2:topic_end].decode("utf-8")
+                except UnicodeDecodeError:
+                    topic = ""
+                if topic and packet_id != 0 and topic_name_problem(topic) is None:
+                    return Publish(topic, body[props_at + 1 :], qos, False, bool(first & 0x08), packet_id)
+        return self._publish_general(first, body)
+
+    def _publish_general(self, first: int, body: bytes) -> Publish:
+        qos = (first >> 1) & 3
         r = _Reader(body, "PUBLISH")
         topic = r.string("Topic Name")
         packet_id = None
@@ -1021,10 +1066,15 @@ def connack_v311(return_code: int) -> bytes:
     return bytes((0x20, 0x02, 0x00, return_code))
 
 
+_PUBACK_OK = bytes((0x40, 0x02))
+
+
 def puback(
     packet_id: int, reason_code: int = SUCCESS, reason_string: str | None = None, *, max_packet_size: int | None = None
 ) -> bytes:
     """PUBACK (3.4). Success without properties is the short form, the packet identifier alone (3.4.2.1)."""
+    if reason_code == SUCCESS and reason_string is None and 0 < packet_id <= 0xFFFF:
+        return _PUBACK_OK + packet_id.to_bytes(2, "big")  # every stored message's answer: the hot path
     head = _packet_id(packet_id)
     _code(reason_code, PUBACK_CODES, "PUBACK")
 

@@ -76,6 +76,11 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 # MQTT 5 properties an app's message carries to its receiver.
 _ADDED_COLUMNS = (("response_topic", "TEXT"), ("correlation_data", "BLOB"), ("user_properties", "TEXT"))
 
+_INSERT = (
+    "INSERT INTO messages(app, topic, payload, created, size, content_type, expiry, response_topic, correlation_data, "
+    "user_properties) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
 COUNTERS = ("stored", "delivered", "refused", "evicted", "expired", "rejected", "resent")
 
 # Every write and read takes its Python lock first, so sqlite's busy handler only ever waits for another process
@@ -207,12 +212,21 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _id_chunks(ids: Sequence[int]) -> list[str]:
-    """Ids as JSON arrays of at most _CHUNK, for `IN (SELECT value FROM json_each(?))`: one prepared statement
-    whatever the count (a `?, ?, ...` list would be a new statement per length). Converted before the
-    transaction starts, so a bad id cannot leave one open."""
-    clean = [int(i) for i in ids]
-    return [json.dumps(clean[i : i + _CHUNK]) for i in range(0, len(clean), _CHUNK)]
+def _id_selections(ids: Sequence[int]) -> list[tuple[str, tuple[int, int] | tuple[str]]]:
+    """WHERE clauses (with their parameters) that select exactly these ids. One contiguous run, the usual case
+    (the forwarder's window is a run of the spool's order), is a range on the primary key; anything else is JSON
+    arrays of at most _CHUNK for `IN (SELECT value FROM json_each(?))`, one prepared statement whatever the
+    count (a `?, ?, ...` list would be a new statement per length). Converted before the transaction starts,
+    so a bad id cannot leave one open."""
+    clean = sorted({int(i) for i in ids})
+    if not clean:
+        return []
+    if clean[-1] - clean[0] + 1 == len(clean):
+        return [("id BETWEEN ? AND ?", (clean[0], clean[-1]))]
+    return [
+        ("id IN (SELECT value FROM json_each(?))", (json.dumps(clean[i : i + _CHUNK]),))
+        for i in range(0, len(clean), _CHUNK)
+    ]
 
 
 @dataclass
@@ -439,7 +453,22 @@ class Spool:
 
         now = self._clock()
         results: list[int | SpoolRefused] = []
+        rows: list[tuple] = []  # inserted together by one executemany (one call instead of one per row)
+        slots: list[int] = []  # their places in results
         stored = refused = evicted = 0
+
+        def insert_rows(conn: sqlite3.Connection) -> None:
+            if not rows:
+                return
+            conn.executemany(_INSERT, rows)
+            # The ids are consecutive: AUTOINCREMENT gives each new row one more than the largest id the table
+            # ever held, and we are the only writer, inside one transaction.
+            last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+            for offset, slot in enumerate(slots, start=last - len(rows) + 1):
+                results[slot] = offset
+            rows.clear()
+            slots.clear()
+
         with self._write_lock, self._transaction(what="store") as txn:
             conn = txn.conn
             with self._totals_lock:  # exact: only writers change them, and we are the writer
@@ -459,31 +488,22 @@ class Spool:
                         )
                         refused += 1
                         continue
+                    insert_rows(conn)  # eviction takes the oldest rows, which may include this batch's
                     n, b = self._evict(
                         conn,
                         count + txn.count + 1 - limits.max_messages,
                         nbytes + txn.bytes + size - limits.max_bytes,
                     )
                     txn.count, txn.bytes, evicted = txn.count - n, txn.bytes - b, evicted + n
-                cur = conn.execute(
-                    "INSERT INTO messages(app, topic, payload, created, size, content_type, expiry, response_topic, "
-                    "correlation_data, user_properties) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        app,
-                        topic,
-                        payload,
-                        now,
-                        size,
-                        content_type,
-                        expiry,
-                        extras.response_topic,
-                        extras.correlation_data,
-                        json.dumps(extras.user_properties) if extras.user_properties else None,
-                    ),
+                user_properties = json.dumps(extras.user_properties) if extras.user_properties else None
+                rows.append(
+                    (app, topic, payload, now, size, content_type, expiry)
+                    + (extras.response_topic, extras.correlation_data, user_properties)
                 )
-                assert cur.lastrowid is not None
-                results.append(cur.lastrowid)
+                slots.append(len(results))
+                results.append(SpoolRefused("not stored"))  # replaced by its id once inserted
                 txn.count, txn.bytes, stored = txn.count + 1, txn.bytes + size, stored + 1
+            insert_rows(conn)
             _bump(conn, stored=stored, refused=refused, evicted=evicted)
         return results
 
@@ -537,14 +557,12 @@ class Spool:
         """Record, before the forwarder hands these to the broker, that they may reach it: after a crash the
         re-send is then known to be a possible duplicate. One transaction.
         On a full disk this can fail (SpoolError) even when add_many's refusals leave the stored rows intact."""
-        chunks = _id_chunks(ids)
-        if not chunks:
+        selections = _id_selections(ids)
+        if not selections:
             return
         with self._write_lock, self._transaction(durable=False, what="mark sent") as txn:
-            for chunk in chunks:
-                txn.conn.execute(
-                    "UPDATE messages SET sent = 1 WHERE id IN (SELECT value FROM json_each(?)) AND sent = 0", (chunk,)
-                )
+            for where, params in selections:
+                txn.conn.execute(f"UPDATE messages SET sent = 1 WHERE {where} AND sent = 0", params)
 
     def remove(self, ids: Sequence[int], *, delivered: bool = True, expired: bool = False) -> None:
         """Delete messages the broker acknowledged (delivered) or refused for good (delivered=False, counted as
@@ -553,15 +571,13 @@ class Spool:
 
         On a full disk this can fail too: in WAL mode a delete is a write, and it needs WAL room for every page it
         touches. Then SpoolError, the rows stay, and they are sent again later (a duplicate, which QoS 1 allows)."""
-        chunks = _id_chunks(ids)
-        if not chunks:
+        selections = _id_selections(ids)
+        if not selections:
             return
         with self._write_lock, self._transaction(durable=False, what="remove") as txn:
             n = 0
-            for chunk in chunks:
-                sizes = txn.conn.execute(
-                    "DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?)) RETURNING size", (chunk,)
-                ).fetchall()
+            for where, params in selections:
+                sizes = txn.conn.execute(f"DELETE FROM messages WHERE {where} RETURNING size", params).fetchall()
                 n += len(sizes)
                 txn.count -= len(sizes)
                 txn.bytes -= sum(size for (size,) in sizes)

@@ -1004,6 +1004,52 @@ def test_mutated_streams(stream, mutations, cuts):
     feed_all(Decoder(max_packet_size=64), chunked(data, cuts))
 
 
+def _outcome(d: Decoder, chunks: list[bytes]) -> tuple[list, tuple | None]:
+    out, error = feed_all(d, chunks)
+    return out, None if error is None else (error.reason_code, error.message, error.in_connect)
+
+
+@HOSTILE
+@given(streams(), st.lists(mutation, max_size=4), st.integers(16, 2000))
+def test_fast_paths_decide_as_the_byte_by_byte_path_does(stream, mutations, limit):
+    """The decoder reads a fixed header that arrived whole in one go, and a PUBLISH without properties without
+    the general reader; fed one byte at a time, every header takes the careful path. Whatever the bytes (valid,
+    mutated, oversized), both give the same packets and the same refusal, reason and message included."""
+    data, _ = stream
+    for op, at, data_st in mutations:
+        data = mutate(data, op, at, data_st.draw)
+    for max_packet_size in (mqtt5.DEFAULT_MAX_PACKET_SIZE, limit):
+        whole = _outcome(Decoder(max_packet_size), [data])
+        bytewise = _outcome(Decoder(max_packet_size), [data[i : i + 1] for i in range(len(data))])
+        assert whole == bytewise
+
+
+@HOSTILE
+@given(
+    st.integers(0, 1),
+    st.booleans(),
+    st.sampled_from([b"a/b", b"", b"a/+", b"#", b"a\x00b", b"\xff", b"a\xed\xa0\x80"]) | st.binary(max_size=20),
+    st.sampled_from([b"", b"\x00\x00", b"\x00\x01", b"\xff\xff"]) | st.binary(max_size=3),
+    st.sampled_from([b"", b"\x00", b"\x01", b"\x02\x01\x00", b"\x02\x01\x01", b"\x80", b"\x03\x23\x00\x01"])
+    | st.binary(max_size=4),
+    st.binary(max_size=12),
+)
+def test_publish_fast_path_agrees_with_the_general_reader(qos, dup, topic, packet_id, props, payload):
+    """Bodies built near the fast path's case (a length-prefixed topic, a packet identifier, a property length
+    that may or may not be 0): it returns only what the general reader returns, and leaves everything else to it."""
+    first = 0x30 | (qos << 1) | (0x08 if dup and qos else 0)
+    body = len(topic).to_bytes(2, "big") + topic + packet_id + props + payload
+    d = connected()
+
+    def run(fn):
+        try:
+            return fn(first, body)
+        except ProtocolError as e:
+            return (e.reason_code, e.message)
+
+    assert run(d._publish) == run(d._publish_general)
+
+
 @HOSTILE
 @given(
     st.integers(16, 400),
