@@ -76,10 +76,15 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 # MQTT 5 properties an app's message carries to its receiver.
 _ADDED_COLUMNS = (("response_topic", "TEXT"), ("correlation_data", "BLOB"), ("user_properties", "TEXT"))
 
-_INSERT = (
+_INSERT_INTO = (
     "INSERT INTO messages(app, topic, payload, created, size, content_type, expiry, response_topic, correlation_data, "
-    "user_properties) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "user_properties) VALUES"
 )
+_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# Rows per INSERT statement: powers of two, so a batch of any size is a few statements from a small set (each
+# prepared once and kept in the connection's statement cache).
+_INSERT_SIZES = (64, 32, 16, 8, 4, 2, 1)
+_INSERTS = {k: _INSERT_INTO + ", ".join([_ROW] * k) for k in _INSERT_SIZES}
 
 COUNTERS = ("stored", "delivered", "refused", "evicted", "expired", "rejected", "resent")
 
@@ -329,7 +334,7 @@ class Spool:
             timeout=BUSY_TIMEOUT_S,
             isolation_level=None,
             check_same_thread=False,  # each connection is used under its own lock, by whichever thread holds it
-            cached_statements=16,
+            cached_statements=32,  # the INSERT sizes and every other statement
         )
         try:
             conn.execute(f"PRAGMA cache_size=-{self._cache_kib}")
@@ -460,10 +465,18 @@ class Spool:
         def insert_rows(conn: sqlite3.Connection) -> None:
             if not rows:
                 return
-            conn.executemany(_INSERT, rows)
-            # The ids are consecutive: AUTOINCREMENT gives each new row one more than the largest id the table
-            # ever held, and we are the only writer, inside one transaction.
-            last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+            # Many rows per statement: each statement is one sqlite3_step, and each step gives up the GIL and
+            # takes it back, which under load means queueing behind the forwarder's and the MQTT client's threads
+            # (per row, that wait was most of a stored batch's time). The ids are consecutive: AUTOINCREMENT gives
+            # each new row one more than the largest id the table ever held, and we are the only writer.
+            at = 0
+            last = 0
+            for k in _INSERT_SIZES:
+                while len(rows) - at >= k:
+                    cur = conn.execute(_INSERTS[k], [v for row in rows[at : at + k] for v in row])
+                    assert cur.lastrowid is not None
+                    last = cur.lastrowid
+                    at += k
             for offset, slot in enumerate(slots, start=last - len(rows) + 1):
                 results[slot] = offset
             rows.clear()
