@@ -20,6 +20,12 @@ The ceiling, measured in the same run: whatever the agent does, an app's message
 client work and then the agent's publish of it to the broker, which is at least what the direct loop
 does. So two direct loops at once (each publishing --messages), on the same cores, are the most any
 agent of this kind could carry; the ratio is also given against that.
+Each is measured twice, for the two ways an app sets how many messages it has in flight: a window of its
+own (--window, 20: paho's default), and none, so that awscrt keeps to the server's Receive Maximum (what an
+awscrt app does unless told otherwise): 20 from mosquitto, 64 from the agent (local_messaging.receive_maximum;
+the agent answers only after an fsync, so it lets apps keep more in flight). The target is judged on the
+second: each client as it runs against each server by default. The CPU per message of each process (the
+publisher, the agent, the broker) is printed for both.
 Exit status 1 if a target is missed.
 """
 
@@ -383,7 +389,7 @@ def main() -> int:
             f"({paho_rate / (args.messages / min(direct_s[args.window])):.2f} of the direct loop; "
             f"{paho_rate / one:.2f} of it one at a time: {one:.0f} msg/s)"
         )
-        failed |= max(ratio.values()) < TARGET_RATIO
+        failed |= ratio[0] < TARGET_RATIO  # judged where each server's Receive Maximum governs (see above)
 
         # The spool alone: store, mark sent, remove, in batches of 64 (what a busy loop turn does).
         from agent.local_messaging.spool import Spool
