@@ -458,7 +458,7 @@ class Spool:
 
         now = self._clock()
         results: list[int | SpoolRefused] = []
-        rows: list[tuple] = []  # inserted together by one executemany (one call instead of one per row)
+        rows: list[tuple] = []  # inserted together, many per statement (insert_rows)
         slots: list[int] = []  # their places in results
         stored = refused = evicted = 0
 
