@@ -49,6 +49,7 @@ from agent.local_messaging.spool import read_stats  # noqa: E402
 from localcloud.bench import agent_cmd, enrolled_device, local_publisher_config  # noqa: E402
 from localcloud.cloud import LocalCloud  # noqa: E402
 from localcloud.ntp import Chrony  # noqa: E402
+from localcloud.procs import Child  # noqa: E402
 from localcloud.tokens import softhsm_token  # noqa: E402
 
 THING = "gw-bench-local"
@@ -435,12 +436,8 @@ def main() -> int:
         )
         failed |= grew > TARGET_RSS_KIB
     finally:
-        if agent is not None and agent.poll() is None:
-            agent.terminate()
-            try:
-                agent.wait(30)
-            except subprocess.TimeoutExpired:
-                agent.kill()
+        if agent is not None:
+            Child("agent", agent).stop(30)
         cloud.down()
         ntp.stop()
     return 1 if failed else 0

@@ -31,6 +31,7 @@ from agent.local_messaging.spool import read_stats  # noqa: E402
 from localcloud.bench import agent_cmd, enrolled_device, local_publisher_config  # noqa: E402
 from localcloud.cloud import LocalCloud  # noqa: E402
 from localcloud.ntp import Chrony  # noqa: E402
+from localcloud.procs import Child  # noqa: E402
 from localcloud.recorder import Recorder  # noqa: E402
 from localcloud.tokens import softhsm_token  # noqa: E402
 
@@ -151,12 +152,7 @@ def main() -> int:
     finally:
         if app is not None and app.poll() is None:
             app.kill()
-        if agent.poll() is None:
-            agent.terminate()
-            try:
-                agent.wait(30)
-            except subprocess.TimeoutExpired:
-                agent.kill()
+        Child("agent", agent).stop(30)
         rec.stop()
         cloud.down()
         ntp.stop()
